@@ -1,0 +1,3 @@
+"""wsi-triage: cytology whole-slide triage pipeline."""
+
+__version__ = "0.1.0"

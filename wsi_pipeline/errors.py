@@ -1,0 +1,33 @@
+"""User-facing errors: one line, naming the file and the problem.
+
+The CLI catches :class:`WsiTriageError`, prints ``error: <message>`` on one line and exits
+with the error's ``exit_code``; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class WsiTriageError(Exception):
+    """An error caused by the user's input or environment (never a bug)."""
+
+    exit_code = 2
+
+
+class SlideError(WsiTriageError):
+    """A slide file is missing, unreadable, unsupported or lacks what the step needs."""
+
+
+class UnknownMppError(SlideError):
+    """The slide's pixel size is unknown and no ``--mpp`` was given."""
+
+
+class StoreError(WsiTriageError):
+    """A tile store is missing, incomplete, or inconsistent with the request."""
+
+
+class CheckpointError(WsiTriageError):
+    """A model checkpoint is missing, not safetensors, or lacks a required field."""
+
+
+class OutputError(WsiTriageError):
+    """The output location cannot be written."""
