@@ -1,0 +1,64 @@
+"""A zarr v3 codec storing each RGB tile chunk as one baseline JPEG.
+
+Tile stores written with ``codec="jpeg"`` name this codec (``wsi_triage.jpeg``) in their array
+metadata, so it must be registered before such a store is read: importing
+:mod:`wsi_pipeline.store` (or this module) does that.
+
+The chunk must be ``(1, H, W, 3)`` or ``(H, W, 3)`` uint8 (one tile per inner chunk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import imagecodecs
+import numpy as np
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.core.buffer import Buffer, NDBuffer
+from zarr.registry import register_codec
+
+CODEC_NAME = "wsi_triage.jpeg"
+
+
+@dataclass(frozen=True)
+class JpegTileCodec(ArrayBytesCodec):
+    """Encode a uint8 RGB chunk as JPEG (YCbCr 4:2:0 when ``subsampling``, else 4:4:4)."""
+
+    is_fixed_size = False
+    level: int = 90
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JpegTileCodec":
+        config = data.get("configuration") or {}
+        return cls(level=int(config.get("level", 90)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": CODEC_NAME, "configuration": {"level": self.level}}
+
+    def validate(self, *, shape, dtype, chunk_grid) -> None:  # noqa: D401 - zarr hook
+        if np.dtype(dtype.to_native_dtype()) != np.uint8:
+            raise ValueError(f"{CODEC_NAME} stores uint8 RGB tiles only, not {dtype}")
+
+    def compute_encoded_size(self, input_byte_length: int, chunk_spec) -> int:
+        raise NotImplementedError("JPEG chunks have no fixed encoded size")
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec) -> Buffer | None:
+        array = np.asarray(chunk_array.as_numpy_array())
+        image = array.reshape(array.shape[-3:])
+        encoded = imagecodecs.jpeg8_encode(np.ascontiguousarray(image), level=self.level)
+        return chunk_spec.prototype.buffer.from_bytes(encoded)
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec) -> NDBuffer:
+        image = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
+        array = image.reshape(chunk_spec.shape)
+        return chunk_spec.prototype.nd_buffer.from_numpy_array(array)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec) -> Buffer | None:
+        return self._encode_sync(chunk_array, chunk_spec)
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec) -> NDBuffer:
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+
+register_codec(CODEC_NAME, JpegTileCodec)

@@ -1,0 +1,168 @@
+"""The per-slide tile store: one zarr v3 group, layout in ``docs/contracts.md``.
+
+Only accepted (foreground) tiles are stored, in shards of ``tiles_per_shard`` tiles. Each shard
+is written whole by one writer, then flagged in ``shard_done``; a killed run resumes from the
+shards not yet flagged. Importing this module registers the JPEG tile codec that stores written
+with ``codec="jpeg"`` need.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from . import __version__
+from .codecs import JpegTileCodec
+from .errors import StoreError
+
+STORE_FORMAT = "wsi-triage-tilestore"
+STORE_FORMAT_VERSION = 1
+META_KEY = "wsi_triage"
+CODECS = ("jpeg", "lossless")
+
+
+def store_path(out_dir: str | Path, slide_path: str | Path) -> Path:
+    """``<out>/<slide-stem>.zarr``."""
+    return Path(out_dir) / f"{Path(slide_path).stem}.zarr"
+
+
+def shard_slice(index: int, n_tiles: int, tiles_per_shard: int) -> slice:
+    """Tile indices covered by shard ``index``."""
+    start = index * tiles_per_shard
+    return slice(start, min(start + tiles_per_shard, n_tiles))
+
+
+def n_shards_for(n_tiles: int, tiles_per_shard: int) -> int:
+    return math.ceil(n_tiles / tiles_per_shard) if n_tiles else 0
+
+
+def _tile_serializer(codec: str, quality: int):
+    if codec == "jpeg":
+        return {"serializer": JpegTileCodec(level=quality), "compressors": None}
+    if codec == "lossless":
+        return {"compressors": BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)}
+    raise StoreError(f"unknown tile codec {codec!r}; choose one of {', '.join(CODECS)}")
+
+
+def create_store(
+    path: str | Path,
+    *,
+    coords: np.ndarray,
+    grid: np.ndarray,
+    foreground: np.ndarray,
+    thumbnail: np.ndarray,
+    mask: np.ndarray,
+    thumbnail_downsample: float,
+    thumbnail_mpp: float,
+    tile_size: int,
+    tiles_per_shard: int,
+    codec: str,
+    jpeg_quality: int,
+    meta: dict[str, Any],
+) -> zarr.Group:
+    """Create (overwriting) a store with its plan written and every tile shard still pending."""
+    n = int(len(coords))
+    s = max(1, min(tiles_per_shard, n)) if n else 1
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    chunk_n = max(n, 1)
+    group.create_array(
+        "tiles",
+        shape=(n, tile_size, tile_size, 3),
+        chunks=(1, tile_size, tile_size, 3),
+        shards=(s, tile_size, tile_size, 3),
+        dtype="uint8",
+        fill_value=255,
+        dimension_names=("tile", "y", "x", "c"),
+        **_tile_serializer(codec, jpeg_quality),
+    )
+    group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 4), chunks=(min(s, chunk_n), 4))
+    group.create_array("grid", data=np.asarray(grid, dtype=np.int32).reshape(n, 2), chunks=(min(s, chunk_n), 2))
+    qc = group.create_group("qc")
+    qc.create_array("foreground", data=np.asarray(foreground, dtype=np.float32).reshape(n), chunks=(min(s, chunk_n),))
+    qc.create_array("blur", shape=(n,), chunks=(min(s, chunk_n),), dtype="float32", fill_value=np.nan)
+    n_shards = n_shards_for(n, s)
+    group.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False)
+    image_attrs = {"mpp": float(thumbnail_mpp), "downsample": float(thumbnail_downsample)}
+    group.create_array("thumbnail", data=np.ascontiguousarray(thumbnail, dtype=np.uint8)).attrs.update(image_attrs)
+    group.create_array("mask", data=np.ascontiguousarray(mask, dtype=bool)).attrs.update(image_attrs)
+    full_meta = {
+        "format": STORE_FORMAT,
+        "format_version": STORE_FORMAT_VERSION,
+        "n_tiles": n,
+        "n_shards": n_shards,
+        "tiles_per_shard": s,
+        "tile_size": int(tile_size),
+        "codec": codec if codec == "lossless" else f"jpeg-q{jpeg_quality}",
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "empty_reason": None,
+        **meta,
+    }
+    group.attrs[META_KEY] = full_meta
+    return group
+
+
+def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open an existing tile store, or raise a one-line :class:`StoreError`."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such tile store")
+    try:
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except Exception as exc:  # zarr raises several types for a non-store directory
+        raise StoreError(f"{path}: not a zarr v3 tile store ({type(exc).__name__})") from None
+    meta = group.attrs.get(META_KEY)
+    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+        raise StoreError(f"{path}: not a wsi-triage tile store (missing '{META_KEY}' attributes)")
+    if int(meta.get("format_version", 0)) > STORE_FORMAT_VERSION:
+        raise StoreError(f"{path}: tile store format {meta['format_version']} is newer than this wsi-triage")
+    return group
+
+
+def read_meta(group: zarr.Group) -> dict[str, Any]:
+    return dict(group.attrs[META_KEY])
+
+
+def update_meta(group: zarr.Group, **fields: Any) -> None:
+    meta = read_meta(group)
+    meta.update(fields)
+    group.attrs[META_KEY] = meta
+
+
+def pending_shards(group: zarr.Group) -> list[int]:
+    meta = read_meta(group)
+    n_shards = int(meta["n_shards"])
+    if n_shards == 0:
+        return []
+    done = np.asarray(group["shard_done"][:n_shards])
+    return [int(i) for i in np.flatnonzero(~done)]
+
+
+def write_shard(group: zarr.Group, index: int, tiles: np.ndarray, blur: np.ndarray) -> None:
+    """Write one whole shard of tiles and its QC, then flag it done (the flag comes last)."""
+    meta = read_meta(group)
+    sl = shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
+    if tiles.shape[0] != sl.stop - sl.start:
+        raise ValueError(f"shard {index} needs {sl.stop - sl.start} tiles, got {tiles.shape[0]}")
+    group["tiles"][sl] = tiles
+    group["qc/blur"][sl] = np.asarray(blur, dtype=np.float32)
+    group["shard_done"][index] = True
+
+
+def is_complete(group: zarr.Group) -> bool:
+    return bool(read_meta(group).get("complete"))
+
+
+def require_complete(path: str | Path) -> zarr.Group:
+    """Open a store for reading and insist that tiling finished."""
+    group = open_store(path)
+    if not is_complete(group):
+        raise StoreError(f"{path}: tile store is incomplete (tiling was interrupted); rerun `wsi-triage tile` to resume")
+    return group

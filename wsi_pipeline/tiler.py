@@ -1,0 +1,319 @@
+"""Tile a slide into its zarr tile store: plan from a low-resolution mask, then read only kept tiles.
+
+The grid lives in physical units (target mpp, tile size, overlap). Foreground is decided on a
+thumbnail at about :data:`~wsi_pipeline.foreground.WORKING_MPP`, so tiles the mask rules out are
+never read or decoded at full resolution. Kept tiles are grouped in row-major shards; each
+shard is read, QC'd and written whole by one worker thread, then flagged done, so memory is
+bounded by ``workers`` shards and a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import store as tile_store
+from .errors import OutputError, SlideError, StoreError
+from .foreground import WORKING_MPP, blur_scores, foreground_mask, get_preset, tile_fractions
+from .slide import Slide, fingerprint, open_slide
+
+log = logging.getLogger(__name__)
+
+#: at least this many mask pixels across one tile, so small fields still get a usable mask
+MASK_PX_PER_TILE = 8
+#: the mask thumbnail's long side never exceeds this (bounds memory on huge slides)
+MAX_MASK_SIDE = 8192
+#: resample only when the read level's mpp differs from the target by more than this
+MPP_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class TilerConfig:
+    """How a slide is cut into tiles. Everything here shapes the store's content (and its hash)."""
+
+    target_mpp: float = 0.5
+    tile_size: int = 224
+    overlap: int = 0
+    min_foreground: float | None = None  # None: the stain preset's default
+    stain: str = "pap"
+    codec: str = "jpeg"
+    jpeg_quality: int = 90
+    max_tiles_per_shard: int = 64
+    mask_mpp: float = WORKING_MPP
+
+    def resolved(self) -> "TilerConfig":
+        """Validate, and fill the stain preset's default minimum foreground fraction."""
+        preset = get_preset(self.stain)
+        if self.target_mpp <= 0:
+            raise StoreError(f"target mpp must be positive, got {self.target_mpp}")
+        if self.tile_size < 8:
+            raise StoreError(f"tile size must be at least 8 px, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise StoreError(f"overlap must be in [0, tile size), got {self.overlap}")
+        if self.codec not in tile_store.CODECS:
+            raise StoreError(f"unknown codec {self.codec!r}; choose one of {', '.join(tile_store.CODECS)}")
+        min_fg = preset.min_foreground if self.min_foreground is None else float(self.min_foreground)
+        if not 0 <= min_fg <= 1:
+            raise StoreError(f"minimum foreground fraction must be in [0, 1], got {min_fg}")
+        return dataclasses.replace(self, min_foreground=min_fg)
+
+    def hash(self, slide_mpp: float) -> str:
+        """Hash of the resolved configuration plus the slide mpp it was applied with."""
+        payload = json.dumps({**dataclasses.asdict(self.resolved()), "slide_mpp": round(slide_mpp, 6)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TilePlan:
+    """The tile grid and which cells of it are kept."""
+
+    coords: np.ndarray  # (N, 4) level-0 x, y, w, h of kept tiles
+    grid: np.ndarray  # (N, 2) row, col
+    foreground: np.ndarray  # (N,)
+    grid_meta: dict
+    thumbnail: np.ndarray
+    mask: np.ndarray
+    thumbnail_downsample: float
+    thumbnail_mpp: float
+    n_grid: int
+
+
+@dataclass
+class TileResult:
+    path: Path
+    n_tiles: int
+    n_grid: int
+    reused: bool
+    shards_written: int
+    seconds: float
+    empty_reason: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.n_tiles / self.seconds if self.seconds > 0 else float("inf")
+
+
+def mask_mpp_for(slide: Slide, config: TilerConfig, slide_mpp: float) -> float:
+    """Working mpp of the foreground mask: ~WORKING_MPP, finer for tiny tiles, coarser for huge slides."""
+    tile_um = config.tile_size * config.target_mpp
+    mpp = min(config.mask_mpp, tile_um / MASK_PX_PER_TILE)
+    long_side_um = max(slide.dimensions) * slide_mpp
+    return max(mpp, long_side_um / MAX_MASK_SIDE, slide_mpp)
+
+
+def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float) -> TilePlan:
+    """Compute the grid, the foreground mask and the kept tiles, reading only a thumbnail."""
+    config = config.resolved()
+    thumb_mpp = mask_mpp_for(slide, config, slide_mpp)
+    thumbnail, downsample = slide.thumbnail(thumb_mpp)
+    actual_mpp = slide_mpp * downsample
+    mask = foreground_mask(thumbnail, actual_mpp, config.stain)
+
+    width0, height0 = slide.dimensions
+    tile0 = config.tile_size * config.target_mpp / slide_mpp
+    stride0 = (config.tile_size - config.overlap) * config.target_mpp / slide_mpp
+    cols = max(1, math.ceil((width0 - tile0) / stride0) + 1) if width0 > tile0 else 1
+    rows = max(1, math.ceil((height0 - tile0) / stride0) + 1) if height0 > tile0 else 1
+    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    rr, cc = rr.ravel(), cc.ravel()
+    size0 = int(round(tile0))
+    boxes = np.stack(
+        [np.round(cc * stride0), np.round(rr * stride0), np.full(cc.shape, size0), np.full(cc.shape, size0)], axis=1
+    ).astype(np.int64)
+    fractions = tile_fractions(mask, downsample, boxes)
+    keep = fractions >= config.min_foreground
+    if config.min_foreground == 0:
+        keep = fractions > 0
+    grid_meta = {
+        "origin": [0, 0],
+        "stride": [float(stride0), float(stride0)],
+        "shape": [int(rows), int(cols)],
+        "tile_level0": [size0, size0],
+    }
+    return TilePlan(
+        coords=boxes[keep],
+        grid=np.stack([rr[keep], cc[keep]], axis=1).astype(np.int32),
+        foreground=fractions[keep].astype(np.float32),
+        grid_meta=grid_meta,
+        thumbnail=thumbnail,
+        mask=mask,
+        thumbnail_downsample=float(downsample),
+        thumbnail_mpp=float(actual_mpp),
+        n_grid=int(rows * cols),
+    )
+
+
+def shard_size_for(n_tiles: int, max_tiles_per_shard: int) -> int:
+    """Shards of up to ``max_tiles_per_shard`` tiles, but at least ~8 shards so workers share the work."""
+    return int(np.clip(math.ceil(n_tiles / 8), 1, max_tiles_per_shard))
+
+
+def read_tile(slide: Slide, box: np.ndarray, config: TilerConfig, level: int, level_scale: float) -> np.ndarray:
+    """One tile at the target mpp; direct level read when the level is already at that mpp."""
+    x, y, w0, h0 = (int(v) for v in box)
+    size = config.tile_size
+    if abs(level_scale - 1.0) <= MPP_TOLERANCE:
+        return slide.read_region(level, x, y, size, size)
+    return slide.read_region_mpp(x, y, w0, h0, config.target_mpp, out_size=(size, size))
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".wsi-triage-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write output ({exc.strerror or exc})") from None
+
+
+def _existing_store_state(path: Path, slide_fp: str, config_hash: str) -> str:
+    """'complete', 'resumable', or 'stale' (absent, foreign, or for another slide/configuration)."""
+    if not path.exists():
+        return "stale"
+    try:
+        group = tile_store.open_store(path)
+    except StoreError:
+        return "stale"
+    meta = tile_store.read_meta(group)
+    if meta.get("slide_fingerprint") != slide_fp or meta.get("tiler_config_hash") != config_hash:
+        return "stale"
+    return "complete" if meta.get("complete") else "resumable"
+
+
+def tile_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    config: TilerConfig = TilerConfig(),
+    *,
+    mpp: float | None = None,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+) -> TileResult:
+    """Tile ``slide_path`` into ``<out_dir>/<stem>.zarr``, reusing or resuming an existing store.
+
+    ``progress(n)`` is called with the number of tiles each finished shard added; ``on_plan(total,
+    already_done)`` once the plan is known. Raises one-line :class:`WsiTriageError` subclasses.
+    """
+    start = time.perf_counter()
+    config = config.resolved()
+    slide_path = Path(slide_path)
+    out_dir = Path(out_dir)
+    with open_slide(slide_path, mpp=mpp) as slide:
+        pixel = slide.require_mpp()
+        slide_mpp = float(pixel.mean)
+        _check_writable(out_dir)
+        path = tile_store.store_path(out_dir, slide_path)
+        slide_fp = fingerprint(slide_path)
+        config_hash = config.hash(slide_mpp)
+        state = _existing_store_state(path, slide_fp, config_hash)
+        if state == "complete":
+            group = tile_store.open_store(path)
+            meta = tile_store.read_meta(group)
+            if on_plan:
+                on_plan(int(meta["n_tiles"]), int(meta["n_tiles"]))
+            return TileResult(path, int(meta["n_tiles"]), int(meta.get("n_grid", 0)), True, 0,
+                              time.perf_counter() - start, meta.get("empty_reason"), meta)
+        if state == "resumable":
+            group = tile_store.open_store(path, mode="r+")
+        else:
+            plan = plan_tiles(slide, config, slide_mpp)
+            n = len(plan.coords)
+            empty_reason = None
+            if n == 0:
+                empty_reason = (f"no tile reached the minimum foreground fraction {config.min_foreground:g} "
+                                f"(stain preset '{config.stain}'; {plan.n_grid} grid tiles examined)")
+            meta = {
+                "slide_path": str(slide_path.resolve()),
+                "slide_fingerprint": slide_fp,
+                "slide_mpp": {"x": pixel.x, "y": pixel.y, "source": pixel.source},
+                "slide_dimensions": list(slide.dimensions),
+                "tiler_config": dataclasses.asdict(config),
+                "tiler_config_hash": config_hash,
+                "grid": plan.grid_meta,
+                "n_grid": plan.n_grid,
+            }
+            group = tile_store.create_store(
+                path,
+                coords=plan.coords,
+                grid=plan.grid,
+                foreground=plan.foreground,
+                thumbnail=plan.thumbnail,
+                mask=plan.mask,
+                thumbnail_downsample=plan.thumbnail_downsample,
+                thumbnail_mpp=plan.thumbnail_mpp,
+                tile_size=config.tile_size,
+                tiles_per_shard=shard_size_for(n, config.max_tiles_per_shard),
+                codec=config.codec,
+                jpeg_quality=config.jpeg_quality,
+                meta=meta,
+            )
+            if empty_reason:
+                tile_store.update_meta(group, empty_reason=empty_reason)
+        meta = tile_store.read_meta(group)
+        n_tiles = int(meta["n_tiles"])
+        per_shard = int(meta["tiles_per_shard"])
+        pending = tile_store.pending_shards(group)
+        done_tiles = n_tiles - sum(_shard_len(i, n_tiles, per_shard) for i in pending)
+        if on_plan:
+            on_plan(n_tiles, done_tiles)
+        _write_shards(slide, group, config, slide_mpp, pending, workers, progress)
+        tile_store.update_meta(group, complete=True)
+        meta = tile_store.read_meta(group)
+    return TileResult(path, n_tiles, int(meta.get("n_grid", 0)), False, len(pending),
+                      time.perf_counter() - start, meta.get("empty_reason"), meta)
+
+
+def _shard_len(index: int, n_tiles: int, per_shard: int) -> int:
+    sl = tile_store.shard_slice(index, n_tiles, per_shard)
+    return sl.stop - sl.start
+
+
+def _write_shards(slide, group, config, slide_mpp, pending, workers, progress) -> None:
+    if not pending:
+        return
+    meta = tile_store.read_meta(group)
+    n_tiles, per_shard = int(meta["n_tiles"]), int(meta["tiles_per_shard"])
+    coords = np.asarray(group["coords"][:])
+    level = slide.best_level_for_mpp(config.target_mpp)
+    level_scale = slide.level_mpp(level) / config.target_mpp
+    workers = workers or min(len(pending), os.cpu_count() or 1)
+    lock = threading.Lock()
+
+    def work(index: int) -> int:
+        sl = tile_store.shard_slice(index, n_tiles, per_shard)
+        tiles = np.empty((sl.stop - sl.start, config.tile_size, config.tile_size, 3), dtype=np.uint8)
+        for j, box in enumerate(coords[sl]):
+            try:
+                tiles[j] = read_tile(slide, box, config, level, level_scale)
+            except SlideError:
+                raise
+            except Exception as exc:  # a decoder error in the middle of a slide is a slide problem
+                raise SlideError(f"{slide.path}: cannot read the region at level-0 ({box[0]}, {box[1]}): {exc}") from None
+        tile_store.write_shard(group, index, tiles, blur_scores(tiles))
+        if progress:
+            with lock:
+                progress(len(tiles))
+        return len(tiles)
+
+    if workers <= 1:
+        for index in pending:
+            work(index)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiler") as pool:
+        for _ in pool.map(work, pending):
+            pass
