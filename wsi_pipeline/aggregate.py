@@ -1,0 +1,407 @@
+"""Turn stored tile probabilities into a slide score, a heatmap, an overlay, a gallery and GeoJSON.
+
+Tile suspicion is the summed probability of the checkpoint's suspicious classes. The slide
+score is one configurable statistic of the tile suspicions (top-k mean by default), written
+with its settings. Everything is derived from the store alone; outputs are written atomically
+and an unchanged aggregation (same scores, same settings) is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata as _importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from . import store as tile_store
+from .errors import OutputError, StoreError
+from .scorer import read_scores, scores_key
+
+METHODS = ("topk_mean", "quantile", "fraction_above")
+#: perceptually uniform, readable in greyscale and by most colour-blind viewers
+COLORMAP = "viridis"
+SUMMARY_NAME = "summary.json"
+VERSION_PACKAGES = ("numpy", "torch", "timm", "safetensors", "zarr", "dask", "distributed", "openslide-python",
+                    "openslide-bin", "tifffile", "imagecodecs", "scikit-image", "matplotlib")
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """How tile suspicions become a slide score and the pictures. All of it is recorded in summary.json."""
+
+    method: str = "topk_mean"  # topk_mean | quantile | fraction_above
+    top_k: int = 10  # tiles averaged by topk_mean
+    quantile: float = 0.95  # for method=quantile
+    threshold: float = 0.5  # for method=fraction_above (and the reported count above it)
+    gallery_k: int = 16  # tiles shown in gallery.png and listed as top tiles
+    overlay_alpha: float = 0.6
+    geojson_gzip: bool = False
+
+    def validated(self) -> "AggregateConfig":
+        if self.method not in METHODS:
+            raise StoreError(f"unknown slide score method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.top_k < 1 or self.gallery_k < 0:
+            raise StoreError(f"top-k must be >= 1 and gallery size >= 0, got {self.top_k}, {self.gallery_k}")
+        if not 0 <= self.quantile <= 1 or not 0 <= self.threshold <= 1:
+            raise StoreError(f"quantile and threshold must be in [0, 1], got {self.quantile}, {self.threshold}")
+        if not 0 <= self.overlay_alpha <= 1:
+            raise StoreError(f"overlay alpha must be in [0, 1], got {self.overlay_alpha}")
+        return self
+
+    def score_settings(self) -> dict[str, Any]:
+        """Only the settings that shape the slide score (for the summary and the report)."""
+        if self.method == "topk_mean":
+            return {"top_k": self.top_k}
+        if self.method == "quantile":
+            return {"quantile": self.quantile}
+        return {"threshold": self.threshold}
+
+
+@dataclass
+class AggregateResult:
+    out_dir: Path
+    summary: dict[str, Any]
+    reused: bool
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float | None:
+        return self.summary["score"]["value"]
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def tile_suspicion(probs: np.ndarray, class_names: list[str], suspicious: list[str]) -> np.ndarray:
+    """Summed probability of the suspicious classes, (N,) float32 in [0, 1]."""
+    idx = [list(class_names).index(c) for c in suspicious]
+    return np.clip(np.asarray(probs, dtype=np.float32)[:, idx].sum(axis=1), 0.0, 1.0)
+
+
+def slide_score(suspicion: np.ndarray, config: AggregateConfig) -> float | None:
+    """The configured statistic of the tile suspicions; None when there is no tile."""
+    s = np.asarray(suspicion, dtype=np.float64)
+    if s.size == 0:
+        return None
+    if config.method == "topk_mean":
+        k = min(config.top_k, s.size)
+        return float(np.mean(np.partition(s, s.size - k)[s.size - k:]))
+    if config.method == "quantile":
+        return float(np.quantile(s, config.quantile))
+    return float(np.mean(s > config.threshold))
+
+
+def heatmap_grid(values: np.ndarray, grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Tile values on the tile grid (rows, cols), NaN where no tile was kept."""
+    heat = np.full(tuple(int(v) for v in shape), np.nan, dtype=np.float32)
+    if len(values):
+        heat[grid[:, 0], grid[:, 1]] = values
+    return heat
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"wsi-triage": __version__, "python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = _importlib_metadata.version(name)
+        except _importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _colormap():
+    import matplotlib
+
+    return matplotlib.colormaps[COLORMAP]
+
+
+def heatmap_rgba(heat: np.ndarray) -> np.ndarray:
+    """(rows, cols, 4) uint8 on the fixed 0..1 scale; cells without a tile are transparent."""
+    rgba = (_colormap()(np.nan_to_num(np.clip(heat, 0, 1), nan=0.0)) * 255).round().astype(np.uint8)
+    rgba[..., 3] = np.where(np.isfinite(heat), 255, 0)
+    return rgba
+
+
+def overlay_image(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, grid_meta: dict,
+                  downsample: float, alpha: float) -> np.ndarray:
+    """The thumbnail with tile suspicions blended in where there is tissue and a scored tile."""
+    h, w = thumbnail.shape[:2]
+    sx, sy = (float(v) for v in grid_meta["stride"])
+    ox, oy = (float(v) for v in grid_meta.get("origin", [0, 0]))
+    rows, cols = heat.shape
+    x0 = (np.arange(w) + 0.5) * downsample - ox
+    y0 = (np.arange(h) + 0.5) * downsample - oy
+    col = np.floor(x0 / sx).astype(np.int64)
+    row = np.floor(y0 / sy).astype(np.int64)
+    col_ok = (col >= 0) & (col < cols)
+    row_ok = (row >= 0) & (row < rows)
+    values = np.full((h, w), np.nan, dtype=np.float32)
+    rr, cc = np.ix_(np.flatnonzero(row_ok), np.flatnonzero(col_ok))
+    values[rr, cc] = heat[row[row_ok][:, None], col[col_ok][None, :]]
+    if mask.shape == (h, w):
+        values[~mask.astype(bool)] = np.nan
+    coloured = _colormap()(np.nan_to_num(values, nan=0.0))[..., :3] * 255
+    out = thumbnail[..., :3].astype(np.float32)
+    paint = np.isfinite(values)
+    out[paint] = (1 - alpha) * out[paint] + alpha * coloured[paint]
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def _figure_png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return buf.getvalue()
+
+
+def overlay_png(image: np.ndarray, title: str) -> bytes:
+    """The overlay with a colour bar on the fixed 0..1 suspicion scale."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    h, w = image.shape[:2]
+    scale = 8.0 / max(h, w)
+    fig = Figure(figsize=(max(w * scale, 2.5) + 1.4, max(h * scale, 2.5) + 0.6), dpi=100)
+    ax = fig.add_axes((0.02, 0.02, 0.78, 0.9))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    cax = fig.add_axes((0.84, 0.1, 0.035, 0.75))
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap()), cax=cax)
+    bar.set_label("tile suspicion (0-1)")
+    return _figure_png(fig)
+
+
+def gallery_png(tiles: np.ndarray, scores: np.ndarray, coords: np.ndarray, labels: list[str]) -> bytes:
+    """The top tiles, each titled with its suspicion, argmax class and level-0 coordinates."""
+    from matplotlib.figure import Figure
+
+    n = len(tiles)
+    cols = max(1, min(4, n))
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(cols * 2.2, rows * 2.5), dpi=100)
+    for i in range(rows * cols):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.set_axis_off()
+        if i < n:
+            ax.imshow(tiles[i])
+            ax.set_title(f"#{i + 1} {scores[i]:.3f} {labels[i]}\n({coords[i][0]}, {coords[i][1]})", fontsize=7)
+    if n == 0:
+        fig.text(0.5, 0.5, "no tiles", ha="center", va="center")
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def png_bytes(rgba: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- GeoJSON
+
+
+_CLASS_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                  (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def geojson_collection(coords: np.ndarray, probs: np.ndarray, suspicion: np.ndarray, class_names: list[str],
+                       provenance: dict[str, Any]) -> dict[str, Any]:
+    """QuPath-importable detections, one square per tile in level-0 pixels."""
+    features = []
+    argmax = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+    namespace = uuid.UUID(hashlib.sha256(json.dumps(provenance.get("checkpoint_sha256", "")).encode()).hexdigest()[:32])
+    for i in range(len(coords)):
+        x, y, w, h = (int(v) for v in coords[i])
+        name = class_names[int(argmax[i])]
+        measurements = {f"prob_{c}": round(float(p), 6) for c, p in zip(class_names, probs[i])}
+        measurements["suspicion"] = round(float(suspicion[i]), 6)
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(namespace, f"{provenance.get('slide_fingerprint')}:{i}")),
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]},
+            "properties": {
+                "objectType": "detection",
+                "name": f"tile {i}",
+                "classification": {"name": name, "color": list(_CLASS_COLOURS[int(argmax[i]) % len(_CLASS_COLOURS)])},
+                "measurements": measurements,
+                "isLocked": True,
+            },
+        })
+    return {"type": "FeatureCollection", "metadata": provenance, "features": features}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write via a temporary file in the same directory and ``os.replace``, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write output ({exc.strerror or exc})") from None
+    return path
+
+
+def _save_npy(heat: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, heat, allow_pickle=False)
+    return buf.getvalue()
+
+
+def output_names(stem: str, config: AggregateConfig) -> dict[str, str]:
+    return {
+        "summary": SUMMARY_NAME, "overlay": "overlay.png", "heatmap_png": "heatmap.png",
+        "heatmap_npy": "heatmap.npy", "gallery": "gallery.png",
+        "geojson": f"{stem}.geojson" + (".gz" if config.geojson_gzip else ""),
+    }
+
+
+def _aggregation_key(store_meta: dict, score_attrs: dict, config: AggregateConfig) -> str:
+    payload = {
+        "slide_fingerprint": store_meta.get("slide_fingerprint"),
+        "tiler_config_hash": store_meta.get("tiler_config_hash"),
+        "store_created": store_meta.get("created"),
+        "checkpoint_sha256": score_attrs.get("checkpoint_sha256"),
+        "scored": score_attrs.get("scored"),
+        "config": dataclasses.asdict(config),
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / SUMMARY_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def aggregate_store(
+    store_path: str | Path,
+    out_dir: str | Path,
+    config: AggregateConfig = AggregateConfig(),
+    *,
+    checkpoint_sha256: str | None = None,
+    force: bool = False,
+) -> AggregateResult:
+    """Write summary.json, heatmap.npy/.png, overlay.png, gallery.png and ``<stem>.geojson[.gz]`` into ``out_dir``.
+
+    ``checkpoint_sha256`` picks whose scores to use (default: the store's only or latest complete
+    scores). Reads only the store.
+    """
+    config = config.validated()
+    store_path = Path(store_path)
+    out_dir = Path(out_dir)
+    group = tile_store.require_complete(store_path)
+    meta = tile_store.read_meta(group)
+    probs, attrs = read_scores(group, checkpoint_sha256)
+    stem = store_path.name[:-5] if store_path.name.endswith(".zarr") else store_path.name
+    names = output_names(stem, config)
+    paths = {k: out_dir / v for k, v in names.items()}
+    key = _aggregation_key(meta, attrs, config)
+    previous = read_summary(out_dir)
+    if (not force and previous and previous.get("aggregation_key") == key
+            and all(p.exists() for p in paths.values())):
+        return AggregateResult(out_dir, previous, True, paths)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create output directory ({exc.strerror or exc})") from None
+
+    class_names = list(attrs["class_names"])
+    suspicious = list(attrs["suspicious_classes"])
+    n = int(meta["n_tiles"])
+    if probs.shape != (n, len(class_names)) or (n and not np.isfinite(probs).all()):
+        raise StoreError(f"{store_path}: scores {scores_key(attrs['checkpoint_sha256'])} are incomplete or "
+                         "inconsistent with the tiles; run `wsi-triage score` again")
+    coords = np.asarray(group["coords"][:]) if n else np.zeros((0, 4), dtype=np.int64)
+    grid = np.asarray(group["grid"][:]) if n else np.zeros((0, 2), dtype=np.int32)
+    suspicion = tile_suspicion(probs, class_names, suspicious)
+    score = slide_score(suspicion, config)
+    grid_meta = meta["grid"]
+    heat = heatmap_grid(suspicion, grid, tuple(grid_meta["shape"]))
+
+    order = np.argsort(-suspicion, kind="stable")[: config.gallery_k]
+    argmax = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
+    top_tiles = [{
+        "rank": r + 1, "index": int(i), "suspicion": round(float(suspicion[i]), 6),
+        "x": int(coords[i][0]), "y": int(coords[i][1]), "w": int(coords[i][2]), "h": int(coords[i][3]),
+        "row": int(grid[i][0]), "col": int(grid[i][1]), "argmax": class_names[int(argmax[i])],
+    } for r, i in enumerate(order)]
+
+    provenance = {
+        "slide_path": meta.get("slide_path"),
+        "slide_fingerprint": meta.get("slide_fingerprint"),
+        "slide_mpp": meta.get("slide_mpp"),
+        "tiler_config": meta.get("tiler_config"),
+        "tiler_config_hash": meta.get("tiler_config_hash"),
+        "store": str(store_path.resolve()),
+        "scores": scores_key(attrs["checkpoint_sha256"]),
+        "checkpoint_sha256": attrs["checkpoint_sha256"],
+        "checkpoint_path": attrs.get("checkpoint_path"),
+        "checkpoint_metadata": attrs.get("checkpoint_metadata"),
+        "precision": attrs.get("precision"),
+        "device": attrs.get("device"),
+        "versions": package_versions(),
+    }
+    summary = {
+        "slide": stem,
+        "score": {"value": None if score is None else round(score, 6), "method": config.method,
+                  "settings": config.score_settings()},
+        "tiles": {"n_tiles": n, "n_grid": int(meta.get("n_grid", 0)),
+                  "above_threshold": int(np.sum(suspicion > config.threshold)),
+                  "threshold": config.threshold, "mean_suspicion": round(float(suspicion.mean()), 6) if n else None},
+        "empty_reason": meta.get("empty_reason"),
+        "class_names": class_names,
+        "suspicious_classes": suspicious,
+        "class_fractions": {c: round(float(np.mean(argmax == j)), 6) if n else 0.0 for j, c in enumerate(class_names)},
+        "top_tiles": top_tiles,
+        "aggregate_config": dataclasses.asdict(config),
+        "aggregation_key": key,
+        "provenance": provenance,
+        "outputs": names,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+    thumbnail = np.asarray(group["thumbnail"][:])
+    mask = np.asarray(group["mask"][:])
+    downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))
+    title = f"{stem}: {config.method} = " + ("n/a" if score is None else f"{score:.3f}")
+    overlay = overlay_image(thumbnail, mask, heat, grid_meta, downsample, config.overlay_alpha)
+    write_atomic(paths["overlay"], overlay_png(overlay, title))
+    write_atomic(paths["heatmap_png"], png_bytes(heatmap_rgba(heat)))
+    write_atomic(paths["heatmap_npy"], _save_npy(heat))
+    top_idx = np.asarray(order, dtype=np.int64)
+    tiles = np.stack([np.asarray(group["tiles"][int(i)]) for i in top_idx]) if len(top_idx) else np.zeros((0, 1, 1, 3))
+    write_atomic(paths["gallery"], gallery_png(tiles, suspicion[top_idx], coords[top_idx],
+                                               [class_names[int(argmax[i])] for i in top_idx]))
+    collection = geojson_collection(coords, probs, suspicion, class_names, provenance)
+    data = json.dumps(collection, separators=(",", ":")).encode()
+    write_atomic(paths["geojson"], gzip.compress(data, mtime=0) if config.geojson_gzip else data)
+    write_atomic(paths["summary"], json.dumps(summary, indent=2, default=str).encode())  # last: marks completion
+    return AggregateResult(out_dir, summary, False, paths)

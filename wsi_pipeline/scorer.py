@@ -1,0 +1,368 @@
+"""Score every stored tile with a student checkpoint, one dask task per store shard.
+
+Each task reads its shard of tiles from the store (never the slide), runs the model in
+batches and writes its own rows of ``scores/<sha12>/probs`` (zarr chunks = shards, so tasks
+never share a chunk), then flags the shard in ``scores/<sha12>/shard_done``. An interrupted
+scoring resumes from the unflagged shards; a finished one (``complete``) is reused.
+
+The model is loaded at most once per worker process: a module-level cache keyed on the
+checkpoint's sha256 (and device), filled inside the task from the checkpoint path, which works
+the same for local threads, local processes and dask.distributed workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import store as tile_store
+from .checkpoint import CheckpointInfo, LoadedCheckpoint, load_checkpoint, read_checkpoint_info
+from .errors import CheckpointError, StoreError
+
+#: relative difference between the store's tile mpp and the checkpoint's that is still accepted
+MPP_TOLERANCE = 0.02
+LOCAL_SCHEDULERS = ("threads", "processes", "sync")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How scoring runs. None of this changes the stored probabilities beyond bf16 rounding."""
+
+    scheduler: str = "threads"  # threads | processes | sync | a dask.distributed scheduler address
+    workers: int | None = None  # local workers [default: CPU count]
+    batch_size: int = 64
+    device: str | None = None  # None: cuda when available, else cpu
+    precision: str = "auto"  # auto (bf16 on CUDA if it matches fp32) | fp32 | bf16 (if it matches fp32)
+    bf16_tolerance: float = 0.02  # max |p_bf16 - p_fp32| on the first shard to accept bf16
+
+    def validated(self) -> "ScoreConfig":
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise StoreError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+        if self.batch_size < 1:
+            raise StoreError(f"batch size must be positive, got {self.batch_size}")
+        if self.scheduler not in LOCAL_SCHEDULERS and "://" not in self.scheduler and ":" not in self.scheduler:
+            raise StoreError(f"unknown scheduler {self.scheduler!r}; use threads, processes or a "
+                             "dask.distributed address such as tcp://host:8786")
+        return self
+
+
+@dataclass
+class ScoreResult:
+    store: Path
+    key: str  # scores/<sha12>
+    checkpoint_sha256: str
+    n_tiles: int
+    reused: bool
+    shards_scored: int
+    seconds: float
+    precision: str
+    device: str
+    bf16_max_abs_diff: float | None = None
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.n_tiles / self.seconds if self.seconds > 0 and not self.reused else float("nan")
+
+
+def scores_key(sha256: str) -> str:
+    return f"scores/{sha256[:12]}"
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------- model cache (per worker)
+
+_MODELS: dict[tuple[str, str], LoadedCheckpoint] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached_model(checkpoint_path: str | Path, sha256: str, device: str) -> LoadedCheckpoint:
+    """The checkpoint's model on ``device``, loaded once per process and reused by every task."""
+    key = (sha256, device)
+    with _MODELS_LOCK:
+        loaded = _MODELS.get(key)
+        if loaded is None:
+            loaded = load_checkpoint(checkpoint_path)
+            if loaded.info.sha256 != sha256:
+                raise CheckpointError(f"{checkpoint_path}: checkpoint changed while scoring (sha256 differs)")
+            loaded.model.to(device)
+            _MODELS[key] = loaded
+    return loaded
+
+
+def clear_model_cache() -> None:
+    with _MODELS_LOCK:
+        _MODELS.clear()
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def predict_probs(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str = "cpu",
+                  precision: str = "fp32", batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (n, K) float32 for uint8 RGB tiles (n, T, T, 3)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = int(tiles.shape[0])
+    if n == 0:
+        return np.zeros((0, info.num_classes), dtype=np.float32)
+    dev = torch.device(device)
+    mean = torch.tensor(info.mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(info.std, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(tiles[start:start + batch_size])).to(dev)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            if x.shape[-1] != info.input_size or x.shape[-2] != info.input_size:
+                x = F.interpolate(x, size=(info.input_size, info.input_size), mode="bilinear",
+                                  antialias=True, align_corners=False)
+            x = (x - mean) / std
+            if precision == "bf16":
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16):
+                    logits = model(x)
+            else:
+                logits = model(x)
+            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def choose_precision(loaded: LoadedCheckpoint, tiles: np.ndarray, config: ScoreConfig,
+                     device: str) -> tuple[str, float | None]:
+    """fp32, or bf16 when asked for (or auto on CUDA) and its probabilities stay within tolerance."""
+    if config.precision == "fp32" or len(tiles) == 0:
+        return "fp32", None
+    if config.precision == "auto" and not device.startswith("cuda"):
+        return "fp32", None  # bf16 autocast is emulated (slower) on most CPUs
+    p32 = predict_probs(loaded.model, loaded.info, tiles, device=device, precision="fp32",
+                        batch_size=config.batch_size)
+    p16 = predict_probs(loaded.model, loaded.info, tiles, device=device, precision="bf16",
+                        batch_size=config.batch_size)
+    diff = float(np.max(np.abs(p32 - p16)))
+    return ("bf16" if diff <= config.bf16_tolerance else "fp32"), diff
+
+
+def score_shard(store_path: str, key: str, index: int, checkpoint_path: str, sha256: str, device: str,
+                precision: str, batch_size: int, torch_threads: int | None) -> tuple[int, int]:
+    """One dask task: read shard ``index`` of tiles, write its probabilities, flag it done."""
+    if torch_threads:
+        import torch
+
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+    loaded = cached_model(checkpoint_path, sha256, device)
+    group = tile_store.open_store(store_path, mode="r+")
+    meta = tile_store.read_meta(group)
+    sl = tile_store.shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
+    tiles = np.asarray(group["tiles"][sl])
+    probs = predict_probs(loaded.model, loaded.info, tiles, device=device, precision=precision,
+                          batch_size=batch_size)
+    scores = group[key]
+    scores["probs"][sl] = probs
+    scores["shard_done"][index] = True
+    return index, len(probs)
+
+
+# --------------------------------------------------------------------------- store checks and reads
+
+
+def check_store_matches(store_path: Path, meta: dict[str, Any], info: CheckpointInfo) -> None:
+    """Refuse a store whose tiles are not the size and pixel size the checkpoint was trained on."""
+    cfg = meta.get("tiler_config") or {}
+    size = int(meta.get("tile_size", cfg.get("tile_size", -1)))
+    mpp = float(cfg.get("target_mpp", float("nan")))
+    if size != info.tile_size or not abs(mpp - info.tile_mpp) <= MPP_TOLERANCE * info.tile_mpp:
+        raise CheckpointError(
+            f"{info.path}: checkpoint expects {info.tile_size} px tiles at {info.tile_mpp:g} um/px but "
+            f"{store_path} holds {size} px tiles at {mpp:g} um/px; re-tile with `wsi-triage run SLIDE "
+            f"--checkpoint {info.path}`")
+
+
+def list_scores(group) -> dict[str, dict[str, Any]]:
+    """``{"scores/<sha12>": attrs}`` for every score group in the store."""
+    if "scores" not in group:
+        return {}
+    out = {}
+    for name, sub in group["scores"].groups():
+        out[f"scores/{name}"] = dict(sub.attrs)
+    return out
+
+
+def read_scores(group, sha256: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Complete probabilities (N, K) and their attributes; ``sha256=None`` picks the only (or latest) one."""
+    available = {k: a for k, a in list_scores(group).items() if a.get("complete")}
+    if sha256 is not None:
+        key = scores_key(sha256)
+        if key not in available:
+            raise StoreError(f"{group.store}: no complete scores for checkpoint {sha256[:12]}; run `wsi-triage score`")
+    else:
+        if not available:
+            raise StoreError(f"{group.store}: store has no complete scores; run `wsi-triage score` first")
+        key = max(available, key=lambda k: available[k].get("scored", ""))
+    return np.asarray(group[key]["probs"][:]), available[key]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _prepare_group(group, key: str, info: CheckpointInfo, n_tiles: int, per_shard: int, n_shards: int,
+                   device: str, precision: str, diff: float | None):
+    sub = group.require_group("scores")
+    name = key.split("/", 1)[1]
+    if name in sub:
+        del sub[name]
+    sg = sub.create_group(name)
+    sg.create_array("probs", shape=(n_tiles, info.num_classes), chunks=(max(1, per_shard), info.num_classes),
+                    dtype="float32", fill_value=np.nan, dimension_names=("tile", "class"))
+    sg.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False)
+    sg.attrs.update({
+        "class_names": list(info.class_names),
+        "suspicious_classes": list(info.suspicious_classes),
+        "checkpoint_sha256": info.sha256,
+        "checkpoint_path": str(Path(info.path).resolve()),
+        "checkpoint_metadata": info.metadata,
+        "precision": precision,
+        "bf16_max_abs_diff": diff,
+        "device": device,
+        "complete": False,
+        "scored": None,
+    })
+    return sg
+
+
+def _local_workers(config: ScoreConfig, n_tasks: int) -> int:
+    return max(1, min(config.workers or os.cpu_count() or 1, n_tasks))
+
+
+def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, progress: Callable[[int], None] | None) -> None:
+    import dask
+
+    if not tasks:
+        return
+    if config.scheduler in LOCAL_SCHEDULERS:
+        from dask.callbacks import Callback
+
+        def posttask(key, result, dsk, state, worker_id):
+            if progress and isinstance(result, tuple) and len(result) == 2:
+                progress(int(result[1]))
+
+        scheduler = "synchronous" if config.scheduler == "sync" else config.scheduler
+        with Callback(posttask=posttask):
+            dask.compute(*tasks, scheduler=scheduler, num_workers=n_workers)
+        return
+    from distributed import Client, as_completed
+
+    try:
+        client = Client(config.scheduler, timeout="20s", set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise StoreError(f"cannot reach dask scheduler {config.scheduler}: {exc}") from None
+    try:
+        futures = client.compute(tasks)
+        for fut in as_completed(futures):
+            _, n = fut.result()
+            if progress:
+                progress(int(n))
+    finally:
+        client.close()
+
+
+def score_store(
+    store_path: str | Path,
+    checkpoint: str | Path | None = None,
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+) -> ScoreResult:
+    """Write ``scores/<sha12>/probs`` for every tile of a complete store; reuse or resume existing scores.
+
+    ``checkpoint=None`` uses the bundled demo student. Reads only the store, never the slide.
+    """
+    import dask
+
+    start = time.perf_counter()
+    config = config.validated()
+    store_path = Path(store_path)
+    info = read_checkpoint_info(checkpoint)
+    group = tile_store.require_complete(store_path)
+    meta = tile_store.read_meta(group)
+    check_store_matches(store_path, meta, info)
+    key = scores_key(info.sha256)
+    n_tiles, per_shard, n_shards = int(meta["n_tiles"]), int(meta["tiles_per_shard"]), int(meta["n_shards"])
+    existing = list_scores(group).get(key)
+    device = resolve_device(config.device)
+
+    if existing and existing.get("checkpoint_sha256") == info.sha256 and existing.get("complete"):
+        if on_plan:
+            on_plan(n_tiles, n_tiles)
+        return ScoreResult(store_path, key, info.sha256, n_tiles, True, 0, time.perf_counter() - start,
+                           existing.get("precision", "fp32"), existing.get("device", device),
+                           existing.get("bf16_max_abs_diff"))
+
+    group = tile_store.open_store(store_path, mode="r+")
+    if existing and existing.get("checkpoint_sha256") == info.sha256:
+        sg = group[key]  # resume an interrupted scoring with the precision it started with
+        precision, diff = existing.get("precision", "fp32"), existing.get("bf16_max_abs_diff")
+    else:
+        precision, diff = "fp32", None
+        if n_tiles and config.precision != "fp32":
+            loaded = cached_model(info.path, info.sha256, device)
+            first = tile_store.shard_slice(0, n_tiles, per_shard)
+            precision, diff = choose_precision(loaded, np.asarray(group["tiles"][first]), config, device)
+        sg = _prepare_group(group, key, info, n_tiles, per_shard, n_shards, device, precision, diff)
+
+    done = np.asarray(sg["shard_done"][:n_shards]) if n_shards else np.zeros(0, bool)
+    pending = [int(i) for i in np.flatnonzero(~done)]
+    slices = [tile_store.shard_slice(i, n_tiles, per_shard) for i in pending]
+    done_tiles = n_tiles - sum(sl.stop - sl.start for sl in slices)
+    if on_plan:
+        on_plan(n_tiles, done_tiles)
+
+    n_workers = _local_workers(config, len(pending))
+    torch_threads = None
+    if config.scheduler == "processes":
+        torch_threads = max(1, (os.cpu_count() or 1) // n_workers)
+    tasks = [
+        dask.delayed(score_shard, pure=False)(str(store_path), key, i, str(info.path), info.sha256, device,
+                                              precision, config.batch_size, torch_threads,
+                                              dask_key_name=f"score-shard-{info.sha12}-{i}")
+        for i in pending
+    ]
+    restore = None
+    if config.scheduler == "threads" and n_workers > 1 and device == "cpu":
+        # tasks already run in parallel: one intra-op thread each avoids oversubscribing the cores
+        import torch
+
+        restore = torch.get_num_threads()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    try:
+        _run_tasks(tasks, config, n_workers, progress)
+    finally:
+        if restore is not None:
+            import torch
+
+            torch.set_num_threads(restore)
+
+    sg.attrs.update({"complete": True,
+                     "scored": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    return ScoreResult(store_path, key, info.sha256, n_tiles, False, len(pending), time.perf_counter() - start,
+                       precision, device, diff)
+
+
+def score_config_dict(config: ScoreConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
