@@ -720,9 +720,12 @@ def _try_tifffile(path: Path, cache: _TileCache) -> Slide:
                     reader_level = None
             if reader_level is None:
                 miniswhite = int(page.photometric) == 0
+                colormap = page.colormap if int(page.photometric) == 3 else None
 
-                def load(level=level, miniswhite=miniswhite) -> np.ndarray:
+                def load(level=level, miniswhite=miniswhite, colormap=colormap) -> np.ndarray:
                     arr = _series_level_array(level)
+                    if colormap is not None:  # palette image: indices -> RGB
+                        arr = np.moveaxis(np.asarray(colormap)[:, arr.squeeze()], 0, -1)
                     return _to_rgb8(arr, miniswhite=miniswhite)
 
                 reader_level = _ArrayLevel(int(page.imagewidth), int(page.imagelength), load)
@@ -752,10 +755,10 @@ def _try_pillow(path: Path) -> Slide:
 
     with Image.open(path) as image:
         image.load()
-        image = ImageOps.exif_transpose(image)
         fmt = (image.format or path.suffix.lstrip(".") or "image").lower()
         info = {f"pillow.{k}": str(v) for k, v in image.info.items()
                 if isinstance(v, (str, int, float, tuple)) and len(str(v)) < 200}
+        image = ImageOps.exif_transpose(image)  # camera JPEGs: show them upright
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = _to_rgb8(np.asarray(image).astype(np.uint16 if image.mode != "I" else np.int32))
         elif "A" in image.getbands() or "transparency" in image.info:

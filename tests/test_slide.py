@@ -1,0 +1,301 @@
+"""Slide reading: backends, pixel size and its source, level choice, fast JPEG path, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from wsi_pipeline.errors import SlideError, UnknownMppError
+from wsi_pipeline.slide import PixelSize, fingerprint, open_slide, slide_info
+
+TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
+CMU = "CMU-1-Small-Region.svs"
+
+
+def slide_path(shared_data: Path, name: str) -> Path:
+    return shared_data / "slides" / name
+
+
+def halve(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
+    return img[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3)).astype(np.uint8)
+
+
+def write_pyramid(path: Path, levels: list[np.ndarray], mpp: float | None) -> None:
+    """Tiled JPEG pyramid, one IFD per level (what OpenSlide's generic-tiff reads)."""
+    with tifffile.TiffWriter(path) as tw:
+        for i, level in enumerate(levels):
+            kwargs = {}
+            if mpp is not None:
+                kwargs = dict(resolution=(1e4 / (mpp * 2**i),) * 2, resolutionunit="CENTIMETER")
+            tw.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
+                     subfiletype=1 if i else 0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cmu_pixels(shared_data) -> np.ndarray:
+    import openslide
+
+    with openslide.OpenSlide(str(slide_path(shared_data, CMU))) as osr:
+        return np.asarray(osr.read_region((0, 0), 0, osr.dimensions))[..., :3].copy()
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory, cmu_pixels) -> Path:
+    """A real H&E image (CMU) as a 3-level tifffile-written JPEG pyramid at 0.25 um/px."""
+    level0 = np.tile(cmu_pixels[:1500, :2000], (1, 2, 1))  # 4000 x 1500
+    levels = [level0, halve(level0), halve(halve(level0))]
+    path = tmp_path_factory.mktemp("pyramid") / "pyramid.tif"
+    write_pyramid(path, levels, mpp=0.25)
+    return path
+
+
+def random_regions(slide, n: int, seed: int, size=(1, 300)):
+    rng = np.random.default_rng(seed)
+    w0, h0 = slide.dimensions
+    for _ in range(n):
+        level = int(rng.integers(slide.level_count))
+        w, h = (int(v) for v in rng.integers(*size, 2))
+        yield level, int(rng.integers(-200, w0)), int(rng.integers(-200, h0)), w, h
+
+
+# ---------------------------------------------------------------- real slides
+
+
+def test_aperio_svs_reports_vendor_metadata_mpp_and_associated_images(shared_data):
+    with open_slide(slide_path(shared_data, CMU)) as s:
+        assert (s.backend, s.format, s.vendor) == ("openslide", "aperio", "aperio")
+        assert s.dimensions == (2220, 2967) and s.level_count == 1
+        assert s.mpp.source == "metadata" and not s.mpp.estimated
+        assert s.mpp.x == pytest.approx(0.499) and s.mpp.y == pytest.approx(0.499)
+        assert {"label", "macro", "thumbnail"} <= set(s.associated_images)
+        info = slide_info(s)
+    json.dumps(info)  # JSON-able for `wsi-triage info --json`
+    assert info["mpp"] == {"x": pytest.approx(0.499), "y": pytest.approx(0.499),
+                           "source": "metadata", "estimated": False}
+    assert info["levels"][0]["dimensions"] == [2220, 2967]
+
+
+def test_fast_jpeg_path_matches_openslide_on_aperio(shared_data):
+    path = slide_path(shared_data, CMU)
+    with open_slide(path) as fast, open_slide(path, fast=False) as slow:
+        assert fast.fast_levels == [0] and slow.fast_levels == []
+        diffs = [np.abs(fast.read_region(*r).astype(int) - slow.read_region(*r)).mean()
+                 for r in random_regions(fast, 60, seed=1)]
+        # including edge tiles and regions hanging off the image
+        tail = fast.read_region(0, 2100, 2900, 300, 200), slow.read_region(0, 2100, 2900, 300, 200)
+    assert max(diffs) < 1.0
+    np.testing.assert_array_equal(*tail)
+
+
+def test_tcga_without_mpp_is_refused_until_given(shared_data):
+    path = slide_path(shared_data, TCGA)
+    with open_slide(path) as s:
+        assert s.level_count == 2 and s.fast_levels == []  # JPEG 2000: OpenSlide reads it
+        assert not s.mpp.known and s.mpp.source == "unknown"
+        with pytest.raises(UnknownMppError, match="--mpp") as err:
+            s.read_region_mpp(0, 0, 512, 512, 0.5)
+        assert str(path) in str(err.value)
+    with open_slide(path, mpp=0.25) as s:
+        assert s.mpp == PixelSize(0.25, 0.25, "user")
+        assert s.level_mpp(1) == pytest.approx(0.25 * 2.0005, rel=1e-3)
+
+
+def test_tcga_reads_at_twice_the_pixel_size_come_from_level_one(shared_data):
+    from PIL import Image as PILImage
+
+    with open_slide(slide_path(shared_data, TCGA), mpp=0.25) as s:
+        assert s.best_level_for_mpp(0.5) == 1
+        out = s.read_region_mpp(1000, 1000, 1024, 1024, 0.5)
+        assert out.shape == (512, 512, 3) and out.dtype == np.uint8
+        assert s.level_reads == [0, 1]  # level 0 was never touched
+        level1 = s.read_region(1, 1000, 1000, 512, 512).astype(int)
+        level0 = s.read_region(0, 1000, 1000, 1024, 1024)
+        shrunk0 = np.asarray(PILImage.fromarray(level0).resize((512, 512), PILImage.Resampling.BOX))
+        # and the pixels are level 1's (its own JPEG 2000 encoding), not a shrunk level 0
+        assert np.abs(out - level1).mean() < np.abs(out.astype(int) - shrunk0).mean()
+        s.level_reads[:] = [0, 0]
+        thumb, downsample = s.thumbnail(4.0)
+        assert s.level_reads[0] == 0
+        assert downsample == pytest.approx(16, rel=0.01)
+        assert thumb.shape[:2] == (round(3567 / 16), round(4443 / 16))
+
+
+@pytest.mark.parametrize("case", ["broken", "missing", "directory", "empty"])
+def test_unreadable_inputs_fail_with_one_line_naming_the_file(shared_data, tmp_path, case):
+    target = {"broken": slide_path(shared_data, "broken.svs"), "missing": tmp_path / "nope.svs",
+              "directory": tmp_path, "empty": tmp_path / "empty.svs"}[case]
+    if case == "empty":
+        target.touch()
+    with pytest.raises(SlideError) as err:
+        open_slide(target)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{target}: ")
+    expected = {"broken": "not a readable slide", "missing": "no such file",
+                "directory": "directory", "empty": "empty"}[case]
+    assert expected in message
+
+
+# ---------------------------------------------------------------- TIFFs written here
+
+
+def test_tifffile_pyramid_via_openslide_uses_tiff_resolution_and_picks_levels(pyramid):
+    with open_slide(pyramid) as s:
+        assert (s.backend, s.format, s.vendor) == ("openslide", "generic-tiff", None)
+        assert s.mpp == PixelSize(0.25, 0.25, "tiff-resolution")
+        assert s.level_dimensions == [(4000, 1500), (2000, 750), (1000, 375)]
+        assert s.fast_levels == [0, 1, 2]
+        assert [s.best_level_for_mpp(t) for t in (0.1, 0.25, 0.4, 0.5, 0.505, 0.9, 1.0, 8.0)] == \
+            [0, 0, 0, 1, 1, 1, 2, 2]
+        tile = s.read_region_mpp(1024, 512, 448, 448, 0.5)
+        assert s.level_reads == [0, 1, 0]
+        # aligned box at exactly level 1's pixel size: level 1's pixels, unresampled
+        np.testing.assert_array_equal(tile, s.read_region(1, 1024, 512, 224, 224))
+        sized = s.read_region_mpp(1024, 512, 448, 448, 0.5, out_size=(100, 80))
+        assert sized.shape == (80, 100, 3)
+        thumb, downsample = s.thumbnail(2.0)
+        assert s.level_reads[0] == 0 and downsample == pytest.approx(8, rel=0.01)
+        assert thumb.shape == (188, 500, 3)
+
+
+def test_fast_path_matches_openslide_on_tifffile_pyramid(pyramid):
+    with open_slide(pyramid) as fast, open_slide(pyramid, fast=False) as slow:
+        diffs = [np.abs(fast.read_region(*r).astype(int) - slow.read_region(*r)).mean()
+                 for r in random_regions(fast, 60, seed=2)]
+        aligned = fast.read_region(2, 1024, 512, 224, 224), slow.read_region(2, 1024, 512, 224, 224)
+    assert np.mean(diffs) < 0.5 and max(diffs) < 1.0
+    np.testing.assert_array_equal(*aligned)
+
+
+def test_reads_are_thread_safe(pyramid):
+    from concurrent.futures import ThreadPoolExecutor
+
+    regions = list(random_regions(open_slide(pyramid), 40, seed=3, size=(100, 260)))
+    with open_slide(pyramid, tile_cache_bytes=2_000_000) as s:  # small cache: evictions too
+        serial = [s.read_region(*r) for r in regions]
+        with ThreadPoolExecutor(4) as pool:
+            threaded = list(pool.map(lambda r: s.read_region(*r), regions * 2))
+    for a, b in zip(serial * 2, threaded):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_outside_the_image_is_white(pyramid, shared_data):
+    for path in (pyramid, slide_path(shared_data, CMU)):
+        with open_slide(path) as s:
+            w0, h0 = s.dimensions
+            assert (s.read_region(0, w0 + 10, 0, 64, 64) == 255).all()
+            assert (s.read_region(0, -500, -500, 100, 100) == 255).all()
+            corner = s.read_region(0, w0 - 32, h0 - 32, 64, 64)
+            assert (corner[32:] == 255).all() and (corner[:, 32:] == 255).all()
+            assert (corner[:32, :32] != 255).any()
+
+
+def test_subifd_pyramid_and_ome_tiff_go_to_tifffile(tmp_path, cmu_pixels):
+    img = cmu_pixels[:1000, :1200]
+    path = tmp_path / "field.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(img, tile=(256, 256), compression="jpeg", photometric="rgb", subifds=1,
+                 metadata={"axes": "YXS", "PhysicalSizeX": 0.4, "PhysicalSizeY": 0.4,
+                           "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+        tw.write(halve(img), tile=(256, 256), compression="jpeg", photometric="rgb", subfiletype=1)
+    with open_slide(path) as s:
+        assert (s.backend, s.format) == ("tifffile", "ome-tiff")
+        assert s.mpp == PixelSize(0.4, 0.4, "metadata")
+        assert s.level_dimensions == [(1200, 1000), (600, 500)]
+        assert s.best_level_for_mpp(0.8) == 1
+        full = s.read_region(0, 0, 0, 1200, 1000)
+        assert np.abs(full.astype(int) - img).mean() < 3  # JPEG round trip of the written pixels
+
+
+def test_flat_stripped_tiff_refused_by_openslide_reads_with_tifffile(tmp_path, cmu_pixels):
+    import openslide
+
+    img = cmu_pixels[:700, :900]
+    path = tmp_path / "camera.tif"
+    tifffile.imwrite(path, img, rowsperstrip=64, compression="zlib", photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with pytest.raises(openslide.OpenSlideUnsupportedFormatError):
+        openslide.OpenSlide(str(path))
+    with open_slide(path) as s:
+        assert (s.backend, s.format, s.level_count) == ("tifffile", "tiff", 1)
+        assert s.mpp == PixelSize(0.5, 0.5, "tiff-resolution")
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 900, 700), img)
+        np.testing.assert_array_equal(s.read_region(0, 850, 100, 100, 100)[:, :50], img[100:200, 850:])
+        assert (s.read_region(0, 850, 100, 100, 100)[:, 50:] == 255).all()
+
+
+def test_screen_dpi_is_not_a_pixel_size(tmp_path, cmu_pixels):
+    path = tmp_path / "export.tif"
+    tifffile.imwrite(path, cmu_pixels[:200, :200], photometric="rgb", resolution=(72, 72),
+                     resolutionunit="INCH")
+    with open_slide(path) as s:
+        assert s.mpp.source == "unknown"
+        with pytest.raises(UnknownMppError, match="--mpp"):
+            s.require_mpp()
+
+
+def test_objective_power_gives_a_flagged_estimate(tmp_path, cmu_pixels):
+    path = tmp_path / "no-mpp.svs"
+    description = ("Aperio Image Library v12.0.15\r\n900x700 [0,0 900x700] (256x256) JPEG/RGB Q=70"
+                   "|AppMag = 40|ScanScope ID = TEST")
+    tifffile.imwrite(path, cmu_pixels[:700, :900], tile=(256, 256), compression="jpeg",
+                     photometric="rgb", description=description, metadata=None)
+    with open_slide(path) as s:
+        assert s.vendor == "aperio"
+        assert s.mpp == PixelSize(0.25, 0.25, "objective-power") and s.mpp.estimated
+        assert slide_info(s)["mpp"]["estimated"] is True
+
+
+# ---------------------------------------------------------------- fields of view
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_camera_fields_use_pillow_with_unknown_mpp_unless_given(shared_data, kind):
+    path = (sorted((shared_data / "tiles").glob("tissue*.png"))[0] if kind == "png"
+            else sorted((shared_data / "smear_fields").glob("*.jpg"))[0])
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    with open_slide(path) as s:
+        assert (s.backend, s.format, s.level_count) == ("pillow", kind, 1)
+        assert s.dimensions == (expected.shape[1], expected.shape[0])
+        assert not s.mpp.known
+        with pytest.raises(UnknownMppError):
+            s.thumbnail(1.0)
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, *s.dimensions), expected)
+    with open_slide(path, mpp=0.07) as s:
+        assert s.mpp == PixelSize(0.07, 0.07, "user")
+        w, h = s.dimensions
+        out = s.read_region_mpp(0, 0, w, h, 0.14)
+        assert out.shape == (round(h / 2), round(w / 2), 3)
+
+
+def test_transparent_png_is_composited_on_white(tmp_path):
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :15, 3] = 255  # left half opaque red, right half fully transparent
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    with open_slide(path) as s:
+        px = s.read_region(0, 0, 0, 30, 20)
+    assert (px[:, :15] == (200, 0, 0)).all() and (px[:, 15:] == 255).all()
+
+
+def test_invalid_mpp_override_is_refused(shared_data):
+    with pytest.raises(SlideError, match="--mpp"):
+        open_slide(slide_path(shared_data, CMU), mpp=-1)
+
+
+def test_fingerprint_depends_on_content_not_name(tmp_path, shared_data):
+    original = slide_path(shared_data, CMU)
+    copy = tmp_path / "renamed.svs"
+    copy.write_bytes(original.read_bytes())
+    assert fingerprint(copy) == fingerprint(original)
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 0xFF  # last byte differs (inside the last MiB)
+    copy.write_bytes(bytes(data))
+    assert fingerprint(copy) != fingerprint(original)
+    assert len(fingerprint(original)) == 64
