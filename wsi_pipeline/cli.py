@@ -93,18 +93,48 @@ def tiler_options(func):
     return func
 
 
-def make_progress(total_desc: str, quiet: bool, unit: str = "tile"):
-    """A tqdm bar (rate and ETA) whose total is set once known; silent with --quiet."""
-    from tqdm import tqdm
+class _LazyBar:
+    """A tqdm bar (rate and ETA) that appears only once the work is planned.
 
-    bar = tqdm(total=0, desc=total_desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
+    Created lazily so that an input error found before any work prints its one line alone.
+    """
 
-    def on_plan(total: int, done: int) -> None:
+    def __init__(self, desc: str, quiet: bool, unit: str) -> None:
+        self.desc, self.quiet, self.unit = desc, quiet, unit
+        self._bar = None
+
+    def _ensure(self):
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=0, desc=self.desc, unit=self.unit, disable=self.quiet,
+                             dynamic_ncols=True, leave=False)
+        return self._bar
+
+    def on_plan(self, total: int, done: int) -> None:
+        bar = self._ensure()
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    return bar, on_plan
+    def update(self, n: int = 1) -> None:
+        self._ensure().update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_progress(total_desc: str, quiet: bool, unit: str = "tile"):
+    """``(bar, on_plan)``: a progress bar with rate and ETA whose total is set once known; silent with --quiet."""
+    bar = _LazyBar(total_desc, quiet, unit)
+    return bar, bar.on_plan
 
 
 @main.command("tile")
@@ -136,3 +166,219 @@ def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground,
     elif not quiet:
         state = "reused existing store" if result.reused else f"{result.tiles_per_second:.0f} tiles/s"
         click.echo(f"{result.path}: {result.n_tiles} of {result.n_grid} grid tiles kept ({state})")
+
+
+# --- run / batch / score / aggregate -------------------------------------------------------
+
+
+def _progress_factory(quiet: bool):
+    """Adapter from :func:`make_progress` to the pipeline's ``(update, on_plan, close)`` hooks."""
+
+    def factory(desc: str, unit: str):
+        bar, on_plan = make_progress(desc, quiet, unit)
+        return bar.update, on_plan, bar.close
+
+    return factory
+
+
+def score_options(func):
+    """Options of every command that scores tiles."""
+    options = [
+        click.option("--checkpoint", type=click.Path(path_type=str), default=None, help="Student checkpoint (.safetensors) [default: bundled demo student]."),
+        click.option("--scheduler", default="threads", show_default=True, help="threads, processes, or a dask.distributed scheduler address (tcp://host:8786)."),
+        click.option("--score-workers", type=int, default=None, help="Local scoring workers [default: CPU count]."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Tiles per inference batch."),
+        click.option("--device", default=None, help="torch device [default: cuda when available, else cpu]."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True, help="bf16 autocast is kept only when its probabilities match fp32."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def aggregate_options(func):
+    """Options of every command that turns scores into a slide score and pictures."""
+    options = [
+        click.option("--method", type=click.Choice(["topk_mean", "quantile", "fraction_above"]), default="topk_mean", show_default=True, help="Slide score from tile suspicions."),
+        click.option("--top-k", type=int, default=10, show_default=True, help="Tiles averaged by topk_mean."),
+        click.option("--quantile", type=float, default=0.95, show_default=True, help="Quantile for method=quantile."),
+        click.option("--threshold", type=float, default=0.5, show_default=True, help="Suspicion threshold for method=fraction_above (and the reported count)."),
+        click.option("--gallery", "gallery_k", type=int, default=16, show_default=True, help="Top tiles in gallery.png."),
+        click.option("--gzip-geojson", is_flag=True, help="Write <stem>.geojson.gz instead of .geojson."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _score_config(scheduler, score_workers, batch_size, device, precision):
+    from .scorer import ScoreConfig
+
+    return ScoreConfig(scheduler=scheduler, workers=score_workers, batch_size=batch_size, device=device,
+                       precision=precision)
+
+
+def _aggregate_config(method, top_k, quantile, threshold, gallery_k, gzip_geojson):
+    from .aggregate import AggregateConfig
+
+    return AggregateConfig(method=method, top_k=top_k, quantile=quantile, threshold=threshold,
+                           gallery_k=gallery_k, geojson_gzip=gzip_geojson)
+
+
+def _run_line(run) -> str:
+    steps = run.steps
+    done = [name for name in ("tile", "score", "aggregate") if steps.get(name, {}).get("reused")]
+    reuse = f"; reused {', '.join(done)}" if done else ""
+    if run.status == "error":
+        return f"{run.stem}: error: {run.error}"
+    if run.status == "empty":
+        return f"{run.stem}: no tissue tile (score n/a){reuse}"
+    method = (run.summary or {}).get("score", {}).get("method", "")
+    return f"{run.stem}: suspicion {run.score:.3f} ({method}) over {run.n_tiles} tiles in {run.seconds:.1f} s{reuse}"
+
+
+def _run_options(checkpoint, scheduler, score_workers, batch_size, device, precision, method, top_k, quantile,
+                 threshold, gallery_k, gzip_geojson, **tiling):
+    from .pipeline import RunOptions
+
+    return RunOptions(checkpoint=checkpoint,
+                      score=_score_config(scheduler, score_workers, batch_size, device, precision),
+                      aggregate=_aggregate_config(method, top_k, quantile, threshold, gallery_k, gzip_geojson),
+                      **tiling)
+
+
+def run_tiling_options(func):
+    """Tiling options of run/batch; tile size and mpp come from the checkpoint."""
+    options = [
+        click.option("--stain", type=click.Choice(["pap", "romanowsky", "he"]), default=None, help="Stain preset for foreground detection [default: the checkpoint's, else pap]."),
+        click.option("--min-foreground", type=float, default=None, help="Minimum foreground fraction to keep a tile [default: stain preset]."),
+        click.option("--overlap", type=int, default=0, show_default=True, help="Overlap between tiles in px."),
+        click.option("--codec", type=click.Choice(["jpeg", "lossless"]), default="jpeg", show_default=True, help="Tile codec in the store."),
+        click.option("--mpp", type=float, default=None, help="Slide pixel size (um/px) when the file lacks it."),
+        click.option("--workers", "tile_workers", type=int, default=None, help="Reader threads for tiling [default: CPU count]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command("run")
+@click.argument("slide", type=click.Path(path_type=str))
+@click.option("--out", "out_dir", type=click.Path(path_type=str), default="wsi-triage-out", show_default=True, help="Output directory: <stem>.zarr and <stem>/.")
+@score_options
+@run_tiling_options
+@aggregate_options
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+@user_errors
+def run_command(slide, out_dir, quiet, as_json, **kwargs):
+    """Tile, score and aggregate SLIDE, reusing whatever is already done.
+
+    Tiles at the checkpoint's pixel size and tile size; writes OUT/<stem>.zarr and OUT/<stem>/
+    (summary.json, overlay.png, heatmap.png/.npy, gallery.png, <stem>.geojson).
+    """
+    from .pipeline import run_slide
+
+    run = run_slide(slide, out_dir, _run_options(**kwargs), progress=_progress_factory(quiet or as_json))
+    if as_json:
+        echo_json({**run.as_dict(), "summary": run.summary})
+    elif not quiet:
+        click.echo(_run_line(run))
+        click.echo(f"  outputs in {run.out_dir}")
+
+
+@main.command("batch")
+@click.argument("slides", metavar="DIR_OR_GLOB")
+@click.option("--out", "out_dir", type=click.Path(path_type=str), default="wsi-triage-out", show_default=True, help="Output directory: stores, per-slide outputs, triage.csv, report.html.")
+@click.option("--only-failed", is_flag=True, help="Rerun only slides that failed (or are new) since the last batch with this checkpoint.")
+@score_options
+@run_tiling_options
+@aggregate_options
+@click.option("--quiet", is_flag=True, help="No progress bars or per-slide lines.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+@user_errors
+def batch_command(slides, out_dir, only_failed, quiet, as_json, **kwargs):
+    """Run every slide of a directory or glob; write triage.csv and report.html ranked by suspicion.
+
+    A slide that fails is recorded with its error and never stops the batch; the exit code is 1
+    when any slide failed, 0 otherwise.
+    """
+    from .pipeline import run_batch
+
+    def on_slide(i, n, run):
+        if not (quiet or as_json):
+            click.echo(f"[{i}/{n}] {_run_line(run)}", err=run.status == "error")
+
+    result = run_batch(slides, out_dir, _run_options(**kwargs), only_failed=only_failed,
+                       progress=_progress_factory(quiet or as_json), on_slide=on_slide)
+    if as_json:
+        echo_json({"out": str(result.out), "checkpoint_sha256": result.checkpoint_sha256,
+                   "previous_checkpoint_sha256": result.previous_checkpoint_sha256,
+                   "triage_csv": str(result.triage_csv), "report_html": str(result.report_html),
+                   "seconds": round(result.seconds, 3), "failed": result.n_failed, "slides": result.rows})
+    elif not quiet:
+        click.echo(f"{len(result.rows)} slides ({result.n_failed} failed) in {result.seconds:.1f} s; "
+                   f"{result.triage_csv}, {result.report_html}")
+    if result.n_failed:
+        sys.exit(1)
+
+
+@main.command("score")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=str))
+@score_options
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+@user_errors
+def score_command(stores, checkpoint, scheduler, score_workers, batch_size, device, precision, quiet, as_json):
+    """Score every tile of existing tile STORES (<stem>.zarr) with a checkpoint; never reads the slide."""
+    from .scorer import score_store
+
+    config = _score_config(scheduler, score_workers, batch_size, device, precision)
+    results = []
+    for store in stores:
+        bar, on_plan = make_progress(f"scoring {store}", quiet or as_json)
+        with bar:
+            r = score_store(store, checkpoint, config, progress=bar.update, on_plan=on_plan)
+        results.append({"store": str(r.store), "scores": r.key, "checkpoint_sha256": r.checkpoint_sha256,
+                        "tiles": r.n_tiles, "reused": r.reused, "shards_scored": r.shards_scored,
+                        "seconds": round(r.seconds, 3), "precision": r.precision, "device": r.device,
+                        "bf16_max_abs_diff": r.bf16_max_abs_diff})
+        if not (quiet or as_json):
+            state = "already scored" if r.reused else f"{r.tiles_per_second:.0f} tiles/s, {r.precision} on {r.device}"
+            click.echo(f"{r.store}/{r.key}: {r.n_tiles} tiles ({state})")
+    if as_json:
+        echo_json(results if len(results) > 1 else results[0])
+
+
+@main.command("aggregate")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--checkpoint", type=click.Path(path_type=str), default=None, help="Use this checkpoint's scores [default: the store's latest scores].")
+@click.option("--out", "out_dir", type=click.Path(path_type=str), default=None, help="Output directory [default: next to each store, <stem>/]; with several stores, <out>/<stem>/.")
+@aggregate_options
+@click.option("--force", is_flag=True, help="Rewrite outputs even when up to date.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+@user_errors
+def aggregate_command(stores, checkpoint, out_dir, method, top_k, quantile, threshold, gallery_k, gzip_geojson, force, as_json):
+    """Slide score, heatmap, overlay, gallery, GeoJSON and summary.json from scored STORES."""
+    from pathlib import Path
+
+    from .aggregate import aggregate_store
+    from .checkpoint import read_checkpoint_info
+
+    config = _aggregate_config(method, top_k, quantile, threshold, gallery_k, gzip_geojson)
+    sha = read_checkpoint_info(checkpoint).sha256 if checkpoint else None
+    results = []
+    for store in stores:
+        path = Path(store)
+        stem = path.name[:-5] if path.name.endswith(".zarr") else path.name
+        target = path.with_name(stem) if out_dir is None else (Path(out_dir) / stem if len(stores) > 1 else Path(out_dir))
+        r = aggregate_store(path, target, config, checkpoint_sha256=sha, force=force)
+        results.append({"store": str(path), "out_dir": str(r.out_dir), "reused": r.reused, "score": r.score,
+                        "method": config.method, "settings": config.score_settings(),
+                        "n_tiles": r.summary["tiles"]["n_tiles"],
+                        "checkpoint_sha256": r.summary["provenance"]["checkpoint_sha256"]})
+        if not as_json:
+            value = "n/a (no tiles)" if r.score is None else f"{r.score:.3f}"
+            click.echo(f"{stem}: {config.method} = {value}; outputs in {r.out_dir}" + (" (up to date)" if r.reused else ""))
+    if as_json:
+        echo_json(results if len(results) > 1 else results[0])

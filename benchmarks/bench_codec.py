@@ -1,0 +1,62 @@
+"""Tile codec choice: store size and read speed of lossless (blosc-zstd) vs JPEG-in-zarr.
+
+Tiles the real Aperio slide (and, when given, any other slide) with each codec and prints the
+store's bytes per tile, compression ratio and read throughput (all tiles, shard by shard, the
+way the scorer reads them). Usage: python benchmarks/bench_codec.py [SLIDE ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsi_pipeline import store as tile_store
+from wsi_pipeline.tiler import TilerConfig, tile_slide
+
+DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+
+
+def store_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path / "tiles").rglob("*") if p.is_file())
+
+
+def read_all(path: Path) -> tuple[float, np.ndarray]:
+    group = tile_store.require_complete(path)
+    meta = tile_store.read_meta(group)
+    tiles = group["tiles"]
+    start = time.perf_counter()
+    first = None
+    for i in range(meta["n_shards"]):
+        block = tiles[tile_store.shard_slice(i, meta["n_tiles"], meta["tiles_per_shard"])]
+        first = block if first is None else first
+    seconds = time.perf_counter() - start
+    return meta["n_tiles"] / seconds, np.asarray(tiles[:])
+
+
+def main(slides: list[Path]) -> None:
+    print(f"{'slide':28s} {'codec':10s} {'tiles':>6s} {'KiB/tile':>9s} {'ratio':>6s} {'read tiles/s':>13s} {'PSNR dB':>8s}")
+    for slide in slides:
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for codec in ("lossless", "jpeg"):
+                config = TilerConfig(stain="he", codec=codec)
+                res = tile_slide(slide, Path(tmp) / codec, config)
+                rate, tiles = read_all(res.path)
+                rate = max(rate, read_all(res.path)[0])  # best of two (warm cache both times)
+                results[codec] = tiles
+                nbytes = store_bytes(res.path)
+                raw = tiles.size
+                psnr = ""
+                if codec == "jpeg":
+                    mse = np.mean((tiles.astype(np.float64) - results["lossless"].astype(np.float64)) ** 2)
+                    psnr = f"{10 * np.log10(255**2 / mse):.1f}"
+                print(f"{slide.name[:28]:28s} {codec:10s} {res.n_tiles:6d} {nbytes / res.n_tiles / 1024:9.1f} "
+                      f"{raw / nbytes:6.1f} {rate:13.0f} {psnr:>8s}")
+
+
+if __name__ == "__main__":
+    main([Path(p) for p in sys.argv[1:]] or [DEFAULT])
