@@ -42,19 +42,20 @@ def main(slides: list[Path]) -> None:
     for slide in slides:
         results = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for codec in ("lossless", "jpeg"):
-                config = TilerConfig(stain="he", codec=codec)
-                res = tile_slide(slide, Path(tmp) / codec, config)
+            for codec, quality in (("lossless", 0), ("jpeg", 90), ("jpeg", 95)):
+                config = TilerConfig(stain="he", codec=codec, jpeg_quality=quality or 90)
+                res = tile_slide(slide, Path(tmp) / f"{codec}{quality}", config)
                 rate, tiles = read_all(res.path)
                 rate = max(rate, read_all(res.path)[0])  # best of two (warm cache both times)
                 results[codec] = tiles
+                label = codec if codec == "lossless" else f"jpeg-q{quality}"
                 nbytes = store_bytes(res.path)
                 raw = tiles.size
                 psnr = ""
                 if codec == "jpeg":
                     mse = np.mean((tiles.astype(np.float64) - results["lossless"].astype(np.float64)) ** 2)
                     psnr = f"{10 * np.log10(255**2 / mse):.1f}"
-                print(f"{slide.name[:28]:28s} {codec:10s} {res.n_tiles:6d} {nbytes / res.n_tiles / 1024:9.1f} "
+                print(f"{slide.name[:28]:28s} {label:10s} {res.n_tiles:6d} {nbytes / res.n_tiles / 1024:9.1f} "
                       f"{raw / nbytes:6.1f} {rate:13.0f} {psnr:>8s}")
 
 

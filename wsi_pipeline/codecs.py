@@ -23,18 +23,23 @@ CODEC_NAME = "wsi_triage.jpeg"
 
 @dataclass(frozen=True)
 class JpegTileCodec(ArrayBytesCodec):
-    """Encode a uint8 RGB chunk as JPEG (YCbCr 4:2:0 when ``subsampling``, else 4:4:4)."""
+    """Encode a uint8 RGB chunk as one JPEG at quality ``level``.
+
+    Chroma is kept at full resolution (4:4:4) by default: on real H&E tiles 4:2:0 caps the
+    PSNR near 33 dB at any quality, 4:4:4 at q90 reaches 43 dB (benchmarks/bench_codec.py).
+    """
 
     is_fixed_size = False
     level: int = 90
+    subsampling: str = "444"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JpegTileCodec":
         config = data.get("configuration") or {}
-        return cls(level=int(config.get("level", 90)))
+        return cls(level=int(config.get("level", 90)), subsampling=str(config.get("subsampling", "444")))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": CODEC_NAME, "configuration": {"level": self.level}}
+        return {"name": CODEC_NAME, "configuration": {"level": self.level, "subsampling": self.subsampling}}
 
     def validate(self, *, shape, dtype, chunk_grid) -> None:  # noqa: D401 - zarr hook
         if np.dtype(dtype.to_native_dtype()) != np.uint8:
@@ -46,7 +51,9 @@ class JpegTileCodec(ArrayBytesCodec):
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec) -> Buffer | None:
         array = np.asarray(chunk_array.as_numpy_array())
         image = array.reshape(array.shape[-3:])
-        encoded = imagecodecs.jpeg8_encode(np.ascontiguousarray(image), level=self.level)
+        encoded = imagecodecs.jpeg8_encode(
+            np.ascontiguousarray(image), level=self.level, subsampling=self.subsampling
+        )
         return chunk_spec.prototype.buffer.from_bytes(encoded)
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec) -> NDBuffer:

@@ -98,7 +98,7 @@ def create_store(
         "n_shards": n_shards,
         "tiles_per_shard": s,
         "tile_size": int(tile_size),
-        "codec": codec if codec == "lossless" else f"jpeg-q{jpeg_quality}",
+        "codec": codec if codec == "lossless" else f"jpeg-q{jpeg_quality}-444",
         "package_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
