@@ -1,0 +1,117 @@
+"""Tiler throughput against the floor: a bare OpenSlide ``read_region`` loop over the same tiles.
+
+For each slide (the real Aperio slide, and a generated sparse smear of at least 40,000 x 40,000
+px, a pyramidal JPEG TIFF), in one run and each in its own process so peak RSS is its own:
+
+1. the tiler (plan from the mask, read kept tiles, QC, JPEG-in-zarr shards), fresh output;
+2. a bare loop of ``openslide.OpenSlide.read_region`` over exactly the tiles the tiler kept, at
+   the level it read them from, with the same number of worker threads.
+
+Prints tiles/s, the tiler/bare ratio (target >= 0.7) and peak RSS (target < 1.5 GB on the
+large slide). Usage::
+
+    python benchmarks/bench_tiler.py [--workers 2] [--size 40960] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TARGET_MPP, TILE = 0.5, 224
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_tiler(slide: str, out: str, workers: int) -> dict:
+    from wsi_pipeline.tiler import TilerConfig, tile_slide
+
+    start = time.perf_counter()
+    result = tile_slide(slide, out, TilerConfig(target_mpp=TARGET_MPP, tile_size=TILE, stain="romanowsky"), workers=workers)
+    seconds = time.perf_counter() - start
+    return {"tiles": result.n_tiles, "grid": result.n_grid, "seconds": seconds,
+            "tiles_per_s": result.n_tiles / seconds, "peak_rss_mb": peak_rss_mb(), "store": str(result.path)}
+
+
+def run_bare(slide: str, store: str, workers: int) -> dict:
+    import numpy as np
+    import openslide
+
+    from wsi_pipeline import store as tile_store
+    from wsi_pipeline.slide import open_slide
+
+    coords = np.asarray(tile_store.open_store(store)["coords"][:])
+    with open_slide(slide) as ours:
+        level = ours.best_level_for_mpp(TARGET_MPP)
+    osr = openslide.OpenSlide(slide)
+
+    def read(i: int) -> None:
+        x, y = int(coords[i, 0]), int(coords[i, 1])
+        osr.read_region((x, y), level, (TILE, TILE))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(read, range(len(coords)), chunksize=16))
+    seconds = time.perf_counter() - start
+    return {"tiles": int(len(coords)), "level": level, "seconds": seconds,
+            "tiles_per_s": len(coords) / seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def in_subprocess(kind: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_large_smear(cache: Path, size: int) -> Path:
+    from wsi_pipeline.synth import SynthConfig, synthesize
+
+    path = cache / f"bench-smear-{size}.tiff"
+    if not path.exists():
+        print(f"generating {size} x {size} sparse smear (cached in {cache}) ...", flush=True)
+        result = synthesize(path, SynthConfig(width=size, height=size, mpp=0.25, seed=7, fraction=0.1))
+        print(f"  {result.mpx_per_second:.0f} Mpx/s, {result.bytes / 2**20:.0f} MiB, {result.n_cells} cells", flush=True)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--size", type=int, default=40960, help="side of the generated smear (px)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "wsi-triage-bench")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        result = run_tiler(rest[0], rest[1], int(rest[2])) if kind == "tiler" else run_bare(rest[0], rest[1], int(rest[2]))
+        print(json.dumps(result))
+        return
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    slides = [SHARED / "slides" / "CMU-1-Small-Region.svs", make_large_smear(args.cache, args.size)]
+    print(f"workers={args.workers}, target {TARGET_MPP} um/px, {TILE} px tiles")
+    print(f"{'slide':26s} {'grid':>8s} {'kept':>7s} {'tiler t/s':>10s} {'bare t/s':>9s} {'ratio':>6s} "
+          f"{'tiler s':>8s} {'bare s':>7s} {'tiler RSS MB':>13s} {'bare RSS MB':>12s}")
+    for slide in slides:
+        with tempfile.TemporaryDirectory() as out:
+            tiler = in_subprocess("tiler", str(slide), out, str(args.workers))
+            bare = in_subprocess("bare", str(slide), tiler["store"], str(args.workers))
+        ratio = tiler["tiles_per_s"] / bare["tiles_per_s"]
+        print(f"{slide.name[:26]:26s} {tiler['grid']:8d} {tiler['tiles']:7d} {tiler['tiles_per_s']:10.0f} "
+              f"{bare['tiles_per_s']:9.0f} {ratio:6.2f} {tiler['seconds']:8.1f} {bare['seconds']:7.1f} "
+              f"{tiler['peak_rss_mb']:13.0f} {bare['peak_rss_mb']:12.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
