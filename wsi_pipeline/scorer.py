@@ -273,7 +273,9 @@ def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, progress: Calla
         raise StoreError(f"cannot reach dask scheduler {config.scheduler}: {exc}") from None
     try:
         futures = client.compute(tasks)
-        for fut in as_completed(futures):
+        with client.as_current():  # as_completed finds its event loop through the current client
+            finished = as_completed(futures)
+        for fut in finished:
             _, n = fut.result()
             if progress:
                 progress(int(n))

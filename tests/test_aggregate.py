@@ -1,0 +1,153 @@
+"""Aggregation: slide score methods, heatmap, overlay, gallery, QuPath GeoJSON and summary.json."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from ckpt_util import random_checkpoint
+from pipeline_util import blob_field, tiled_store
+from PIL import Image
+
+from wsi_pipeline import store as tile_store
+from wsi_pipeline.aggregate import (AggregateConfig, aggregate_store, heatmap_grid, overlay_image, slide_score,
+                                    tile_suspicion)
+from wsi_pipeline.errors import StoreError
+from wsi_pipeline.scorer import read_scores, score_store
+from wsi_pipeline.tiler import TilerConfig, tile_slide
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aggregate")
+    store = tiled_store(blob_field(root / "field.png", seed=7, n=18), root / "out")
+    ckpt = random_checkpoint(root / "a.safetensors", seed=2)
+    result = score_store(store, ckpt)
+    return {"root": root, "store": store, "ckpt": ckpt, "sha": result.checkpoint_sha256}
+
+
+def test_tile_suspicion_sums_the_suspicious_classes():
+    probs = np.array([[0.1, 0.2, 0.7], [0.5, 0.4, 0.1]], dtype=np.float32)
+    s = tile_suspicion(probs, ["a", "b", "c"], ["b", "c"])
+    np.testing.assert_allclose(s, [0.9, 0.5], atol=1e-6)
+
+
+def test_slide_score_methods():
+    s = np.array([0.1, 0.9, 0.5, 0.7, 0.2])
+    assert slide_score(s, AggregateConfig(top_k=2)) == pytest.approx(0.8)
+    assert slide_score(s, AggregateConfig(top_k=50)) == pytest.approx(s.mean())  # k larger than the slide
+    assert slide_score(s, AggregateConfig(method="quantile", quantile=0.5)) == pytest.approx(0.5)
+    assert slide_score(s, AggregateConfig(method="fraction_above", threshold=0.45)) == pytest.approx(0.6)
+    assert slide_score(np.zeros(0), AggregateConfig()) is None
+    with pytest.raises(StoreError, match="unknown slide score method 'max'"):
+        AggregateConfig(method="max").validated()
+
+
+def test_overlay_colours_only_scored_tissue():
+    thumb = np.full((8, 8, 3), 200, dtype=np.uint8)
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[:, :4] = True  # tissue in the left half only
+    heat = np.array([[1.0, 1.0], [np.nan, 0.0]], dtype=np.float32)  # 2x2 grid of 4x4 px cells
+    out = overlay_image(thumb, mask, heat, {"stride": [4, 4], "origin": [0, 0]}, 1.0, alpha=0.6)
+    assert (out[:, 4:] == 200).all()  # no tissue: uncoloured
+    assert (out[4:, :4] == 200).all()  # tissue without a scored tile: uncoloured
+    assert (out[:4, :4] != 200).any(axis=-1).all()
+    high, low = out[0, 0].astype(int), out[4, 4].astype(int)
+    assert (out[4:, 4:] == 200).all() and high[0] > high[2]  # suspicion 1 is yellow on viridis
+    low_cell = overlay_image(thumb, np.ones((8, 8), bool), heat, {"stride": [4, 4], "origin": [0, 0]}, 1.0, 0.6)
+    assert low_cell[4, 4, 2] > low_cell[4, 4, 1]  # suspicion 0 is dark purple-blue
+    del low
+
+
+def test_aggregate_writes_outputs_consistent_with_the_scores(scored, tmp_path):
+    result = aggregate_store(scored["store"], tmp_path / "o", AggregateConfig(top_k=5, gallery_k=6))
+    group = tile_store.open_store(scored["store"])
+    meta = tile_store.read_meta(group)
+    probs, attrs = read_scores(group, scored["sha"])
+    susp = tile_suspicion(probs, attrs["class_names"], attrs["suspicious_classes"])
+    coords = np.asarray(group["coords"][:])
+    grid = np.asarray(group["grid"][:])
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["score"] == {"value": pytest.approx(np.sort(susp)[-5:].mean(), abs=1e-5),
+                                "method": "topk_mean", "settings": {"top_k": 5}}
+    assert summary["tiles"]["n_tiles"] == meta["n_tiles"] == len(susp)
+    top = summary["top_tiles"]
+    assert len(top) == 6 and [t["suspicion"] for t in top] == sorted((t["suspicion"] for t in top), reverse=True)
+    for t in top:
+        assert [t["x"], t["y"], t["w"], t["h"]] == coords[t["index"]].tolist()
+        assert t["suspicion"] == pytest.approx(susp[t["index"]], abs=1e-6)
+    prov = summary["provenance"]
+    assert prov["slide_fingerprint"] == meta["slide_fingerprint"]
+    assert prov["tiler_config_hash"] == meta["tiler_config_hash"]
+    assert prov["checkpoint_sha256"] == scored["sha"]
+    assert prov["checkpoint_metadata"]["class_names"] == attrs["class_names"]
+    assert prov["versions"]["wsi-triage"] and prov["versions"]["torch"] and prov["versions"]["zarr"]
+
+    heat = np.load(tmp_path / "o" / "heatmap.npy")
+    assert heat.shape == tuple(meta["grid"]["shape"])
+    np.testing.assert_allclose(heat[grid[:, 0], grid[:, 1]], susp, atol=1e-6)
+    assert np.isnan(heat).sum() == heat.size - len(susp)
+    np.testing.assert_array_equal(np.isnan(heat), np.isnan(heatmap_grid(susp, grid, heat.shape)))
+    with Image.open(tmp_path / "o" / "heatmap.png") as im:
+        assert im.size == (heat.shape[1], heat.shape[0]) and im.mode == "RGBA"
+        alpha = np.asarray(im)[..., 3]
+        assert ((alpha == 0) == np.isnan(heat)).all()
+    for name in ("overlay.png", "gallery.png"):
+        with Image.open(tmp_path / "o" / name) as im:
+            im.verify()
+
+
+def test_geojson_is_qupath_detections_with_measurements(scored, tmp_path):
+    aggregate_store(scored["store"], tmp_path / "g", AggregateConfig(geojson_gzip=True))
+    group = tile_store.open_store(scored["store"])
+    probs, attrs = read_scores(group, scored["sha"])
+    coords = np.asarray(group["coords"][:])
+    path = tmp_path / "g" / f"{scored['store'].stem}.geojson.gz"
+    doc = json.loads(gzip.decompress(path.read_bytes()))
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(probs)
+    assert doc["metadata"]["checkpoint_sha256"] == scored["sha"]
+    assert doc["metadata"]["slide_fingerprint"] == tile_store.read_meta(group)["slide_fingerprint"]
+    ids = set()
+    for i, feat in enumerate(doc["features"]):
+        props = feat["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == attrs["class_names"][int(probs[i].argmax())]
+        m = props["measurements"]
+        assert set(m) == {f"prob_{c}" for c in attrs["class_names"]} | {"suspicion"}
+        assert m["suspicion"] == pytest.approx(probs[i][[2, 3]].sum(), abs=1e-5)
+        x, y, w, h = coords[i].tolist()
+        ring = feat["geometry"]["coordinates"][0]
+        assert feat["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] == [x, y] and ring[2] == [x + w, y + h]
+        ids.add(feat["id"])
+    assert len(ids) == len(probs)
+
+
+def test_unchanged_aggregation_is_a_no_op_and_new_settings_rewrite(scored, tmp_path):
+    first = aggregate_store(scored["store"], tmp_path / "n")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "n").iterdir()}
+    again = aggregate_store(scored["store"], tmp_path / "n")
+    assert again.reused and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "n").iterdir()} == mtimes
+    other = aggregate_store(scored["store"], tmp_path / "n", AggregateConfig(method="quantile", quantile=0.9))
+    assert not other.reused and other.summary["score"]["method"] == "quantile"
+    assert other.summary["score"]["settings"] == {"quantile": 0.9}
+    assert first.summary["aggregation_key"] != other.summary["aggregation_key"]
+
+
+def test_aggregate_needs_scores(tmp_path):
+    store = tiled_store(blob_field(tmp_path / "f.png", seed=3), tmp_path / "out")
+    with pytest.raises(StoreError, match="no complete scores"):
+        aggregate_store(store, tmp_path / "o")
+
+
+def test_store_without_tissue_gives_no_score(tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((200, 300, 3), 238, dtype=np.uint8)).save(blank)
+    result = tile_slide(blank, tmp_path / "out", TilerConfig(target_mpp=0.5, tile_size=32), mpp=0.5)
+    assert result.n_tiles == 0
+    score_store(result.path, random_checkpoint(tmp_path / "a.safetensors"))
+    agg = aggregate_store(result.path, tmp_path / "o")
+    assert agg.score is None and agg.summary["tiles"]["n_tiles"] == 0 and agg.summary["empty_reason"]
+    assert json.loads((tmp_path / "o" / "blank.geojson").read_text())["features"] == []

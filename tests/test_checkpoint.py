@@ -1,0 +1,150 @@
+"""Student checkpoint loading: safetensors only, never unpickled, one-line errors on bad metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_util import PBC_CLASSES, architecture, metadata, random_checkpoint
+from timm.models.vision_transformer import VisionTransformer
+
+from wsi_pipeline.checkpoint import (DEFAULT_CHECKPOINT, load_checkpoint, read_checkpoint_info,
+                                     write_checkpoint)
+from wsi_pipeline.errors import CheckpointError
+
+
+def _rewrite_metadata(src: Path, dst: Path, **changes) -> Path:
+    """Copy a checkpoint with some metadata fields replaced (None removes the field)."""
+    from safetensors.torch import load_file, save_file
+
+    with open(src, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        meta = json.loads(fh.read(n))["__metadata__"]
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v if isinstance(v, str) else json.dumps(v)
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+    return dst
+
+
+def test_load_roundtrip_gives_the_same_model_outputs(tmp_path):
+    arch = architecture(img_size=32, depth=2)
+    torch.manual_seed(3)
+    model = VisionTransformer(**{k: v for k, v in arch.items() if k != "family"}).eval()
+    path = write_checkpoint(tmp_path / "s.safetensors", model, metadata(arch))
+    loaded = load_checkpoint(path)
+    info = loaded.info
+    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info.class_names == tuple(PBC_CLASSES)
+    assert info.suspicious_classes == ("erythroblast", "ig")
+    assert (info.input_size, info.tile_size, info.tile_mpp) == (32, 32, 0.5)
+    assert info.mean == (0.5, 0.5, 0.5) and info.std == (0.25, 0.25, 0.25)
+    assert info.metadata["provenance"] == {"note": "random weights for tests"}
+    assert not loaded.model.training
+    assert next(loaded.model.parameters()).device.type == "cpu"
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model(x), atol=1e-6)
+
+
+def test_fp16_weights_load_as_fp32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = random_checkpoint(tmp_path / "a.safetensors")
+    with open(src, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        meta = json.loads(fh.read(n))["__metadata__"]
+    half = {k: v.half() for k, v in load_file(str(src)).items()}
+    save_file(half, str(tmp_path / "h.safetensors"), metadata=meta)
+    loaded = load_checkpoint(tmp_path / "h.safetensors")
+    assert next(loaded.model.parameters()).dtype == torch.float32
+
+
+def test_info_reads_no_weights_and_differs_per_file(tmp_path):
+    a = read_checkpoint_info(random_checkpoint(tmp_path / "a.safetensors", seed=0))
+    b = read_checkpoint_info(random_checkpoint(tmp_path / "b.safetensors", seed=1))
+    assert a.sha256 != b.sha256 and a.sha12 == a.sha256[:12]
+    assert a.architecture["depth"] == 1 and a.num_classes == 8
+
+
+def test_torch_pickle_is_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "unpickled.txt"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "model.pt"
+    torch.save({"trap": Trap()}, path)
+    for name in ("model.pt", "model.safetensors"):
+        target = tmp_path / name
+        if name != "model.pt":
+            target.write_bytes(path.read_bytes())
+        with pytest.raises(CheckpointError, match="PyTorch pickle") as err:
+            load_checkpoint(target)
+        assert "\n" not in str(err.value) and str(target) in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "not found"),
+    (b"abc", "too short"),
+    (struct.pack("<Q", 10**12) + b"{}", "not a safetensors"),
+    (struct.pack("<Q", 4) + b"\xff\xfe{}", "bad safetensors header"),
+])
+def test_missing_or_garbage_files_are_refused(tmp_path, content, match):
+    path = tmp_path / "x.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match) as err:
+        read_checkpoint_info(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"class_names": None}, "lacks class_names"),
+    ({"format": "something-else"}, "format is 'something-else'"),
+    ({"suspicious_classes": ["ig", "blast"]}, "'blast', not in class_names"),
+    ({"class_names": PBC_CLASSES[:7]}, "num_classes 8 != 7"),
+    ({"normalization": {"mean": [0.5], "std": [0.2]}}, "normalization"),
+    ({"tile_mpp": "fast"}, "tile_mpp is not a number"),
+    ({"input_size": 64}, "differs from architecture img_size 32"),
+    ({"format_version": "7"}, "newer than this wsi-triage"),
+])
+def test_inconsistent_metadata_is_named(tmp_path, changes, match):
+    src = random_checkpoint(tmp_path / "a.safetensors")
+    bad = _rewrite_metadata(src, tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_checkpoint(bad)
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+
+
+def test_weights_not_matching_the_architecture_are_refused(tmp_path):
+    src = random_checkpoint(tmp_path / "a.safetensors", embed_dim=48)
+    wider = dict(architecture(img_size=32, depth=1, embed_dim=96))
+    bad = _rewrite_metadata(src, tmp_path / "bad.safetensors", architecture=wider)
+    with pytest.raises(CheckpointError, match="weights do not match the architecture .tensor .* has shape"):
+        load_checkpoint(bad)
+    deeper = dict(architecture(img_size=32, depth=2, embed_dim=48))
+    bad2 = _rewrite_metadata(src, tmp_path / "bad2.safetensors", architecture=deeper)
+    with pytest.raises(CheckpointError, match="lacks tensor blocks.1"):
+        load_checkpoint(bad2)
+
+
+def test_bundled_demo_student_follows_the_contract():
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.skip(f"demo checkpoint not exported yet: {DEFAULT_CHECKPOINT}")
+    loaded = load_checkpoint()
+    info = loaded.info
+    assert info.path == DEFAULT_CHECKPOINT
+    assert len(info.class_names) == 8 and set(info.suspicious_classes) == {"ig", "erythroblast"}
+    assert info.tile_size == 128 and abs(info.tile_mpp - 0.27) < 1e-6
+    with torch.no_grad():
+        out = loaded.model(torch.zeros(1, 3, info.input_size, info.input_size))
+    assert out.shape == (1, 8)

@@ -1,0 +1,149 @@
+"""The dask scorer: per-shard probabilities in the store, reuse, resume, schedulers, precision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ckpt_util import random_checkpoint
+from pipeline_util import blob_field, tiled_store
+
+from wsi_pipeline import store as tile_store
+from wsi_pipeline.checkpoint import load_checkpoint
+from wsi_pipeline.errors import CheckpointError, StoreError
+from wsi_pipeline.scorer import ScoreConfig, list_scores, read_scores, score_store, scores_key
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scorer")
+    slide = blob_field(root / "field.png", seed=2)
+    store = tiled_store(slide, root / "out")
+    ckpt_a = random_checkpoint(root / "a.safetensors", seed=0)
+    ckpt_b = random_checkpoint(root / "b.safetensors", seed=1)
+    return {"root": root, "slide": slide, "store": store, "a": ckpt_a, "b": ckpt_b}
+
+
+def _reference_probs(ckpt, tiles: np.ndarray) -> np.ndarray:
+    """The model applied by hand to the stored tiles, as the checkpoint's normalisation prescribes."""
+    loaded = load_checkpoint(ckpt)
+    mean = torch.tensor(loaded.info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.info.std).view(1, 3, 1, 1)
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        return torch.softmax(loaded.model((x - mean) / std), dim=1).numpy()
+
+
+def test_scores_every_tile_in_shards_with_attributes(work):
+    result = score_store(work["store"], work["a"])
+    group = tile_store.open_store(work["store"])
+    meta = tile_store.read_meta(group)
+    assert meta["n_shards"] > 1 and result.shards_scored == meta["n_shards"] and not result.reused
+    probs, attrs = read_scores(group, result.checkpoint_sha256)
+    tiles = np.asarray(group["tiles"][:])
+    assert probs.shape == (meta["n_tiles"], 8) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, _reference_probs(work["a"], tiles), atol=1e-5)
+    arr = group[result.key]["probs"]
+    assert arr.chunks == (meta["tiles_per_shard"], 8)
+    assert attrs["complete"] and attrs["checkpoint_sha256"] == result.checkpoint_sha256
+    assert attrs["class_names"][3] == "ig" and attrs["suspicious_classes"] == ["erythroblast", "ig"]
+    assert attrs["checkpoint_metadata"]["tile_size"] == 32 and attrs["precision"] == "fp32"
+    assert result.key == scores_key(result.checkpoint_sha256) == f"scores/{result.checkpoint_sha256[:12]}"
+
+
+def test_second_scoring_with_the_same_checkpoint_does_nothing(work):
+    first = score_store(work["store"], work["a"])
+    chunk_files = sorted((work["store"] / first.key / "probs").rglob("*"))
+    before = {p: p.stat().st_mtime_ns for p in chunk_files if p.is_file()}
+    again = score_store(work["store"], work["a"])
+    assert again.reused and again.shards_scored == 0
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_interrupted_scoring_resumes_only_missing_shards(work):
+    done = score_store(work["store"], work["a"])
+    group = tile_store.open_store(work["store"], mode="r+")
+    meta = tile_store.read_meta(group)
+    expected, _ = read_scores(group, done.checkpoint_sha256)
+    sub = group[done.key]
+    for i in (1, 3):  # as if the run died before these shards finished
+        sub["shard_done"][i] = False
+        sub["probs"][tile_store.shard_slice(i, meta["n_tiles"], meta["tiles_per_shard"])] = np.nan
+    sub.attrs["complete"] = False
+    resumed = score_store(work["store"], work["a"])
+    assert resumed.shards_scored == 2 and not resumed.reused
+    probs, attrs = read_scores(tile_store.open_store(work["store"]), done.checkpoint_sha256)
+    assert attrs["complete"]
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+
+
+def test_new_checkpoint_scores_from_the_store_without_the_slide(work, tmp_path):
+    store = tiled_store(blob_field(tmp_path / "moved.png", seed=4), tmp_path / "out")
+    (tmp_path / "moved.png").rename(tmp_path / "gone.png")  # the slide cannot be read any more
+    a = score_store(store, work["a"])
+    b = score_store(store, work["b"])
+    assert a.key != b.key and not b.reused
+    group = tile_store.open_store(store)
+    assert set(list_scores(group)) == {a.key, b.key}
+    pa, _ = read_scores(group, a.checkpoint_sha256)
+    pb, _ = read_scores(group, b.checkpoint_sha256)
+    assert pa.shape == pb.shape and np.abs(pa - pb).max() > 1e-3
+    np.testing.assert_allclose(pb, _reference_probs(work["b"], np.asarray(group["tiles"][:])), atol=1e-5)
+
+
+def test_checkpoint_with_other_tile_geometry_is_refused(work, tmp_path):
+    other = random_checkpoint(tmp_path / "big.safetensors", tile_size=64, tile_mpp=0.27)
+    with pytest.raises(CheckpointError, match="expects 64 px tiles at 0.27 um/px but .* holds 32 px tiles at 0.5") as err:
+        score_store(work["store"], other)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_or_incomplete_store_is_a_one_line_error(tmp_path, work):
+    with pytest.raises(StoreError, match="no such tile store"):
+        score_store(tmp_path / "nothing.zarr", work["a"])
+
+
+def test_processes_scheduler_matches_threads(work, tmp_path):
+    store = tiled_store(work["slide"], tmp_path / "out")
+    threads = score_store(store, work["a"], ScoreConfig(scheduler="threads", workers=2))
+    expected, _ = read_scores(tile_store.open_store(store), threads.checkpoint_sha256)
+    store2 = tiled_store(work["slide"], tmp_path / "out2")
+    score_store(store2, work["a"], ScoreConfig(scheduler="processes", workers=2))
+    got, _ = read_scores(tile_store.open_store(store2), threads.checkpoint_sha256)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_distributed_local_cluster_matches_threads(work, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    store = tiled_store(work["slide"], tmp_path / "out")
+    ref = score_store(store, work["a"], ScoreConfig(scheduler="threads"))
+    expected, _ = read_scores(tile_store.open_store(store), ref.checkpoint_sha256)
+    store2 = tiled_store(work["slide"], tmp_path / "out2")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster:
+        seen = []
+        r = score_store(store2, work["a"], ScoreConfig(scheduler=cluster.scheduler_address), progress=seen.append)
+    assert r.shards_scored == tile_store.read_meta(tile_store.open_store(store2))["n_shards"]
+    assert sum(seen) == r.n_tiles
+    got, _ = read_scores(tile_store.open_store(store2), ref.checkpoint_sha256)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_bf16_is_kept_only_within_tolerance(work, tmp_path):
+    store = tiled_store(work["slide"], tmp_path / "out")
+    strict = score_store(store, work["a"], ScoreConfig(precision="bf16", bf16_tolerance=0.0, scheduler="sync"))
+    assert strict.precision == "fp32" and strict.bf16_max_abs_diff > 0
+    fp32, attrs = read_scores(tile_store.open_store(store), strict.checkpoint_sha256)
+    assert attrs["precision"] == "fp32" and attrs["bf16_max_abs_diff"] == strict.bf16_max_abs_diff
+
+    store2 = tiled_store(work["slide"], tmp_path / "out2")
+    loose = score_store(store2, work["a"], ScoreConfig(precision="bf16", bf16_tolerance=1.0, scheduler="sync"))
+    assert loose.precision == "bf16"
+    bf16, attrs = read_scores(tile_store.open_store(store2), loose.checkpoint_sha256)
+    assert attrs["precision"] == "bf16"
+    assert 0 < np.abs(bf16 - fp32).max() < 0.1
+
+
+def test_unknown_scheduler_is_refused(work):
+    with pytest.raises(StoreError, match="unknown scheduler 'gpu-farm'"):
+        score_store(work["store"], work["a"], ScoreConfig(scheduler="gpu-farm"))

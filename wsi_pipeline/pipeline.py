@@ -1,0 +1,337 @@
+"""Orchestration: one slide (tile -> score -> aggregate) and a batch of slides with a ranked report.
+
+Output layout under ``out``: ``<stem>.zarr`` (the tile store, which also holds every
+checkpoint's scores) and ``<stem>/`` (summary.json, overlay.png, heatmap.png/.npy, gallery.png,
+``<stem>.geojson[.gz]``). Every step reuses what is already done, so rerunning is a no-op and a
+new checkpoint with the same tile geometry re-scores the stored tiles without re-tiling.
+A batch keeps its state in ``batch.json`` and writes ``triage.csv`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import glob
+import io
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import store as tile_store
+from .aggregate import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
+from .checkpoint import CheckpointInfo, read_checkpoint_info
+from .errors import SlideError, WsiTriageError
+from .scorer import ScoreConfig, ScoreResult, score_store
+from .tiler import TileResult, TilerConfig, tile_slide
+
+BATCH_STATE = "batch.json"
+TRIAGE_CSV = "triage.csv"
+REPORT_HTML = "report.html"
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+                  ".dcm", ".ome.tif", ".ome.tiff", ".jpg", ".jpeg", ".png")
+DEFAULT_STAIN = "pap"
+
+#: ``factory(description, unit) -> (update(n), on_plan(total, done), close())`` for progress bars
+ProgressFactory = Callable[[str, str], tuple[Callable[[int], None], Callable[[int, int], None], Callable[[], None]]]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything ``run`` needs besides the slide; the tile geometry comes from the checkpoint."""
+
+    checkpoint: str | Path | None = None  # None: the bundled demo student
+    stain: str | None = None  # None: the checkpoint's ``stain`` metadata, else DEFAULT_STAIN
+    min_foreground: float | None = None
+    overlap: int = 0
+    codec: str = "jpeg"
+    mpp: float | None = None  # slide pixel size override
+    tile_workers: int | None = None
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+
+
+@dataclass
+class SlideRun:
+    """The outcome of one slide; ``status`` is ok, empty (no tissue tile) or error."""
+
+    slide: Path
+    stem: str
+    status: str
+    store: Path | None = None
+    out_dir: Path | None = None
+    score: float | None = None
+    n_tiles: int | None = None
+    seconds: float = 0.0
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slide": str(self.slide), "stem": self.stem, "status": self.status,
+            "store": str(self.store) if self.store else None, "out_dir": str(self.out_dir) if self.out_dir else None,
+            "score": self.score, "n_tiles": self.n_tiles, "seconds": round(self.seconds, 3), "steps": self.steps,
+            "error": self.error, "error_type": self.error_type,
+        }
+
+
+def tiler_config_for(info: CheckpointInfo, options: RunOptions) -> TilerConfig:
+    """Tiles at the checkpoint's mpp and size; stain from the options, the checkpoint, or the default."""
+    stain = options.stain or info.metadata.get("stain") or DEFAULT_STAIN
+    return TilerConfig(target_mpp=info.tile_mpp, tile_size=info.tile_size, overlap=options.overlap,
+                       min_foreground=options.min_foreground, stain=str(stain), codec=options.codec)
+
+
+def _no_progress(desc: str, unit: str):
+    return (lambda n: None), (lambda total, done: None), (lambda: None)
+
+
+def _tile_step(r: TileResult) -> dict[str, Any]:
+    return {"reused": r.reused, "tiles": r.n_tiles, "grid_tiles": r.n_grid, "shards_written": r.shards_written,
+            "seconds": round(r.seconds, 3), "empty_reason": r.empty_reason}
+
+
+def _score_step(r: ScoreResult) -> dict[str, Any]:
+    return {"reused": r.reused, "key": r.key, "shards_scored": r.shards_scored, "seconds": round(r.seconds, 3),
+            "precision": r.precision, "device": r.device, "bf16_max_abs_diff": r.bf16_max_abs_diff}
+
+
+def _aggregate_step(r: AggregateResult, seconds: float) -> dict[str, Any]:
+    return {"reused": r.reused, "seconds": round(seconds, 3), "outputs": {k: str(v) for k, v in r.paths.items()}}
+
+
+def score_and_aggregate(store: Path, out_dir: Path, options: RunOptions, info: CheckpointInfo,
+                        progress: ProgressFactory) -> tuple[ScoreResult, AggregateResult, float]:
+    """Score a complete store with the checkpoint and aggregate those scores (both reused when done)."""
+    update, on_plan, close = progress("scoring", "tile")
+    try:
+        scored = score_store(store, info.path, options.score, progress=update, on_plan=on_plan)
+    finally:
+        close()
+    t0 = time.perf_counter()
+    aggregated = aggregate_store(store, out_dir, options.aggregate, checkpoint_sha256=info.sha256)
+    return scored, aggregated, time.perf_counter() - t0
+
+
+def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
+              progress: ProgressFactory | None = None, info: CheckpointInfo | None = None) -> SlideRun:
+    """Tile (or reuse the store), score with the checkpoint (or reuse), aggregate (or reuse).
+
+    Raises one-line :class:`WsiTriageError` subclasses; ``run_batch`` records them per slide.
+    """
+    start = time.perf_counter()
+    progress = progress or _no_progress
+    slide = Path(slide)
+    out = Path(out)
+    info = info or read_checkpoint_info(options.checkpoint)
+    config = tiler_config_for(info, options)
+    update, on_plan, close = progress("tiling", "tile")
+    try:
+        tiled = tile_slide(slide, out, config, mpp=options.mpp, workers=options.tile_workers,
+                           progress=update, on_plan=on_plan)
+    finally:
+        close()
+    out_dir = out / slide.stem
+    scored, aggregated, agg_seconds = score_and_aggregate(tiled.path, out_dir, options, info, progress)
+    summary = aggregated.summary
+    score = summary["score"]["value"]
+    return SlideRun(
+        slide=slide, stem=slide.stem, status="ok" if tiled.n_tiles else "empty", store=tiled.path, out_dir=out_dir,
+        score=score, n_tiles=tiled.n_tiles, seconds=time.perf_counter() - start,
+        steps={"tile": _tile_step(tiled), "score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
+        summary=summary,
+    )
+
+
+def run_store(store: str | Path, out_dir: str | Path | None, options: RunOptions = RunOptions(), *,
+              progress: ProgressFactory | None = None) -> SlideRun:
+    """Score and aggregate an existing store (never opens the slide). ``out_dir`` defaults to ``<store minus .zarr>/``."""
+    start = time.perf_counter()
+    store = Path(store)
+    stem = store.name[:-5] if store.name.endswith(".zarr") else store.name
+    out_dir = Path(out_dir) if out_dir else store.with_name(stem)
+    info = read_checkpoint_info(options.checkpoint)
+    scored, aggregated, agg_seconds = score_and_aggregate(store, out_dir, options, info, progress or _no_progress)
+    meta = tile_store.read_meta(tile_store.open_store(store))
+    n = int(meta["n_tiles"])
+    return SlideRun(
+        slide=Path(meta.get("slide_path") or stem), stem=stem, status="ok" if n else "empty", store=store,
+        out_dir=out_dir, score=aggregated.summary["score"]["value"], n_tiles=n, seconds=time.perf_counter() - start,
+        steps={"score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
+        summary=aggregated.summary,
+    )
+
+
+# --------------------------------------------------------------------------- batch
+
+
+def find_slides(spec: str | Path) -> list[Path]:
+    """A directory's slide files (not recursive), a glob pattern's matches, or one file."""
+    path = Path(spec)
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES)]
+    elif path.is_file():
+        files = [path]
+    else:
+        files = [Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file()]
+    files = sorted(files, key=lambda p: str(p))
+    if not files:
+        raise SlideError(f"{spec}: no slide files found (directory, glob pattern or file expected)")
+    return files
+
+
+@dataclass
+class BatchResult:
+    out: Path
+    runs: list[SlideRun]
+    rows: list[dict[str, Any]]  # ranked, as in triage.csv
+    checkpoint_sha256: str
+    previous_checkpoint_sha256: str | None
+    triage_csv: Path
+    report_html: Path
+    seconds: float
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for r in self.rows if r["status"] == "error")
+
+
+def load_batch_state(out: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((out / BATCH_STATE).read_text())
+        return state if isinstance(state, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
+    summary = run.summary or {}
+    top = (summary.get("top_tiles") or [None])[0]
+    tiles = summary.get("tiles") or {}
+    return {
+        "slide": run.stem, "status": run.status, "score": run.score,
+        "method": (summary.get("score") or {}).get("method"),
+        "n_tiles": run.n_tiles, "above_threshold": tiles.get("above_threshold"),
+        "top_suspicion": top["suspicion"] if top else None, "top_x": top["x"] if top else None,
+        "top_y": top["y"] if top else None, "checkpoint_sha12": sha256[:12],
+        "seconds": round(run.seconds, 3), "error": run.error, "slide_path": str(run.slide),
+        "out_dir": str(run.out_dir) if run.out_dir else None, "store": str(run.store) if run.store else None,
+    }
+
+
+def rank_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scored slides by descending suspicion, then slides without tissue, then failures; rank numbers set."""
+    order = {"ok": 0, "empty": 1, "error": 2}
+    ranked = sorted(rows, key=lambda r: (order.get(r["status"], 3), -(r["score"] if r["score"] is not None else -1),
+                                         r["slide"]))
+    for i, r in enumerate(ranked, 1):
+        r["rank"] = i
+    return ranked
+
+
+CSV_FIELDS = ["rank", "slide", "status", "score", "method", "previous_score", "score_change", "n_tiles",
+              "above_threshold", "top_suspicion", "top_x", "top_y", "checkpoint_sha12", "seconds", "error",
+              "slide_path", "out_dir"]
+
+
+def triage_csv_bytes(rows: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue().encode()
+
+
+def _carried_over(stem: str, record: dict[str, Any], out: Path) -> SlideRun:
+    out_dir = out / stem
+    return SlideRun(slide=Path(record.get("slide_path") or stem), stem=stem, status=record["status"],
+                    store=out / f"{stem}.zarr", out_dir=out_dir, score=record.get("score"),
+                    n_tiles=record.get("n_tiles"), seconds=0.0, steps={"skipped": {"reason": "--only-failed"}},
+                    summary=read_summary(out_dir))
+
+
+def run_batch(
+    spec: str | Path,
+    out: str | Path,
+    options: RunOptions = RunOptions(),
+    *,
+    only_failed: bool = False,
+    progress: ProgressFactory | None = None,
+    on_slide: Callable[[int, int, SlideRun], None] | None = None,
+) -> BatchResult:
+    """Run every slide of ``spec``; a failing slide is recorded (status, error) and never stops the batch.
+
+    With ``only_failed``, slides that succeeded with the same checkpoint last time are carried over.
+    When the checkpoint differs from the previous batch's, each row gets the previous score and the change.
+    """
+    from .report import write_report
+
+    start = time.perf_counter()
+    out = Path(out)
+    slides = find_slides(spec)
+    info = read_checkpoint_info(options.checkpoint)  # a bad checkpoint stops the batch before any slide
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_batch_state(out)
+    records: dict[str, Any] = dict(state.get("slides") or {})
+    same_checkpoint = state.get("checkpoint_sha256") == info.sha256
+    if state.get("checkpoint_sha256") and not same_checkpoint:
+        previous = {"checkpoint_sha256": state["checkpoint_sha256"],
+                    "scores": {k: v.get("score") for k, v in records.items()}}
+        records = {}
+    else:
+        previous = state.get("previous")
+    new_state = {"checkpoint_sha256": info.sha256, "checkpoint_path": str(info.path), "previous": previous,
+                 "slides": records, "aggregate_config": dataclasses.asdict(options.aggregate), "updated": None}
+
+    runs: list[SlideRun] = []
+    seen: dict[str, Path] = {}
+    for i, slide in enumerate(slides):
+        stem = slide.stem
+        record = records.get(stem)
+        if stem in seen:
+            run = SlideRun(slide=slide, stem=stem, status="error", error_type="SlideError",
+                           error=f"{slide}: another slide ({seen[stem]}) has the same name; outputs would collide")
+        elif only_failed and same_checkpoint and record and record.get("status") in ("ok", "empty"):
+            run = _carried_over(stem, record, out)
+        else:
+            t0 = time.perf_counter()
+            try:
+                run = run_slide(slide, out, options, progress=progress, info=info)
+            except WsiTriageError as exc:
+                run = SlideRun(slide=slide, stem=stem, status="error", error=str(exc), error_type=type(exc).__name__,
+                               seconds=time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
+                last = traceback.extract_tb(exc.__traceback__)[-1]
+                run = SlideRun(slide=slide, stem=stem, status="error", error_type=type(exc).__name__,
+                               error=f"{slide}: unexpected {type(exc).__name__}: {exc} "
+                                     f"(at {Path(last.filename).name}:{last.lineno})",
+                               seconds=time.perf_counter() - t0)
+        if stem not in seen:
+            seen[stem] = slide
+            records[stem] = {"status": run.status, "score": run.score, "n_tiles": run.n_tiles,
+                             "error": run.error, "slide_path": str(run.slide)}
+            new_state["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            write_atomic(out / BATCH_STATE, json.dumps(new_state, indent=2, default=str).encode())
+        runs.append(run)
+        if on_slide:
+            on_slide(i + 1, len(slides), run)
+
+    rows = [_row(r, info.sha256) for r in runs]
+    prev_scores = (previous or {}).get("scores") or {}
+    for r in rows:
+        before = prev_scores.get(r["slide"])
+        r["previous_score"] = before
+        r["score_change"] = (round(r["score"] - before, 6)
+                             if r["score"] is not None and before is not None else None)
+    rows = rank_rows(rows)
+    csv_path = write_atomic(out / TRIAGE_CSV, triage_csv_bytes(rows))
+    html_path = write_report(out / REPORT_HTML, rows, info=info, previous=previous,
+                             aggregate=options.aggregate)
+    return BatchResult(out, runs, rows, info.sha256, (previous or {}).get("checkpoint_sha256"), csv_path, html_path,
+                       time.perf_counter() - start)

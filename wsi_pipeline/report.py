@@ -1,0 +1,157 @@
+"""The batch report: one self-contained HTML page (no server, no network, images as data URIs).
+
+The page lists the slides ranked by suspicion with their thumbnail, overlay and top-tile
+gallery, and, when the previous batch in the same output used another checkpoint, each
+slide's score change.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from . import store as tile_store
+from .aggregate import AggregateConfig, write_atomic
+from .checkpoint import CheckpointInfo
+
+THUMB_SIDE = 220
+OVERLAY_SIDE = 520
+GALLERY_SIDE = 760
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.4em;margin:0 0 .3em} .meta{color:#555;font-size:.9em;margin-bottom:1em}
+.meta code{background:#f3f3f3;padding:0 .3em}
+table{border-collapse:collapse;width:100%} th,td{border-bottom:1px solid #ddd;padding:.4em .5em;vertical-align:top;text-align:left}
+th{background:#fafafa;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.error td{background:#fff3f3} tr.empty td{background:#f7f7f7}
+.status-ok{color:#176117} .status-empty{color:#777} .status-error{color:#a31515;font-weight:600}
+.up{color:#a31515} .down{color:#176117} .err{font-family:monospace;font-size:.85em;color:#a31515;max-width:40em}
+img{max-width:100%;height:auto;display:block} details summary{cursor:pointer;color:#2456a6}
+"""
+
+
+def _data_uri(image: np.ndarray | None, max_side: int, fmt: str = "JPEG") -> str | None:
+    if image is None:
+        return None
+    from PIL import Image
+
+    pil = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    pil.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        pil.convert("RGB").save(buf, format="JPEG", quality=85)
+        mime = "image/jpeg"
+    else:
+        pil.save(buf, format="PNG")
+        mime = "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _read_png(path: Path | None) -> np.ndarray | None:
+    if path is None or not path.is_file():
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError:
+        return None
+
+
+def _store_thumbnail(store: Path | None) -> np.ndarray | None:
+    if store is None or not store.exists():
+        return None
+    try:
+        return np.asarray(tile_store.open_store(store)["thumbnail"][:])
+    except Exception:  # noqa: BLE001 - a broken store only loses its thumbnail in the report
+        return None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _img(uri: str | None, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">' if uri else '<span class="status-empty">–</span>'
+
+
+def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous: dict | None,
+                  aggregate: AggregateConfig) -> str:
+    """The report page as one HTML string."""
+    has_previous = bool(previous and previous.get("checkpoint_sha256"))
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "empty", "error")}
+    settings = ", ".join(f"{k}={v}" for k, v in aggregate.score_settings().items())
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    head = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>wsi-triage report</title>", f"<style>{CSS}</style></head><body>",
+        "<h1>wsi-triage slide triage</h1>",
+        '<div class="meta">',
+        f"{len(rows)} slides: {counts['ok']} scored, {counts['empty']} without tissue tiles, "
+        f"{counts['error']} failed.<br>",
+        f"Checkpoint <code>{html.escape(info.sha256[:12])}</code> ({html.escape(Path(info.path).name)}); "
+        f"suspicious classes: {html.escape(', '.join(info.suspicious_classes))}; "
+        f"tiles {info.tile_size} px at {info.tile_mpp:g} um/px.<br>",
+        f"Slide score: <code>{html.escape(aggregate.method)}</code> ({html.escape(settings)}) of tile suspicion "
+        "(summed probability of the suspicious classes), on a fixed 0–1 scale.<br>",
+    ]
+    if has_previous:
+        head.append(f"Score change against the previous run with checkpoint "
+                    f"<code>{html.escape(previous['checkpoint_sha256'][:12])}</code>.<br>")
+    head.append(f"Generated {created} by wsi-triage {html.escape(__version__)}.</div>")
+
+    cols = ["Rank", "Slide", "Suspicion"] + (["Change"] if has_previous else []) + \
+           ["Tiles", f"Tiles &gt; {aggregate.threshold:g}", "Status", "Thumbnail", "Overlay"]
+    table = ['<table id="triage"><thead><tr>' + "".join(f"<th>{c}</th>" for c in cols) + "</tr></thead><tbody>"]
+    for r in rows:
+        out_dir = Path(r["out_dir"]) if r.get("out_dir") else None
+        store = Path(r["store"]) if r.get("store") else None
+        thumb = _data_uri(_store_thumbnail(store), THUMB_SIDE) if r["status"] != "error" else None
+        overlay = _data_uri(_read_png(out_dir / "overlay.png" if out_dir else None), OVERLAY_SIDE)
+        gallery = _data_uri(_read_png(out_dir / "gallery.png" if out_dir else None), GALLERY_SIDE)
+        status = r["status"]
+        status_cell = f'<span class="status-{status}">{html.escape(status)}</span>'
+        if r.get("error"):
+            status_cell += f'<div class="err">{html.escape(str(r["error"]))}</div>'
+        cells = [f'<td class="num">{r["rank"]}</td>',
+                 f'<td class="slide">{html.escape(r["slide"])}</td>',
+                 f'<td class="num score">{_fmt(r["score"])}</td>']
+        if has_previous:
+            change = r.get("score_change")
+            cls = "" if change is None else (" up" if change > 0 else " down" if change < 0 else "")
+            text = "–" if change is None else f"{change:+.3f}"
+            title = f' title="previous {_fmt(r.get("previous_score"))}"'
+            cells.append(f'<td class="num change{cls}"{title}>{text}</td>')
+        cells += [f'<td class="num">{_fmt(r.get("n_tiles"))}</td>',
+                  f'<td class="num">{_fmt(r.get("above_threshold"))}</td>',
+                  f"<td>{status_cell}</td>",
+                  f"<td>{_img(thumb, r['slide'] + ' thumbnail')}</td>"]
+        overlay_cell = _img(overlay, r["slide"] + " overlay")
+        if gallery:
+            overlay_cell += f"<details><summary>top tiles</summary>{_img(gallery, r['slide'] + ' top tiles')}</details>"
+        cells.append(f"<td>{overlay_cell}</td>")
+        table.append(f'<tr class="{html.escape(status)}" data-slide="{html.escape(r["slide"])}">' + "".join(cells) + "</tr>")
+    table.append("</tbody></table></body></html>")
+    return "\n".join(head + table)
+
+
+def write_report(path: str | Path, rows: list[dict[str, Any]], *, info: CheckpointInfo,
+                 previous: dict | None, aggregate: AggregateConfig) -> Path:
+    """Write ``report.html`` atomically."""
+    page = render_report(rows, info=info, previous=previous, aggregate=aggregate)
+    return write_atomic(Path(path), page.encode("utf-8"))
+
