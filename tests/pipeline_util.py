@@ -46,6 +46,6 @@ def cells_dir(shared: Path | None) -> Path | None:
 
 
 def smear(path: Path, cells: Path | None, *, fraction: float, seed: int = 1, size: int = 1536,
-          mpp: float = 0.25, regions: int = 2):
+          mpp: float = 0.25, regions: int | None = None):
     return synthesize(path, SynthConfig(width=size, height=size, mpp=mpp, seed=seed, cells=cells,
                                         fraction=fraction, regions=regions))

@@ -1,0 +1,173 @@
+"""`wsi-triage batch`: bad slides recorded not fatal, ranked triage.csv, self-contained report, reruns."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+from ckpt_util import random_checkpoint
+from click.testing import CliRunner
+from pipeline_util import blob_field
+from PIL import Image
+
+from wsi_pipeline.cli import main
+
+
+class ReportParser(HTMLParser):
+    """Collects the triage table's rows (cell texts) and every resource reference of the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.refs, self.headers = [], [], []
+        self._row = self._cell = None
+        self._in_th = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("src", "href"):
+            if key in attrs:
+                self.refs.append((tag, attrs[key]))
+        if tag == "tr" and "data-slide" in attrs:
+            self._row = {"slide": attrs["data-slide"], "cells": [], "images": []}
+        elif tag == "td" and self._row is not None:
+            self._cell = ""
+        elif tag == "th":
+            self._in_th = True
+            self.headers.append("")
+        elif tag == "img" and self._row is not None:
+            self._row["images"].append(attrs["src"])
+        if tag in ("script", "link", "iframe", "object"):
+            self.refs.append((tag, attrs.get("src") or attrs.get("href") or ""))
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._row is not None and self._cell is not None:
+            self._row["cells"].append(self._cell.strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+        elif tag == "th":
+            self._in_th = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        if self._in_th:
+            self.headers[-1] += data
+
+
+def _parse_report(path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def _batch(*args, code: int):
+    result = CliRunner().invoke(main, ["batch", *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture()
+def slides(tmp_path):
+    folder = tmp_path / "slides"
+    for i, n in enumerate((6, 14, 22)):  # more cells, more tiles
+        blob_field(folder / f"field{i}.png", seed=10 + i, n=n)
+    (folder / "bad.svs").write_bytes(b"this is not a slide at all")
+    (folder / "notes.txt").write_text("ignored: not a slide suffix")
+    return folder
+
+
+def test_batch_records_failures_ranks_and_writes_a_self_contained_report(slides, tmp_path):
+    ckpt = random_checkpoint(tmp_path / "a.safetensors", seed=0)
+    out = tmp_path / "out"
+    res = _batch(slides, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--json", code=1)
+    doc = json.loads(res.stdout)
+    assert doc["failed"] == 1 and len(doc["slides"]) == 4
+
+    rows = _csv(out / "triage.csv")
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 3 and [float(r["score"]) for r in ok] == sorted((float(r["score"]) for r in ok), reverse=True)
+    for r in ok:
+        summary = json.loads((out / r["slide"] / "summary.json").read_text())
+        assert float(r["score"]) == pytest.approx(summary["score"]["value"])
+    bad = rows[-1]
+    assert bad["slide"] == "bad" and bad["status"] == "error" and "bad.svs" in bad["error"] and bad["score"] == ""
+    assert "\n" not in bad["error"]
+    state = json.loads((out / "batch.json").read_text())
+    assert state["slides"]["bad"]["status"] == "error" and state["slides"]["field1"]["status"] == "ok"
+
+    report = _parse_report(out / "report.html")
+    assert [r["slide"] for r in report.rows] == [r["slide"] for r in rows]
+    assert "Change" not in report.headers  # no previous run to compare with
+    for tag, ref in report.refs:  # opens from disk: nothing to fetch
+        assert tag == "img" and ref.startswith("data:image/"), (tag, ref[:40])
+    first = report.rows[0]
+    assert first["cells"][2] == f"{float(rows[0]['score']):.3f}"
+    assert len(first["images"]) == 3  # thumbnail, overlay, gallery
+    for uri in first["images"]:
+        head, data = uri.split(",", 1)
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            im.verify()
+    assert "bad.svs" in report.rows[-1]["cells"][5]
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium:  # render the page as a browser would, from disk
+        dom = subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",
+                              (out / "report.html").as_uri()], capture_output=True, text=True, timeout=60).stdout
+        rendered = ReportParser()
+        rendered.feed(dom)
+        assert [r["slide"] for r in rendered.rows] == [r["slide"] for r in rows]
+
+
+def test_only_failed_reruns_failures_and_a_new_checkpoint_reports_score_changes(slides, tmp_path):
+    ckpt_a = random_checkpoint(tmp_path / "a.safetensors", seed=0)
+    ckpt_b = random_checkpoint(tmp_path / "b.safetensors", seed=1)
+    out = tmp_path / "out"
+    _batch(slides, "--out", out, "--checkpoint", ckpt_a, "--mpp", "0.5", "--quiet", code=1)
+    first = {r["slide"]: r for r in _csv(out / "triage.csv")}
+
+    blob_field(slides / "fixed.png", seed=30)
+    (slides / "fixed.png").replace(slides / "bad.svs")  # the bad slide is repaired (a PNG, read by content)
+    res = _batch(slides, "--out", out, "--checkpoint", ckpt_a, "--mpp", "0.5", "--only-failed", "--json", code=0)
+    doc = json.loads(res.stdout)
+    assert doc["failed"] == 0
+    by_slide = {r["slide"]: r for r in doc["slides"]}
+    assert by_slide["bad"]["status"] == "ok" and by_slide["bad"]["score"] is not None
+    for name in ("field0", "field1", "field2"):  # carried over, not rerun
+        assert by_slide[name]["seconds"] == 0 and by_slide[name]["score"] == pytest.approx(float(first[name]["score"]))
+
+    res = _batch(slides, "--out", out, "--checkpoint", ckpt_b, "--mpp", "0.5", "--json", code=0)
+    doc = json.loads(res.stdout)
+    assert doc["previous_checkpoint_sha256"] and doc["previous_checkpoint_sha256"] != doc["checkpoint_sha256"]
+    rows = {r["slide"]: r for r in _csv(out / "triage.csv")}
+    for name, row in rows.items():
+        assert float(row["previous_score"]) == pytest.approx(by_slide[name]["score"])
+        assert float(row["score_change"]) == pytest.approx(float(row["score"]) - float(row["previous_score"]), abs=1e-5)
+    report = _parse_report(out / "report.html")
+    assert "Change" in report.headers
+    col = report.headers.index("Change")
+    for r in report.rows:
+        assert r["cells"][col] == f"{float(rows[r['slide']]['score_change']):+.3f}"
+
+    # the same new checkpoint again: still compared with the older one, nothing recomputed
+    res = _batch(slides, "--out", out, "--checkpoint", ckpt_b, "--mpp", "0.5", "--json", code=0)
+    doc2 = json.loads(res.stdout)
+    assert doc2["previous_checkpoint_sha256"] == doc["previous_checkpoint_sha256"]
+    assert [r["score_change"] for r in doc2["slides"]] == [r["score_change"] for r in doc["slides"]]
+
+
+def test_batch_with_nothing_to_do_is_a_one_line_error(tmp_path):
+    res = _batch(tmp_path / "nowhere" / "*.svs", "--out", tmp_path / "o", code=2)
+    assert res.stderr.startswith("error: ") and "no slide files found" in res.stderr
