@@ -4,12 +4,14 @@ teacher, then a markdown table (mean and std over seeds).
     python -m distill.experiments grid --config configs/distill_pbc_student.yaml --runs runs/pbc --seeds 0,1,2
     python -m distill.experiments table --runs runs/pbc
 
-Each run resumes (or is skipped when finished), so the grid can be killed and restarted.
+Each run resumes (or is skipped when finished), so the grid can be killed and restarted, and
+several workers (e.g. one per core) can share one runs folder: each run is claimed by one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -51,7 +53,7 @@ def grid(config, runs_dir, seeds, variants, sets):
                     raise DistillError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
                 mode, extra = VARIANTS[v]
                 out = Path(runs_dir) / f"{v}-s{seed}"
-                if (out / "result.json").exists():
+                if (out / "result.json").exists() or not _claim(out):
                     continue
                 cfg = _build_cfg(config, tuple(sets) + tuple(extra), mode=mode, seed=seed, out=str(out))
                 res = run_training(cfg, "student")
@@ -59,6 +61,28 @@ def grid(config, runs_dir, seeds, variants, sets):
     except DistillError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+def _claim(out: Path) -> bool:
+    """Claim a run for this process (several grid workers may share one runs folder).
+    A claim by a process that no longer exists is taken over (the run then resumes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "worker.pid"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text().strip() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError):
+            lock.write_text(str(os.getpid()))
+            return True
+        except PermissionError:
+            return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def collect(runs_dir: str | Path) -> dict[str, list[dict]]:
