@@ -382,3 +382,51 @@ def aggregate_command(stores, checkpoint, out_dir, method, top_k, quantile, thre
             click.echo(f"{stem}: {config.method} = {value}; outputs in {r.out_dir}" + (" (up to date)" if r.reused else ""))
     if as_json:
         echo_json(results if len(results) > 1 else results[0])
+
+
+@main.command("synth")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--size", default="8192x8192", show_default=True, help="Level-0 size WIDTHxHEIGHT in px.")
+@click.option("--mpp", type=float, default=0.25, show_default=True, help="Pixel size of the slide (um/px).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same slide (byte for byte).")
+@click.option("--cells", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="ImageFolder of cell images <dir>/<class>/*.jpg [default: the shipped held-out cells].")
+@click.option("--cell-list", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Use only these images (relpaths under --cells, one a line), e.g. configs/pbc_heldout.txt.")
+@click.option("--cells-mpp", type=float, default=0.27, show_default=True, help="Pixel size of the cell images (um/px).")
+@click.option("--suspicious", multiple=True, help="Class to plant (repeatable) [default: erythroblast, ig].")
+@click.option("--fraction", type=float, default=0.25, show_default=True,
+              help="Share of the cells in each planted region that are suspicious; 0 = negative slide.")
+@click.option("--regions", type=int, default=None, help="Planted regions [default: one per 2 mm^2, 1..24].")
+@click.option("--quality", type=int, default=85, show_default=True, help="JPEG quality of the tiles.")
+@click.option("--ome", is_flag=True, help="Write OME-TIFF (sub-resolutions as SubIFDs) instead of generic TIFF.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def synth_command(out, size, mpp, seed, cells, cell_list, cells_mpp, suspicious, fraction, regions, quality, ome, quiet):
+    """Write a synthetic smear OUT (.tiff) from real cell images, with its ground truth beside it.
+
+    Ground truth: <stem>.truth.json (label, planted regions, every cell's class and box) and
+    <stem>.truth.geojson (QuPath). Prints a JSON summary with the generation speed.
+    """
+    from pathlib import Path
+
+    from .synth import DEFAULT_SUSPICIOUS, SynthConfig, parse_size, read_cell_list, synthesize
+
+    width, height = parse_size(size)
+    config = SynthConfig(
+        width=width, height=height, mpp=mpp, seed=seed, cells=Path(cells) if cells else None,
+        cell_list=read_cell_list(cell_list) if cell_list else None, cell_list_name=cell_list,
+        cells_mpp=cells_mpp, suspicious=tuple(suspicious) or DEFAULT_SUSPICIOUS, fraction=fraction,
+        regions=regions, quality=quality, ome=ome)
+    bar, on_plan = make_progress("synth", quiet, unit="row")
+    with bar:
+        rows_done = [0]
+
+        def progress(done: int, total: int) -> None:
+            if not rows_done[0]:
+                on_plan(total, 0)
+            bar.update(done - rows_done[0])
+            rows_done[0] = done
+
+        result = synthesize(out, config, progress=progress)
+    echo_json(result.as_dict())

@@ -1,0 +1,241 @@
+"""Synthetic smears: deterministic, readable by OpenSlide, and their ground truth is right."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from wsi_pipeline.cli import main
+from wsi_pipeline.errors import WsiTriageError
+from wsi_pipeline.synth import (SHIPPED_CELLS, SynthConfig, cut_out_cell, list_cells, read_cell_list,
+                                synthesize)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _optical_density(rgb: np.ndarray) -> np.ndarray:
+    """OD against the slide's own background (median of its brightest tenth)."""
+    f = rgb.astype(np.float32)
+    bright = f.sum(axis=2)
+    bg = np.median(f[bright >= np.percentile(bright, 90)], axis=0)
+    return -np.log(np.clip(f / bg, 1e-3, 1.0))
+
+
+def _box_mask(shape, boxes, pad=0) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    for x, y, w, h in boxes:
+        m[max(y - pad, 0):y + h + pad, max(x - pad, 0):x + w + pad] = True
+    return m
+
+
+@pytest.fixture(scope="module")
+def positive(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pos") / "smear.tiff"
+    result = synthesize(out, SynthConfig(width=2048, height=1536, seed=5, fraction=0.5))
+    return result, json.loads(result.truth.read_text())
+
+
+@pytest.fixture(scope="module")
+def negative(tmp_path_factory):
+    out = tmp_path_factory.mktemp("neg") / "smear.tiff"
+    result = synthesize(out, SynthConfig(width=2048, height=1536, seed=5, fraction=0.0))
+    return result, json.loads(result.truth.read_text())
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
+    cfg = SynthConfig(width=1280, height=1024, seed=7)
+    a = synthesize(tmp_path / "a" / "s.tiff", cfg)
+    b = synthesize(tmp_path / "b" / "s.tiff", cfg)
+    c = synthesize(tmp_path / "c" / "s.tiff", SynthConfig(width=1280, height=1024, seed=8))
+    assert _sha(a.slide) == _sha(b.slide)
+    assert a.truth.read_text() == b.truth.read_text()
+    assert a.geojson.read_text() == b.geojson.read_text()
+    assert _sha(a.slide) != _sha(c.slide)
+    assert json.loads(a.truth.read_text())["cells"] != json.loads(c.truth.read_text())["cells"]
+
+
+def test_truth_boxes_hold_the_placed_cells_and_nothing_dark_lies_outside(positive):
+    result, truth = positive
+    assert truth["counts"]["cells"] == len(truth["cells"]) > 10
+    od = _optical_density(tifffile.imread(result.slide, level=0))
+    assert od.shape[:2] == (truth["height"], truth["width"])
+    nuclear = od[..., 1] > 1.0  # nuclei and granules; red cells and background stay far below
+    for cell in truth["cells"]:
+        x, y, w, h = cell["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= truth["width"] and y + h <= truth["height"]
+        box = od[y:y + h, x:x + w]
+        assert (box.sum(axis=2) > 0.3).mean() > 0.3, cell  # the box is filled by a stained object
+        if not cell["blurred"]:
+            assert nuclear[y:y + h, x:x + w].sum() >= 10, cell
+    # Every strongly stained pixel belongs to a listed cell, a listed piece of debris or the pen mark.
+    explained = _box_mask(nuclear.shape, [c["bbox"] for c in truth["cells"]] + truth["debris"]
+                          + [truth["artifacts"]["pen"]["bbox"]], pad=2)
+    assert nuclear.sum() > 1000
+    assert (nuclear & ~explained).sum() <= 20
+
+
+def test_openslide_opens_it_as_a_generic_tiff_pyramid_with_the_pixel_size(positive):
+    import openslide
+
+    from wsi_pipeline.slide import open_slide, slide_info
+
+    result, truth = positive
+    with openslide.OpenSlide(str(result.slide)) as s:
+        assert s.properties["openslide.vendor"] == "generic-tiff"
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+        assert float(s.properties["openslide.mpp-y"]) == pytest.approx(0.25)
+        assert s.level_count == len(truth["levels"]) >= 2
+        assert [list(d) for d in s.level_dimensions] == truth["levels"]
+        assert s.level_downsamples[1] == pytest.approx(2.0)
+        x, y, w, h = truth["cells"][0]["bbox"]
+        region = np.asarray(s.read_region((x, y), 0, (w, h)).convert("RGB")).astype(int)
+    direct = tifffile.imread(result.slide, level=0)[y:y + h, x:x + w].astype(int)
+    assert np.abs(region - direct).mean() < 2.0
+    with open_slide(str(result.slide)) as s:
+        info = slide_info(s)
+    assert info["mpp"]["source"] == "tiff-resolution"
+    assert info["mpp"]["x"] == pytest.approx(0.25)
+
+
+def test_suspicious_cells_only_inside_planted_regions_at_the_fraction(positive):
+    _, truth = positive
+    assert truth["label"] == "positive"
+    regions = truth["planted_regions"]
+    assert regions and all(r["n_cells"] >= 4 for r in regions)
+    suspicious = [c for c in truth["cells"] if c["suspicious"]]
+    assert len(suspicious) == truth["counts"]["suspicious"] > 0
+    for c in truth["cells"]:
+        assert c["suspicious"] == (c["class"] in ("erythroblast", "ig"))
+    for c in suspicious:
+        rx, ry, rw, rh = regions[c["region"]]["bbox"]
+        x, y, w, h = c["bbox"]
+        assert rx <= x + w / 2 < rx + rw and ry <= y + h / 2 < ry + rh
+    for i, r in enumerate(regions):
+        members = [c for c in truth["cells"] if c["region"] == i]
+        assert r["n_suspicious"] == sum(c["suspicious"] for c in members) == max(1, round(0.5 * len(members)))
+
+
+def test_fraction_zero_gives_a_negative_slide_with_the_same_layout(positive, negative):
+    _, pos = positive
+    _, neg = negative
+    assert neg["label"] == "negative"
+    assert neg["counts"]["suspicious"] == 0
+    assert not any(c["suspicious"] or c["class"] in ("erythroblast", "ig") for c in neg["cells"])
+    assert [r["bbox"] for r in neg["planted_regions"]] == [r["bbox"] for r in pos["planted_regions"]]
+    outside = lambda t: [c for c in t["cells"] if c["region"] is None]  # noqa: E731
+    assert outside(neg) == outside(pos)  # only the planted cells differ
+
+
+def test_only_cells_from_the_list_are_used(tmp_path):
+    pool = list_cells()
+    allowed = [r for cls in pool.classes for r in [p for p in pool.relpaths if p.startswith(cls + "/")][:3]]
+    listing = tmp_path / "allowed.txt"
+    listing.write_text("# three per class\n" + "\n".join(allowed) + "\n")
+    cfg = SynthConfig(width=1536, height=1024, seed=3, cell_list=read_cell_list(listing),
+                      cell_list_name=str(listing))
+    result = synthesize(tmp_path / "s.tiff", cfg)
+    truth = json.loads(result.truth.read_text())
+    used = {c["source"] for c in truth["cells"]}
+    assert used and used <= set(allowed)
+    assert truth["cells_source"]["n_images"] == len(allowed)
+    assert truth["cells_source"]["list"] == str(listing)
+
+    with pytest.raises(WsiTriageError, match="not there"):
+        list_cells(None, allowed + ["ig/not_a_cell.jpg"])
+
+
+def test_evaluation_slides_from_the_held_out_pbc_list(shared_data, tmp_path):
+    heldout = read_cell_list(REPO / "configs" / "pbc_heldout.txt")
+    cfg = SynthConfig(width=1536, height=1024, seed=11, cells=shared_data / "pbc", cell_list=heldout)
+    truth = json.loads(synthesize(tmp_path / "e.tiff", cfg).truth.read_text())
+    assert {c["source"] for c in truth["cells"]} <= set(heldout)
+    assert truth["label"] == "positive"
+
+
+def test_shipped_cells_are_held_out_and_cut_from_their_background():
+    heldout = set(read_cell_list(REPO / "configs" / "pbc_heldout.txt"))
+    pool = list_cells(SHIPPED_CELLS)
+    assert set(pool.classes) == {"basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
+                                 "neutrophil", "platelet"}
+    assert 200 <= len(pool.relpaths) <= 600 and set(pool.relpaths) <= heldout
+    assert sum(f.stat().st_size for f in SHIPPED_CELLS.rglob("*.jpg")) < 5e6
+    assert "CC BY 4.0" in (SHIPPED_CELLS / "ATTRIBUTION.md").read_text()
+    from PIL import Image
+
+    for rel in pool.relpaths[::12]:
+        rgb = np.asarray(Image.open(SHIPPED_CELLS / rel).convert("RGB"))
+        k, mask = cut_out_cell(rgb)
+        assert 0.01 < mask.sum() / rgb[..., 0].size < 0.45, rel  # one cell, not the field around it
+        assert (k[~mask] >= 235).mean() > 0.9, rel  # outside the cell: clear
+
+
+def test_geojson_is_a_qupath_feature_collection(positive):
+    result, truth = positive
+    gj = json.loads(result.geojson.read_text())
+    assert gj["type"] == "FeatureCollection"
+    cells = [f for f in gj["features"] if f["properties"]["classification"]["name"] in truth["cells_source"]["classes"]]
+    assert len(cells) == len(truth["cells"])
+    for f, c in zip(cells, truth["cells"]):
+        assert f["geometry"]["type"] == "Polygon"
+        assert f["properties"]["objectType"] == "annotation"
+        assert f["properties"]["classification"]["name"] == c["class"]
+        ring = np.array(f["geometry"]["coordinates"][0])
+        x, y, w, h = c["bbox"]
+        assert ring.min(axis=0).tolist() == [x, y] and ring.max(axis=0).tolist() == [x + w, y + h]
+    names = {f["properties"]["classification"]["name"] for f in gj["features"]}
+    assert {"Planted region", "Pen mark", "Blurred patch"} <= names
+
+
+def test_cli_synth_writes_slide_and_truth_and_reports_speed(tmp_path):
+    out = tmp_path / "demo.tiff"
+    res = CliRunner().invoke(main, ["synth", str(out), "--size", "1280x1024", "--seed", "2", "--fraction", "0",
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["label"] == "negative" and summary["mpx_per_second"] > 0
+    assert out.is_file() and (tmp_path / "demo.truth.json").is_file() and (tmp_path / "demo.truth.geojson").is_file()
+
+    res = CliRunner().invoke(main, ["synth", str(tmp_path / "x.tiff"), "--size", "100x100"])
+    assert res.exit_code == 2 and res.output.strip().startswith("error: --size 100x100")
+    res = CliRunner().invoke(main, ["synth", str(tmp_path / "x.tiff"), "--suspicious", "blast"])
+    assert res.exit_code == 2 and "blast" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.tiff").exists()
+
+
+_PEAK_RSS = """
+import json, resource, sys
+from wsi_pipeline.synth import SynthConfig, synthesize
+w, h = int(sys.argv[1]), int(sys.argv[2])
+r = synthesize(sys.argv[3], SynthConfig(width=w, height=h, seed=1, workers=2))
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "levels": r.levels}))
+"""
+
+
+def _peak_rss_mib(tmp_path: Path, w: int, h: int) -> float:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(w), str(h), str(tmp_path / f"{w}x{h}.tiff")],
+                         capture_output=True, text=True, env=env, cwd=REPO, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_slide_height_and_stays_bounded_at_100k_width(tmp_path):
+    pytest.importorskip("resource")
+    small = _peak_rss_mib(tmp_path, 1024, 1024)
+    tall = _peak_rss_mib(tmp_path, 1024, 65536)  # 192 MiB of RGB at level 0
+    wide = _peak_rss_mib(tmp_path, 100_000, 512)  # a band of a 100,000 px wide slide
+    assert tall - small < 48, (small, tall)
+    assert wide < 1024, wide
