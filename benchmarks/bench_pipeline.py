@@ -1,0 +1,185 @@
+"""End-to-end `run` with the student and with the teacher: seconds per slide, tiles/s, peak RSS.
+
+"e2e s" is one `run` (tile + score + aggregate, model loading included) in a process whose
+libraries are already imported, as in a batch; the one-off import time is reported apart.
+Slides: the real Aperio slide (../shared/data/slides/CMU-1-Small-Region.svs) and a large generated
+smear (wsi_pipeline.synth, made once under --work). Each (slide, model) pair runs in a fresh
+process with a fresh output folder, so tiling, scoring and aggregation are all timed and the
+peak RSS (ru_maxrss of that process) belongs to that run alone.
+
+Student: the bundled demo checkpoint (or --student). Teacher: --teacher, else the distill
+teacher run if it was exported in the checkpoint format, else a teacher-sized ViT (the student's
+architecture with the teacher preset's 12 blocks) with random weights, which has the teacher's
+cost. Target on the 2-core CPU: scoring with the student >= 3.5x faster than with the teacher.
+
+    python benchmarks/bench_pipeline.py [--smear-size 8192] [--work /tmp/wsi-bench] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TEACHER_DEPTH = 12  # distill presets: 12 teacher blocks, 3 student blocks
+TEACHER_CANDIDATES = ("runs/pbc/teacher/model.safetensors",)
+
+
+def child(slide: str, ckpt: str, out: str, scheduler: str) -> None:
+    """One `run` in this process; prints one JSON line."""
+    t0 = time.perf_counter()
+    import dask.array  # noqa: F401 - libraries are imported once per process (a batch pays this once)
+    import matplotlib.figure  # noqa: F401
+    import timm.models.vision_transformer  # noqa: F401
+    import torch  # noqa: F401
+
+    from wsi_pipeline.pipeline import RunOptions, run_slide
+    from wsi_pipeline.scorer import ScoreConfig
+
+    t_import = time.perf_counter() - t0
+    run = run_slide(slide, out, RunOptions(checkpoint=ckpt, score=ScoreConfig(scheduler=scheduler)))
+    steps = run.steps
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({
+        "n_tiles": run.n_tiles, "score": run.score, "seconds": run.seconds, "import_seconds": t_import,
+        "tile_seconds": steps["tile"]["seconds"], "score_seconds": steps["score"]["seconds"],
+        "aggregate_seconds": steps["aggregate"]["seconds"], "precision": steps["score"]["precision"],
+        "device": steps["score"]["device"], "peak_rss_mb": rss_kb / 1024,
+    }))
+
+
+def model_throughput(ckpt: Path, n: int = 256, batch: int = 64) -> float:
+    """Forward-only tiles/s of a checkpoint's model on random tiles (context for the run figures)."""
+    import numpy as np
+
+    from wsi_pipeline.checkpoint import load_checkpoint
+    from wsi_pipeline.scorer import predict_probs
+
+    loaded = load_checkpoint(ckpt)
+    tiles = np.random.default_rng(0).integers(0, 255, (n, loaded.info.tile_size, loaded.info.tile_size, 3), np.uint8)
+    predict_probs(loaded.model, loaded.info, tiles[:batch], batch_size=batch)
+    t = time.perf_counter()
+    predict_probs(loaded.model, loaded.info, tiles, batch_size=batch)
+    return n / (time.perf_counter() - t)
+
+
+def teacher_checkpoint(student: Path, work: Path, given: str | None) -> tuple[Path, str]:
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from wsi_pipeline.checkpoint import read_checkpoint_info, write_checkpoint
+
+    if given:
+        return Path(given), "given"
+    for cand in TEACHER_CANDIDATES:
+        path = ROOT / cand
+        if path.exists():
+            try:
+                read_checkpoint_info(path)
+                return path, "distill teacher run"
+            except Exception:  # noqa: BLE001 - not in the checkpoint format: fall through
+                pass
+    info = read_checkpoint_info(student)
+    arch = {**info.architecture, "depth": TEACHER_DEPTH}
+    torch.manual_seed(0)
+    model = VisionTransformer(**{k: v for k, v in arch.items() if k != "family"})
+    meta = {**info.metadata, "architecture": arch,
+            "provenance": {"note": "benchmark: teacher-sized ViT with random weights (same cost as the teacher)"}}
+    path = work / f"teacher-depth{TEACHER_DEPTH}.safetensors"
+    write_checkpoint(path, model, meta)
+    return path, f"random teacher-sized ViT (depth {TEACHER_DEPTH})"
+
+
+def run_child(slide: Path, ckpt: Path, out: Path, scheduler: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", str(slide), str(ckpt), str(out), scheduler],
+                          capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed for {slide.name} / {ckpt.name}:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["process_seconds"] = wall
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=4, metavar=("SLIDE", "CKPT", "OUT", "SCHEDULER"), help=argparse.SUPPRESS)
+    ap.add_argument("--student", default=None, help="student checkpoint [default: bundled demo]")
+    ap.add_argument("--teacher", default=None, help="teacher checkpoint [default: see module doc]")
+    ap.add_argument("--smear-size", type=int, default=8192, help="generated smear side in px at 0.25 um/px")
+    ap.add_argument("--work", default="/tmp/wsi-bench", help="scratch folder (smear and outputs)")
+    ap.add_argument("--scheduler", default="threads")
+    ap.add_argument("--shared", default=os.environ.get("WSI_TRIAGE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+
+    import torch
+
+    from wsi_pipeline.checkpoint import DEFAULT_CHECKPOINT, read_checkpoint_info
+    from wsi_pipeline.synth import SynthConfig, synthesize
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    student = Path(args.student) if args.student else DEFAULT_CHECKPOINT
+    sinfo = read_checkpoint_info(student)
+    teacher, teacher_kind = teacher_checkpoint(student, work, args.teacher)
+    tinfo = read_checkpoint_info(teacher)
+    if (tinfo.tile_size, tinfo.tile_mpp) != (sinfo.tile_size, sinfo.tile_mpp):
+        raise SystemExit("student and teacher must share the tile geometry for a like-for-like run")
+
+    slides = []
+    cmu = Path(args.shared) / "slides" / "CMU-1-Small-Region.svs"
+    if cmu.exists():
+        slides.append(("aperio CMU-1-Small-Region", cmu))
+    smear = work / f"smear-{args.smear_size}.tiff"
+    if not smear.exists():
+        t = time.perf_counter()
+        synthesize(smear, SynthConfig(width=args.smear_size, height=args.smear_size, mpp=0.25, seed=0, fraction=0.25))
+        print(f"generated {smear.name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    slides.append((f"generated smear {args.smear_size}x{args.smear_size}", smear))
+
+    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, {os.cpu_count()} CPUs, torch threads "
+          f"{torch.get_num_threads()}, scheduler {args.scheduler}")
+    print(f"student: {student.name} depth {sinfo.architecture.get('depth')} width {sinfo.architecture.get('embed_dim')} "
+          f"input {sinfo.input_size} px; teacher: {teacher_kind}, depth {tinfo.architecture.get('depth')}")
+    fwd = {"student": model_throughput(student), "teacher": model_throughput(teacher)}
+    print(f"model forward only (batch 64, tile {sinfo.tile_size} px -> input {sinfo.input_size} px): "
+          f"student {fwd['student']:.0f} tiles/s, teacher {fwd['teacher']:.0f} tiles/s "
+          f"({fwd['student'] / fwd['teacher']:.2f}x)")
+
+    results = {"forward_tiles_per_second": fwd, "teacher_kind": teacher_kind, "runs": []}
+    header = f"{'slide':34} {'model':8} {'tiles':>6} {'e2e s':>7} {'tile s':>7} {'score s':>8} {'agg s':>6} " \
+             f"{'e2e t/s':>8} {'score t/s':>9} {'peak RSS MB':>11}"
+    print(header)
+    for label, slide in slides:
+        pair = {}
+        for name, ckpt in (("student", student), ("teacher", teacher)):
+            r = run_child(slide, ckpt, work / f"out-{name}", args.scheduler)
+            pair[name] = r
+            results["runs"].append({"slide": label, "model": name, **r})
+            print(f"{label:34} {name:8} {r['n_tiles']:6d} {r['seconds']:7.1f} {r['tile_seconds']:7.1f} "
+                  f"{r['score_seconds']:8.1f} {r['aggregate_seconds']:6.1f} {r['n_tiles'] / r['seconds']:8.1f} "
+                  f"{r['n_tiles'] / r['score_seconds']:9.1f} {r['peak_rss_mb']:11.0f}")
+        s, t = pair["student"], pair["teacher"]
+        print(f"{'':34} speed-up student vs teacher: scoring {t['score_seconds'] / s['score_seconds']:.2f}x, "
+              f"whole run (tile+score+aggregate) {t['seconds'] / s['seconds']:.2f}x; "
+              f"library import {s['import_seconds']:.1f} s per process")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
