@@ -1,0 +1,546 @@
+"""Cytology-aware foreground detection, tile foreground fractions and focus scores.
+
+Why not the histology recipe: tissue tools threshold a greyscale thumbnail at ~8 um/px with Otsu
+and drop regions below a minimum area. A cytology smear is sparse cells (8-20 um) on a pale
+background, so at 8 um/px a cell is one or two blended pixels, Otsu has no second mode to find and
+the area filter deletes what survives. Here the mask is computed at ~2 um/px (``WORKING_MPP``) in
+optical-density (OD) and saturation space relative to a background estimated per image, with all
+morphology sizes given in micrometres and converted with the image's mpp, so the same call works
+on a slide thumbnail (2-4 um/px) and on a native-resolution field (0.07-0.5 um/px).
+
+Artefacts removed before the decision: pen ink (:func:`pen_mask`: red, green/blue, black),
+glass edges and dark borders (dark, colourless pixels), and dust (objects smaller than the
+preset's ``min_object_um``). Uneven illumination is handled by fitting a smooth (separable
+quadratic) background surface to the bright, colourless pixels of each image instead of a fixed
+220 cut. See docs/foreground.md for the method and the figures measured on real data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import WsiTriageError
+
+# 2 um/px: the smallest cells that matter (lymphocytes, red cells, ~7-8 um) still span ~4 px, so
+# they survive denoising and the dust filter, while a 20 x 20 mm smear area is a 10k x 10k px
+# thumbnail at most (typical scanned areas: <= 5000 px a side). 4 um/px would leave 2 px per cell,
+# and the ~8 um/px of histology tools leaves one blended pixel (see otsu_baseline_mask).
+WORKING_MPP: float = 2.0
+
+# Finer inputs are block-averaged down to about this pixel size before thresholding: cells are
+# >= 2 um, so nothing is lost, noise is averaged out and a 640x480 field at 0.07 um/px costs a few ms.
+_FINEST_MPP = 0.5
+# Smallest marker stroke (diameter of an equivalent disc, um); see pen_mask.
+_PEN_MIN_UM = 60.0
+# Fallback background (per channel, 0..255) for images with no visible glass (fully covered).
+_DEFAULT_BACKGROUND = np.array([240.0, 240.0, 240.0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class StainPreset:
+    """Thresholds for one stain family.
+
+    ``od_threshold``: mean optical density above the local background (-log10(I/I0), averaged
+    over R, G, B) above which a pixel is stained. ``saturation_threshold``: chroma
+    (max-min)/max of the background-normalised colour above which a pixel is stained even if
+    pale (pale cytoplasm is coloured before it is dark). ``min_object_um``: smallest object kept
+    (diameter, um); smaller specks are dust. ``min_foreground``: default minimum tile foreground
+    fraction for the tiler (and the whole-image keep/reject cut). ``max_hole_um``: holes up to
+    this diameter inside objects are filled (red-cell central pallor, vacuoles). ``close_um``:
+    radius of the closing that joins the faint rim of a cell to its body. ``reject_pen``: remove
+    marker ink (:func:`pen_mask`) and a ``pen_margin_um`` band around it (the blurred fringe of
+    an out-of-focus stroke is otherwise read as pale stain).
+    """
+
+    name: str
+    od_threshold: float
+    saturation_threshold: float
+    min_object_um: float
+    min_foreground: float
+    max_hole_um: float = 6.0
+    close_um: float = 0.5
+    reject_pen: bool = True
+    pen_margin_um: float = 20.0
+
+
+# Thresholds: glass pixels scatter around OD ~0.01 and saturation ~0.02-0.03 after the background
+# correction (JPEG noise, measured on the smear fields); the thresholds sit 4-6x above that, just
+# low enough for pale Romanowsky red cells (median OD ~0.04, rims 0.06-0.09).
+PRESETS: dict[str, StainPreset] = {
+    # Papanicolaou: cyanophilic (blue-green) and orangeophilic cytoplasm can be very pale; nuclei
+    # are dark. The smallest relevant object is a bare nucleus or a lymphocyte (~5 um).
+    "pap": StainPreset("pap", od_threshold=0.05, saturation_threshold=0.08, min_object_um=5.0,
+                       min_foreground=0.05),
+    # Romanowsky (Diff-Quik, May-Gruenwald-Giemsa, Wright-Giemsa): red cells are pale pink-grey,
+    # barely darker than the glass; platelets (2-3 um) are dust-sized and are not tiled for.
+    "romanowsky": StainPreset("romanowsky", od_threshold=0.04, saturation_threshold=0.06,
+                              min_object_um=4.0, min_foreground=0.05),
+    # H&E (cell blocks, tissue fragments): eosin makes everything pink and fairly saturated.
+    "he": StainPreset("he", od_threshold=0.06, saturation_threshold=0.10, min_object_um=6.0,
+                      min_foreground=0.10),
+}
+
+
+def get_preset(stain: str | StainPreset) -> StainPreset:
+    """Return the preset named ``stain`` (a :class:`StainPreset` is returned unchanged)."""
+    if isinstance(stain, StainPreset):
+        return stain
+    key = str(stain).strip().lower()
+    if key not in PRESETS:
+        raise WsiTriageError(
+            f"unknown stain preset {stain!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[key]
+
+
+# --------------------------------------------------------------------------- helpers
+
+# Rows per band for the per-pixel stage: bounds memory on 8k x 8k thumbnails.
+_BAND_ROWS = 512
+_LOG10_U8 = np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0)).astype(np.float32)
+
+
+def _as_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 view/copy of an RGB(A) image (floats in 0..1 or 0..255 accepted)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+    rgb = rgb[..., :3]
+    if rgb.dtype != np.uint8:
+        if np.issubdtype(rgb.dtype, np.floating) and rgb.size and float(rgb.max()) <= 1.0:
+            rgb = rgb * 255.0
+        rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    return rgb
+
+
+def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue in degrees, saturation and value (0..1), float32, for a uint8 RGB array."""
+    r = rgb[..., 0].astype(np.float32)
+    g = rgb[..., 1].astype(np.float32)
+    b = rgb[..., 2].astype(np.float32)
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
+    d = mx - mn
+    dd = np.where(d > 0, d, 1.0)
+    h = np.where(mx == r, ((g - b) / dd) % 6.0, np.where(mx == g, (b - r) / dd + 2.0, (r - g) / dd + 4.0))
+    h = np.where(d > 0, h * 60.0, 0.0).astype(np.float32)
+    s = (d / np.maximum(mx, 1.0)).astype(np.float32)
+    return h, s, (mx / 255.0).astype(np.float32)
+
+
+def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    """Mean of f x f blocks as float32; edge blocks average the pixels they have."""
+    h, w = img.shape[:2]
+    ys = np.arange(0, h, f)
+    xs = np.arange(0, w, f)
+    out = np.add.reduceat(img.astype(np.float32), ys, axis=0)
+    out = np.add.reduceat(out, xs, axis=1)
+    cy = np.diff(np.append(ys, h)).astype(np.float32)
+    cx = np.diff(np.append(xs, w)).astype(np.float32)
+    n = cy[:, None] * cx[None, :]
+    return out / (n[..., None] if out.ndim == 3 else n)
+
+
+def _bands(h: int, halo: int = 0):
+    """(lo, hi, pad_lo, pad_hi): row bands of ``_BAND_ROWS`` with ``halo`` rows of context."""
+    for lo in range(0, h, _BAND_ROWS):
+        hi = min(h, lo + _BAND_ROWS)
+        yield lo, hi, max(0, lo - halo), min(h, hi + halo)
+
+
+def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Drop 8-connected components with fewer than ``min_px`` pixels."""
+    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask
+    keep = np.bincount(lab.ravel()) >= min_px
+    keep[0] = False
+    return keep[lab]
+
+
+# --------------------------------------------------------------------------- colour rules
+
+# Bits of the per-colour code (a pure function of RGB, so it is tabulated once, see _codes).
+_SEED = (1, 2, 4)      # confident red / green-blue / black ink
+_LOOSE = (8, 16, 32)   # the same inks, fringe and overdrawn parts
+_DARK = 64             # dark and colourless: glass edges, scanner borders, black debris
+_LUT_BITS = 7          # per channel; 2 MB table, thresholds blur by < 1 grey level
+_LUT: np.ndarray | None = None
+
+
+def _colour_rules(rgb: np.ndarray) -> np.ndarray:
+    """Code (uint8 bit set) of each uint8 RGB colour. See :func:`pen_mask` for the reasoning."""
+    h, s, v = _hsv(rgb)
+    scarlet = (h >= 348.0) | (h <= 12.0)
+    # where red is overdrawn: dark, greyer purple; hematoxylin this dark is far more saturated
+    dark_ink = (v < 0.55) & (s >= 0.12) & ((h >= 315.0) | (h <= 12.0) | ((h >= 280.0) & (s < 0.45)))
+    cyan_blue = (h >= 140.0) & (h <= 250.0) & (rgb[..., 1] >= rgb[..., 0])
+    rules = (
+        (_SEED[0], scarlet & (s >= 0.6) & (v >= 0.3)),
+        (_SEED[1], cyan_blue & (s >= 0.4)),
+        (_SEED[2], (v < 0.2) & (s < 0.3)),
+        (_LOOSE[0], (scarlet & (s >= 0.12)) | dark_ink),
+        (_LOOSE[1], cyan_blue & (s >= 0.12)),
+        (_LOOSE[2], (v < 0.55) & (s < 0.4)),
+        (_DARK, (v < 0.25) & (s < 0.35)),
+    )
+    code = np.zeros(rgb.shape[:-1], dtype=np.uint8)
+    for bit, rule in rules:
+        code |= np.where(rule, np.uint8(bit), np.uint8(0))
+    return code
+
+
+def _codes(rgb: np.ndarray) -> np.ndarray:
+    """Colour codes of a uint8 (h, w, 3) band via a lazily built lookup table."""
+    global _LUT
+    shift = 8 - _LUT_BITS
+    if _LUT is None:
+        q = np.arange(1 << _LUT_BITS, dtype=np.int32)
+        level = ((q << shift) | (q >> (_LUT_BITS - shift))).astype(np.uint8)  # 0..255 spread
+        r, g, b = np.meshgrid(level, level, level, indexing="ij")
+        _LUT = _colour_rules(np.stack([r, g, b], axis=-1)).ravel()
+    idx = (rgb[..., 0].astype(np.int32) >> shift) << (2 * _LUT_BITS)
+    idx |= (rgb[..., 1].astype(np.int32) >> shift) << _LUT_BITS
+    idx |= rgb[..., 2].astype(np.int32) >> shift
+    return _LUT[idx]
+
+
+# --------------------------------------------------------------------------- pen marks
+
+def _pen_from_codes(codes: np.ndarray, mpp: float | None) -> np.ndarray:
+    """Ink regions: connected ink-coloured pixels holding a confident seed (one labelling)."""
+    seed = (codes & (_SEED[0] | _SEED[1] | _SEED[2])) != 0
+    if not seed.any():
+        return np.zeros(codes.shape, dtype=bool)
+    allowed = (codes & (_LOOSE[0] | _LOOSE[1] | _LOOSE[2])) != 0  # loose includes seeds
+    lab, n = ndi.label(allowed, structure=np.ones((3, 3), bool))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[lab[seed]] = True
+    if mpp is not None:  # drop regions smaller than a marker stroke
+        keep &= np.bincount(lab.ravel(), minlength=n + 1) >= np.pi / 4.0 * (_PEN_MIN_UM / mpp) ** 2
+    keep[0] = False
+    return keep[lab]
+
+
+def pen_mask(rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
+    """Pixels covered by marker ink (red, green/blue, black); bool, same H x W as ``rgb``.
+
+    Marker ink is purer than any stain. Red ink is scarlet (hue 348-12 deg, green and blue both
+    low and about equal) where eosin, Romanowsky pink and red cells in H&E keep blue well above
+    green (hue 320-345). Green/blue ink has green >= red (cyan to blue), which hematoxylin and
+    Romanowsky/Pap nuclei (purple, red > green) never have, and is far more saturated than pale
+    blue cytoplasm. Black ink is dark and colourless. Confident ink pixels seed a region that
+    grows into the paler fringe and the darker, overdrawn core of the same stroke (hysteresis),
+    because pen strokes are thick, out of focus and layered.
+
+    With ``mpp`` given, ink-coloured regions smaller than a 60 um disc are dropped: a marker
+    stroke is a fraction of a millimetre wide, while the occasional bright-red cell cluster in
+    H&E that meets a colour rule is small.
+    """
+    rgb = _as_rgb(rgb)
+    codes = np.empty(rgb.shape[:2], dtype=np.uint8)
+    for lo, hi, _, _ in _bands(rgb.shape[0]):
+        codes[lo:hi] = _codes(rgb[lo:hi])
+    return _pen_from_codes(codes, mpp)
+
+
+# --------------------------------------------------------------------------- background
+
+@dataclass(frozen=True)
+class _Background:
+    """log10 glass intensity per channel, separable: ``ly[c](y) + lx[c](x)``, clipped."""
+
+    ly: np.ndarray  # (H, 3)
+    lx: np.ndarray  # (W, 3)
+    log_global: np.ndarray  # (3,)
+
+    def rows(self, lo: int, hi: int, c: int) -> np.ndarray:
+        """log10 background of channel ``c`` for rows lo..hi, (hi-lo, W) float32."""
+        lim = np.float32(np.log10(1.15))  # never more than 15 % off the global glass colour
+        surf = self.ly[lo:hi, c][:, None] + self.lx[:, c][None, :]
+        return np.clip(surf, self.log_global[c] - lim, self.log_global[c] + lim)
+
+
+def _fit_background(img: np.ndarray) -> _Background:
+    """Glass colour and illumination of a uint8 image.
+
+    The glass is the brightest mode among bright, colourless pixels (ink, stain and dark debris
+    are coloured or dark); a separable quadratic in log intensity (a + b x + c x^2 + d y + e y^2,
+    per channel) fitted to those pixels follows vignetting, gradients and uneven illumination and
+    is held within 15 % of the global glass colour. With too little glass in view (a fully
+    covered field) a default white is used.
+    """
+    H, W = img.shape[:2]
+    yn_all = (np.arange(H, dtype=np.float32) / max(H - 1, 1) - 0.5)
+    xn_all = (np.arange(W, dtype=np.float32) / max(W - 1, 1) - 0.5)
+
+    def flat(log_rgb: np.ndarray) -> _Background:
+        log_rgb = np.asarray(log_rgb, dtype=np.float32)
+        return _Background(np.broadcast_to(log_rgb, (H, 3)).copy(), np.zeros((W, 3), np.float32), log_rgb)
+
+    step = max(1, int(np.ceil(np.sqrt(H * W / 1.0e6))))  # estimate on <= ~1M pixels
+    sub = img[::step, ::step].astype(np.float32)
+    mx = sub.max(axis=2)
+    grey = sub.mean(axis=2)
+    cand = ((mx - sub.min(axis=2)) < 0.15 * mx) & (grey > 120)
+    if cand.sum() < max(50, 0.01 * grey.size):
+        return flat(np.log10(_DEFAULT_BACKGROUND))
+    gv = grey[cand]
+    hist, edges = np.histogram(gv, bins=136, range=(120.0, 256.0))
+    hist = ndi.gaussian_filter1d(hist.astype(np.float64), 1.5)
+    lo = max(0, int(np.searchsorted(edges, np.median(gv))) - 1)
+    mode = edges[lo + int(np.argmax(hist[lo:]))] + 0.5
+    near = cand & (np.abs(grey - mode) < 0.06 * mode)
+    if near.sum() < 50 or mode < 150:
+        return flat(np.log10(_DEFAULT_BACKGROUND))
+    log_global = np.log10(np.median(sub[near], axis=0)).astype(np.float32)
+    ys, xs = np.nonzero(near)
+    if len(ys) > 4000:
+        pick = np.random.default_rng(0).choice(len(ys), 4000, replace=False)
+        ys, xs = ys[pick], xs[pick]
+    yn = yn_all[np.minimum(ys * step, H - 1)]
+    xn = xn_all[np.minimum(xs * step, W - 1)]
+    A = np.stack([np.ones_like(xn), xn, xn * xn, yn, yn * yn], axis=1)
+    vals = np.log10(np.maximum(sub[ys, xs], 1.0)).astype(np.float32)
+    ok = np.ones(len(ys), dtype=bool)
+    coef = None
+    for _ in range(2):  # refit without pixels well below the surface (pale cell interiors)
+        if ok.sum() < 30:
+            break
+        Ak = A[ok]  # normal equations: a 5 x 5 solve
+        coef = np.linalg.solve(Ak.T @ Ak + 1e-6 * np.eye(5, dtype=np.float32), Ak.T @ vals[ok])
+        ok = (A @ coef - vals).max(axis=1) < 0.015
+    if coef is None:
+        return flat(log_global)
+    coef = coef.astype(np.float32)
+    lx = xn_all[:, None] * coef[1] + (xn_all * xn_all)[:, None] * coef[2]
+    ly = coef[0] + yn_all[:, None] * coef[3] + (yn_all * yn_all)[:, None] * coef[4]
+    return _Background(ly.astype(np.float32), lx.astype(np.float32), log_global)
+
+
+# --------------------------------------------------------------------------- foreground
+
+def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap") -> np.ndarray:
+    """Boolean foreground (cells / tissue) mask, same H x W as ``rgb``.
+
+    ``mpp`` is the pixel size of ``rgb`` in um; every morphological size is in um and converted
+    with it. Works for slide thumbnails (~2-4 um/px) and native fields (0.07-0.5 um/px; these are
+    block-averaged to ~0.5 um/px first and the mask is expanded back). A pixel is foreground when
+    its optical density above the local background or its background-normalised saturation
+    passes the preset's threshold, it is not ink / a dark edge, and it belongs to an object of at
+    least ``min_object_um``.
+    """
+    preset = get_preset(stain)
+    rgb = _as_rgb(rgb)
+    if not (isinstance(mpp, (int, float, np.floating, np.integer)) and np.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive number, got {mpp!r}")
+    H, W = rgb.shape[:2]
+    if H == 0 or W == 0:
+        return np.zeros((H, W), dtype=bool)
+    f = max(1, int(_FINEST_MPP / mpp))
+    img = rgb if f == 1 else np.clip(_block_mean(rgb, f) + 0.5, 0, 255).astype(np.uint8)
+    wmpp = float(mpp) * f
+    raw, artefact = _stained_and_artefacts(img, wmpp, preset)
+    fg = _clean(raw & ~artefact, wmpp, preset) & ~artefact
+    if f > 1:
+        fg = np.repeat(np.repeat(fg, f, axis=0), f, axis=1)[:H, :W]
+    return fg
+
+
+def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset):
+    """Band-wise per-pixel stage: (stained, artefact) bool masks of the working image.
+
+    Per channel, d = log10(I0) - log10(I) is the optical density above the glass. Stained: the
+    mean of max(d, 0) over R, G, B reaches ``od_threshold``, or the background-normalised
+    saturation 1 - Tmin/Tmax = 1 - 10^-(dmax - dmin) reaches ``saturation_threshold``
+    (compared in the OD domain, so no power is taken per pixel).
+    """
+    h, w = img.shape[:2]
+    bg = _fit_background(img)
+    sigma = 0.5 / mpp  # 0.5 um denoising; only worth it at fine pixel sizes
+    smooth = sigma >= 0.5
+    halo = int(np.ceil(4 * sigma)) if smooth else 0
+    spread_thr = np.float32(-np.log10(max(1e-6, 1.0 - preset.saturation_threshold)))
+    stained = np.empty((h, w), dtype=bool)
+    codes = np.empty((h, w), dtype=np.uint8)
+    for lo, hi, plo, phi in _bands(h, halo):
+        band = img[plo:phi]
+        od = np.zeros(band.shape[:2], dtype=np.float32)
+        dmax = np.full(band.shape[:2], -np.inf, dtype=np.float32)
+        dmin = np.full(band.shape[:2], np.inf, dtype=np.float32)
+        for c in range(3):
+            d = bg.rows(plo, phi, c)
+            d -= _LOG10_U8[band[..., c]]
+            np.maximum(dmax, d, out=dmax)
+            np.minimum(dmin, d, out=dmin)
+            np.maximum(d, 0.0, out=d)
+            od += d
+        od /= 3.0
+        spread = dmax - dmin
+        if smooth:
+            od = ndi.gaussian_filter(od, sigma)
+            spread = ndi.gaussian_filter(spread, sigma)
+        a, b = lo - plo, hi - plo
+        stained[lo:hi] = (od[a:b] >= preset.od_threshold) | (spread[a:b] >= spread_thr)
+        codes[lo:hi] = _codes(img[lo:hi])
+    artefact = (codes & _DARK) != 0
+    if preset.reject_pen:
+        pen = _pen_from_codes(codes, mpp)
+        if pen.any() and preset.pen_margin_um > 0:
+            pen = _grow(pen, preset.pen_margin_um / mpp)
+        artefact |= pen
+    return stained, artefact
+
+
+def _grow(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Dilate by about ``radius`` px (a square; a margin, not a measurement)."""
+    return _dilate(mask, int(np.ceil(radius)))
+
+
+def _clean(fg: np.ndarray, mpp: float, preset: StainPreset) -> np.ndarray:
+    """Close cell rims, fill small holes, drop thin lines and dust; sizes in um."""
+    if not fg.any():
+        return fg
+    r_close = int(np.floor(preset.close_um / mpp + 0.5))
+    if r_close >= 1:
+        fg = _erode(_dilate(fg, r_close), r_close)
+    hole_px = np.pi / 4.0 * (preset.max_hole_um / mpp) ** 2
+    if hole_px >= 1:
+        fg = _fill_small_holes(fg, hole_px)
+    r_open = int(preset.min_object_um / 4.0 / mpp)  # removes lines thinner than ~min_object/2
+    if r_open >= 1:
+        fg = _dilate(_erode(fg, r_open), r_open)
+    min_px = np.pi / 4.0 * (preset.min_object_um / mpp) ** 2
+    if min_px > 1:
+        fg = _remove_small(fg, min_px)
+    return fg
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Dilation by a (2r+1) square: separable running maxima, linear time for any r."""
+    m = mask.view(np.uint8)
+    m = ndi.maximum_filter1d(m, 2 * r + 1, axis=0, mode="nearest")
+    return ndi.maximum_filter1d(m, 2 * r + 1, axis=1, mode="nearest").view(bool)
+
+
+def _erode(mask: np.ndarray, r: int) -> np.ndarray:
+    """Erosion by a (2r+1) square; the image border does not erode (cells cut by it stay)."""
+    m = mask.view(np.uint8)
+    m = ndi.minimum_filter1d(m, 2 * r + 1, axis=0, mode="nearest")
+    return ndi.minimum_filter1d(m, 2 * r + 1, axis=1, mode="nearest").view(bool)
+
+
+def _fill_small_holes(fg: np.ndarray, max_px: float) -> np.ndarray:
+    """Fill background pockets (4-connected, not touching the border) of <= ``max_px`` pixels."""
+    lab, n = ndi.label(~fg)
+    if n == 0:
+        return fg
+    small = np.bincount(lab.ravel()) <= max_px
+    small[0] = False
+    edge = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
+    small[edge] = False
+    return fg | small[lab]
+
+
+# --------------------------------------------------------------------------- tiles
+
+def tile_fractions(mask: np.ndarray, downsample: float, boxes: np.ndarray) -> np.ndarray:
+    """Foreground fraction of each level-0 box ``(x, y, w, h)`` on a mask of ``downsample``.
+
+    One mask pixel covers ``downsample`` x ``downsample`` level-0 px. Box edges are mapped to
+    mask coordinates and the covered area is integrated exactly (fractional pixel coverage via
+    a bilinear lookup into the integral image); parts of a box outside the mask count as
+    background. Vectorised: 100k boxes take a few milliseconds.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    n = len(boxes)
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    if downsample <= 0:
+        raise ValueError(f"downsample must be positive, got {downsample!r}")
+    h, w = mask.shape
+    ii = np.zeros((h + 1, w + 1), dtype=np.int64 if h * w >= 2**31 else np.int32)
+    np.cumsum(mask, axis=1, dtype=ii.dtype, out=ii[1:, 1:])
+    for i in range(2, h + 1):  # row-wise running sum: contiguous adds, ~5x faster than cumsum(0)
+        np.add(ii[i], ii[i - 1], out=ii[i])
+    x0 = np.clip(boxes[:, 0] / downsample, 0, w)
+    y0 = np.clip(boxes[:, 1] / downsample, 0, h)
+    x1 = np.clip((boxes[:, 0] + boxes[:, 2]) / downsample, 0, w)
+    y1 = np.clip((boxes[:, 1] + boxes[:, 3]) / downsample, 0, h)
+    s = (_ii_at(ii, x1, y1) - _ii_at(ii, x0, y1) - _ii_at(ii, x1, y0) + _ii_at(ii, x0, y0))
+    area = (boxes[:, 2] / downsample) * (boxes[:, 3] / downsample)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(area > 0, s / area, 0.0)
+    return np.clip(frac, 0.0, 1.0).astype(np.float32)
+
+
+def _ii_at(ii: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Integral image at fractional (x, y): area-exact for a piecewise-constant mask."""
+    h1, w1 = ii.shape
+    xi = np.minimum(np.floor(x).astype(np.int64), w1 - 2)
+    yi = np.minimum(np.floor(y).astype(np.int64), h1 - 2)
+    fx = x - xi
+    fy = y - yi
+    a = ii[yi, xi].astype(np.float64)
+    b = ii[yi, xi + 1].astype(np.float64)
+    c = ii[yi + 1, xi].astype(np.float64)
+    d = ii[yi + 1, xi + 1].astype(np.float64)
+    return a * (1 - fx) * (1 - fy) + b * fx * (1 - fy) + c * (1 - fx) * fy + d * fx * fy
+
+
+def blur_score(tile: np.ndarray) -> float:
+    """Focus score: variance of the 4-neighbour Laplacian of the grey tile (0..255 scale).
+
+    Higher is sharper. The scale is that of OpenCV's ``Laplacian(grey).var()`` on uint8 grey,
+    so the usual rules of thumb apply (in-focus cytology at ~0.25-0.5 um/px: hundreds or more;
+    below ~20-50: blurred or empty glass). It depends on content and pixel size, so compare
+    tiles of one slide at one mpp, not across scanners.
+    """
+    return float(blur_scores(np.asarray(tile)[None])[0])
+
+
+def blur_scores(tiles: np.ndarray) -> np.ndarray:
+    """:func:`blur_score` for a batch ``(N, H, W, 3)`` -> ``(N,)`` float32, vectorised."""
+    t = np.asarray(tiles)
+    if t.ndim != 4 or t.shape[-1] not in (3, 4):
+        raise ValueError(f"expected tiles of shape (N, H, W, 3), got {t.shape}")
+    n = t.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    t = t[..., :3]
+    if t.shape[1] < 3 or t.shape[2] < 3:
+        return np.zeros(n, dtype=np.float32)
+    g = t.astype(np.float32)
+    if not np.issubdtype(t.dtype, np.integer) and t.size and float(g.max()) <= 1.0:
+        g = g * 255.0
+    # ITU-R BT.601 luma, as cv2.cvtColor(RGB2GRAY)
+    g = 0.299 * g[..., 0] + 0.587 * g[..., 1] + 0.114 * g[..., 2]
+    lap = (g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:]
+           - 4.0 * g[:, 1:-1, 1:-1])
+    return lap.reshape(n, -1).var(axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- baseline
+
+def otsu_baseline_mask(rgb: np.ndarray, mpp: float, min_area_um2: float = 10_000.0) -> np.ndarray:
+    """The histology thumbnail method, for comparison only.
+
+    As TIAToolbox/CLAM-style tissue masking does: resize to ~8 um/px, greyscale, Otsu threshold
+    (tissue = darker than the cut), drop connected regions smaller than ``min_area_um2``
+    (default 0.01 mm^2), and expand back to the input grid.
+    """
+    from skimage.filters import threshold_otsu
+
+    rgb = _as_rgb(rgb)
+    H, W = rgb.shape[:2]
+    f = max(1, int(round(8.0 / mpp)))
+    small = _block_mean(rgb, f) if f > 1 else rgb.astype(np.float32)
+    grey = small @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if grey.size < 2 or float(grey.max() - grey.min()) < 1e-6:
+        return np.zeros((H, W), dtype=bool)
+    fg = grey < threshold_otsu(grey)
+    fg = _remove_small(fg, min_area_um2 / (mpp * f) ** 2)
+    return np.repeat(np.repeat(fg, f, axis=0), f, axis=1)[:H, :W]
