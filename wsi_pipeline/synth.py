@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -933,7 +934,10 @@ class _Layout:
         for _ in range(n):
             x, y = x0 + rng.uniform(0, bw), y0 + rng.uniform(0, bh)
             d, o = int(rng.integers(len(self.bank.debris))), int(rng.integers(8))
-            put(_orient(self.bank.debris_f[d], o), x, y)
+            k = self.bank.debris_f[d]
+            if self._in_blur(x, y):
+                k = self.bank.blurred(("debris", d), self.bank.debris[d], self.blur_sigma)[0]
+            put(_orient(k, o), x, y)
             m = _orient(self.bank.debris[d][1], o)
             rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
             h, w = m.shape
@@ -1198,8 +1202,11 @@ def synthesize(out: str | Path, config: SynthConfig = SynthConfig(),
         with spool_fh, tifffile.TiffWriter(partial, bigtiff=True, ome=cfg.ome) as tw:
             res0 = (1e4 / cfg.mpp, 1e4 / cfg.mpp)
             if cfg.ome:
+                # A UUID derived from the request keeps OME files byte-identical for a seed.
+                digest = hashlib.sha256(json.dumps([out.name, repr(cfg)]).encode()).digest()
                 meta = {"axes": "YXS", "PhysicalSizeX": cfg.mpp, "PhysicalSizeXUnit": "µm",
-                        "PhysicalSizeY": cfg.mpp, "PhysicalSizeYUnit": "µm", "Name": out.name}
+                        "PhysicalSizeY": cfg.mpp, "PhysicalSizeYUnit": "µm", "Name": out.name,
+                        "UUID": str(uuid.UUID(bytes=digest[:16], version=4)), "Creator": "wsi-triage synth"}
                 tw.write(level0(), shape=(H, W, 3), resolution=res0, subifds=len(sizes) - 1, metadata=meta, **common)
             else:
                 tw.write(level0(), shape=(H, W, 3), resolution=res0, description=description, metadata=None,
