@@ -108,7 +108,7 @@ def test_processes_scheduler_matches_threads(work, tmp_path):
     threads = score_store(store, work["a"], ScoreConfig(scheduler="threads", workers=2))
     expected, _ = read_scores(tile_store.open_store(store), threads.checkpoint_sha256)
     store2 = tiled_store(work["slide"], tmp_path / "out2")
-    score_store(store2, work["a"], ScoreConfig(scheduler="processes", workers=2))
+    score_store(store2, work["a"], ScoreConfig(scheduler="processes", workers=1))  # one spawned worker process
     got, _ = read_scores(tile_store.open_store(store2), threads.checkpoint_sha256)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
