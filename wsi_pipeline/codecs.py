@@ -9,6 +9,7 @@ The chunk must be ``(1, H, W, 3)`` or ``(H, W, 3)`` uint8 (one tile per inner ch
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +62,13 @@ class JpegTileCodec(ArrayBytesCodec):
         array = image.reshape(chunk_spec.shape)
         return chunk_spec.prototype.nd_buffer.from_numpy_array(array)
 
+    # zarr runs codecs on its event-loop thread; JPEG work releases the GIL, so hand it to
+    # threads and let the tiles of a shard encode (and decode) in parallel.
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec) -> Buffer | None:
-        return self._encode_sync(chunk_array, chunk_spec)
+        return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec) -> NDBuffer:
-        return self._decode_sync(chunk_bytes, chunk_spec)
+        return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
 
 
 register_codec(CODEC_NAME, JpegTileCodec)

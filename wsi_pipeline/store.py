@@ -79,6 +79,9 @@ def create_store(
         dtype="uint8",
         fill_value=255,
         dimension_names=("tile", "y", "x", "c"),
+        # every stored tile is written; skipping zarr's per-chunk "equals fill value?" test
+        # halves the cost of a shard write
+        config={"write_empty_chunks": True},
         **_tile_serializer(codec, jpeg_quality),
     )
     group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 4), chunks=(min(s, chunk_n), 4))
