@@ -616,10 +616,11 @@ class _Layout:
         self.margin = int(self.px(60.0) + 80 * bank.scale)
 
         self.regions = self._regions()
-        for reg in self.regions:  # planted regions hold a moderately dense field
-            by0, by1 = reg.y // BLOCK, (reg.y + reg.h - 1) // BLOCK + 1
-            bx0, bx1 = reg.x // BLOCK, (reg.x + reg.w - 1) // BLOCK + 1
-            self.density[by0:by1, bx0:bx1] = np.maximum(self.density[by0:by1, bx0:bx1], 0.7)
+        # Planted regions lie in a moderately dense field: a round bump fading over ~2 blocks.
+        byy, bxx = (np.mgrid[:self.nby, :self.nbx] + 0.5) * BLOCK
+        for reg in self.regions:
+            d = np.hypot(bxx - (reg.x + reg.w / 2), byy - (reg.y + reg.h / 2)) - 0.6 * max(reg.w, reg.h)
+            self.density = np.maximum(self.density, 0.7 * np.clip(1.0 - d / (2.5 * BLOCK), 0.0, 1.0))
         self.region_cells = self._plant()
 
         self._cand: dict[tuple[int, int], _Cells] = {}
@@ -670,17 +671,18 @@ class _Layout:
         cfg = self.cfg
         W, H = cfg.width, cfg.height
         rng = _rng(cfg.seed, _S_REGIONS)
-        side = int(min(self.px(_REGION_SIDE_UM), 0.3 * min(W, H)))
+        edge = max(int(0.04 * min(W, H)), 16)
+        side = int(min(self.px(_REGION_SIDE_UM), max(0.3 * min(W, H), 4 * self.nuc_min), min(W, H) - 2 * edge))
         n = cfg.regions
         if n is None:
             n = int(np.clip(round(W * H * cfg.mpp**2 / _REGION_AREA_UM2), 1, _MAX_REGIONS))
         avoid = [self.pen_bbox, self.blur_bbox]
         regions: list[_Region] = []
-        edge = max(int(0.04 * min(W, H)), 16)
-        for _ in range(400 * max(n, 1)):
+        tries = 400 * max(n, 1)
+        for t in range(tries):
             if len(regions) >= n:
                 break
-            if W - side - 2 * edge <= 0 or H - side - 2 * edge <= 0:
+            if side < 2 * self.nuc_min or W - side - 2 * edge <= 0 or H - side - 2 * edge <= 0:
                 break
             x = int(rng.integers(edge, W - side - edge))
             y = int(rng.integers(edge, H - side - edge))
@@ -688,6 +690,11 @@ class _Layout:
             gap = side // 4
             spaced = [x - gap, y - gap, side + 2 * gap, side + 2 * gap]
             if any(_overlap(bb, a) for a in avoid) or any(_overlap(spaced, [r.x, r.y, r.w, r.h]) for r in regions):
+                continue
+            # Prefer a field that is already filled (most tries), so that the region does not
+            # stand out from its surroundings; the density bump below then changes little.
+            dens = self.density[y // BLOCK:(y + side - 1) // BLOCK + 1, x // BLOCK:(x + side - 1) // BLOCK + 1]
+            if t < tries * 3 // 4 and dens.mean() < 0.5:
                 continue
             regions.append(_Region(x, y, side, side))
         if n > 0 and not regions:
