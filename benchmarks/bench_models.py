@@ -1,7 +1,7 @@
 """Teacher vs student inference throughput (tiles/s) on this machine, measured in one run.
 
 For each preset (default: ``paper`` = ViT-B/16 at 224 px, 12 vs 3 blocks, and ``tiny`` at the
-CPU-demo size) the teacher and student are timed back to back in fp32 and bf16 autocast on the
+CPU-demo size) the teacher and student are timed batch by batch in turn (interleaved) in fp32 and bf16 autocast on the
 CPU, and on CUDA when present. Weights are random: speed does not depend on them.
 
     python benchmarks/bench_models.py                      # paper + tiny, CPU (+ GPU)
@@ -32,21 +32,23 @@ SIZES = {"paper": (224, 16), "small": (224, 16), "tiny": (64, 16)}
 
 
 @torch.no_grad()
-def tiles_per_s(model, img, device, bf16, batch, batches, warmup=2):
+def interleaved_tiles_per_s(models, img, device, bf16, batch, batches, warmup=2):
+    """Tiles/s per model, timing one batch of each model in turn so that a change in machine
+    load (shared CPUs) hits all models alike. Median over ``batches`` rounds."""
     x = torch.randn(batch, 3, img, img, device=device)
-    times = []
+    times = {k: [] for k in models}
     for i in range(warmup + batches):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return batch / times[len(times) // 2]
+        for k, m in models.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                m(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t)
+    return {k: batch / sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def cpu_name() -> str:
@@ -63,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="paper,tiny")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--batches", type=int, default=5, help="timed batches (median reported)")
+    ap.add_argument("--batches", type=int, default=9, help="timed batches (median reported)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--json", help="write all results to this file")
@@ -87,10 +89,11 @@ def main() -> None:
             models[role] = (m, count_params(m), flops_per_image(m, img))
         for dev in devices:
             for prec in ("fp32", "bf16"):
-                res = {}
-                for role, (m, n_params, flops) in models.items():
+                for m, _, _ in models.values():
                     m.to(dev)
-                    res[role] = tiles_per_s(m, img, dev, prec == "bf16", args.batch, args.batches)
+                res = interleaved_tiles_per_s({r: v[0] for r, v in models.items()}, img, dev, prec == "bf16",
+                                              args.batch, args.batches)
+                for role, (m, n_params, flops) in models.items():
                     row = {"preset": preset, "img": img, "role": role, "device": dev.type, "precision": prec,
                            "params_M": round(n_params / 1e6, 2), "gflops": round(flops / 1e9, 3),
                            "tiles_per_s": round(res[role], 1), "batch": args.batch}
