@@ -30,24 +30,25 @@ def flops_per_image(model: torch.nn.Module, img_size: int) -> int:
 
 
 @torch.no_grad()
-def throughput(model: torch.nn.Module, img_size: int, device: torch.device, bf16: bool,
-               batch: int = 64, batches: int = 10, warmup: int = 2) -> float:
-    """Images per second of the forward pass (median over ``batches`` timed batches)."""
-    model.eval().to(device)
+def interleaved_throughput(models: dict[str, torch.nn.Module], img_size: int, device: torch.device, bf16: bool,
+                           batch: int = 64, batches: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Images/s of each model's forward pass, timing one batch of every model in turn so that
+    a change of machine load (shared CPUs) hits all of them alike; median over ``batches``."""
     x = torch.randn(batch, 3, img_size, img_size, device=device)
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + batches):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return batch / times[len(times) // 2]
+        for k, m in models.items():
+            m.eval().to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                m(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t)
+    return {k: batch / sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
@@ -134,10 +135,6 @@ def evaluate_models(checkpoints: list[str], cfg: TrainConfig, out_dir: str | Pat
         model.to(device)
         logits = predict(model, ps.images[idx], device, cfg.bf16, norm["mean"], norm["std"])
         rep = classification_report(logits, ps.labels[idx], class_names)
-        tp = {
-            "fp32": round(throughput(model, size, device, False, batches=bench_batches), 1),
-            "bf16": round(throughput(model, size, device, True, batches=bench_batches), 1),
-        }
         name = Path(path).parent.name if Path(path).name == "model.safetensors" else Path(path).stem
         report = {
             "checkpoint": str(path),
@@ -149,13 +146,22 @@ def evaluate_models(checkpoints: list[str], cfg: TrainConfig, out_dir: str | Pat
             **rep,
             "params": count_params(model),
             "gflops": round(flops_per_image(model.float().cpu(), size) / 1e9, 4),
-            "throughput": {**tp, "unit": "images/s", "batch": 64, "device": str(device),
+            "throughput": {"unit": "images/s", "batch": 64, "device": str(device), "interleaved_with": len(loaded),
                            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
             "architecture": meta["architecture"],
         }
-        (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+        report["_name"] = name
         save_confusion_png(rep["confusion_matrix"]["rows_true_cols_pred"], class_names,
                            out_dir / f"{name}_confusion.png", f"{name}: top-1 {rep['top1']:.4f}")
         reports.append(report)
-    del sizes
+    for size in sizes:  # all models of one input size are timed together, interleaved
+        group = {r["checkpoint"]: m for (c, m, meta), r in zip(loaded, reports) if meta["input_size"] == size}
+        for prec in ("fp32", "bf16"):
+            tp = interleaved_throughput(group, size, device, prec == "bf16", batches=bench_batches)
+            for r in reports:
+                if r["checkpoint"] in tp:
+                    r["throughput"][prec] = round(tp[r["checkpoint"]], 1)
+    for r in reports:
+        name = r.pop("_name")
+        (out_dir / f"{name}.json").write_text(json.dumps(r, indent=1))
     return reports
