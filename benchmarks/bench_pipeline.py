@@ -66,9 +66,12 @@ def model_throughput(ckpt: Path, n: int = 256, batch: int = 64) -> float:
     loaded = load_checkpoint(ckpt)
     tiles = np.random.default_rng(0).integers(0, 255, (n, loaded.info.tile_size, loaded.info.tile_size, 3), np.uint8)
     predict_probs(loaded.model, loaded.info, tiles[:batch], batch_size=batch)
-    t = time.perf_counter()
-    predict_probs(loaded.model, loaded.info, tiles, batch_size=batch)
-    return n / (time.perf_counter() - t)
+    best = float("inf")
+    for _ in range(3):  # best of three: the machine is shared
+        t = time.perf_counter()
+        predict_probs(loaded.model, loaded.info, tiles, batch_size=batch)
+        best = min(best, time.perf_counter() - t)
+    return n / best
 
 
 def teacher_checkpoint(student: Path, work: Path, given: str | None) -> tuple[Path, str]:

@@ -307,14 +307,14 @@ def score_store(
     key = scores_key(info.sha256)
     n_tiles, per_shard, n_shards = int(meta["n_tiles"]), int(meta["tiles_per_shard"]), int(meta["n_shards"])
     existing = list_scores(group).get(key)
-    device = resolve_device(config.device)
 
     if existing and existing.get("checkpoint_sha256") == info.sha256 and existing.get("complete"):
         if on_plan:
             on_plan(n_tiles, n_tiles)
         return ScoreResult(store_path, key, info.sha256, n_tiles, True, 0, time.perf_counter() - start,
-                           existing.get("precision", "fp32"), existing.get("device", device),
+                           existing.get("precision", "fp32"), existing.get("device", "cpu"),
                            existing.get("bf16_max_abs_diff"))
+    device = resolve_device(config.device)  # imports torch: only when there is work
 
     group = tile_store.open_store(store_path, mode="r+")
     if existing and existing.get("checkpoint_sha256") == info.sha256:
