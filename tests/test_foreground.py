@@ -6,6 +6,7 @@ foreground fraction of the whole image reaches the stain preset's ``min_foregrou
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,6 +29,8 @@ from wsi_pipeline.foreground import (
     pen_mask,
     tile_fractions,
 )
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.synth import SynthConfig, synthesize
 
 # Pen-only tiles (a marker stroke on bare glass, no tissue), checked by eye:
 #   no-tissue-green-pen.png: a broad, out-of-focus green marker stroke on glass;
@@ -207,6 +210,93 @@ def test_uneven_illumination_is_followed_not_thresholded(shared_data):
     assert (thumb.mean(axis=2) < 220).mean() > 0.4
     recall, fp = _recall_and_empty_fp(foreground_mask(thumb, WORKING_MPP, "romanowsky"), f, boxes, canvas.shape[:2])
     assert recall >= 0.95 and fp <= 0.15
+
+
+# White-balance casts of the light / glass: warm (yellow-orange) and cool (blue).
+TINTS = {"warm": (1.0, 0.9, 0.8), "cool": (0.85, 0.9, 1.0)}
+
+
+def test_tinted_glass_gives_the_same_recall_and_does_not_flood(shared_data):
+    # A scanner with an off white balance tints everything, glass included. Stain is measured
+    # relative to the estimated glass colour per channel, so the tint cancels; a colourless-glass
+    # rule found no glass here and marked every tile.
+    canvas, boxes, mpp = _sparse_field(shared_data)
+    f = int(round(WORKING_MPP / mpp))
+    plain = _recall_and_empty_fp(foreground_mask(_thumbnail(canvas, f), WORKING_MPP, "romanowsky"), f, boxes,
+                                 canvas.shape[:2])
+    assert plain[0] >= 0.95
+    for name, tint in TINTS.items():
+        tinted, _, _ = _sparse_field(shared_data, np.array(tint, np.float32))
+        assert np.ptp(np.median(tinted.reshape(-1, 3), axis=0)) > 20  # the glass is visibly coloured
+        recall, fp = _recall_and_empty_fp(foreground_mask(_thumbnail(tinted, f), WORKING_MPP, "romanowsky"), f,
+                                          boxes, canvas.shape[:2])
+        assert recall == plain[0], name
+        assert fp <= 0.05, (name, fp)
+
+
+def test_pen_rule_judges_ink_relative_to_tinted_glass(shared_data):
+    folder = shared_data / "tiles"
+    tissue = folder / "tissue-level0-4302-10273-4814-10785.png"
+    for name, tint in TINTS.items():
+        def tinted(path):
+            return np.clip(_rgb(path) * np.array(tint) + 0.5, 0, 255).astype(np.uint8)
+
+        for pen in PEN_ONLY:
+            rgb = tinted(folder / pen)
+            assert pen_mask(rgb).mean() > 0.5, (name, pen)
+            for stain in ("pap", "romanowsky"):
+                keep, frac = _kept(rgb, _tile_mpp(pen), stain)
+                assert not keep, f"{pen} kept on {name} glass with {stain} (foreground {frac:.3f})"
+        assert pen_mask(tinted(tissue), _tile_mpp(tissue.name)).mean() < 0.01, name
+        # pen over tissue: the ink share stays what it is on neutral glass (a cast does not turn
+        # stain into ink or ink into stain)
+        for pen in ("tcga-green-pen.png", "tcga-red-pen.png"):
+            neutral = pen_mask(_rgb(folder / pen)).mean()
+            assert abs(pen_mask(tinted(folder / pen)).mean() - neutral) < 0.03, (name, pen)
+
+
+# --------------------------------------------------------------------------- synthetic smear
+
+@pytest.fixture(scope="module")
+def synthetic_smear(tmp_path_factory):
+    """A 4096 x 4096 synthetic smear at 0.25 um/px, its ground truth and its 2 um/px mask."""
+    out = tmp_path_factory.mktemp("synth") / "smear.tiff"
+    result = synthesize(out, SynthConfig(width=4096, height=4096, seed=3, fraction=0.1))
+    truth = json.loads(result.truth.read_text())
+    with open_slide(str(result.slide)) as slide:
+        thumb, ds = slide.thumbnail(WORKING_MPP)
+    return truth, foreground_mask(thumb, truth["mpp"] * ds, "romanowsky"), ds
+
+
+def test_synthetic_smear_bare_glass_is_background(synthetic_smear):
+    # Bare glass = the layout's empty fields (no cell reaches them), away from debris and the
+    # pen mark; thumbnail tiles of 32 um there must not be foreground.
+    truth, mask, ds = synthetic_smear
+    assert truth["empty_fields"], "the layout has no empty field"
+    t = 128  # level-0 px
+    tiles = []
+    for x, y, w, h in truth["empty_fields"]:
+        tiles += [(tx, ty, t, t) for ty in range(y, y + h - t + 1, t) for tx in range(x, x + w - t + 1, t)]
+    tiles = np.array(tiles)
+    pad = int(10 / truth["mpp"])
+    near = np.zeros(len(tiles), bool)
+    for x, y, w, h in truth["debris"] + [truth["artifacts"]["pen"]["bbox"]]:
+        near |= _overlaps(tiles, (x - pad, y - pad, x + w + pad, y + h + pad))
+    glass = tiles[~near]
+    assert len(glass) >= 50
+    frac = tile_fractions(mask, ds, glass)
+    assert (frac >= get_preset("romanowsky").min_foreground).mean() <= 0.02
+    assert frac.mean() < 0.01
+
+
+def test_synthetic_smear_nucleated_cells_are_foreground(synthetic_smear):
+    truth, mask, ds = synthetic_smear
+    px, py, pw, ph = truth["artifacts"]["pen"]["bbox"]
+    pad = int(40 / truth["mpp"])  # ink and its margin hide what lies under and beside the pen
+    cells = np.array([c["bbox"] for c in truth["cells"] if c["class"] != "platelet"])
+    away = ~_overlaps(cells, (px - pad, py - pad, px + pw + pad, py + ph + pad))
+    assert away.sum() >= 100
+    assert (tile_fractions(mask, ds, cells[away]) >= 0.1).mean() >= 0.95
 
 
 # --------------------------------------------------------------------------- tiles: keep / reject

@@ -16,8 +16,10 @@ from click.testing import CliRunner
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import WsiTriageError
-from wsi_pipeline.synth import (SHIPPED_CELLS, SynthConfig, cut_out_cell, list_cells, read_cell_list,
-                                synthesize)
+from PIL import Image
+
+from wsi_pipeline.synth import (PBC_MPP, SHIPPED_CELLS, SynthConfig, _transmittance, cut_out_cell,
+                                cut_out_red_cells, list_cells, read_cell_list, synthesize)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,6 +87,52 @@ def test_truth_boxes_hold_the_placed_cells_and_nothing_dark_lies_outside(positiv
                           + [truth["artifacts"]["pen"]["bbox"]], pad=2)
     assert nuclear.sum() > 1000
     assert (nuclear & ~explained).sum() <= 20
+
+
+def test_glass_is_bright_and_near_neutral_and_red_cells_keep_their_source_colour(positive):
+    result, truth = positive
+    rgb = tifffile.imread(result.slide, level=0).astype(np.float32)
+    bright = rgb.sum(axis=2)
+    glass = np.median(rgb[bright >= np.percentile(bright, 90)], axis=0)
+    # as between the cells of a real May-Gruenwald-Giemsa smear: bright, a faint cast at most
+    assert glass.mean() >= 205 and np.ptp(glass) <= 0.05 * glass.max(), glass
+    assert np.ptp(truth["glass_rgb"]) <= 0.05 * max(truth["glass_rgb"])
+    # red cells: stained pixels outside every listed object (cells, debris, pen, blurred patch)
+    listed = _box_mask(bright.shape, [c["bbox"] for c in truth["cells"]] + truth["debris"], pad=8)
+    listed |= _box_mask(bright.shape, [truth["artifacts"]["pen"]["bbox"]], pad=80)
+    listed |= _box_mask(bright.shape, [truth["artifacts"]["blur"]["bbox"]], pad=20)
+    od = -np.log10(np.clip(rgb.mean(axis=2) / glass.mean(), 1e-3, 1.0))
+    red = ~listed & (od > 0.06) & (od < 0.3)
+    assert red.mean() > 0.05
+    synth_rbc = np.median(rgb[red], axis=0)
+    # the same red cells as they look in their source images (absolute colour, salmon pink)
+    source = []
+    for rel in list_cells(SHIPPED_CELLS).relpaths[::8][:40]:
+        img = np.asarray(Image.open(SHIPPED_CELLS / rel).convert("RGB"))
+        _, bg = _transmittance(img)
+        source += [np.median(k[m].astype(np.float32) / 255.0 * bg, axis=0) for k, m in cut_out_red_cells(img, PBC_MPP)]
+    source_rbc = np.median(np.array(source), axis=0)
+    assert len(source) >= 30
+    # pink: red well above green and blue (plain transmittance on neutral glass gave lavender, B > R)
+    assert synth_rbc[0] > synth_rbc[2] + 20 and synth_rbc[0] > synth_rbc[1] + 20, synth_rbc
+    np.testing.assert_allclose(synth_rbc[0] / synth_rbc[1:], source_rbc[0] / source_rbc[1:], rtol=0.06)
+
+
+def test_empty_fields_are_bare_glass(tmp_path):
+    result = synthesize(tmp_path / "e.tiff", SynthConfig(width=2048, height=2048, seed=4, fraction=0.0))
+    truth = json.loads(result.truth.read_text())
+    fields = truth["empty_fields"]
+    assert fields  # seed 4 leaves a corner of this slide empty
+    empty = _box_mask((truth["height"], truth["width"]), fields)
+    cells = _box_mask(empty.shape, [c["bbox"] for c in truth["cells"]])
+    assert not (empty & cells).any()
+    rgb = tifffile.imread(result.slide, level=0).astype(np.float32)
+    glass = empty & ~_box_mask(empty.shape, truth["debris"] + [truth["artifacts"]["pen"]["bbox"]], pad=4)
+    assert glass.sum() > 0.5 * empty.sum()
+    # OD against the glass of the empty fields (the illumination drifts by a few % across a slide)
+    od = -np.log(np.clip(rgb / np.median(rgb[glass], axis=0), 1e-3, None)).sum(axis=2)
+    assert (od[glass] > 0.25).mean() < 1e-3  # nothing stained there
+    assert (od[~empty] > 0.25).mean() > 0.1  # unlike the rest of the slide
 
 
 def test_openslide_opens_it_as_a_generic_tiff_pyramid_with_the_pixel_size(positive):

