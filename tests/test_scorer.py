@@ -35,7 +35,7 @@ def _reference_probs(ckpt, tiles: np.ndarray) -> np.ndarray:
 
 
 def test_scores_every_tile_in_shards_with_attributes(work):
-    result = score_store(work["store"], work["a"])
+    result = score_store(work["store"], work["a"], ScoreConfig(precision="fp32"))
     group = tile_store.open_store(work["store"])
     meta = tile_store.read_meta(group)
     assert meta["n_shards"] > 1 and result.shards_scored == meta["n_shards"] and not result.reused
@@ -80,8 +80,8 @@ def test_interrupted_scoring_resumes_only_missing_shards(work):
 def test_new_checkpoint_scores_from_the_store_without_the_slide(work, tmp_path):
     store = tiled_store(blob_field(tmp_path / "moved.png", seed=4), tmp_path / "out")
     (tmp_path / "moved.png").rename(tmp_path / "gone.png")  # the slide cannot be read any more
-    a = score_store(store, work["a"])
-    b = score_store(store, work["b"])
+    a = score_store(store, work["a"], ScoreConfig(precision="fp32"))
+    b = score_store(store, work["b"], ScoreConfig(precision="fp32"))
     assert a.key != b.key and not b.reused
     group = tile_store.open_store(store)
     assert set(list_scores(group)) == {a.key, b.key}
@@ -105,10 +105,10 @@ def test_missing_or_incomplete_store_is_a_one_line_error(tmp_path, work):
 
 def test_processes_scheduler_matches_threads(work, tmp_path):
     store = tiled_store(work["slide"], tmp_path / "out")
-    threads = score_store(store, work["a"], ScoreConfig(scheduler="threads", workers=2))
+    threads = score_store(store, work["a"], ScoreConfig(scheduler="threads", workers=2, precision="fp32"))
     expected, _ = read_scores(tile_store.open_store(store), threads.checkpoint_sha256)
     store2 = tiled_store(work["slide"], tmp_path / "out2")
-    score_store(store2, work["a"], ScoreConfig(scheduler="processes", workers=1))  # one spawned worker process
+    score_store(store2, work["a"], ScoreConfig(scheduler="processes", workers=1, precision="fp32"))  # one spawned worker process
     got, _ = read_scores(tile_store.open_store(store2), threads.checkpoint_sha256)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -116,13 +116,13 @@ def test_processes_scheduler_matches_threads(work, tmp_path):
 def test_distributed_local_cluster_matches_threads(work, tmp_path):
     distributed = pytest.importorskip("distributed")
     store = tiled_store(work["slide"], tmp_path / "out")
-    ref = score_store(store, work["a"], ScoreConfig(scheduler="threads"))
+    ref = score_store(store, work["a"], ScoreConfig(scheduler="threads", precision="fp32"))
     expected, _ = read_scores(tile_store.open_store(store), ref.checkpoint_sha256)
     store2 = tiled_store(work["slide"], tmp_path / "out2")
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
                                   silence_logs=40) as cluster:
         seen = []
-        r = score_store(store2, work["a"], ScoreConfig(scheduler=cluster.scheduler_address), progress=seen.append)
+        r = score_store(store2, work["a"], ScoreConfig(scheduler=cluster.scheduler_address, precision="fp32"), progress=seen.append)
     assert r.shards_scored == tile_store.read_meta(tile_store.open_store(store2))["n_shards"]
     assert sum(seen) == r.n_tiles
     got, _ = read_scores(tile_store.open_store(store2), ref.checkpoint_sha256)
@@ -147,3 +147,16 @@ def test_bf16_is_kept_only_within_tolerance(work, tmp_path):
 def test_unknown_scheduler_is_refused(work):
     with pytest.raises(StoreError, match="unknown scheduler 'gpu-farm'"):
         score_store(work["store"], work["a"], ScoreConfig(scheduler="gpu-farm"))
+
+
+def test_auto_precision_measures_bf16_against_fp32_on_a_native_bf16_cpu(work, tmp_path):
+    """auto keeps fp32 unless bf16 is native here and its probabilities match fp32 within tolerance."""
+    from wsi_pipeline.scorer import cpu_has_native_bf16
+
+    store = tiled_store(work["slide"], tmp_path / "out")
+    result = score_store(store, work["a"], ScoreConfig(scheduler="sync"))
+    if cpu_has_native_bf16():
+        assert result.bf16_max_abs_diff is not None
+        assert result.precision == ("bf16" if result.bf16_max_abs_diff <= 0.02 else "fp32")
+    else:
+        assert result.precision == "fp32" and result.bf16_max_abs_diff is None

@@ -13,6 +13,7 @@ the same for local threads, local processes and dask.distributed workers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime as _dt
 import os
 import threading
@@ -40,7 +41,7 @@ class ScoreConfig:
     workers: int | None = None  # local workers [default: CPU count]
     batch_size: int = 64
     device: str | None = None  # None: cuda when available, else cpu
-    precision: str = "auto"  # auto (bf16 on CUDA if it matches fp32) | fp32 | bf16 (if it matches fp32)
+    precision: str = "auto"  # auto (bf16 on CUDA or a native-bf16 CPU, if it matches fp32) | fp32 | bf16 (if it matches fp32)
     bf16_tolerance: float = 0.02  # max |p_bf16 - p_fp32| on the first shard to accept bf16
 
     def validated(self) -> "ScoreConfig":
@@ -142,13 +143,24 @@ def predict_probs(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): there bf16 autocast
+    runs ViT inference 2-3x faster than fp32; elsewhere it is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def choose_precision(loaded: LoadedCheckpoint, tiles: np.ndarray, config: ScoreConfig,
                      device: str) -> tuple[str, float | None]:
-    """fp32, or bf16 when asked for (or auto on CUDA) and its probabilities stay within tolerance."""
+    """fp32, or bf16 when asked for (or auto on a bf16-capable device) and its probabilities stay within tolerance."""
     if config.precision == "fp32" or len(tiles) == 0:
         return "fp32", None
-    if config.precision == "auto" and not device.startswith("cuda"):
-        return "fp32", None  # bf16 autocast is emulated (slower) on most CPUs
+    if config.precision == "auto" and not device.startswith("cuda") and not cpu_has_native_bf16():
+        return "fp32", None  # without AVX512-BF16/AMX, bf16 autocast is emulated (slower)
     p32 = predict_probs(loaded.model, loaded.info, tiles, device=device, precision="fp32",
                         batch_size=config.batch_size)
     p16 = predict_probs(loaded.model, loaded.info, tiles, device=device, precision="bf16",
