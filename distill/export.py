@@ -81,6 +81,9 @@ def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta
         tensors[k] = v.contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # a normal file, not the 0600 safetensors creates
     os.replace(tmp, path)
     return sha256_file(path)
 
