@@ -1,0 +1,372 @@
+"""Slide-level and tile-level evaluation of a student on generated smears with known answers.
+
+Builds N positive and N negative smears (``wsi_pipeline.synth``) from blood-cell images that no
+model was trained on — by default the PBC images of configs/pbc_heldout.txt in ../shared/data/pbc
+(held out from ALL training), else the held-out cells shipped with the package — runs each
+through the pipeline (``run_slide``: tile, score with the threads scheduler, aggregate) and
+reports:
+
+- slide ROC AUC of the slide scores (Mann-Whitney, ties counted half) with a bootstrap 95 %
+  interval, and both score distributions;
+- tile-level detection rate of planted cells: a planted suspicious cell (truth JSON,
+  ``suspicious: true``) counts as detected when a stored tile holding its centre has
+  suspicion >= the threshold (0.5); suspicion = summed probability of the checkpoint's
+  suspicious classes, read from ``scores/<sha12>/probs`` in the tile store;
+- foreground misses: planted cells whose centre lies in no stored tile (the foreground mask
+  dropped them; they count as not detected);
+- false-positive rate: share of the tiles of the negative smears with suspicion >= threshold
+  (and, for context, of the tiles of the positive smears that hold no planted cell).
+
+Every slide has its own seed (positive i: base + 2i, negative i: base + 2i + 1); ``--twins``
+gives negative i the seed of positive i instead (same layout, no suspicious cell). The planted
+classes are the checkpoint's suspicious classes. Nothing is written into the repository: the
+smears and stores go to a temporary folder (removed) or to ``--out`` (kept; a rerun reuses the
+smears, and a new ``--checkpoint`` re-scores the stored tiles without re-tiling).
+
+    python benchmarks/eval_triage.py [--n 20] [--size 3072x3072] [--checkpoint FILE] [--out DIR] [--json FILE|-]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wsi_pipeline import store as tile_store  # noqa: E402
+from wsi_pipeline.aggregate import AggregateConfig, tile_suspicion  # noqa: E402
+from wsi_pipeline.checkpoint import CheckpointInfo, read_checkpoint_info  # noqa: E402
+from wsi_pipeline.errors import WsiTriageError  # noqa: E402
+from wsi_pipeline.pipeline import RunOptions, run_slide  # noqa: E402
+from wsi_pipeline.scorer import ScoreConfig, read_scores, scores_key  # noqa: E402
+from wsi_pipeline.synth import (SynthConfig, list_cells, parse_size, read_cell_list, synthesize,  # noqa: E402
+                                truth_paths)
+
+HELDOUT_LIST = ROOT / "configs" / "pbc_heldout.txt"
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Mann-Whitney AUC = P(score_pos > score_neg) + 0.5 P(equal), from average ranks."""
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    values = np.concatenate([pos, neg])
+    uniq, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    first_rank = np.cumsum(counts) - counts + 1  # 1-based rank of the first of each tied group
+    avg_rank = first_rank + (counts - 1) / 2.0
+    rank_sum = avg_rank[inverse[: pos.size]].sum()
+    return float((rank_sum - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size))
+
+
+def bootstrap_auc_ci(pos: np.ndarray, neg: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95 % interval, resampling positives and negatives separately."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    aucs = [roc_auc(rng.choice(pos, pos.size), rng.choice(neg, neg.size)) for _ in range(n_boot)]
+    lo, hi = np.quantile(aucs, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def centre_tiles(coords: np.ndarray, cx: float, cy: float) -> np.ndarray:
+    """Indices of the stored tiles (level-0 x, y, w, h) whose area holds the point (cx, cy)."""
+    x, y, w, h = coords[:, 0], coords[:, 1], coords[:, 2], coords[:, 3]
+    return np.flatnonzero((x <= cx) & (cx < x + w) & (y <= cy) & (cy < y + h))
+
+
+@dataclass
+class SlideEval:
+    slide: str
+    label: str  # positive | negative
+    seed: int
+    status: str
+    score: float | None
+    n_tiles: int
+    n_tiles_flagged: int  # suspicion >= threshold
+    n_tiles_flagged_clean: int  # flagged tiles holding no planted cell
+    n_tiles_clean: int  # tiles holding no planted cell
+    planted: int
+    detected: int
+    foreground_missed: int
+    synth_seconds: float
+    run_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def evaluate_store(store: Path, truth: dict, info: CheckpointInfo, threshold: float) -> dict[str, int]:
+    """Tile counts and planted-cell detection for one scored store."""
+    group = tile_store.open_store(store)
+    n = int(tile_store.read_meta(group)["n_tiles"])
+    if n == 0:
+        planted = sum(1 for c in truth["cells"] if c["suspicious"])
+        return {"n_tiles": 0, "n_tiles_flagged": 0, "n_tiles_flagged_clean": 0, "n_tiles_clean": 0,
+                "planted": planted, "detected": 0, "foreground_missed": planted}
+    coords = np.asarray(group["coords"][:], dtype=np.int64)
+    probs, attrs = read_scores(group, info.sha256)
+    suspicion = tile_suspicion(probs, attrs["class_names"], attrs["suspicious_classes"])
+    flagged = suspicion >= threshold
+    holds_planted = np.zeros(n, dtype=bool)
+    planted = detected = missed = 0
+    for cell in truth["cells"]:
+        if not cell["suspicious"]:
+            continue
+        x, y, w, h = cell["bbox"]
+        idx = centre_tiles(coords, x + w / 2.0, y + h / 2.0)
+        planted += 1
+        if idx.size == 0:
+            missed += 1
+            continue
+        holds_planted[idx] = True
+        detected += bool(flagged[idx].any())
+    return {"n_tiles": n, "n_tiles_flagged": int(flagged.sum()),
+            "n_tiles_flagged_clean": int((flagged & ~holds_planted).sum()), "n_tiles_clean": int((~holds_planted).sum()),
+            "planted": planted, "detected": detected, "foreground_missed": missed}
+
+
+def _rate(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def summarise(slides: list[SlideEval], threshold: float) -> dict[str, Any]:
+    pos = [s for s in slides if s.label == "positive" and s.score is not None]
+    neg = [s for s in slides if s.label == "negative" and s.score is not None]
+    ps = np.array([s.score for s in pos])
+    ns = np.array([s.score for s in neg])
+    auc = roc_auc(ps, ns)
+    ci = bootstrap_auc_ci(ps, ns) if ps.size and ns.size else (float("nan"), float("nan"))
+    planted = sum(s.planted for s in slides if s.label == "positive")
+    detected = sum(s.detected for s in slides if s.label == "positive")
+    missed = sum(s.foreground_missed for s in slides if s.label == "positive")
+    neg_tiles = sum(s.n_tiles for s in slides if s.label == "negative")
+    neg_flagged = sum(s.n_tiles_flagged for s in slides if s.label == "negative")
+    pos_clean = sum(s.n_tiles_clean for s in slides if s.label == "positive")
+    pos_clean_flagged = sum(s.n_tiles_flagged_clean for s in slides if s.label == "positive")
+
+    def dist(a: np.ndarray) -> dict[str, float] | None:
+        if a.size == 0:
+            return None
+        q = np.quantile(a, [0.0, 0.25, 0.5, 0.75, 1.0])
+        return {"n": int(a.size), "min": float(q[0]), "q25": float(q[1]), "median": float(q[2]),
+                "q75": float(q[3]), "max": float(q[4]), "mean": float(a.mean())}
+
+    return {
+        "slide_auc": auc, "slide_auc_ci95": list(ci),
+        "scores": {"positive": dist(ps), "negative": dist(ns)},
+        "errors": sum(1 for s in slides if s.status == "error"),
+        "empty": sum(1 for s in slides if s.status == "empty"),
+        "threshold": threshold,
+        "planted_cells": planted, "detected_cells": detected, "foreground_missed_cells": missed,
+        "detection_rate": _rate(detected, planted),
+        "detection_rate_in_tiles": _rate(detected, planted - missed),
+        "negative_tiles": neg_tiles, "negative_tiles_flagged": neg_flagged,
+        "fp_rate_negative_tiles": _rate(neg_flagged, neg_tiles),
+        "fp_rate_clean_tiles_of_positives": _rate(pos_clean_flagged, pos_clean),
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def cell_source(cells: str | None, cell_list: str | None) -> tuple[Path | None, tuple[str, ...] | None, str]:
+    """(cells root, list, description): --cells/--cell-list, else shared PBC held-out, else shipped cells."""
+    if cells:
+        listed = read_cell_list(cell_list) if cell_list else None
+        return Path(cells), listed, f"{cells}" + (f" restricted to {cell_list}" if cell_list else "")
+    env = os.environ.get("WSI_TRIAGE_SHARED_DATA")
+    shared = Path(env) if env else ROOT.parent / "shared" / "data"
+    pbc = shared / "pbc"
+    if pbc.is_dir():
+        lst = cell_list or str(HELDOUT_LIST)
+        return pbc, read_cell_list(lst), f"{pbc} restricted to {lst}"
+    print(f"note: {pbc} not found; using the held-out cells shipped with the package", file=sys.stderr)
+    return None, None, "shipped held-out cells (wsi_pipeline/data/cells)"
+
+
+def _matches(truth_json: Path, cfg: SynthConfig) -> bool:
+    """A smear left by an earlier run under --out is reused when it was made with the same settings."""
+    try:
+        doc = json.loads(truth_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    c = doc.get("config") or {}
+    return (doc.get("width"), doc.get("height"), doc.get("seed"), doc.get("fraction"), c.get("mpp"),
+            c.get("suspicious")) == (cfg.width, cfg.height, cfg.seed, cfg.fraction, cfg.mpp, list(cfg.suspicious))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=20, help="positive smears, and as many negative ones")
+    ap.add_argument("--size", default="3072x3072", help="level-0 size WIDTHxHEIGHT of each smear (px)")
+    ap.add_argument("--mpp", type=float, default=0.25, help="pixel size of the smears (um/px)")
+    ap.add_argument("--fraction", type=float, default=0.3,
+                    help="share of the cells in each planted region of a positive smear that are suspicious")
+    ap.add_argument("--seed", type=int, default=1000, help="base seed (slide i of 2N gets base + i)")
+    ap.add_argument("--twins", action="store_true", help="negative i uses positive i's seed (same layout)")
+    ap.add_argument("--checkpoint", default=None, help="student checkpoint [default: the bundled demo student]")
+    ap.add_argument("--cells", default=None, help="ImageFolder of cell images [default: ../shared/data/pbc]")
+    ap.add_argument("--cell-list", default=None,
+                    help="relpaths under --cells to use [default with ../shared/data/pbc: configs/pbc_heldout.txt]")
+    ap.add_argument("--threshold", type=float, default=0.5, help="tile suspicion that counts as flagged")
+    ap.add_argument("--workers", type=int, default=None, help="scoring and tiling workers [default: CPU count]")
+    ap.add_argument("--out", type=Path, default=None, help="keep smears and stores here [default: temporary]")
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON ('-' = stdout)")
+    ap.add_argument("--verbose", action="store_true", help="print one line per slide")
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error("--n must be >= 1")
+
+    t_all = time.perf_counter()
+    out = args.out or Path(tempfile.mkdtemp(prefix="wsi-triage-eval-"))
+    try:
+        width, height = parse_size(args.size)
+        # Score every slide with one frozen copy: a checkpoint file replaced during the run
+        # (e.g. a new export) would otherwise split the slides between two models.
+        source = read_checkpoint_info(args.checkpoint)
+        out.mkdir(parents=True, exist_ok=True)
+        frozen = out / f"checkpoint-{source.sha12}.safetensors"
+        shutil.copyfile(source.path, frozen)
+        info = read_checkpoint_info(frozen)
+        if info.sha256 != source.sha256:
+            raise WsiTriageError(f"{source.path}: the checkpoint changed while it was being copied; run again")
+        cells, listed, cells_desc = cell_source(args.cells, args.cell_list)
+        pool = list_cells(cells, listed)
+        suspicious = tuple(c for c in info.suspicious_classes if c in pool.classes)
+        if not suspicious:
+            raise WsiTriageError(f"{info.path}: suspicious classes {list(info.suspicious_classes)} have no cell "
+                                 f"images in {pool.root} (classes: {', '.join(pool.classes)})")
+        options = RunOptions(checkpoint=info.path, tile_workers=args.workers,
+                             score=ScoreConfig(scheduler="threads", workers=args.workers))
+        plan = []
+        for i in range(args.n):
+            plan.append(("positive", args.seed + 2 * i, args.fraction))
+            plan.append(("negative", args.seed + 2 * i + (0 if args.twins else 1), 0.0))
+        results: list[SlideEval] = []
+        for k, (label, seed, fraction) in enumerate(plan):
+            slide = out / "smears" / f"{label[:3]}-{seed}.tiff"
+            cfg = SynthConfig(width=width, height=height, mpp=args.mpp, seed=seed, cells=cells, cell_list=listed,
+                              cell_list_name=args.cell_list or (str(HELDOUT_LIST) if listed else None),
+                              suspicious=suspicious, fraction=fraction)
+            truth_json = truth_paths(slide)[0]
+            t0 = time.perf_counter()
+            if not (slide.is_file() and _matches(truth_json, cfg)):
+                synthesize(slide, cfg)
+            synth_s = time.perf_counter() - t0
+            truth = json.loads(truth_json.read_text())
+            if truth["label"] != label:  # e.g. a positive too small to hold a planted cell
+                print(f"note: {slide.name} came out {truth['label']}; evaluated as such", file=sys.stderr)
+                label = truth["label"]
+            try:
+                run = run_slide(slide, out / "triage", options, info=info)
+            except WsiTriageError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                results.append(SlideEval(slide.name, label, seed, "error", None, 0, 0, 0, 0,
+                                         sum(c["suspicious"] for c in truth["cells"]), 0, 0, synth_s, 0.0))
+                continue
+            if run.steps["score"]["key"] != scores_key(info.sha256):
+                raise WsiTriageError(f"{run.store}: scored as {run.steps['score']['key']}, expected "
+                                     f"{scores_key(info.sha256)} ({frozen})")
+            counts = evaluate_store(run.store, truth, info, args.threshold)
+            # a slide without tissue tiles gets the lowest possible score, as triage would rank it last
+            score = run.score if run.score is not None else 0.0
+            results.append(SlideEval(slide.name, label, seed, run.status, score, synth_seconds=round(synth_s, 2),
+                                     run_seconds=round(run.seconds, 2), **counts))
+            r = results[-1]
+            if args.verbose:
+                print(f"[{k + 1:>3}/{len(plan)}] {r.slide:<16} score {r.score:.4f}  tiles {r.n_tiles:>5}  "
+                      f"flagged {r.n_tiles_flagged:>4}  planted {r.planted:>3}  detected {r.detected:>3}  "
+                      f"missed {r.foreground_missed:>2}  synth {synth_s:5.1f}s  run {run.seconds:5.1f}s",
+                      file=sys.stderr, flush=True)
+    except WsiTriageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
+
+    summary = summarise(results, args.threshold)
+    wall = time.perf_counter() - t_all
+    synth_total = sum(r.synth_seconds for r in results)
+    run_total = sum(r.run_seconds for r in results)
+    tiles_total = sum(r.n_tiles for r in results)
+    doc = {
+        "checkpoint": str(source.path), "checkpoint_sha12": info.sha12, "class_names": list(info.class_names),
+        "suspicious_classes": list(info.suspicious_classes), "planted_classes": list(suspicious),
+        "cells": cells_desc, "n_per_label": args.n, "size": [width, height], "mpp": args.mpp,
+        "fraction": args.fraction, "base_seed": args.seed, "twins": args.twins,
+        "slide_score": AggregateConfig().method, **summary,
+        "runtime": {"wall_seconds": round(wall, 1), "synth_seconds": round(synth_total, 1),
+                    "pipeline_seconds": round(run_total, 1), "tiles": tiles_total,
+                    "pipeline_seconds_per_slide": round(run_total / max(len(results), 1), 2),
+                    "cpus": os.cpu_count()},
+        "slides": [r.as_dict() for r in results],
+    }
+    print_summary(doc)
+    if args.json:
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+
+
+def print_summary(doc: dict[str, Any]) -> None:
+    rt = doc["runtime"]
+    print(f"checkpoint {Path(doc['checkpoint']).name} ({doc['checkpoint_sha12']}), "
+          f"suspicious: {', '.join(doc['suspicious_classes'])}")
+    print(f"smears: {doc['n_per_label']} positive + {doc['n_per_label']} negative, "
+          f"{doc['size'][0]}x{doc['size'][1]} px at {doc['mpp']} um/px, fraction {doc['fraction']}, "
+          f"{'twin' if doc['twins'] else 'independent'} seeds from {doc['base_seed']}; cells: {doc['cells']}")
+    print()
+    print(f"{'slide scores':<14} {'n':>3} {'min':>7} {'q25':>7} {'median':>7} {'q75':>7} {'max':>7}")
+    for label in ("positive", "negative"):
+        d = doc["scores"][label]
+        if d:
+            print(f"{label:<14} {d['n']:>3} {d['min']:>7.4f} {d['q25']:>7.4f} {d['median']:>7.4f} "
+                  f"{d['q75']:>7.4f} {d['max']:>7.4f}")
+    print()
+    lo, hi = doc["slide_auc_ci95"]
+    t = doc["threshold"]
+    rows = [
+        ("slide ROC AUC", f"{_fmt(doc['slide_auc'])}  (bootstrap 95 % CI {_fmt(lo)}-{_fmt(hi)})"),
+        (f"planted cells detected (tile >= {t})",
+         f"{_fmt(doc['detection_rate'], True)}  ({doc['detected_cells']}/{doc['planted_cells']})"),
+        ("  ... of cells inside a stored tile", _fmt(doc["detection_rate_in_tiles"], True)),
+        ("planted cells in no stored tile", f"{doc['foreground_missed_cells']}/{doc['planted_cells']}"),
+        (f"FP rate: negative-slide tiles >= {t}",
+         f"{_fmt(doc['fp_rate_negative_tiles'], True)}  ({doc['negative_tiles_flagged']}/{doc['negative_tiles']})"),
+        ("  positive-slide tiles without a planted cell", _fmt(doc["fp_rate_clean_tiles_of_positives"], True)),
+        ("slides failed / without tissue", f"{doc['errors']} / {doc['empty']}"),
+        ("runtime", f"{rt['wall_seconds']:.0f} s wall: synth {rt['synth_seconds']:.0f} s, pipeline "
+                    f"{rt['pipeline_seconds']:.0f} s ({rt['pipeline_seconds_per_slide']:.1f} s/slide, "
+                    f"{rt['tiles']} tiles), {rt['cpus']} CPUs"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
