@@ -104,6 +104,7 @@ class SlideEval:
     foreground_missed: int
     synth_seconds: float
     run_seconds: float
+    tiles_by_class: dict[str, list[int]] | None = None  # class -> [cells in a tile, of them flagged]
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -134,7 +135,19 @@ def evaluate_store(store: Path, truth: dict, info: CheckpointInfo, threshold: fl
             continue
         holds_planted[idx] = True
         detected += bool(flagged[idx].any())
-    return {"n_tiles": n, "n_tiles_flagged": int(flagged.sum()),
+    # what the model fires on: per class, cells inside a stored tile and those whose tile is flagged
+    # (the planted classes' figures are the detection rate); last, tiles holding no listed cell
+    by_class: dict[str, list[int]] = {}
+    holds_cell = np.zeros(n, dtype=bool)
+    for cell in truth["cells"]:
+        x, y, w, h = cell["bbox"]
+        idx = centre_tiles(coords, x + w / 2.0, y + h / 2.0)
+        holds_cell[idx] = True
+        tally = by_class.setdefault(cell["class"], [0, 0])
+        tally[0] += int(idx.size > 0)
+        tally[1] += int(flagged[idx].any())
+    by_class["(tiles without a listed cell)"] = [int((~holds_cell).sum()), int((flagged & ~holds_cell).sum())]
+    return {"n_tiles": n, "n_tiles_flagged": int(flagged.sum()), "tiles_by_class": by_class,
             "n_tiles_flagged_clean": int((flagged & ~holds_planted).sum()), "n_tiles_clean": int((~holds_planted).sum()),
             "planted": planted, "detected": detected, "foreground_missed": missed}
 
@@ -165,7 +178,14 @@ def summarise(slides: list[SlideEval], threshold: float) -> dict[str, Any]:
         return {"n": int(a.size), "min": float(q[0]), "q25": float(q[1]), "median": float(q[2]),
                 "q75": float(q[3]), "max": float(q[4]), "mean": float(a.mean())}
 
+    by_class: dict[str, list[int]] = {}
+    for s in slides:
+        for cls, (held, flag) in (s.tiles_by_class or {}).items():
+            tally = by_class.setdefault(cls, [0, 0])
+            tally[0] += held
+            tally[1] += flag
     return {
+        "flag_rate_by_class": {c: {"n": t, "flagged": f, "rate": _rate(f, t)} for c, (t, f) in sorted(by_class.items())},
         "slide_auc": auc, "slide_auc_ci95": list(ci),
         "scores": {"positive": dist(ps), "negative": dist(ns)},
         "errors": sum(1 for s in slides if s.status == "error"),
@@ -366,6 +386,11 @@ def print_summary(doc: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    print()
+    print(f"cells of each class, all slides: share whose tile (holding the centre) has suspicion >= {t}")
+    for cls, d in doc["flag_rate_by_class"].items():
+        mark = " (planted)" if cls in doc["planted_classes"] else ""
+        print(f"  {cls + mark:<28} {_fmt(d['rate'], True):>8}  ({d['flagged']}/{d['n']})")
 
 
 if __name__ == "__main__":

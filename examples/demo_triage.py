@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="4096x4096", help="level-0 size WIDTHxHEIGHT of each smear (px)")
     ap.add_argument("--seed", type=int, default=1, help="layout seed shared by the twin smears")
     ap.add_argument("--mpp", type=float, default=0.25, help="pixel size of the smears (um/px)")
-    ap.add_argument("--fraction", type=float, default=0.3,
+    ap.add_argument("--fraction", type=float, default=0.6,
                     help="share of the cells in each planted region of the positive smear that are suspicious")
     ap.add_argument("--checkpoint", default=None, help="student checkpoint [default: the bundled demo student]")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
