@@ -183,12 +183,15 @@ def run_training(cfg: TrainConfig, role: str, resume: bool = True, log=None) -> 
         old = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
         if old != cfg_json:
             raise DistillError(f"{out}: holds a run with a different config; use a new --out or --no-resume")
+    if not (state_path.exists() and resume):  # a fresh start: forget any earlier run's history
+        for stale in (state_path, out / "metrics.jsonl", out / "result.json"):
+            stale.unlink(missing_ok=True)
     cfg_path.write_text(json.dumps(cfg_json, indent=1))
 
     teacher = None
     teacher_meta = None
     teacher_sha = None
-    if role == "student" and cfg.mode != "none" or cfg.student_init_blocks:
+    if role == "student" and (cfg.mode != "none" or cfg.student_init_blocks):
         if not cfg.teacher:
             raise DistillError(f"mode {cfg.mode!r} needs a teacher checkpoint (--teacher)")
         teacher, teacher_meta = load_model_file(cfg.teacher)

@@ -91,6 +91,10 @@ def test_train_distill_export_roundtrip(tmp_path, tiny_pbc):
     r = runner.invoke(main, ["distill", "--config", str(cfg), "--mode", "mdkd", "--teacher", str(teacher),
                              "--out", str(tmp_path / "s")])
     assert r.exit_code == 0 and "resumed_from_epoch" in r.output
+    # ... but never silently continues a run with another config
+    r = runner.invoke(main, ["distill", "--config", str(cfg), "--mode", "kd", "--teacher", str(teacher),
+                             "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "different config" in r.output
 
 
 def test_pickles_and_bad_metadata_are_refused(tmp_path):
