@@ -1,0 +1,106 @@
+"""distill.finetune: head extension, a few real training steps on a tiny ImageFolder, the
+checkpoint it writes (contract, provenance, kept metadata) and its user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.errors import DistillError
+from distill.export import build_metadata, load_model_file, sha256_file, write_checkpoint
+from distill.finetune import FinetuneConfig, export_fp16, extend_head, main, run_finetune
+from distill.models import build_vit
+
+OLD = ["blast", "normal"]
+ARCH = {"family": "timm-vit", "img_size": 32, "patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3,
+        "mlp_ratio": 4.0, "num_classes": len(OLD), "class_token": True, "global_pool": "token"}
+
+
+def _init_checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_vit(ARCH)
+    md = build_metadata(ARCH, OLD, ["blast"], (0.5,) * 3, (0.25,) * 3, 32, 128, 0.27,
+                        {"role": "student", "data_fingerprint": "x", "metrics": {"val_top1": 0.5}})
+    md["stain"] = "romanowsky"
+    write_checkpoint(path, model.state_dict(), md)
+    return path
+
+
+def _folder(root: Path, spec: dict[str, int], seed: int = 0) -> Path:
+    """Small coloured images: 'blast' dark blue blobs, 'normal' pink, 'background' near white."""
+    rng = np.random.default_rng(seed)
+    base = {"blast": (70, 60, 150), "normal": (220, 150, 160), "background": (235, 235, 235)}
+    for cls, n in spec.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.clip(np.array(base[cls]) + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / cls / f"{cls}_{i:03d}.png")
+    return root
+
+
+def test_extend_head_keeps_old_logits(tmp_path):
+    model, _ = load_model_file(_init_checkpoint(tmp_path / "init.safetensors"))
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        extend_head(model, 1)
+        after = model(x)
+    assert after.shape == (6, len(OLD) + 1)
+    torch.testing.assert_close(after[:, : len(OLD)], before)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+
+
+def test_finetune_adds_background_and_writes_a_contract_checkpoint(tmp_path):
+    init = _init_checkpoint(tmp_path / "init.safetensors")
+    data = _folder(tmp_path / "set", {"blast": 12, "normal": 12, "background": 12})
+    exclude = tmp_path / "heldout.txt"
+    exclude.write_text("# never train on these\nblast/blast_000.png\nnormal/normal_000.png\n")
+    cfg = FinetuneConfig(init=str(init), data=[str(data)], out=str(tmp_path / "run"), exclude=str(exclude),
+                         add_class=["background"], epochs=2, samples_per_epoch=32, batch_size=16, lr=1e-3,
+                         warmup_steps=1, threads=1, cache_dir=None, val_frac=0.25)
+    metrics = run_finetune(cfg, log=lambda s: None)
+    assert metrics["steps"] == 4
+    model, meta = load_model_file(tmp_path / "run" / "model.safetensors")
+    assert meta["class_names"] == OLD + ["background"]
+    assert meta["architecture"]["num_classes"] == 3
+    assert meta["suspicious_classes"] == ["blast"]
+    prov = meta["provenance"]
+    assert prov["init_sha256"] == sha256_file(init)
+    assert prov["data"][0]["n"] == 34  # the two excluded images are not there
+    assert prov["split"] == {"seed": 0, "val_frac": 0.25}
+    assert prov["metrics"]["val_top1"] == metrics["val_top1"]
+    # the weights changed from the init checkpoint (training really ran), old rows included
+    init_model, _ = load_model_file(init)
+    assert not torch.equal(model.head.weight[: len(OLD)], init_model.head.weight)
+    # the fp16 export keeps extra metadata such as the stain
+    out = tmp_path / "demo.safetensors"
+    export_fp16(tmp_path / "run" / "model.safetensors", out)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        raw = f.metadata()
+        assert f.get_tensor("head.weight").dtype == torch.float16
+    assert raw["stain"] == "romanowsky"
+    assert json.loads(raw["class_names"]) == OLD + ["background"]
+    # and the pipeline's loader accepts it
+    from wsi_pipeline.checkpoint import read_checkpoint_info
+
+    info = read_checkpoint_info(out)
+    assert info.num_classes == 3
+
+
+def test_unknown_class_without_add_class_is_a_user_error(tmp_path, capsys):
+    init = _init_checkpoint(tmp_path / "init.safetensors")
+    data = _folder(tmp_path / "set", {"blast": 4, "background": 4})
+    cfg = FinetuneConfig(init=str(init), data=[str(data)], out=str(tmp_path / "run"), epochs=1,
+                         samples_per_epoch=8, batch_size=8, threads=1, cache_dir=None)
+    with pytest.raises(DistillError, match="background"):
+        run_finetune(cfg, log=lambda s: None)
+    rc = main(["--init", str(init), "--data", str(data), "--out", str(tmp_path / "run2"), "--add-class", "blast"])
+    assert rc == 2
+    assert "already among" in capsys.readouterr().err
