@@ -96,14 +96,18 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint is not a file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = fh.read(9)
+        # safetensors: 8-byte little-endian header length, then the JSON header ("{"). Test that
+        # first: a valid header length may well start with byte 0x80, like a pickle does.
+        is_safetensors = len(head) == 9 and head[8:9] == b"{"
+        if not is_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise CheckpointError(
                 f"{path}: unknown checkpoint format (a PyTorch pickle/zip file); only .safetensors "
                 "student checkpoints are accepted (export one with `wsi-distill export`)")
-        if len(head) < 8:
+        if len(head) < 9:
             raise CheckpointError(f"{path}: unknown checkpoint format (file too short for safetensors)")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
+        fh.seek(8)
         if n < 2 or n > MAX_HEADER_BYTES or n + 8 > size:
             raise CheckpointError(f"{path}: unknown checkpoint format (not a safetensors file)")
         raw = fh.read(n)
