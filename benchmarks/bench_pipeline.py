@@ -5,7 +5,7 @@ libraries are already imported, as in a batch; the one-off import time is report
 Slides: the real Aperio slide (../shared/data/slides/CMU-1-Small-Region.svs) and a large generated
 smear (wsi_pipeline.synth, made once under --work). Each (slide, model) pair runs in a fresh
 process with a fresh output folder, so tiling, scoring and aggregation are all timed and the
-peak RSS (ru_maxrss of that process) belongs to that run alone.
+peak RSS (VmHWM of that process) belongs to that run alone.
 
 Student: the bundled demo checkpoint (or --student). Teacher: --teacher, else the distill
 teacher run if it was exported in the checkpoint format, else a teacher-sized ViT (the student's
@@ -48,6 +48,11 @@ def child(slide: str, ckpt: str, out: str, scheduler: str) -> None:
     run = run_slide(slide, out, RunOptions(checkpoint=ckpt, score=ScoreConfig(scheduler=scheduler)))
     steps = run.steps
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:  # VmHWM: this process image alone (ru_maxrss carries the forking parent's peak across exec)
+        with open("/proc/self/status") as fh:
+            rss_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
     print(json.dumps({
         "n_tiles": run.n_tiles, "score": run.score, "seconds": run.seconds, "import_seconds": t_import,
         "tile_seconds": steps["tile"]["seconds"], "score_seconds": steps["score"]["seconds"],
