@@ -18,39 +18,19 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.evaluate import flops_per_image  # noqa: E402
+from distill.evaluate import flops_per_image, interleaved_throughput  # noqa: E402
 from distill.models import architecture, build_vit, count_params  # noqa: E402
 
 SIZES = {"paper": (224, 16), "small": (224, 16), "tiny": (64, 16)}
 
 
 @torch.no_grad()
-def interleaved_tiles_per_s(models, img, device, bf16, batch, batches, warmup=2):
-    """Tiles/s per model, timing one batch of each model in turn so that a change in machine
-    load (shared CPUs) hits all models alike. Median over ``batches`` rounds."""
-    x = torch.randn(batch, 3, img, img, device=device)
-    times = {k: [] for k in models}
-    for i in range(warmup + batches):
-        for k, m in models.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                m(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t)
-    return {k: batch / sorted(v)[len(v) // 2] for k, v in times.items()}
-
-
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -91,7 +71,7 @@ def main() -> None:
             for prec in ("fp32", "bf16"):
                 for m, _, _ in models.values():
                     m.to(dev)
-                res = interleaved_tiles_per_s({r: v[0] for r, v in models.items()}, img, dev, prec == "bf16",
+                res = interleaved_throughput({r: v[0] for r, v in models.items()}, img, dev, prec == "bf16",
                                               args.batch, args.batches)
                 for role, (m, n_params, flops) in models.items():
                     row = {"preset": preset, "img": img, "role": role, "device": dev.type, "precision": prec,

@@ -87,15 +87,18 @@ def teacher_checkpoint(student: Path, work: Path, given: str | None) -> tuple[Pa
 
     if given:
         return Path(given), "given"
+    info = read_checkpoint_info(student)
+    same = ("embed_dim", "img_size", "patch_size")
     for cand in TEACHER_CANDIDATES:
         path = ROOT / cand
         if path.exists():
             try:
-                read_checkpoint_info(path)
-                return path, "distill teacher run"
+                teacher = read_checkpoint_info(path)
             except Exception:  # noqa: BLE001 - not in the checkpoint format: fall through
-                pass
-    info = read_checkpoint_info(student)
+                continue
+            # only the student's own teacher setting is a fair comparison (same width and input)
+            if all(teacher.architecture.get(k) == info.architecture.get(k) for k in same):
+                return path, "distill teacher run"
     arch = {**info.architecture, "depth": TEACHER_DEPTH}
     torch.manual_seed(0)
     model = VisionTransformer(**{k: v for k, v in arch.items() if k != "family"})

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .data import to_input
+
 from .errors import DistillError
 from .export import load_model_file, sha256_file
 from .models import count_params

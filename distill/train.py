@@ -25,7 +25,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, AugConfig, PatchSet, augment, bal
     load_imagefolder, load_tilestore, stratified_split, to_input
 from .errors import DistillError
 from .export import build_metadata, load_model_file, sha256_file, write_checkpoint
-from .losses import MDKDConfig, MDKDLoss, kd_kl, response_loss
+from .losses import MDKDConfig, MDKDLoss, response_loss
 from .models import architecture, count_params, forward_features_all, init_from_timm_weights, \
     init_student_from_teacher
 

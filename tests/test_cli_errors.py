@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 
 def wsi_triage(*args: str) -> subprocess.CompletedProcess:

@@ -1249,7 +1249,7 @@ def synthesize(out: str | Path, config: SynthConfig = SynthConfig(),
             yield from encoded
 
     common = dict(dtype=np.uint8, tile=(T, T), photometric="rgb", compression="jpeg",
-                  resolutionunit="CENTIMETER", software=f"wsi-triage synth")
+                  resolutionunit="CENTIMETER", software="wsi-triage synth")
     description = (f"wsi-triage synthetic cytology smear; seed={cfg.seed}; mpp={cfg.mpp}; "
                    f"truth={truth_json.name}")
     try:
