@@ -200,7 +200,7 @@ def aggregate_options(func):
     """Options of every command that turns scores into a slide score and pictures."""
     options = [
         click.option("--method", type=click.Choice(["topk_mean", "quantile", "fraction_above"]), default="topk_mean", show_default=True, help="Slide score from tile suspicions."),
-        click.option("--top-k", type=int, default=10, show_default=True, help="Tiles averaged by topk_mean."),
+        click.option("--top-k", type=int, default=3, show_default=True, help="Tiles averaged by topk_mean."),
         click.option("--quantile", type=float, default=0.95, show_default=True, help="Quantile for method=quantile."),
         click.option("--threshold", type=float, default=0.5, show_default=True, help="Suspicion threshold for method=fraction_above (and the reported count)."),
         click.option("--gallery", "gallery_k", type=int, default=16, show_default=True, help="Top tiles in gallery.png."),
