@@ -174,8 +174,10 @@ def evaluate_cmd(checkpoints, config, sets, split, out_dir, bench_batches, **opt
 @click.option("--fp16/--fp32", default=True, show_default=True, help="Weight precision.")
 @click.option("--suspicious", help="Comma-separated suspicious classes (default: keep the run's).")
 @click.option("--metrics", "metrics_json", type=click.Path(dir_okay=False), help="JSON file of metrics to record.")
+@click.option("--stain", type=click.Choice(["pap", "romanowsky", "he"]),
+              help="Stain preset `wsi-triage run` tiles with (default: keep the source's, else pap).")
 @_user_errors
-def export_cmd(source, out, fp16, suspicious, metrics_json):
+def export_cmd(source, out, fp16, suspicious, metrics_json, stain):
     """Write a deployable student checkpoint from a run folder or model file."""
     from .export import export
 
@@ -186,7 +188,7 @@ def export_cmd(source, out, fp16, suspicious, metrics_json):
         except (OSError, json.JSONDecodeError) as e:
             raise DistillError(f"{metrics_json}: cannot read metrics JSON ({e})") from None
     sus = [s.strip() for s in suspicious.split(",") if s.strip()] if suspicious is not None else None
-    sha = export(source, out, fp16=fp16, suspicious=sus, metrics=metrics)
+    sha = export(source, out, fp16=fp16, suspicious=sus, metrics=metrics, stain=stain)
     size = Path(out).stat().st_size
     click.echo(json.dumps({"out": out, "sha256": sha, "bytes": size}))
 

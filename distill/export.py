@@ -165,9 +165,11 @@ def load_model_file(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
 
 
 def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list[str] | None = None,
-           metrics: dict[str, Any] | None = None) -> str:
+           metrics: dict[str, Any] | None = None, stain: str | None = None) -> str:
     """Re-write a trained model file (a run's ``model.safetensors`` or a run folder) for
-    deployment: optional fp16 weights, optional new suspicious classes and metrics. Returns sha256."""
+    deployment: optional fp16 weights, optional new suspicious classes and metrics, and the
+    optional ``stain`` preset the pipeline should tile with (kept from the source when not
+    given). Returns sha256."""
     src = Path(src)
     if src.is_dir():
         src = src / "model.safetensors"
@@ -183,4 +185,7 @@ def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list
         meta["normalization"]["mean"], meta["normalization"]["std"],
         meta["input_size"], meta["tile_size"], meta["tile_mpp"], prov,
     )
+    stain = stain or meta.get("stain")
+    if stain:
+        md["stain"] = str(stain)
     return write_checkpoint(out, model.state_dict(), md, fp16=fp16)

@@ -77,6 +77,14 @@ def test_train_distill_export_roundtrip(tmp_path, tiny_pbc):
     assert not any("projector" in k for k in keys)
     model, _ = load_model_file(out)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert "stain" not in meta
+
+    # the stain preset the pipeline tiles with is written on request and kept by a re-export
+    stained = tmp_path / "stained.safetensors"
+    assert runner.invoke(main, ["export", str(out), "--out", str(stained), "--stain", "romanowsky"]).exit_code == 0
+    again = tmp_path / "again.safetensors"
+    assert runner.invoke(main, ["export", str(stained), "--out", str(again)]).exit_code == 0
+    assert read_metadata(stained)["stain"] == read_metadata(again)["stain"] == "romanowsky"
 
     # the same model reports identically through evaluate
     r = runner.invoke(main, ["evaluate", str(teacher), str(out), "--config", str(cfg), "--out",
