@@ -155,18 +155,20 @@ def cpu_has_native_bf16() -> bool:
 
 
 def choose_precision(loaded: LoadedCheckpoint, tiles: np.ndarray, config: ScoreConfig,
-                     device: str) -> tuple[str, float | None]:
-    """fp32, or bf16 when asked for (or auto on a bf16-capable device) and its probabilities stay within tolerance."""
+                     device: str) -> tuple[str, float | None, np.ndarray | None]:
+    """fp32, or bf16 when asked for (or auto on a bf16-capable device) and its probabilities stay
+    within tolerance. Returns (precision, measured difference, the probabilities of ``tiles`` at
+    the chosen precision when they were computed for the check, else None)."""
     if config.precision == "fp32" or len(tiles) == 0:
-        return "fp32", None
+        return "fp32", None, None
     if config.precision == "auto" and not device.startswith("cuda") and not cpu_has_native_bf16():
-        return "fp32", None  # without AVX512-BF16/AMX, bf16 autocast is emulated (slower)
+        return "fp32", None, None  # without AVX512-BF16/AMX, bf16 autocast is emulated (slower)
     p32 = predict_probs(loaded.model, loaded.info, tiles, device=device, precision="fp32",
                         batch_size=config.batch_size)
     p16 = predict_probs(loaded.model, loaded.info, tiles, device=device, precision="bf16",
                         batch_size=config.batch_size)
     diff = float(np.max(np.abs(p32 - p16)))
-    return ("bf16" if diff <= config.bf16_tolerance else "fp32"), diff
+    return ("bf16", diff, p16) if diff <= config.bf16_tolerance else ("fp32", diff, p32)
 
 
 def score_shard(store_path: str, key: str, index: int, checkpoint_path: str, sha256: str, device: str,
@@ -333,12 +335,17 @@ def score_store(
         sg = group[key]  # resume an interrupted scoring with the precision it started with
         precision, diff = existing.get("precision", "fp32"), existing.get("bf16_max_abs_diff")
     else:
-        precision, diff = "fp32", None
+        precision, diff, first_probs = "fp32", None, None
         if n_tiles and config.precision != "fp32":
             loaded = cached_model(info.path, info.sha256, device)
             first = tile_store.shard_slice(0, n_tiles, per_shard)
-            precision, diff = choose_precision(loaded, np.asarray(group["tiles"][first]), config, device)
+            precision, diff, first_probs = choose_precision(loaded, np.asarray(group["tiles"][first]), config,
+                                                            device)
         sg = _prepare_group(group, key, info, n_tiles, per_shard, n_shards, device, precision, diff)
+        if first_probs is not None:
+            # the precision check already scored shard 0 at the chosen precision: keep it
+            sg["probs"][first] = first_probs
+            sg["shard_done"][0] = True
 
     done = np.asarray(sg["shard_done"][:n_shards]) if n_shards else np.zeros(0, bool)
     pending = [int(i) for i in np.flatnonzero(~done)]
