@@ -79,28 +79,24 @@ class TrainConfig:
     out: str = "runs/run"
 
 
+def _check_keys(d: dict[str, Any], cls: type, what: str) -> dict[str, Any]:
+    """A copy of ``d`` after checking its keys are fields of dataclass ``cls``."""
+    bad = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if bad:
+        raise DistillError(f"unknown {what} keys {bad}")
+    return dict(d)
+
+
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """TrainConfig from a (YAML) dict; unknown keys are user errors."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise DistillError(f"unknown config keys {unknown}")
-    if "aug" in d and isinstance(d["aug"], dict):
-        ak = {f.name for f in dataclasses.fields(AugConfig)}
-        bad = sorted(set(d["aug"]) - ak)
-        if bad:
-            raise DistillError(f"unknown aug keys {bad}")
-        a = dict(d["aug"])
-        if "scale" in a and a["scale"] is not None:
+    d = _check_keys(d, TrainConfig, "config")
+    if isinstance(d.get("aug"), dict):
+        a = _check_keys(d["aug"], AugConfig, "aug")
+        if a.get("scale") is not None:
             a["scale"] = tuple(a["scale"])
         d["aug"] = AugConfig(**a)
-    if "mdkd" in d and isinstance(d["mdkd"], dict):
-        mk = {f.name for f in dataclasses.fields(MDKDConfig)}
-        bad = sorted(set(d["mdkd"]) - mk)
-        if bad:
-            raise DistillError(f"unknown mdkd keys {bad}")
-        m = dict(d["mdkd"])
+    if isinstance(d.get("mdkd"), dict):
+        m = _check_keys(d["mdkd"], MDKDConfig, "mdkd")
         if "block_map" in m:
             m["block_map"] = [tuple(int(v) for v in p) for p in m["block_map"]]
         d["mdkd"] = MDKDConfig(**m)
