@@ -19,6 +19,8 @@ cut. See docs/foreground.md for the method and the figures measured on real data
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,14 +280,19 @@ def _pen_from_codes(codes: np.ndarray, mpp: float | None) -> np.ndarray:
         return np.zeros(codes.shape, dtype=bool)
     allowed = (codes & (_LOOSE[0] | _LOOSE[1] | _LOOSE[2])) != 0  # loose includes seeds
     lab, n = ndi.label(allowed, structure=np.ones((3, 3), bool))
-    area = np.bincount(lab.ravel(), minlength=n + 1)
+    # ink-coloured pixels are few: count and index only those (not every pixel of the image)
+    where = np.flatnonzero(allowed)
+    labels = lab.ravel()[where]
+    area = np.bincount(labels, minlength=n + 1)
     # a stroke is mostly confidently inked; a stained region reached from a few ink-coloured
     # pixels (a red cell, a black speck) is not
-    keep = np.bincount(lab[seed], minlength=n + 1) >= _PEN_MIN_SEED_FRACTION * area
+    keep = np.bincount(labels[seed.ravel()[where]], minlength=n + 1) >= _PEN_MIN_SEED_FRACTION * area
     if mpp is not None:  # drop regions smaller than a marker stroke
         keep &= area >= np.pi / 4.0 * (_PEN_MIN_UM / mpp) ** 2
     keep[0] = False
-    return keep[lab]
+    pen = np.zeros(codes.shape, dtype=bool)
+    pen.ravel()[where] = keep[labels]
+    return pen
 
 
 def pen_mask(rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
@@ -465,7 +472,8 @@ def _fit_background(img: np.ndarray) -> _Background:
 
 # --------------------------------------------------------------------------- foreground
 
-def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap") -> np.ndarray:
+def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap",
+                    workers: int | None = None) -> np.ndarray:
     """Boolean foreground (cells / tissue) mask, same H x W as ``rgb``.
 
     ``mpp`` is the pixel size of ``rgb`` in um; every morphological size is in um and converted
@@ -474,6 +482,9 @@ def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap
     its optical density above the local background or its background-normalised saturation
     passes the preset's threshold, it is not ink / a dark edge, and it belongs to an object of at
     least ``min_object_um``.
+
+    Large images are processed in row bands by ``workers`` threads (default: the CPU count, at
+    most 4); bands carry enough context rows that the result equals the single-band one.
     """
     preset = get_preset(stain)
     rgb = _as_rgb(rgb)
@@ -485,20 +496,45 @@ def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap
     f = max(1, int(_FINEST_MPP / mpp))
     img = rgb if f == 1 else np.clip(_block_mean(rgb, f) + 0.5, 0, 255).astype(np.uint8)
     wmpp = float(mpp) * f
-    raw, artefact = _stained_and_artefacts(img, wmpp, preset)
-    fg = _clean(raw & ~artefact, wmpp, preset) & ~artefact
+    workers = max(1, min(4, os.cpu_count() or 1) if workers is None else int(workers))
+    if img.shape[0] * img.shape[1] < _PARALLEL_MIN_PX:
+        workers = 1
+    with _pool(workers) as pool:
+        raw, artefact = _stained_and_artefacts(img, wmpp, preset, pool)
+        fg = _clean_banded(raw & ~artefact, wmpp, preset, pool) & ~artefact
     if f > 1:
         fg = np.repeat(np.repeat(fg, f, axis=0), f, axis=1)[:H, :W]
     return fg
 
 
-def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset):
+# Images smaller than this (working pixels) are done in one thread: thread start-up would cost more.
+_PARALLEL_MIN_PX = 1 << 21
+
+
+class _Serial:
+    """Stands in for a thread pool when one thread is asked for."""
+
+    def map(self, fn, items):
+        return map(fn, items)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _pool(workers: int):
+    return _Serial() if workers <= 1 else ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fgmask")
+
+
+def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, pool=None):
     """Band-wise per-pixel stage: (stained, artefact) bool masks of the working image.
 
     Per channel, d = log10(I0) - log10(I) is the optical density above the glass. Stained: the
     mean of max(d, 0) over R, G, B reaches ``od_threshold``, or the background-normalised
     saturation 1 - Tmin/Tmax = 1 - 10^-(dmax - dmin) reaches ``saturation_threshold``
-    (compared in the OD domain, so no power is taken per pixel).
+    (compared in the OD domain, so no power is taken per pixel). Bands run on ``pool``.
     """
     h, w = img.shape[:2]
     bg = _fit_background(img)
@@ -509,7 +545,10 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset):
     stained = np.empty((h, w), dtype=bool)
     codes = np.empty((h, w), dtype=np.uint8)
     index = _code_index(bg.log_global)  # colour rules relative to the glass
-    for lo, hi, plo, phi in _bands(h, halo):
+    _lookup(np.zeros(1, dtype=np.int32))  # create the shared table before threads use it
+
+    def band_work(b) -> None:
+        lo, hi, plo, phi = b
         band = img[plo:phi]
         od = np.zeros(band.shape[:2], dtype=np.float32)
         dmax = np.full(band.shape[:2], -np.inf, dtype=np.float32)
@@ -526,9 +565,12 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset):
         if smooth:
             od = ndi.gaussian_filter(od, sigma)
             spread = ndi.gaussian_filter(spread, sigma)
-        a, b = lo - plo, hi - plo
-        stained[lo:hi] = (od[a:b] >= preset.od_threshold) | (spread[a:b] >= spread_thr)
+        a, b_ = lo - plo, hi - plo
+        stained[lo:hi] = (od[a:b_] >= preset.od_threshold) | (spread[a:b_] >= spread_thr)
         codes[lo:hi] = _codes(img[lo:hi], index)
+
+    for _ in (pool or _Serial()).map(band_work, list(_bands(h, halo))):
+        pass
     artefact = (codes & _DARK) != 0
     if artefact.any():  # the blurred grey fringe of a glass edge / border is not stain either
         artefact = _dilate_local(artefact, max(1, int(np.ceil(_DARK_MARGIN_UM / mpp))))
@@ -551,6 +593,15 @@ def _dilate_local(mask: np.ndarray, r: int) -> np.ndarray:
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return mask.copy()
+    ys, xs = np.nonzero(mask) if rows.size < mask.shape[0] // 4 or mask.size > 1 << 20 else ((), ())
+    if 0 < len(ys) and len(ys) * (2 * r + 1) ** 2 < mask.size // 32:
+        # scattered pixels (dark specks over a whole thumbnail): paint a square around each
+        d = np.arange(-r, r + 1)
+        out = np.zeros_like(mask)
+        yy = np.clip(ys[:, None, None] + d[None, :, None], 0, mask.shape[0] - 1)
+        xx = np.clip(xs[:, None, None] + d[None, None, :], 0, mask.shape[1] - 1)
+        out[yy, xx] = True
+        return out
     cols = np.flatnonzero(mask.any(axis=0))
     y0, y1 = max(0, rows[0] - r), min(mask.shape[0], rows[-1] + r + 1)
     x0, x1 = max(0, cols[0] - r), min(mask.shape[1], cols[-1] + r + 1)
@@ -561,8 +612,11 @@ def _dilate_local(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def _clean(fg: np.ndarray, mpp: float, preset: StainPreset) -> np.ndarray:
-    """Close cell rims, fill small holes, drop thin lines and dust; sizes in um."""
+def _clean(fg: np.ndarray, mpp: float, preset: StainPreset, top: bool = True, bottom: bool = True) -> np.ndarray:
+    """Close cell rims, fill small holes, drop thin lines and dust; sizes in um.
+
+    ``top`` / ``bottom``: whether the first / last row is the image border (for a band of a
+    larger image they are context rows, see :func:`_clean_banded`)."""
     if not fg.any():
         return fg
     r_close = int(np.floor(preset.close_um / mpp + 0.5))
@@ -570,7 +624,7 @@ def _clean(fg: np.ndarray, mpp: float, preset: StainPreset) -> np.ndarray:
         fg = _erode(_dilate(fg, r_close), r_close)
     hole_px = np.pi / 4.0 * (preset.max_hole_um / mpp) ** 2
     if hole_px >= 1:
-        fg = _fill_small_holes(fg, hole_px)
+        fg = _fill_small_holes(fg, hole_px, top, bottom)
     r_open = int(preset.min_object_um / 4.0 / mpp)  # removes lines thinner than ~min_object/2
     if r_open >= 1:
         fg = _dilate(_erode(fg, r_open), r_open)
@@ -578,6 +632,41 @@ def _clean(fg: np.ndarray, mpp: float, preset: StainPreset) -> np.ndarray:
     if min_px > 1:
         fg = _remove_small(fg, min_px)
     return fg
+
+
+def _clean_halo(mpp: float, preset: StainPreset) -> int:
+    """Context rows that make :func:`_clean` of a band exact in the band's own rows.
+
+    Closing and opening reach r rows each way per step; a hole or a speck of n pixels spans at
+    most n rows, so one that touches the band is wholly inside band + n rows, and a larger
+    component cut by the context edge still shows more than n pixels there.
+    """
+    r_close = int(np.floor(preset.close_um / mpp + 0.5))
+    r_open = int(preset.min_object_um / 4.0 / mpp)
+    hole_px = np.pi / 4.0 * (preset.max_hole_um / mpp) ** 2
+    min_px = np.pi / 4.0 * (preset.min_object_um / mpp) ** 2
+    return 2 * r_close + 2 * r_open + int(np.ceil(hole_px)) + int(np.ceil(min_px)) + 2
+
+
+def _clean_banded(fg: np.ndarray, mpp: float, preset: StainPreset, pool) -> np.ndarray:
+    """:func:`_clean` in row bands with exact context (see :func:`_clean_halo`)."""
+    h = fg.shape[0]
+    halo = _clean_halo(mpp, preset)
+    n_bands = 1 if isinstance(pool, _Serial) else max(1, min(8, h // max(4 * halo, 256)))
+    if n_bands <= 1 or not fg.any():
+        return _clean(fg, mpp, preset)
+    out = np.empty_like(fg)
+    edges = np.linspace(0, h, n_bands + 1).astype(int)
+
+    def band_work(i: int) -> None:
+        lo, hi = edges[i], edges[i + 1]
+        plo, phi = max(0, lo - halo), min(h, hi + halo)
+        cleaned = _clean(np.ascontiguousarray(fg[plo:phi]), mpp, preset, top=plo == 0, bottom=phi == h)
+        out[lo:hi] = cleaned[lo - plo:hi - plo]
+
+    for _ in pool.map(band_work, range(n_bands)):
+        pass
+    return out
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
@@ -594,15 +683,18 @@ def _erode(mask: np.ndarray, r: int) -> np.ndarray:
     return ndi.minimum_filter1d(m, 2 * r + 1, axis=1, mode="nearest").view(bool)
 
 
-def _fill_small_holes(fg: np.ndarray, max_px: float) -> np.ndarray:
-    """Fill background pockets (4-connected, not touching the border) of <= ``max_px`` pixels."""
+def _fill_small_holes(fg: np.ndarray, max_px: float, top: bool = True, bottom: bool = True) -> np.ndarray:
+    """Fill background pockets (4-connected, not touching the border) of <= ``max_px`` pixels.
+
+    ``top`` / ``bottom`` False: that row is not the image border (a band's context edge); a
+    pocket cut by it is larger than ``max_px`` where it matters (see :func:`_clean_halo`)."""
     lab, n = ndi.label(~fg)
     if n == 0:
         return fg
     small = np.bincount(lab.ravel()) <= max_px
     small[0] = False
-    edge = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
-    small[edge] = False
+    edge = [lab[:, 0], lab[:, -1]] + ([lab[0]] if top else []) + ([lab[-1]] if bottom else [])
+    small[np.concatenate(edge)] = False
     return fg | small[lab]
 
 
@@ -681,6 +773,16 @@ def blur_scores(tiles: np.ndarray) -> np.ndarray:
     scale = 1.0
     if not np.issubdtype(t.dtype, np.integer) and t.size and float(t.max()) <= 1.0:
         scale = 255.0
+    if n > _BLUR_CHUNK:  # a few tiles at a time keep the float buffers in cache (2-3x faster)
+        return np.concatenate([_blur_chunk(t[i:i + _BLUR_CHUNK], scale) for i in range(0, n, _BLUR_CHUNK)])
+    return _blur_chunk(t, scale)
+
+
+_BLUR_CHUNK = 8
+
+
+def _blur_chunk(t: np.ndarray, scale: float) -> np.ndarray:
+    n = t.shape[0]
     # ITU-R BT.601 luma, as cv2.cvtColor(RGB2GRAY), built channel by channel into one float32
     # buffer (no float copy of the RGB batch)
     g = np.empty(t.shape[:3], dtype=np.float32)
