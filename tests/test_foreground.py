@@ -414,3 +414,29 @@ def test_blur_score_lower_when_blurred_and_batch_consistent(shared_data):
     batch = blur_scores(np.stack([tile, blurred]))
     assert batch.dtype == np.float32 and batch.shape == (2,)
     np.testing.assert_allclose(batch, [sharp_score, blur], rtol=1e-6)
+    many = np.stack([tile, blurred] * 10)  # more tiles than one cache-sized chunk
+    np.testing.assert_allclose(blur_scores(many), [sharp_score, blur] * 10, rtol=1e-6)
+
+
+def test_band_parallel_mask_equals_single_band(shared_data, monkeypatch):
+    # threads work on row bands with context rows; the result must not depend on the split
+    import wsi_pipeline.foreground as fg
+
+    monkeypatch.setattr(fg, "_PARALLEL_MIN_PX", 0)  # small test images take the threaded path too
+    field = _rgb(sorted((shared_data / "smear_fields").rglob("*.jpg"))[0])
+    tall = np.concatenate([field] * 4, axis=0)  # 1920 rows: several bands at 0.5 um/px
+    for image, mpp, stain in ((tall, 0.1, "romanowsky"), (tall, 0.5, "pap"), (tall, 2.0, "he")):
+        one = foreground_mask(image, mpp, stain, workers=1)
+        assert one.any()
+        np.testing.assert_array_equal(foreground_mask(image, mpp, stain, workers=3), one)
+
+
+def test_dilation_of_scattered_and_dense_masks_matches_scipy():
+    from wsi_pipeline.foreground import _dilate_local
+
+    rng = np.random.default_rng(4)
+    for shape, p in (((1500, 1000), 1e-4), ((1500, 1000), 0.02), ((60, 40), 0.01)):
+        m = rng.random(shape) < p
+        for r in (1, 4):
+            ref = ndi.binary_dilation(m, np.ones((2 * r + 1, 2 * r + 1), bool))
+            np.testing.assert_array_equal(_dilate_local(m, r), ref)

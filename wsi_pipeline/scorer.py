@@ -183,7 +183,7 @@ def score_shard(store_path: str, key: str, index: int, checkpoint_path: str, sha
     group = tile_store.open_store(store_path, mode="r+")
     meta = tile_store.read_meta(group)
     sl = tile_store.shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
-    tiles = np.asarray(group["tiles"][sl])
+    tiles = tile_store.read_shard(group, index)
     probs = predict_probs(loaded.model, loaded.info, tiles, device=device, precision=precision,
                           batch_size=batch_size)
     scores = group[key]
@@ -339,7 +339,7 @@ def score_store(
         if n_tiles and config.precision != "fp32":
             loaded = cached_model(info.path, info.sha256, device)
             first = tile_store.shard_slice(0, n_tiles, per_shard)
-            precision, diff, first_probs = choose_precision(loaded, np.asarray(group["tiles"][first]), config,
+            precision, diff, first_probs = choose_precision(loaded, tile_store.read_shard(group, 0), config,
                                                             device)
         sg = _prepare_group(group, key, info, n_tiles, per_shard, n_shards, device, precision, diff)
         if first_probs is not None:

@@ -21,6 +21,7 @@ import re
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -460,11 +461,11 @@ class Slide:
         return self._read_box(level, x / sx, y / sy, (x + w0) / sx, (y + h0) / sy,
                               int(out_size[0]), int(out_size[1]))
 
-    def thumbnail(self, target_mpp: float, block: int = 2048) -> tuple[np.ndarray, float]:
+    def thumbnail(self, target_mpp: float, block: int = 2048, workers: int = 1) -> tuple[np.ndarray, float]:
         """Whole-slide overview at about ``target_mpp``; returns (rgb, level-0 px per output px).
 
-        Read from the coarsest adequate level in blocks of about ``block`` level px, so a
-        single-level slide never needs its full level in memory."""
+        Read from the coarsest adequate level in blocks of about ``block`` level px (``workers``
+        threads at a time), so a single-level slide never needs its full level in memory."""
         mpp = self.require_mpp()
         w0, h0 = self.dimensions
         out_w = max(1, round(w0 * mpp.x / target_mpp))
@@ -475,12 +476,20 @@ class Slide:
         step_x = max(1, int(block / max(kx, 1e-9)))
         step_y = max(1, int(block / max(ky, 1e-9)))
         out = np.empty((out_h, out_w, 3), np.uint8)
-        for r0 in range(0, out_h, step_y):
-            r1 = min(out_h, r0 + step_y)
-            for c0 in range(0, out_w, step_x):
-                c1 = min(out_w, c0 + step_x)
-                out[r0:r1, c0:c1] = self._read_box(level, c0 * kx, r0 * ky, c1 * kx, r1 * ky,
-                                                    c1 - c0, r1 - r0)
+        blocks = [(r0, min(out_h, r0 + step_y), c0, min(out_w, c0 + step_x))
+                  for r0 in range(0, out_h, step_y) for c0 in range(0, out_w, step_x)]
+
+        def read(b: tuple[int, int, int, int]) -> None:
+            r0, r1, c0, c1 = b
+            out[r0:r1, c0:c1] = self._read_box(level, c0 * kx, r0 * ky, c1 * kx, r1 * ky, c1 - c0, r1 - r0)
+
+        if workers <= 1 or len(blocks) == 1:
+            for b in blocks:
+                read(b)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnail") as pool:
+                for _ in pool.map(read, blocks):
+                    pass
         return out, (w0 / out_w + h0 / out_h) / 2.0
 
     def close(self) -> None:

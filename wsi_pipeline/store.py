@@ -30,6 +30,8 @@ STORE_FORMAT = "wsi-triage-tilestore"
 STORE_FORMAT_VERSION = 1
 META_KEY = "wsi_triage"
 CODECS = ("jpeg", "lossless")
+#: side of the thumbnail's (JPEG) and the mask's chunks
+THUMBNAIL_CHUNK = 1024
 
 
 def store_path(out_dir: str | Path, slide_path: str | Path) -> Path:
@@ -94,8 +96,14 @@ def create_store(
     n_shards = n_shards_for(n, s)
     group.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False)
     image_attrs = {"mpp": float(thumbnail_mpp), "downsample": float(thumbnail_downsample)}
-    group.create_array("thumbnail", data=np.ascontiguousarray(thumbnail, dtype=np.uint8)).attrs.update(image_attrs)
-    group.create_array("mask", data=np.ascontiguousarray(mask, dtype=bool)).attrs.update(image_attrs)
+    thumbnail = np.ascontiguousarray(thumbnail, dtype=np.uint8)
+    side = int(min(THUMBNAIL_CHUNK, max(thumbnail.shape[:2])))
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        # an overview, so JPEG q90 (5x smaller and 5x faster to write than the default zstd)
+        group.create_array("thumbnail", data=thumbnail, chunks=(side, side, 3), serializer=JpegTileCodec(level=90),
+                           compressors=None).attrs.update(image_attrs)
+        group.create_array("mask", data=np.ascontiguousarray(mask, dtype=bool),
+                           chunks=(side, side)).attrs.update(image_attrs)
     full_meta = {
         "format": STORE_FORMAT,
         "format_version": STORE_FORMAT_VERSION,

@@ -50,7 +50,7 @@ class TilerConfig:
     stain: str = "pap"
     codec: str = "jpeg"
     jpeg_quality: int = 90
-    max_tiles_per_shard: int = 64
+    max_tiles_per_shard: int = 128
     mask_mpp: float = WORKING_MPP
 
     def resolved(self) -> "TilerConfig":
@@ -114,13 +114,14 @@ def mask_mpp_for(slide: Slide, config: TilerConfig, slide_mpp: float) -> float:
     return max(mpp, long_side_um / MAX_MASK_SIDE, slide_mpp)
 
 
-def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float) -> TilePlan:
+def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int | None = None) -> TilePlan:
     """Compute the grid, the foreground mask and the kept tiles, reading only a thumbnail."""
     config = config.resolved()
+    workers = workers or os.cpu_count() or 1
     thumb_mpp = mask_mpp_for(slide, config, slide_mpp)
-    thumbnail, downsample = slide.thumbnail(thumb_mpp)
+    thumbnail, downsample = slide.thumbnail(thumb_mpp, workers=workers)
     actual_mpp = slide_mpp * downsample
-    mask = foreground_mask(thumbnail, actual_mpp, config.stain)
+    mask = foreground_mask(thumbnail, actual_mpp, config.stain, workers=workers)
 
     width0, height0 = slide.dimensions
     tile0 = config.tile_size * config.target_mpp / slide_mpp
@@ -231,7 +232,7 @@ def tile_slide(
         if state == "resumable":
             group = tile_store.open_store(path, mode="r+")
         else:
-            plan = plan_tiles(slide, config, slide_mpp)
+            plan = plan_tiles(slide, config, slide_mpp, workers)
             n = len(plan.coords)
             empty_reason = None
             if n == 0:

@@ -1,0 +1,90 @@
+"""The tile store's direct JPEG shard path against zarr's own reader and writer."""
+
+from __future__ import annotations
+
+import imagecodecs
+import numpy as np
+import pytest
+import zarr
+
+from wsi_pipeline import store as tile_store
+from wsi_pipeline.errors import StoreError
+
+
+def _tiles(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """Smooth random colour fields (JPEG-friendly, distinct per tile)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        a, b, c = rng.uniform(0, 1, 3)
+        for ch in range(3):
+            out[i, ..., ch] = np.clip(255 * (0.5 + 0.4 * np.sin(6 * (a * xx + b * yy) + c + ch)), 0, 255)
+    return out
+
+
+def _store(path, n: int, per_shard: int, codec: str = "jpeg", size: int = 64) -> zarr.Group:
+    return tile_store.create_store(
+        path, coords=np.zeros((n, 4)), grid=np.zeros((n, 2)), foreground=np.ones(n),
+        thumbnail=np.full((40, 30, 3), 200, np.uint8), mask=np.ones((40, 30), bool),
+        thumbnail_downsample=4.0, thumbnail_mpp=2.0, tile_size=size, tiles_per_shard=per_shard,
+        codec=codec, jpeg_quality=90, meta={})
+
+
+def _jpeg_roundtrip(tiles: np.ndarray) -> np.ndarray:
+    return np.stack([imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(t, level=90, subsampling="444"))
+                     for t in tiles])
+
+
+def test_direct_shards_are_read_by_zarr_and_match_per_tile_jpeg(tmp_path):
+    n, per = 23, 8  # the last shard is partial
+    group = _store(tmp_path / "s.zarr", n, per)
+    assert tile_store._direct_jpeg_shards(group["tiles"]) is not None
+    tiles = _tiles(n)
+    for index in range(3):
+        sl = tile_store.shard_slice(index, n, per)
+        tile_store.write_shard(group, index, tiles[sl], np.arange(sl.start, sl.stop))
+    reopened = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    stored = np.asarray(reopened["tiles"][:])
+    np.testing.assert_array_equal(stored, _jpeg_roundtrip(tiles))
+    for index in range(3):
+        sl = tile_store.shard_slice(index, n, per)
+        np.testing.assert_array_equal(tile_store.read_shard(group, index), stored[sl])
+    np.testing.assert_array_equal(np.asarray(reopened["qc/blur"][:]), np.arange(n, dtype=np.float32))
+    assert tile_store.pending_shards(group) == []
+    assert not list((tmp_path / "s.zarr" / "tiles").rglob("*.tmp"))  # atomic: no temporaries left
+
+
+def test_shards_written_by_zarr_are_read_directly(tmp_path):
+    n, per = 10, 4
+    group = _store(tmp_path / "s.zarr", n, per)
+    tiles = _tiles(n, seed=1)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group["tiles"][:] = tiles  # zarr's own sharding writer
+    for index in range(3):
+        sl = tile_store.shard_slice(index, n, per)
+        np.testing.assert_array_equal(tile_store.read_shard(group, index), np.asarray(group["tiles"][sl]))
+
+
+def test_unwritten_shard_reads_as_fill_and_damaged_index_is_an_error(tmp_path):
+    n, per = 8, 4
+    group = _store(tmp_path / "s.zarr", n, per)
+    assert (tile_store.read_shard(group, 1) == 255).all()
+    tile_store.write_shard(group, 0, _tiles(4), np.zeros(4))
+    shard = tile_store._shard_file(group["tiles"], 0)
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the index
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum"):
+        tile_store.read_shard(group, 0)
+
+
+def test_lossless_store_uses_zarr_and_round_trips_exactly(tmp_path):
+    n, per = 6, 4
+    group = _store(tmp_path / "s.zarr", n, per, codec="lossless")
+    assert tile_store._direct_jpeg_shards(group["tiles"]) is None
+    tiles = _tiles(n, seed=2)
+    tile_store.write_shard(group, 0, tiles[:4], np.zeros(4))
+    tile_store.write_shard(group, 1, tiles[4:], np.zeros(2))
+    np.testing.assert_array_equal(tile_store.read_shard(group, 1), tiles[4:])
+    np.testing.assert_array_equal(np.asarray(group["tiles"][:]), tiles)
