@@ -160,3 +160,17 @@ def test_auto_precision_measures_bf16_against_fp32_on_a_native_bf16_cpu(work, tm
         assert result.precision == ("bf16" if result.bf16_max_abs_diff <= 0.02 else "fp32")
     else:
         assert result.precision == "fp32" and result.bf16_max_abs_diff is None
+
+
+def test_folded_normalization_gives_the_same_probabilities(work, tmp_path):
+    # the scorer folds (x / 255 - mean) / std into the patch embedding; with and without resizing
+    from wsi_pipeline.scorer import fold_normalization, predict_probs
+
+    tiles = tile_store.read_shard(tile_store.open_store(work["store"]), 0)
+    for ckpt in (work["a"], random_checkpoint(tmp_path / "resize.safetensors", seed=3, img_size=48)):
+        loaded = load_checkpoint(ckpt)
+        folded = fold_normalization(loaded.model, loaded.info)
+        assert folded is not None and folded is not loaded.model
+        plain = predict_probs(loaded.model, loaded.info, tiles)
+        np.testing.assert_allclose(predict_probs(folded, loaded.info, tiles, pixel_input=True), plain, atol=2e-6)
+        assert np.abs(plain - plain.mean(axis=0)).max() > 0.05  # the tiles are told apart: a real check

@@ -42,11 +42,14 @@ class ScoreConfig:
     batch_size: int = 64
     device: str | None = None  # None: cuda when available, else cpu
     precision: str = "auto"  # auto (bf16 on CUDA or a native-bf16 CPU, if it matches fp32) | fp32 | bf16 (if it matches fp32)
-    bf16_tolerance: float = 0.02  # max |p_bf16 - p_fp32| on the first shard to accept bf16
+    bf16_tolerance: float = 0.02  # max |p_bf16 - p_fp32| on the check sample to accept bf16
+    precision_check_tiles: int = 32  # tiles of the first shard scored both ways for that check
 
     def validated(self) -> "ScoreConfig":
         if self.precision not in ("auto", "fp32", "bf16"):
             raise StoreError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+        if self.precision_check_tiles < 1:
+            raise StoreError(f"precision check needs at least one tile, got {self.precision_check_tiles}")
         if self.batch_size < 1:
             raise StoreError(f"batch size must be positive, got {self.batch_size}")
         if self.scheduler not in LOCAL_SCHEDULERS and "://" not in self.scheduler and ":" not in self.scheduler:
@@ -91,6 +94,37 @@ _MODELS: dict[tuple[str, str], LoadedCheckpoint] = {}
 _MODELS_LOCK = threading.Lock()
 
 
+@dataclass
+class ScoringModel:
+    """What a worker scores with: the checkpoint, and its model with the normalisation folded in."""
+
+    loaded: LoadedCheckpoint
+    pixel_model: Any | None  # fold_normalization(loaded.model), or None
+
+    def predict(self, tiles: np.ndarray, *, device: str, precision: str, batch_size: int) -> np.ndarray:
+        if self.pixel_model is not None:
+            return predict_probs(self.pixel_model, self.loaded.info, tiles, device=device, precision=precision,
+                                 batch_size=batch_size, pixel_input=True)
+        return predict_probs(self.loaded.model, self.loaded.info, tiles, device=device, precision=precision,
+                             batch_size=batch_size)
+
+
+_SCORING: dict[tuple[str, str], ScoringModel] = {}
+
+
+def scoring_model(checkpoint_path: str | Path, sha256: str, device: str) -> ScoringModel:
+    """:func:`cached_model` plus its folded copy, built once per process."""
+    key = (sha256, device)
+    with _MODELS_LOCK:
+        found = _SCORING.get(key)
+    if found is None:
+        loaded = cached_model(checkpoint_path, sha256, device)
+        found = ScoringModel(loaded, fold_normalization(loaded.model, loaded.info))
+        with _MODELS_LOCK:
+            found = _SCORING.setdefault(key, found)
+    return found
+
+
 def cached_model(checkpoint_path: str | Path, sha256: str, device: str) -> LoadedCheckpoint:
     """The checkpoint's model on ``device``, loaded once per process and reused by every task."""
     key = (sha256, device)
@@ -108,14 +142,42 @@ def cached_model(checkpoint_path: str | Path, sha256: str, device: str) -> Loade
 def clear_model_cache() -> None:
     with _MODELS_LOCK:
         _MODELS.clear()
+        _SCORING.clear()
 
 
 # --------------------------------------------------------------------------- inference
 
 
+def fold_normalization(model, info: CheckpointInfo):
+    """A copy of ``model`` that takes RGB in 0..255 directly, or None where it cannot.
+
+    The checkpoint's normalisation ((x / 255 - mean) / std per channel) is folded into the
+    patch embedding's weights and bias. Exact: the embedding is a linear, unpadded convolution,
+    and resizing (bilinear, weights summing to one) commutes with a per-channel affine map. It
+    saves three passes over every input batch (~4 % of the student's CPU time).
+    """
+    import copy
+
+    import torch
+
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if not isinstance(proj, torch.nn.Conv2d) or proj.in_channels != 3 or any(proj.padding) or proj.bias is None:
+        return None
+    folded = copy.deepcopy(model)
+    p = folded.patch_embed.proj
+    mean = torch.tensor(info.mean, dtype=p.weight.dtype, device=p.weight.device).view(1, 3, 1, 1)
+    std = torch.tensor(info.std, dtype=p.weight.dtype, device=p.weight.device).view(1, 3, 1, 1)
+    with torch.no_grad():
+        p.bias -= (p.weight * (mean / std)).sum(dim=(1, 2, 3))
+        p.weight /= 255.0 * std
+    return folded
+
+
 def predict_probs(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str = "cpu",
-                  precision: str = "fp32", batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (n, K) float32 for uint8 RGB tiles (n, T, T, 3)."""
+                  precision: str = "fp32", batch_size: int = 64, pixel_input: bool = False) -> np.ndarray:
+    """Class probabilities (n, K) float32 for uint8 RGB tiles (n, T, T, 3).
+
+    ``pixel_input``: ``model`` came from :func:`fold_normalization` and takes 0..255 values."""
     import torch
     import torch.nn.functional as F
 
@@ -129,11 +191,12 @@ def predict_probs(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             x = torch.from_numpy(np.ascontiguousarray(tiles[start:start + batch_size])).to(dev)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            x = x.permute(0, 3, 1, 2).float()
             if x.shape[-1] != info.input_size or x.shape[-2] != info.input_size:
                 x = F.interpolate(x, size=(info.input_size, info.input_size), mode="bilinear",
                                   antialias=True, align_corners=False)
-            x = (x - mean) / std
+            if not pixel_input:
+                x = (x / 255.0 - mean) / std
             if precision == "bf16":
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16):
                     logits = model(x)
@@ -154,7 +217,7 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def choose_precision(loaded: LoadedCheckpoint, tiles: np.ndarray, config: ScoreConfig,
+def choose_precision(scoring: ScoringModel, tiles: np.ndarray, config: ScoreConfig,
                      device: str) -> tuple[str, float | None, np.ndarray | None]:
     """fp32, or bf16 when asked for (or auto on a bf16-capable device) and its probabilities stay
     within tolerance. Returns (precision, measured difference, the probabilities of ``tiles`` at
@@ -163,10 +226,8 @@ def choose_precision(loaded: LoadedCheckpoint, tiles: np.ndarray, config: ScoreC
         return "fp32", None, None
     if config.precision == "auto" and not device.startswith("cuda") and not cpu_has_native_bf16():
         return "fp32", None, None  # without AVX512-BF16/AMX, bf16 autocast is emulated (slower)
-    p32 = predict_probs(loaded.model, loaded.info, tiles, device=device, precision="fp32",
-                        batch_size=config.batch_size)
-    p16 = predict_probs(loaded.model, loaded.info, tiles, device=device, precision="bf16",
-                        batch_size=config.batch_size)
+    p32 = scoring.predict(tiles, device=device, precision="fp32", batch_size=config.batch_size)
+    p16 = scoring.predict(tiles, device=device, precision="bf16", batch_size=config.batch_size)
     diff = float(np.max(np.abs(p32 - p16)))
     return ("bf16", diff, p16) if diff <= config.bf16_tolerance else ("fp32", diff, p32)
 
@@ -179,13 +240,12 @@ def score_shard(store_path: str, key: str, index: int, checkpoint_path: str, sha
 
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
-    loaded = cached_model(checkpoint_path, sha256, device)
+    scoring = scoring_model(checkpoint_path, sha256, device)
     group = tile_store.open_store(store_path, mode="r+")
     meta = tile_store.read_meta(group)
     sl = tile_store.shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
     tiles = tile_store.read_shard(group, index)
-    probs = predict_probs(loaded.model, loaded.info, tiles, device=device, precision=precision,
-                          batch_size=batch_size)
+    probs = scoring.predict(tiles, device=device, precision=precision, batch_size=batch_size)
     scores = group[key]
     scores["probs"][sl] = probs
     scores["shard_done"][index] = True
@@ -337,13 +397,16 @@ def score_store(
     else:
         precision, diff, first_probs = "fp32", None, None
         if n_tiles and config.precision != "fp32":
-            loaded = cached_model(info.path, info.sha256, device)
+            scoring = scoring_model(info.path, info.sha256, device)
             first = tile_store.shard_slice(0, n_tiles, per_shard)
-            precision, diff, first_probs = choose_precision(loaded, tile_store.read_shard(group, 0), config,
-                                                            device)
+            # a sample of the first shard is scored both ways; the whole shard only when it is small
+            sample = tile_store.read_shard(group, 0)[:config.precision_check_tiles]
+            precision, diff, first_probs = choose_precision(scoring, sample, config, device)
+            if first_probs is not None and len(first_probs) != first.stop - first.start:
+                first_probs = None
         sg = _prepare_group(group, key, info, n_tiles, per_shard, n_shards, device, precision, diff)
         if first_probs is not None:
-            # the precision check already scored shard 0 at the chosen precision: keep it
+            # the precision check already scored all of shard 0 at the chosen precision: keep it
             sg["probs"][first] = first_probs
             sg["shard_done"][0] = True
 
