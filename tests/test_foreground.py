@@ -440,3 +440,14 @@ def test_dilation_of_scattered_and_dense_masks_matches_scipy():
         for r in (1, 4):
             ref = ndi.binary_dilation(m, np.ones((2 * r + 1, 2 * r + 1), bool))
             np.testing.assert_array_equal(_dilate_local(m, r), ref)
+
+
+def test_shipped_colour_table_matches_the_colour_rules():
+    # the table is a cache of _colour_rules over every quantised colour; after changing the
+    # rules, regenerate it with wsi_pipeline.foreground.write_colour_table()
+    import zlib
+
+    from wsi_pipeline.foreground import _TABLE_FILE, colour_table
+
+    shipped = np.frombuffer(zlib.decompress(_TABLE_FILE.read_bytes()), dtype=np.uint8)
+    np.testing.assert_array_equal(shipped, colour_table())
