@@ -66,6 +66,17 @@ def test_shards_written_by_zarr_are_read_directly(tmp_path):
         np.testing.assert_array_equal(tile_store.read_shard(group, index), np.asarray(group["tiles"][sl]))
 
 
+def test_rewriting_a_shard_removes_a_killed_writers_temporary(tmp_path):
+    group = _store(tmp_path / "s.zarr", 4, 4)
+    tile_store.write_shard(group, 0, _tiles(4), np.zeros(4))
+    shard = tile_store._shard_file(group["tiles"], 0)
+    stale = shard.with_name(f".{shard.name}.999999.tmp")
+    stale.write_bytes(b"half a shard")
+    tile_store.write_shard(group, 0, _tiles(4, seed=3), np.zeros(4))
+    assert not stale.exists()
+    np.testing.assert_array_equal(tile_store.read_shard(group, 0), _jpeg_roundtrip(_tiles(4, seed=3)))
+
+
 def test_unwritten_shard_reads_as_fill_and_damaged_index_is_an_error(tmp_path):
     n, per = 8, 4
     group = _store(tmp_path / "s.zarr", n, per)

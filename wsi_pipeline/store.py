@@ -246,6 +246,8 @@ def _write_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, tiles
         fh.write(index_bytes)
         fh.write(crc)
     os.replace(tmp, path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)
 
 
 def _read_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, n: int) -> np.ndarray:
