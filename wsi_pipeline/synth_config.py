@@ -1,0 +1,82 @@
+"""What a synthetic smear is made from: its settings, their checks and the seed's random streams.
+
+Part of ``wsi_pipeline.synth`` (the public entry point, which re-exports these names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import WsiTriageError
+from .synth_cells import PBC_MPP
+
+DEFAULT_SUSPICIOUS = ("erythroblast", "ig")
+
+# Random streams: each independent part of the slide draws from its own generator, seeded by
+# (seed, stream, *keys), so that any part can be made without drawing the others first.
+S_GLOBAL, S_CANDIDATES, S_RBC, S_DEBRIS, S_REGIONS, S_PLANT, S_BANK, S_GLASS = range(1, 9)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What to synthesise. Sizes are level-0 px; ``mpp`` is the slide's pixel size (um/px)."""
+
+    width: int = 8192
+    height: int = 8192
+    mpp: float = 0.25
+    seed: int = 0
+    cells: Path | None = None  # ImageFolder root; None = the shipped held-out cells
+    cell_list: tuple[str, ...] | None = None  # allowed relpaths under ``cells`` (None = all)
+    cell_list_name: str | None = None  # where the list came from (provenance only)
+    cells_mpp: float = PBC_MPP  # pixel size of the cell images
+    suspicious: tuple[str, ...] = DEFAULT_SUSPICIOUS
+    fraction: float = 0.25  # share of nucleated cells in each planted region that are suspicious
+    regions: int | None = None  # planted regions; None = one per 2 mm^2, 1..24
+    tile: int = 256
+    quality: int = 85
+    ome: bool = False
+    workers: int | None = None  # JPEG encoder threads; None = min(4, CPUs)
+
+
+def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
+    """The generator of one random stream (``S_*``, then e.g. a block's row and column)."""
+    return np.random.default_rng([seed, *keys])
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"8192x6144"`` -> (8192, 6144); a single number means a square."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        if len(parts) == 1:
+            w = h = int(parts[0])
+        elif len(parts) == 2:
+            w, h = int(parts[0]), int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise WsiTriageError(f"--size {text!r}: expected WIDTHxHEIGHT in px, e.g. 8192x8192") from None
+    return w, h
+
+
+def validate(cfg: SynthConfig) -> None:
+    """Raise ``WsiTriageError`` (worded for the CLI options) if ``cfg`` cannot be synthesised."""
+    if not (256 <= cfg.width <= 2**31 - 1 and 256 <= cfg.height <= 2**31 - 1):
+        raise WsiTriageError(f"--size {cfg.width}x{cfg.height}: each side must be at least 256 px")
+    if not (0.05 <= cfg.mpp <= 10.0):
+        raise WsiTriageError(f"--mpp {cfg.mpp}: expected a pixel size in um/px between 0.05 and 10")
+    scale = cfg.cells_mpp / cfg.mpp
+    if not (0.05 <= scale <= 8.0):
+        raise WsiTriageError(f"--mpp {cfg.mpp}: cells at {cfg.cells_mpp} um/px would be scaled by {scale:.3g}")
+    if not (0.0 <= cfg.fraction <= 1.0):
+        raise WsiTriageError(f"--fraction {cfg.fraction}: expected a value between 0 and 1")
+    if cfg.seed < 0:
+        raise WsiTriageError(f"--seed {cfg.seed}: expected a non-negative integer")
+    if cfg.tile % 16 or cfg.tile < 16:
+        raise WsiTriageError(f"tile {cfg.tile}: expected a multiple of 16")
+    if not (1 <= cfg.quality <= 100):
+        raise WsiTriageError(f"--quality {cfg.quality}: expected 1..100")
+    if cfg.regions is not None and cfg.regions < 0:
+        raise WsiTriageError(f"--regions {cfg.regions}: expected a non-negative number")

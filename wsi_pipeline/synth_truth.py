@@ -1,0 +1,175 @@
+"""Ground truth of a synthetic smear: where every cell, region and artefact went.
+
+Written beside the slide as ``<stem>.truth.json`` (one cell per line) and ``<stem>.truth.geojson``
+(rectangles QuPath can import), both from the document ``truth_document`` builds from the layout.
+Part of ``wsi_pipeline.synth``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import OutputError
+from .synth_cells import CellPool
+from .synth_config import SynthConfig
+from .synth_layout import BLOCK, Layout
+
+TRUTH_FORMAT = "wsi-triage-synth-truth"
+# GeoJSON classification colours, one per cell class (in sorted class order).
+_CLASS_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                 (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40),
+                 (128, 0, 0), (128, 128, 0)]
+
+
+def truth_paths(out: str | Path) -> tuple[Path, Path]:
+    """Where the ground truth of slide ``out`` goes: ``<stem>.truth.json`` and ``.truth.geojson``."""
+    out = Path(out)
+    name = out.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return out.with_name(name + ".truth.json"), out.with_name(name + ".truth.geojson")
+
+
+def write_truth(doc: dict, json_path: Path, geojson_path: Path) -> None:
+    """Write the ground truth document as JSON and as GeoJSON (each via a ``.partial`` file)."""
+    _write_text(json_path, _dump_truth(doc))
+    _write_text(geojson_path, _geojson_features(doc))
+
+
+def _write_text(path: Path, text: str | Iterable[str]) -> None:
+    try:
+        tmp = path.with_name(path.name + ".partial")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            if isinstance(text, str):
+                fh.write(text)
+            else:
+                fh.writelines(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the ground truth ({exc.strerror or exc})") from None
+
+
+def truth_document(out: Path, cfg: SynthConfig, pool: CellPool, layout: Layout,
+                   sizes: list[tuple[int, int]]) -> dict:
+    """The ground truth of slide ``out`` once its layout is complete (all blocks laid out)."""
+    rows = sorted(layout.truth)
+    cells = []
+    by_class: dict[str, int] = {}
+    for y, x, w, h, image, susp, region, blurred in rows:
+        cls = pool.classes[pool.labels[image]]
+        by_class[cls] = by_class.get(cls, 0) + 1
+        cells.append({"class": cls, "bbox": [x, y, w, h], "suspicious": susp,
+                      "source": pool.relpaths[image], "region": region if region >= 0 else None,
+                      "blurred": blurred})
+    n_susp = sum(c["suspicious"] for c in cells)
+    regions = []
+    for ri, reg in enumerate(layout.regions):
+        inside = [c for c in cells if c["region"] == ri]
+        regions.append({"bbox": [reg.x, reg.y, reg.w, reg.h], "n_cells": len(inside),
+                        "n_suspicious": sum(c["suspicious"] for c in inside)})
+    listed = cfg.cell_list
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "cell_list"}
+    return {
+        "format": TRUTH_FORMAT,
+        "format_version": 1,
+        "slide": out.name,
+        "label": "positive" if n_susp else "negative",
+        "width": cfg.width,
+        "height": cfg.height,
+        "mpp": cfg.mpp,
+        "seed": cfg.seed,
+        "levels": [list(s) for s in sizes],
+        "config": config,
+        "cells_source": {
+            "root": str(pool.root),
+            "shipped": cfg.cells is None,
+            "list": cfg.cell_list_name,
+            "list_sha256": hashlib.sha256("\n".join(sorted(listed)).encode()).hexdigest() if listed else None,
+            "n_images": len(pool.relpaths),
+            "classes": list(pool.classes),
+            "cells_mpp": cfg.cells_mpp,
+        },
+        "suspicious_classes": list(layout.suspicious_classes),
+        "background_classes": list(layout.background_classes),
+        "fraction": cfg.fraction,
+        "planted_regions": regions,
+        "artifacts": {
+            "pen": {"bbox": layout.pen_bbox, "ink": layout.pen_ink_name, "path": layout.pen_line},
+            "blur": {"bbox": layout.blur_bbox, "sigma_px": round(layout.blur_sigma, 2)},
+        },
+        "counts": {"cells": len(cells), "suspicious": n_susp, "by_class": dict(sorted(by_class.items())),
+                   "red_cells": layout.n_red, "debris": layout.n_debris},
+        "glass_rgb": [round(float(v), 2) for v in layout.glass],
+        "empty_fields": _empty_fields(layout),
+        "debris": sorted(layout.debris_boxes, key=lambda b: (b[1], b[0])),
+        "cells": cells,
+    }
+
+
+def _empty_fields(layout: Layout) -> list[list[int]]:
+    """Bare-glass rectangles [x, y, w, h]: runs of layout blocks in a block row that no cell
+    reaches (debris and the pen mark may lie there; they are listed on their own)."""
+    cfg = layout.cfg
+    out = []
+    for bi in range(layout.nby):
+        free = np.flatnonzero(~layout.occupied[bi])
+        if not free.size:
+            continue
+        starts = np.flatnonzero(np.diff(free, prepend=-2) != 1)
+        ends = np.append(starts[1:], free.size) - 1
+        y0 = bi * BLOCK
+        h = min(BLOCK, cfg.height - y0)
+        for a, b in zip(free[starts].tolist(), free[ends].tolist()):
+            x0 = a * BLOCK
+            out.append([x0, y0, min((b + 1) * BLOCK, cfg.width) - x0, h])
+    return out
+
+
+def _dump_truth(doc: dict) -> str:
+    """JSON with one cell per line (readable and diff-friendly even for large slides)."""
+    head = {k: v for k, v in doc.items() if k not in ("cells", "debris", "empty_fields")}
+    head["empty_fields"] = "@@EMPTY@@"
+    head["debris"] = "@@DEBRIS@@"
+    text = json.dumps(head, indent=1)[:-2].replace('"@@DEBRIS@@"', json.dumps(doc["debris"], separators=(",", ":")))
+    text = text.replace('"@@EMPTY@@"', json.dumps(doc["empty_fields"], separators=(",", ":")))
+    lines = ",\n  ".join(json.dumps(c, separators=(",", ":")) for c in doc["cells"])
+    return text + ',\n "cells": [\n  ' + lines + "\n ]\n}\n"
+
+
+def _geojson_features(doc: dict) -> Iterator[str]:
+    """QuPath-importable GeoJSON, written piece by piece: a rectangle per cell, the planted
+    regions, the pen mark and the blurred patch (each an annotation with a classification)."""
+    names = sorted(set(doc["cells_source"]["classes"]))
+    colours = {n: list(_CLASS_COLORS[i % len(_CLASS_COLORS)]) for i, n in enumerate(names)}
+
+    def feature(bbox, props) -> str:
+        x, y, w, h = bbox
+        geom = {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]}
+        return json.dumps({"type": "Feature", "geometry": geom, "properties": props}, separators=(",", ":"))
+
+    def items() -> Iterator[str]:
+        for c in doc["cells"]:
+            yield feature(c["bbox"], {"objectType": "annotation",
+                                      "classification": {"name": c["class"], "color": colours[c["class"]]},
+                                      "suspicious": c["suspicious"], "source": c["source"]})
+        for i, reg in enumerate(doc["planted_regions"]):
+            yield feature(reg["bbox"], {"objectType": "annotation", "name": f"planted region {i}",
+                                        "classification": {"name": "Planted region", "color": [255, 200, 0]},
+                                        "n_suspicious": reg["n_suspicious"]})
+        for name, bbox, colour in (("Pen mark", doc["artifacts"]["pen"]["bbox"], [0, 0, 255]),
+                                   ("Blurred patch", doc["artifacts"]["blur"]["bbox"], [128, 128, 128])):
+            yield feature(bbox, {"objectType": "annotation", "classification": {"name": name, "color": colour}})
+
+    yield '{"type":"FeatureCollection","features":[\n'
+    for i, item in enumerate(items()):
+        yield ("," if i else "") + item + "\n"
+    yield "]}\n"
