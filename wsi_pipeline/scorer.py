@@ -335,9 +335,16 @@ def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, progress: Calla
             if progress and isinstance(result, tuple) and len(result) == 2:
                 progress(int(result[1]))
 
-        scheduler = "synchronous" if config.scheduler == "sync" else config.scheduler
+        # the scheduler's own function, not its name: a name makes dask import distributed to
+        # look for a client (0.3 s per process)
+        import dask.local
+        import dask.multiprocessing
+        import dask.threaded
+
+        get = {"threads": dask.threaded.get, "processes": dask.multiprocessing.get,
+               "sync": dask.local.get_sync}[config.scheduler]
         with Callback(posttask=posttask):
-            dask.compute(*tasks, scheduler=scheduler, num_workers=n_workers)
+            dask.compute(*tasks, scheduler=get, num_workers=n_workers)
         return
     from distributed import Client, as_completed
 
