@@ -100,3 +100,28 @@ def test_tilestore_with_label_table(tmp_path):
     csv.write_text("tile_index,label\n9,ig\n")
     with pytest.raises(DistillError, match="outside the store"):
         load_tilestore(store, csv, 8)
+
+
+def test_real_jpeg_tile_store_reads_without_importing_wsi_pipeline(tmp_path):
+    # a store as the tiler writes it (JPEG shards); distill must read it in a process that never
+    # imported wsi_pipeline: zarr finds the codec through the package's entry point
+    import subprocess
+    import sys
+
+    from wsi_pipeline import store as tile_store
+
+    n = 5
+    group = tile_store.create_store(
+        tmp_path / "s.zarr", coords=np.zeros((n, 4)), grid=np.zeros((n, 2)), foreground=np.ones(n),
+        thumbnail=np.zeros((8, 8, 3), np.uint8), mask=np.ones((8, 8), bool), thumbnail_downsample=1.0,
+        thumbnail_mpp=2.0, tile_size=16, tiles_per_shard=5, codec="jpeg", jpeg_quality=90, meta={})
+    tile_store.write_shard(group, 0, np.stack([np.full((16, 16, 3), 40 * i, np.uint8) for i in range(n)]),
+                           np.zeros(n))
+    (tmp_path / "labels.csv").write_text("tile_index,label\n3,ig\n1,neutrophil\n")
+    code = ("import sys; from distill.data import load_tilestore; "
+            f"ps = load_tilestore({str(tmp_path / 's.zarr')!r}, {str(tmp_path / 'labels.csv')!r}, 16); "
+            "print([int(ps.images[i, 8, 8, 0]) for i in range(2)], 'wsi_pipeline.store' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    values = [int(v.strip("[],")) for v in out[:2]]
+    assert abs(values[0] - 120) <= 2 and abs(values[1] - 40) <= 2
+    assert out[2] == "False"

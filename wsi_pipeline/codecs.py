@@ -1,8 +1,9 @@
 """A zarr v3 codec storing each RGB tile chunk as one baseline JPEG.
 
 Tile stores written with ``codec="jpeg"`` name this codec (``wsi_triage.jpeg``) in their array
-metadata, so it must be registered before such a store is read: importing
-:mod:`wsi_pipeline.store` (or this module) does that.
+metadata, so it must be registered before such a store is read. The package declares it as a
+``zarr.codecs`` entry point, so zarr finds it in any process where wsi-triage is installed;
+importing :mod:`wsi_pipeline.store` (or this module) registers it too.
 
 The chunk must be ``(1, H, W, 3)`` or ``(H, W, 3)`` uint8 (one tile per inner chunk).
 """
