@@ -299,3 +299,14 @@ def test_fingerprint_depends_on_content_not_name(tmp_path, shared_data):
     copy.write_bytes(bytes(data))
     assert fingerprint(copy) != fingerprint(original)
     assert len(fingerprint(original)) == 64
+
+
+def test_threaded_thumbnail_equals_serial(pyramid, shared_data):
+    # the thumbnail is read in blocks on several threads; the result must not depend on that
+    for path in (pyramid, shared_data / "slides" / "CMU-1-Small-Region.svs"):
+        for fast in (True, False):
+            with open_slide(path, fast=fast) as slide:
+                serial, ds = slide.thumbnail(2.0, block=300)
+                threaded, ds2 = slide.thumbnail(2.0, block=300, workers=3)
+            assert ds == ds2 and serial.shape[0] > 300 // 4
+            np.testing.assert_array_equal(threaded, serial)
