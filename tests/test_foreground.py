@@ -488,3 +488,14 @@ def test_native_resolution_mask_edges_follow_the_cells():
     mask = foreground_mask(img, 0.07, "romanowsky")
     assert (truth & ~mask).sum() <= 0.01 * truth.sum()
     assert mask.sum() <= 1.08 * truth.sum()
+
+
+def test_no_ink_found_on_an_inkless_he_slide(shared_data):
+    # pink H&E regions meet some red-ink colour rules; on a slide without ink none may become a
+    # pen region (a change that merged nearby pink specks into 'strokes' removed real tissue)
+    from wsi_pipeline.slide import open_slide
+
+    with open_slide(shared_data / "slides" / "CMU-1-Small-Region.svs") as slide:
+        thumb, ds = slide.thumbnail(WORKING_MPP)
+        mpp = slide.require_mpp().mean * ds
+    assert not pen_mask(thumb, mpp).any()
