@@ -564,32 +564,33 @@ def _refine_edges(rgb: np.ndarray, fg: np.ndarray, f: int, bg: "_Background", pr
     if not rim.any():
         return up
     rows = np.flatnonzero(rim.any(axis=1))
-    y0, y1 = rows[0], rows[-1] + 1
     sigma = _EDGE_SIGMA_UM / mpp
-    halo = int(np.ceil(4 * sigma))
-    p0, p1 = max(0, y0 - halo), min(H, y1 + halo)
-    band = rgb[p0:p1]
-    ry = np.minimum(np.arange(p0, p1) // f, fg.shape[0] - 1)
-    rx = np.minimum(np.arange(W) // f, fg.shape[1] - 1)
-    od = np.zeros(band.shape[:2], np.float32)
-    dmax = np.full(band.shape[:2], -np.inf, np.float32)
-    dmin = np.full(band.shape[:2], np.inf, np.float32)
-    lim = np.float32(np.log10(_BG_RANGE))
-    for c in range(3):
-        surf = bg.ly[ry, c][:, None] + bg.lx[rx, c][None, :]
-        d = np.clip(surf, bg.log_global[c] - lim, bg.log_global[c] + lim) - _LOG10_U8[band[..., c]]
-        np.maximum(dmax, d, out=dmax)
-        np.minimum(dmin, d, out=dmin)
-        od += np.maximum(d, 0.0)
-    od /= 3.0
-    spread = dmax - dmin
-    if sigma >= 0.5:
-        od = ndi.gaussian_filter(od, sigma)
-        spread = ndi.gaussian_filter(spread, sigma)
+    halo = int(np.ceil(4 * sigma)) if sigma >= 0.5 else 0
     spread_thr = np.float32(-np.log10(max(1e-6, 1.0 - preset.saturation_threshold)))
-    stained = (od >= preset.od_threshold) | (spread >= spread_thr)
+    lim = np.float32(np.log10(_BG_RANGE))
+    rx = np.minimum(np.arange(W) // f, fg.shape[1] - 1)
     out = interior.copy()
-    out[p0:p1] |= rim[p0:p1] & stained
+    for lo in range(int(rows[0]), int(rows[-1]) + 1, _BAND_ROWS):  # bands bound the memory
+        hi = min(H, lo + _BAND_ROWS)
+        p0, p1 = max(0, lo - halo), min(H, hi + halo)
+        band = rgb[p0:p1]
+        ry = np.minimum(np.arange(p0, p1) // f, fg.shape[0] - 1)
+        od = np.zeros(band.shape[:2], np.float32)
+        dmax = np.full(band.shape[:2], -np.inf, np.float32)
+        dmin = np.full(band.shape[:2], np.inf, np.float32)
+        for c in range(3):
+            surf = bg.ly[ry, c][:, None] + bg.lx[rx, c][None, :]
+            d = np.clip(surf, bg.log_global[c] - lim, bg.log_global[c] + lim) - _LOG10_U8[band[..., c]]
+            np.maximum(dmax, d, out=dmax)
+            np.minimum(dmin, d, out=dmin)
+            od += np.maximum(d, 0.0)
+        od /= 3.0
+        spread = dmax - dmin
+        if halo:
+            od = ndi.gaussian_filter(od, sigma)
+            spread = ndi.gaussian_filter(spread, sigma)
+        stained = (od >= preset.od_threshold) | (spread >= spread_thr)
+        out[lo:hi] |= rim[lo:hi] & stained[lo - p0:hi - p0]
     return out
 
 
