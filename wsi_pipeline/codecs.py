@@ -50,17 +50,21 @@ class JpegTileCodec(ArrayBytesCodec):
     def compute_encoded_size(self, input_byte_length: int, chunk_spec) -> int:
         raise NotImplementedError("JPEG chunks have no fixed encoded size")
 
+    def encode_tile(self, image: np.ndarray) -> bytes:
+        """One (H, W, 3) uint8 tile as JPEG bytes (also used by the store's direct shard writer)."""
+        return imagecodecs.jpeg8_encode(np.ascontiguousarray(image), level=self.level, subsampling=self.subsampling)
+
+    @staticmethod
+    def decode_tile(data) -> np.ndarray:
+        """JPEG bytes (or a memoryview of them) back to an (H, W, 3) uint8 tile."""
+        return imagecodecs.jpeg8_decode(data)
+
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec) -> Buffer | None:
         array = np.asarray(chunk_array.as_numpy_array())
-        image = array.reshape(array.shape[-3:])
-        encoded = imagecodecs.jpeg8_encode(
-            np.ascontiguousarray(image), level=self.level, subsampling=self.subsampling
-        )
-        return chunk_spec.prototype.buffer.from_bytes(encoded)
+        return chunk_spec.prototype.buffer.from_bytes(self.encode_tile(array.reshape(array.shape[-3:])))
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec) -> NDBuffer:
-        image = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
-        array = image.reshape(chunk_spec.shape)
+        array = self.decode_tile(chunk_bytes.to_bytes()).reshape(chunk_spec.shape)
         return chunk_spec.prototype.nd_buffer.from_numpy_array(array)
 
     # zarr runs codecs on its event-loop thread; JPEG work releases the GIL, so hand it to

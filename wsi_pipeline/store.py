@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
-import imagecodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ShardingCodec
@@ -230,8 +229,7 @@ def _shard_file(array: zarr.Array, index: int) -> Path:
 
 def _write_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, tiles: np.ndarray) -> None:
     per_shard = int(array.shards[0])
-    parts = [imagecodecs.jpeg8_encode(np.ascontiguousarray(t), level=codec.level, subsampling=codec.subsampling)
-             for t in tiles]
+    parts = [codec.encode_tile(t) for t in tiles]
     table = np.full((per_shard, 2), _EMPTY, dtype="<u8")
     sizes = np.array([len(p) for p in parts], dtype=np.uint64)
     table[: len(parts), 1] = sizes
@@ -271,7 +269,7 @@ def _read_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, n: int
         offset, nbytes = table[j]
         if offset == _EMPTY:
             continue
-        out[j] = imagecodecs.jpeg8_decode(view[int(offset): int(offset + nbytes)]).reshape(height, width, channels)
+        out[j] = codec.decode_tile(view[int(offset): int(offset + nbytes)]).reshape(height, width, channels)
     return out
 
 
