@@ -368,11 +368,49 @@ class _Background:
     lx: np.ndarray  # (W, 3)
     log_global: np.ndarray  # (3,)
 
+    def surface(self, ry, rx, c: int) -> np.ndarray:
+        """log10 background of channel ``c`` on rows ``ry`` x columns ``rx`` (slices or index
+        arrays of the image the background was fitted on), float32."""
+        lim = np.float32(np.log10(_BG_RANGE))
+        surf = self.ly[ry, c][:, None] + self.lx[rx, c][None, :]
+        return np.clip(surf, self.log_global[c] - lim, self.log_global[c] + lim)
+
     def rows(self, lo: int, hi: int, c: int) -> np.ndarray:
         """log10 background of channel ``c`` for rows lo..hi, (hi-lo, W) float32."""
-        lim = np.float32(np.log10(_BG_RANGE))
-        surf = self.ly[lo:hi, c][:, None] + self.lx[:, c][None, :]
-        return np.clip(surf, self.log_global[c] - lim, self.log_global[c] + lim)
+        return self.surface(slice(lo, hi), slice(None), c)
+
+
+def _stain_test(band: np.ndarray, surface, preset: StainPreset, sigma: float) -> np.ndarray:
+    """Stained pixels of a uint8 RGB ``band``; ``surface(c)`` is the log10 glass of channel ``c``
+    on the band's grid. Smoothed by ``sigma`` px when that is at least half a pixel.
+
+    Per channel, d = log10(I0) - log10(I) is the optical density above the glass. Stained: the
+    mean of max(d, 0) over R, G, B reaches ``od_threshold``, or the background-normalised
+    saturation 1 - Tmin/Tmax = 1 - 10^-(dmax - dmin) reaches ``saturation_threshold``
+    (compared in the OD domain, so no power is taken per pixel).
+    """
+    od = np.zeros(band.shape[:2], dtype=np.float32)
+    dmax = np.full(band.shape[:2], -np.inf, dtype=np.float32)
+    dmin = np.full(band.shape[:2], np.inf, dtype=np.float32)
+    for c in range(3):
+        d = surface(c)
+        d -= _LOG10_U8[band[..., c]]
+        np.maximum(dmax, d, out=dmax)
+        np.minimum(dmin, d, out=dmin)
+        np.maximum(d, 0.0, out=d)
+        od += d
+    od /= 3.0
+    spread = dmax - dmin
+    if sigma >= 0.5:
+        od = ndi.gaussian_filter(od, sigma)
+        spread = ndi.gaussian_filter(spread, sigma)
+    spread_thr = np.float32(-np.log10(max(1e-6, 1.0 - preset.saturation_threshold)))
+    return (od >= preset.od_threshold) | (spread >= spread_thr)
+
+
+def _smoothing_halo(sigma: float) -> int:
+    """Context rows a band needs so that :func:`_stain_test`'s smoothing is exact in it."""
+    return int(np.ceil(4 * sigma)) if sigma >= 0.5 else 0
 
 
 def _glass_seed(sub: np.ndarray) -> np.ndarray | None:
@@ -565,31 +603,14 @@ def _refine_edges(rgb: np.ndarray, fg: np.ndarray, f: int, bg: "_Background", pr
         return up
     rows = np.flatnonzero(rim.any(axis=1))
     sigma = _EDGE_SIGMA_UM / mpp
-    halo = int(np.ceil(4 * sigma)) if sigma >= 0.5 else 0
-    spread_thr = np.float32(-np.log10(max(1e-6, 1.0 - preset.saturation_threshold)))
-    lim = np.float32(np.log10(_BG_RANGE))
+    halo = _smoothing_halo(sigma)
     rx = np.minimum(np.arange(W) // f, fg.shape[1] - 1)
     out = interior.copy()
     for lo in range(int(rows[0]), int(rows[-1]) + 1, _BAND_ROWS):  # bands bound the memory
         hi = min(H, lo + _BAND_ROWS)
         p0, p1 = max(0, lo - halo), min(H, hi + halo)
-        band = rgb[p0:p1]
-        ry = np.minimum(np.arange(p0, p1) // f, fg.shape[0] - 1)
-        od = np.zeros(band.shape[:2], np.float32)
-        dmax = np.full(band.shape[:2], -np.inf, np.float32)
-        dmin = np.full(band.shape[:2], np.inf, np.float32)
-        for c in range(3):
-            surf = bg.ly[ry, c][:, None] + bg.lx[rx, c][None, :]
-            d = np.clip(surf, bg.log_global[c] - lim, bg.log_global[c] + lim) - _LOG10_U8[band[..., c]]
-            np.maximum(dmax, d, out=dmax)
-            np.minimum(dmin, d, out=dmin)
-            od += np.maximum(d, 0.0)
-        od /= 3.0
-        spread = dmax - dmin
-        if halo:
-            od = ndi.gaussian_filter(od, sigma)
-            spread = ndi.gaussian_filter(spread, sigma)
-        stained = (od >= preset.od_threshold) | (spread >= spread_thr)
+        ry = np.minimum(np.arange(p0, p1) // f, fg.shape[0] - 1)  # the coarse grid's rows
+        stained = _stain_test(rgb[p0:p1], lambda c: bg.surface(ry, rx, c), preset, sigma)
         out[lo:hi] |= rim[lo:hi] & stained[lo - p0:hi - p0]
     return out
 
@@ -619,17 +640,12 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
                            bg: "_Background | None" = None):
     """Band-wise per-pixel stage: (stained, artefact) bool masks of the working image.
 
-    Per channel, d = log10(I0) - log10(I) is the optical density above the glass. Stained: the
-    mean of max(d, 0) over R, G, B reaches ``od_threshold``, or the background-normalised
-    saturation 1 - Tmin/Tmax = 1 - 10^-(dmax - dmin) reaches ``saturation_threshold``
-    (compared in the OD domain, so no power is taken per pixel). Bands run on ``pool``.
+    Stained as :func:`_stain_test` decides, after 0.5 um of smoothing; bands run on ``pool``.
     """
     h, w = img.shape[:2]
     bg = _fit_background(img) if bg is None else bg
     sigma = 0.5 / mpp  # 0.5 um denoising; only worth it at fine pixel sizes
-    smooth = sigma >= 0.5
-    halo = int(np.ceil(4 * sigma)) if smooth else 0
-    spread_thr = np.float32(-np.log10(max(1e-6, 1.0 - preset.saturation_threshold)))
+    halo = _smoothing_halo(sigma)
     stained = np.empty((h, w), dtype=bool)
     codes = np.empty((h, w), dtype=np.uint8)
     index = _code_index(bg.log_global)  # colour rules relative to the glass
@@ -637,24 +653,8 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
 
     def band_work(b) -> None:
         lo, hi, plo, phi = b
-        band = img[plo:phi]
-        od = np.zeros(band.shape[:2], dtype=np.float32)
-        dmax = np.full(band.shape[:2], -np.inf, dtype=np.float32)
-        dmin = np.full(band.shape[:2], np.inf, dtype=np.float32)
-        for c in range(3):
-            d = bg.rows(plo, phi, c)
-            d -= _LOG10_U8[band[..., c]]
-            np.maximum(dmax, d, out=dmax)
-            np.minimum(dmin, d, out=dmin)
-            np.maximum(d, 0.0, out=d)
-            od += d
-        od /= 3.0
-        spread = dmax - dmin
-        if smooth:
-            od = ndi.gaussian_filter(od, sigma)
-            spread = ndi.gaussian_filter(spread, sigma)
-        a, b_ = lo - plo, hi - plo
-        stained[lo:hi] = (od[a:b_] >= preset.od_threshold) | (spread[a:b_] >= spread_thr)
+        test = _stain_test(img[plo:phi], lambda c: bg.rows(plo, phi, c), preset, sigma)
+        stained[lo:hi] = test[lo - plo:hi - plo]
         codes[lo:hi] = _codes(img[lo:hi], index)
 
     for _ in (pool or _Serial()).map(band_work, list(_bands(h, halo))):
