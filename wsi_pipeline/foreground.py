@@ -225,14 +225,7 @@ _TABLE_FILE = Path(__file__).parent / "data" / "colour_codes.zlib"
 
 def colour_table() -> np.ndarray:
     """Codes of all 2^21 quantised colours, computed from the colour rules (about 0.3 s)."""
-    table = np.full(1 << (3 * _LUT_BITS), _UNKNOWN, dtype=np.uint8)
-    idx = np.arange(table.size, dtype=np.int32)
-    saved, globals()["_LUT"] = globals()["_LUT"], table
-    try:
-        _lookup(idx)
-    finally:
-        globals()["_LUT"] = saved
-    return table
+    return _colour_rules(_index_colours(np.arange(1 << (3 * _LUT_BITS), dtype=np.int32)))
 
 
 def write_colour_table(path: Path = _TABLE_FILE) -> None:
@@ -268,14 +261,18 @@ def _lookup(idx: np.ndarray) -> np.ndarray:
         seen = np.zeros(_LUT.size, dtype=bool)
         seen[todo] = True
         new = np.flatnonzero(seen)
-        shift = 8 - _LUT_BITS
-        q = np.arange(1 << _LUT_BITS, dtype=np.int32)
-        level = ((q << shift) | (q >> (_LUT_BITS - shift))).astype(np.uint8)  # 0..255 spread
-        m = (1 << _LUT_BITS) - 1
-        rgb = np.stack([level[(new >> (2 * _LUT_BITS)) & m], level[(new >> _LUT_BITS) & m], level[new & m]], axis=-1)
-        _LUT[new] = _colour_rules(rgb)
+        _LUT[new] = _colour_rules(_index_colours(new))
         codes[missing] = _LUT[todo]
     return codes
+
+
+def _index_colours(idx: np.ndarray) -> np.ndarray:
+    """The uint8 RGB colour each table index stands for, (n, 3)."""
+    shift = 8 - _LUT_BITS
+    q = np.arange(1 << _LUT_BITS, dtype=np.int32)
+    level = ((q << shift) | (q >> (_LUT_BITS - shift))).astype(np.uint8)  # 0..255 spread
+    m = (1 << _LUT_BITS) - 1
+    return np.stack([level[(idx >> (2 * _LUT_BITS)) & m], level[(idx >> _LUT_BITS) & m], level[idx & m]], axis=-1)
 
 
 def _code_index(log_glass: np.ndarray | None = None) -> list[np.ndarray]:
@@ -681,9 +678,9 @@ def _dilate_local(mask: np.ndarray, r: int) -> np.ndarray:
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return mask.copy()
-    ys, xs = np.nonzero(mask) if rows.size < mask.shape[0] // 4 or mask.size > 1 << 20 else ((), ())
-    if 0 < len(ys) and len(ys) * (2 * r + 1) ** 2 < mask.size // 32:
+    if np.count_nonzero(mask) * (2 * r + 1) ** 2 < mask.size // 32:
         # scattered pixels (dark specks over a whole thumbnail): paint a square around each
+        ys, xs = np.nonzero(mask)
         d = np.arange(-r, r + 1)
         out = np.zeros_like(mask)
         yy = np.clip(ys[:, None, None] + d[None, :, None], 0, mask.shape[0] - 1)
