@@ -102,11 +102,9 @@ class ScoringModel:
     pixel_model: Any | None  # fold_normalization(loaded.model), or None
 
     def predict(self, tiles: np.ndarray, *, device: str, precision: str, batch_size: int) -> np.ndarray:
-        if self.pixel_model is not None:
-            return predict_probs(self.pixel_model, self.loaded.info, tiles, device=device, precision=precision,
-                                 batch_size=batch_size, pixel_input=True)
-        return predict_probs(self.loaded.model, self.loaded.info, tiles, device=device, precision=precision,
-                             batch_size=batch_size)
+        folded = self.pixel_model is not None
+        return predict_probs(self.pixel_model if folded else self.loaded.model, self.loaded.info, tiles,
+                             device=device, precision=precision, batch_size=batch_size, pixel_input=folded)
 
 
 _SCORING: dict[tuple[str, str], ScoringModel] = {}
