@@ -1,8 +1,8 @@
 """ViT teacher and student models (timm ``VisionTransformer``, never ``pretrained=True``).
 
 Presets fix the width (and heads); depth is 12 for the teacher and 3 for the student as in
-the paper. Image and patch size are free. ``forward_features_all`` is the feature tap: it
-returns the logits and every block's tokens (class token first).
+the paper. Image and patch size are free. ``block_features`` is the feature tap (timm's
+``forward_intermediates``): it returns the logits and every block's tokens (class token first).
 """
 
 from __future__ import annotations
@@ -84,6 +84,14 @@ def forward_features_all(model: VisionTransformer, x: torch.Tensor) -> tuple[tor
         feats.append(x)
     x = model.norm(x)
     return model.forward_head(x), feats
+
+
+def block_features(model: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and the output tokens of every block, (B, 1 + N, C) each, before the final norm,
+    through timm's public ``forward_intermediates`` (the logits equal ``model(x)``)."""
+    final, inter = model.forward_intermediates(x, output_fmt="NLC", return_prefix_tokens=True)
+    feats = [torch.cat([prefix, spatial], dim=1) for spatial, prefix in inter]
+    return model.forward_head(final), feats
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -35,3 +35,34 @@ def test_teacher_init_refuses_pickled_objects_and_other_widths(tmp_path):
     save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(path))
     with pytest.raises(DistillError, match="has shape"):
         init_from_timm_weights(dst, path)
+
+
+def _old_forward_features_all(model, x):
+    """The hand-written block tap distill used before ``block_features`` (kept here only to
+    show the two agree)."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    feats = []
+    for blk in model.blocks:
+        x = blk(x)
+        feats.append(x)
+    return model.forward_head(model.norm(x)), feats
+
+
+def test_block_features_equal_the_old_hand_written_tap_and_forward():
+    import torch
+    from distill.models import block_features
+
+    torch.manual_seed(0)
+    model = build_vit(architecture("tiny", "teacher", 5, img_size=48, patch_size=16, depth=4)).eval()
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        logits, feats = block_features(model, x)
+        old_logits, old_feats = _old_forward_features_all(model, x)
+        ref = model(x)
+    assert len(feats) == 4 and feats[0].shape == (3, 1 + 9, 192)
+    assert torch.equal(logits, old_logits) and torch.allclose(logits, ref, atol=1e-6)
+    for a, b in zip(feats, old_feats):
+        assert torch.equal(a, b)
