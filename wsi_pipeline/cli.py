@@ -37,7 +37,12 @@ def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-@click.group()
+def _say(message: str) -> None:
+    """A note on stderr (e.g. waiting for another writer's lock)."""
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsi-triage")
 def main() -> None:
     """Triage cytology whole-slide images: tile, score, rank, and export for QuPath."""
@@ -150,8 +155,11 @@ def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground,
 
     config = TilerConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap,
                          min_foreground=min_foreground, stain=stain, codec=codec)
+    from .lock import store_lock
+    from .store import store_path
+
     bar, on_plan = make_progress("tiling", quiet or as_json)
-    with bar:
+    with bar, store_lock(store_path(out_dir, slide), on_wait=_say):
         result = tile_slide(slide, out_dir, config, mpp=mpp, workers=workers, progress=bar.update, on_plan=on_plan)
     summary = {
         "store": str(result.path), "tiles": result.n_tiles, "grid_tiles": result.n_grid,
@@ -364,6 +372,7 @@ def aggregate_command(stores, checkpoint, out_dir, method, top_k, quantile, thre
 
     from .aggregate import aggregate_store
     from .checkpoint import read_checkpoint_info
+    from .lock import store_lock
 
     config = _aggregate_config(method, top_k, quantile, threshold, gallery_k, gzip_geojson)
     sha = read_checkpoint_info(checkpoint).sha256 if checkpoint else None
@@ -372,7 +381,8 @@ def aggregate_command(stores, checkpoint, out_dir, method, top_k, quantile, thre
         path = Path(store)
         stem = path.name[:-5] if path.name.endswith(".zarr") else path.name
         target = path.with_name(stem) if out_dir is None else (Path(out_dir) / stem if len(stores) > 1 else Path(out_dir))
-        r = aggregate_store(path, target, config, checkpoint_sha256=sha, force=force)
+        with store_lock(path, on_wait=_say):
+            r = aggregate_store(path, target, config, checkpoint_sha256=sha, force=force)
         results.append({"store": str(path), "out_dir": str(r.out_dir), "reused": r.reused, "score": r.score,
                         "method": config.method, "settings": config.score_settings(),
                         "n_tiles": r.summary["tiles"]["n_tiles"],
@@ -382,6 +392,35 @@ def aggregate_command(stores, checkpoint, out_dir, method, top_k, quantile, thre
             click.echo(f"{stem}: {config.method} = {value}; outputs in {r.out_dir}" + (" (up to date)" if r.reused else ""))
     if as_json:
         echo_json(results if len(results) > 1 else results[0])
+
+
+@main.command("verify")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--repair", is_flag=True, help="Re-tile damaged shards (or the whole store) from the slide, when its fingerprint still matches.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+@user_errors
+def verify_command(stores, repair, as_json):
+    """Check tile STORES: every node present, every shard matching its recorded digest, scores finite.
+
+    Exit code 0 when every store is sound (after repair, with --repair), 1 otherwise.
+    """
+    from .verify import verify_store
+
+    reports = [verify_store(store, repair=repair) for store in stores]
+    if as_json:
+        echo_json([r.as_dict() for r in reports])
+    else:
+        for r in reports:
+            fixed = " (whole store re-tiled)" if r.retiled else (
+                f" (re-tiled shard{'s' if len(r.repaired) > 1 else ''} {', '.join(map(str, r.repaired))})"
+                if r.repaired else "")
+            click.echo(f"{r.store}: {'ok' if r.ok else f'{len(r.problems)} problem(s)'}{fixed}")
+            for problem in r.problems:
+                click.echo(f"  {problem}")
+            for note in r.notes:
+                click.echo(f"  note: {note}")
+    if not all(r.ok for r in reports):
+        sys.exit(1)
 
 
 @main.command("synth")
@@ -400,9 +439,15 @@ def aggregate_command(stores, checkpoint, out_dir, method, top_k, quantile, thre
 @click.option("--regions", type=int, default=None, help="Planted regions [default: one per 2 mm^2, 1..24].")
 @click.option("--quality", type=int, default=85, show_default=True, help="JPEG quality of the tiles.")
 @click.option("--ome", is_flag=True, help="Write OME-TIFF (sub-resolutions as SubIFDs) instead of generic TIFF.")
+@click.option("--stain", type=click.Choice(["romanowsky", "pap"]), default="romanowsky", show_default=True,
+              help="romanowsky: the cells as imaged (MGG); pap: recoloured with the Pap dyes (hematoxylin, "
+                   "Light Green SF, Orange G, eosin Y), in cohesive groups.")
+@click.option("--pen-ink", type=click.Choice(["random", "blue", "green", "black", "red"]), default="random",
+              show_default=True, help="Colour of the pen mark; random draws blue, green or black from the seed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def synth_command(out, size, mpp, seed, cells, cell_list, cells_mpp, suspicious, fraction, regions, quality, ome, quiet):
+def synth_command(out, size, mpp, seed, cells, cell_list, cells_mpp, suspicious, fraction, regions, quality, ome,
+                  stain, pen_ink, quiet):
     """Write a synthetic smear OUT (.tiff) from real cell images, with its ground truth beside it.
 
     Ground truth: <stem>.truth.json (label, planted regions, every cell's class and box) and
@@ -417,7 +462,7 @@ def synth_command(out, size, mpp, seed, cells, cell_list, cells_mpp, suspicious,
         width=width, height=height, mpp=mpp, seed=seed, cells=Path(cells) if cells else None,
         cell_list=read_cell_list(cell_list) if cell_list else None, cell_list_name=cell_list,
         cells_mpp=cells_mpp, suspicious=tuple(suspicious) or DEFAULT_SUSPICIOUS, fraction=fraction,
-        regions=regions, quality=quality, ome=ome)
+        regions=regions, quality=quality, ome=ome, stain=stain, pen_ink=pen_ink)
     bar, on_plan = make_progress("synth", quiet, unit="row")
     with bar:
         rows_done = [0]
@@ -430,3 +475,29 @@ def synth_command(out, size, mpp, seed, cells, cell_list, cells_mpp, suspicious,
 
         result = synthesize(out, config, progress=progress)
     echo_json(result.as_dict())
+
+
+@main.command("view")
+@click.argument("target", metavar="OUT_DIR_OR_SLIDE", type=click.Path(path_type=str))
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--quiet", is_flag=True, help="Do not log requests.")
+@user_errors
+def view_command(target, port, host, quiet):
+    """Open a zoomable viewer of a run/batch output folder or a slide in the browser (local web server).
+
+    Shows the slide with the suspicion overlay, tile outlines and the most suspicious places; for a
+    batch, the ranked slide list. Stop with Ctrl-C.
+    """
+    from .viewer import serve
+
+    def ready(url: str) -> None:
+        click.echo(f"wsi-triage viewer: open {url} in a browser (Ctrl-C stops)")
+
+    def log(line: str) -> None:
+        click.echo(line, err=True)
+
+    try:
+        serve(target, host=host, port=port, on_ready=ready, log=None if quiet else log)
+    except KeyboardInterrupt:
+        click.echo("viewer stopped", err=True)

@@ -24,6 +24,8 @@ from .checkpoint import CheckpointInfo
 THUMB_SIDE = 220
 OVERLAY_SIDE = 520
 GALLERY_SIDE = 760
+#: the status colours of the report, shared with the viewer's slide list
+STATUS_COLOURS = {"ok": "#176117", "empty": "#777777", "error": "#a31515"}
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
@@ -32,10 +34,11 @@ h1{font-size:1.4em;margin:0 0 .3em} .meta{color:#555;font-size:.9em;margin-botto
 table{border-collapse:collapse;width:100%} th,td{border-bottom:1px solid #ddd;padding:.4em .5em;vertical-align:top;text-align:left}
 th{background:#fafafa;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.error td{background:#fff3f3} tr.empty td{background:#f7f7f7}
-.status-ok{color:#176117} .status-empty{color:#777} .status-error{color:#a31515;font-weight:600}
+.status-ok{color:@ok} .status-empty{color:@empty} .status-error{color:@error;font-weight:600}
 .up{color:#a31515} .down{color:#176117} .err{font-family:monospace;font-size:.85em;color:#a31515;max-width:40em}
 img{max-width:100%;height:auto;display:block} details summary{cursor:pointer;color:#2456a6}
-"""
+""".replace("@ok", STATUS_COLOURS["ok"]).replace("@empty", STATUS_COLOURS["empty"]).replace(
+    "@error", STATUS_COLOURS["error"])
 
 
 def _data_uri(image: np.ndarray | None, max_side: int, fmt: str = "JPEG") -> str | None:
