@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from wsi_pipeline import store as tile_store
-from wsi_pipeline.errors import StoreError
+from wsi_pipeline.errors import ShardError, StoreError
 
 
 def _tiles(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -62,6 +62,7 @@ def test_shards_written_by_zarr_are_read_directly(tmp_path):
     with zarr.config.set({"array.write_empty_chunks": True}):
         group["tiles"][:] = tiles  # zarr's own sharding writer
     for index in range(3):
+        tile_store.record_shard_digest(group, index)
         sl = tile_store.shard_slice(index, n, per)
         np.testing.assert_array_equal(tile_store.read_shard(group, index), np.asarray(group["tiles"][sl]))
 
@@ -77,17 +78,26 @@ def test_rewriting_a_shard_removes_a_killed_writers_temporary(tmp_path):
     np.testing.assert_array_equal(tile_store.read_shard(group, 0), _jpeg_roundtrip(_tiles(4, seed=3)))
 
 
-def test_unwritten_shard_reads_as_fill_and_damaged_index_is_an_error(tmp_path):
+def test_unwritten_shard_is_an_error_never_fill_values(tmp_path):
     n, per = 8, 4
     group = _store(tmp_path / "s.zarr", n, per)
-    assert (tile_store.read_shard(group, 1) == 255).all()
+    with pytest.raises(ShardError, match=r"tile shard 1 \(.*\) is missing"):
+        tile_store.read_shard(group, 1)
+
+
+@pytest.mark.parametrize("digests", [True, False], ids=["digest", "pre-digest-store"])
+def test_damaged_index_is_an_error(tmp_path, digests):
+    group = _store(tmp_path / "s.zarr", 8, 4)
+    if not digests:  # a store written before shard digests: the index CRC still guards the index
+        tile_store.update_meta(group, shard_digest=None)
     tile_store.write_shard(group, 0, _tiles(4), np.zeros(4))
     shard = tile_store._shard_file(group["tiles"], 0)
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF  # inside the index
     shard.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="checksum"):
+    with pytest.raises(ShardError, match="recorded digest" if digests else "checksum"):
         tile_store.read_shard(group, 0)
+    assert list(tile_store.damaged_shards(group)) == [0]
 
 
 def test_lossless_store_uses_zarr_and_round_trips_exactly(tmp_path):

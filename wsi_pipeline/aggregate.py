@@ -269,7 +269,7 @@ def aggregate_store(
     write_atomic(paths["heatmap_png"], png_bytes(heatmap_rgba(heat)))
     write_atomic(paths["heatmap_npy"], _save_npy(heat))
     top_idx = np.asarray(order, dtype=np.int64)
-    tiles = np.stack([np.asarray(group["tiles"][int(i)]) for i in top_idx]) if len(top_idx) else np.zeros((0, 1, 1, 3))
+    tiles = tile_store.read_tiles(group, top_idx) if len(top_idx) else np.zeros((0, 1, 1, 3))  # checked, never fill
     write_atomic(paths["gallery"], gallery_png(tiles, suspicion[top_idx], coords[top_idx],
                                                [class_names[int(argmax[i])] for i in top_idx]))
     collection = geojson_collection(coords, probs, suspicion, class_names, provenance)

@@ -25,9 +25,21 @@ class StoreError(WsiTriageError):
     """A tile store is missing, incomplete, or inconsistent with the request."""
 
 
+class ShardError(StoreError):
+    """A tile shard of a store is missing, damaged or replaced (its recorded digest does not match)."""
+
+
+class StoreBusyError(StoreError):
+    """Another process is writing the same tile store (its lock is held)."""
+
+
 class CheckpointError(WsiTriageError):
     """A model checkpoint is missing, not safetensors, or lacks a required field."""
 
 
 class OutputError(WsiTriageError):
     """The output location cannot be written."""
+
+
+class OptionError(WsiTriageError):
+    """A command-line option or configuration value is invalid (found before any work starts)."""

@@ -25,6 +25,7 @@ from . import store as tile_store
 from .aggregate import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
 from .checkpoint import CheckpointInfo, read_checkpoint_info
 from .errors import SlideError, WsiTriageError
+from .lock import store_lock
 from .scorer import ScoreConfig, ScoreResult, score_store
 from .tiler import TileResult, TilerConfig, tile_slide
 
@@ -52,6 +53,7 @@ class RunOptions:
     tile_workers: int | None = None
     score: ScoreConfig = field(default_factory=ScoreConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    lock_wait: float | None = None  # seconds to wait for another writer of the same slide (None: no limit)
 
 
 @dataclass
@@ -119,9 +121,12 @@ def score_and_aggregate(store: Path, out_dir: Path, options: RunOptions, info: C
 
 
 def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
-              progress: ProgressFactory | None = None, info: CheckpointInfo | None = None) -> SlideRun:
+              progress: ProgressFactory | None = None, info: CheckpointInfo | None = None,
+              on_wait: Callable[[str], None] | None = None) -> SlideRun:
     """Tile (or reuse the store), score with the checkpoint (or reuse), aggregate (or reuse).
 
+    Holds the slide's store lock throughout (:mod:`wsi_pipeline.lock`): a second writer of the
+    same output waits (``on_wait`` tells why), then reuses what the first one finished.
     Raises one-line :class:`WsiTriageError` subclasses; ``run_batch`` records them per slide.
     """
     start = time.perf_counter()
@@ -130,14 +135,15 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     out = Path(out)
     info = info or read_checkpoint_info(options.checkpoint)
     config = tiler_config_for(info, options)
-    update, on_plan, close = progress("tiling", "tile")
-    try:
-        tiled = tile_slide(slide, out, config, mpp=options.mpp, workers=options.tile_workers,
-                           progress=update, on_plan=on_plan)
-    finally:
-        close()
-    out_dir = out / slide.stem
-    scored, aggregated, agg_seconds = score_and_aggregate(tiled.path, out_dir, options, info, progress)
+    with store_lock(tile_store.store_path(out, slide), wait=options.lock_wait, on_wait=on_wait):
+        update, on_plan, close = progress("tiling", "tile")
+        try:
+            tiled = tile_slide(slide, out, config, mpp=options.mpp, workers=options.tile_workers,
+                               progress=update, on_plan=on_plan)
+        finally:
+            close()
+        out_dir = out / slide.stem
+        scored, aggregated, agg_seconds = score_and_aggregate(tiled.path, out_dir, options, info, progress)
     summary = aggregated.summary
     score = summary["score"]["value"]
     return SlideRun(
@@ -156,7 +162,8 @@ def run_store(store: str | Path, out_dir: str | Path | None, options: RunOptions
     stem = store.name[:-5] if store.name.endswith(".zarr") else store.name
     out_dir = Path(out_dir) if out_dir else store.with_name(stem)
     info = read_checkpoint_info(options.checkpoint)
-    scored, aggregated, agg_seconds = score_and_aggregate(store, out_dir, options, info, progress or _no_progress)
+    with store_lock(store, wait=options.lock_wait):
+        scored, aggregated, agg_seconds = score_and_aggregate(store, out_dir, options, info, progress or _no_progress)
     meta = tile_store.read_meta(tile_store.open_store(store))
     n = int(meta["n_tiles"])
     return SlideRun(

@@ -362,7 +362,22 @@ def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, progress: Calla
         client.close()
 
 
-def score_store(
+def score_store(store_path: str | Path, checkpoint: str | Path | None = None, config: ScoreConfig = ScoreConfig(),
+                *, progress: Callable[[int], None] | None = None,
+                on_plan: Callable[[int, int], None] | None = None) -> ScoreResult:
+    """Write ``scores/<sha12>/probs`` for every tile of a complete store; reuse or resume existing scores.
+
+    ``checkpoint=None`` uses the bundled demo student. Reads only the store, never the slide.
+    Holds the store's writer lock (:mod:`wsi_pipeline.lock`) while it works.
+    """
+    from .lock import store_lock
+
+    config = config.validated()
+    with store_lock(store_path):
+        return _score_store(store_path, checkpoint, config, progress=progress, on_plan=on_plan)
+
+
+def _score_store(
     store_path: str | Path,
     checkpoint: str | Path | None = None,
     config: ScoreConfig = ScoreConfig(),

@@ -1,9 +1,11 @@
 """The per-slide tile store: one zarr v3 group, layout in ``docs/contracts.md``.
 
 Only accepted (foreground) tiles are stored, in shards of ``tiles_per_shard`` tiles. Each shard
-is written whole by one writer, then flagged in ``shard_done``; a killed run resumes from the
-shards not yet flagged. Importing this module registers the JPEG tile codec that stores written
-with ``codec="jpeg"`` need.
+is written whole by one writer, its file's CRC32C and size recorded in ``shard_digest``, then
+flagged in ``shard_done``; a killed run resumes from the shards not yet flagged. Every read of a
+shard checks that its file exists and matches its digest, so a missing, damaged or replaced
+shard is an error naming it, never fill-value tiles. Importing this module registers the JPEG
+tile codec that stores written with ``codec="jpeg"`` need.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ from zarr.storage import LocalStore
 
 from . import __version__
 from .codecs import JpegTileCodec
-from .errors import StoreError
+from .errors import ShardError, StoreError
 
 STORE_FORMAT = "wsi-triage-tilestore"
 STORE_FORMAT_VERSION = 1
 META_KEY = "wsi_triage"
 CODECS = ("jpeg", "lossless")
+#: per-shard digest of the shard file recorded at write time (meta ``shard_digest``)
+DIGEST_ALGORITHM = "crc32c"
+#: nodes every tile store has; a store lacking one is damaged
+REQUIRED_NODES = ("tiles", "coords", "grid", "qc/foreground", "qc/blur", "shard_done", "thumbnail", "mask")
 #: side of the thumbnail's (JPEG) and the mask's chunks
 THUMBNAIL_CHUNK = 1024
 
@@ -94,6 +100,8 @@ def create_store(
     qc.create_array("blur", shape=(n,), chunks=(min(s, chunk_n),), dtype="float32", fill_value=np.nan)
     n_shards = n_shards_for(n, s)
     group.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False)
+    # (crc32c, size) of each shard file, -1 until written; beside shard_done, one chunk per shard
+    group.create_array("shard_digest", shape=(max(n_shards, 1), 2), chunks=(1, 2), dtype="int64", fill_value=-1)
     image_attrs = {"mpp": float(thumbnail_mpp), "downsample": float(thumbnail_downsample)}
     thumbnail = np.ascontiguousarray(thumbnail, dtype=np.uint8)
     side = int(min(THUMBNAIL_CHUNK, max(thumbnail.shape[:2])))
@@ -115,6 +123,7 @@ def create_store(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "empty_reason": None,
+        "shard_digest": DIGEST_ALGORITHM,
         **meta,
     }
     group.attrs[META_KEY] = full_meta
@@ -171,25 +180,173 @@ def write_shard(group: zarr.Group, index: int, tiles: np.ndarray, blur: np.ndarr
     array = group["tiles"]
     direct = _direct_jpeg_shards(array)
     if direct is not None:
-        _write_jpeg_shard(array, direct, index, tiles)
+        digest = _write_jpeg_shard(array, direct, index, tiles)
     else:
         # Every stored tile is real data: skipping zarr's per-chunk "equals the fill value?" test
         # (on by default, and not persisted with the array) makes a shard write several times cheaper.
         with zarr.config.set({"array.write_empty_chunks": True}):
             array[sl] = tiles
+        digest = None
     group["qc/blur"][sl] = np.asarray(blur, dtype=np.float32)
+    record_shard_digest(group, index, digest)
     group["shard_done"][index] = True
 
 
-def read_shard(group: zarr.Group, index: int) -> np.ndarray:
-    """All tiles of shard ``index`` as (n, H, W, 3) uint8 (direct JPEG path where it applies)."""
+def record_shard_digest(group: zarr.Group, index: int, digest: tuple[int, int] | None = None) -> None:
+    """Record shard ``index``'s (crc32c, size): ``digest`` as computed by the writer, else read from its file."""
+    array = group["tiles"]
+    if not _records_digests(group) or not isinstance(array.store, LocalStore):
+        return
+    if digest is None:
+        data = _shard_file(array, index).read_bytes()
+        digest = (google_crc32c.value(data), len(data))
+    group["shard_digest"][index] = np.asarray(digest, dtype=np.int64)
+
+
+def read_shard(group: zarr.Group, index: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Tiles of shard ``index`` as (n, H, W, 3) uint8: all of them, or only ``rows`` (shard-relative).
+
+    The shard file is checked first (present, digest, index CRC, every tile present), so a
+    missing or damaged shard raises :class:`ShardError` instead of returning fill values.
+    """
+    meta = read_meta(group)
+    sl = shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
+    n = sl.stop - sl.start
+    wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    array = group["tiles"]
+    if not isinstance(array.store, LocalStore):  # no files to check: zarr's own read
+        return np.asarray(array[sl])[wanted]
+    data, table = _checked_shard(group, array, index, n)
+    direct = _direct_jpeg_shards(array)
+    if direct is None:
+        return np.asarray(array[sl])[wanted]
+    return _decode_jpeg_tiles(group, array, direct, index, data, table, wanted)
+
+
+def read_tiles(group: zarr.Group, indices) -> np.ndarray:
+    """Tiles at store ``indices`` (any order), each shard checked as in :func:`read_shard`."""
+    meta = read_meta(group)
+    per_shard = int(meta["tiles_per_shard"])
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    size = int(group["tiles"].shape[1])
+    out = np.empty((len(indices), size, size, 3), dtype=np.uint8)
+    for shard in np.unique(indices // per_shard) if len(indices) else []:
+        where = np.flatnonzero(indices // per_shard == shard)
+        out[where] = read_shard(group, int(shard), indices[where] - int(shard) * per_shard)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: each shard file's (crc32c, size) is recorded in ``shard_digest`` when it is written
+# and compared on every read; CRC32C runs at several GB/s, far below the JPEG decode cost.
+
+
+def _records_digests(group: zarr.Group) -> bool:
+    return read_meta(group).get("shard_digest") == DIGEST_ALGORITHM
+
+
+def _store_root(group: zarr.Group) -> Path:
+    return Path(group.store.root) / group.path if isinstance(group.store, LocalStore) else Path(str(group.store))
+
+
+def _fix_hint(group: zarr.Group) -> str:
+    root = _store_root(group)
+    slide = read_meta(group).get("slide_path") or "SLIDE"
+    return f"rerun `wsi-triage run {slide}` or `wsi-triage verify --repair {root}` to re-tile it from the slide"
+
+
+def _checked_shard(group: zarr.Group, array: zarr.Array, index: int, n: int) -> tuple[bytes, np.ndarray]:
+    """The shard file's bytes and its (offset, nbytes) table, or :class:`ShardError`."""
+    root = _store_root(group)
+    path = _shard_file(array, index)
+    where = f"{root}: tile shard {index} ({path.relative_to(root)})"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ShardError(f"{where} is missing; {_fix_hint(group)}") from None
+    except OSError as exc:
+        raise ShardError(f"{where} cannot be read ({exc.strerror or exc})") from None
+    if _records_digests(group):
+        recorded = np.asarray(group["shard_digest"][index])
+        if int(recorded[0]) < 0:
+            raise ShardError(f"{where} has no recorded digest (store damaged); {_fix_hint(group)}")
+        if int(recorded[1]) != len(data) or int(recorded[0]) != google_crc32c.value(data):
+            raise ShardError(f"{where} does not match its recorded digest (damaged or replaced); {_fix_hint(group)}")
+    per_shard = int(array.shards[0])
+    size = per_shard * 16
+    if len(data) < size + 4:
+        raise ShardError(f"{where} is truncated; {_fix_hint(group)}")
+    index_bytes = data[len(data) - size - 4: len(data) - 4]
+    if google_crc32c.value(index_bytes) != int(np.frombuffer(data[-4:], dtype="<u4")[0]):
+        raise ShardError(f"{where}: shard index checksum does not match (damaged file); {_fix_hint(group)}")
+    table = np.frombuffer(index_bytes, dtype="<u8").reshape(per_shard, 2)
+    body = len(data) - size - 4
+    for j in range(n):
+        offset, nbytes = table[j]
+        if offset == _EMPTY or int(offset) + int(nbytes) > body:
+            raise ShardError(f"{where} lacks tile {j} (absent chunk, never scored as blank); {_fix_hint(group)}")
+    return data, table
+
+
+def shard_problem(group: zarr.Group, index: int) -> str | None:
+    """Why shard ``index`` cannot be trusted (missing, digest mismatch, ...), or None when it checks out."""
     meta = read_meta(group)
     sl = shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
     array = group["tiles"]
-    direct = _direct_jpeg_shards(array)
-    if direct is None:
-        return np.asarray(array[sl])
-    return _read_jpeg_shard(array, direct, index, sl.stop - sl.start)
+    if not isinstance(array.store, LocalStore):
+        return None
+    try:
+        _checked_shard(group, array, index, sl.stop - sl.start)
+    except ShardError as exc:
+        return str(exc)
+    return None
+
+
+def damaged_shards(group: zarr.Group) -> dict[int, str]:
+    """``{index: problem}`` for every shard flagged done whose file fails its checks (no decoding)."""
+    meta = read_meta(group)
+    n_shards = int(meta["n_shards"])
+    if n_shards == 0:
+        return {}
+    done = np.asarray(group["shard_done"][:n_shards])
+    out = {}
+    for i in np.flatnonzero(done):
+        problem = shard_problem(group, int(i))
+        if problem:
+            out[int(i)] = problem
+    return out
+
+
+def check_layout(group: zarr.Group) -> None:
+    """Every node a tile store needs exists and its small arrays have all their chunks; else StoreError."""
+    root = _store_root(group)
+    nodes = REQUIRED_NODES + (("shard_digest",) if _records_digests(group) else ())
+    n = int(read_meta(group)["n_tiles"])
+    for name in nodes:
+        try:
+            node = group[name]
+        except (KeyError, FileNotFoundError, ValueError, TypeError):
+            node = None
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"{root}: tile store lacks '{name}' (damaged); delete it and rerun "
+                             "`wsi-triage run` (or `wsi-triage tile`) on the slide")
+        if name in ("tiles", "qc/blur", "shard_done", "shard_digest") or (n == 0 and name in ("coords", "grid", "qc/foreground")):
+            continue  # written shard by shard (checked per shard), or empty
+        if isinstance(group.store, LocalStore) and node.nchunks_initialized != node.nchunks:
+            raise StoreError(f"{root}: tile store array '{name}' lacks {node.nchunks - node.nchunks_initialized} "
+                             "of its chunks (damaged); delete it and rerun `wsi-triage run` on the slide")
+
+
+def unflag_damaged_shards(path: str | Path) -> list[int]:
+    """Mark every damaged done shard as pending again (and the store incomplete) so tiling rewrites it."""
+    group = open_store(path)
+    damaged = damaged_shards(group)
+    if damaged:
+        group = open_store(path, mode="r+")
+        for i in damaged:
+            group["shard_done"][i] = False
+        update_meta(group, complete=False)
+    return sorted(damaged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +384,8 @@ def _shard_file(array: zarr.Array, index: int) -> Path:
     return Path(array.store.root) / array.path / key
 
 
-def _write_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, tiles: np.ndarray) -> None:
+def _write_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, tiles: np.ndarray) -> tuple[int, int]:
+    """Write the shard file; returns its (crc32c, size)."""
     per_shard = int(array.shards[0])
     parts = [codec.encode_tile(t) for t in tiles]
     table = np.full((per_shard, 2), _EMPTY, dtype="<u8")
@@ -239,37 +397,30 @@ def _write_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, tiles
     path = _shard_file(array, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    body = b"".join(parts)
     with open(tmp, "wb") as fh:
-        fh.write(b"".join(parts))
+        fh.write(body)
         fh.write(index_bytes)
         fh.write(crc)
     os.replace(tmp, path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
+    digest = google_crc32c.extend(google_crc32c.extend(google_crc32c.value(body), index_bytes), crc)
+    return digest, len(body) + len(index_bytes) + len(crc)
 
 
-def _read_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, n: int) -> np.ndarray:
+def _decode_jpeg_tiles(group: zarr.Group, array: zarr.Array, codec: JpegTileCodec, index: int, data: bytes,
+                       table: np.ndarray, rows: np.ndarray) -> np.ndarray:
     height, width, channels = (int(v) for v in array.shape[1:])
-    out = np.full((n, height, width, channels), array.fill_value, dtype=np.uint8)
-    path = _shard_file(array, index)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return out
-    per_shard = int(array.shards[0])
-    size = per_shard * 16
-    if len(data) < size + 4:
-        raise StoreError(f"{path}: shard file is truncated")
-    index_bytes = data[len(data) - size - 4: len(data) - 4]
-    if google_crc32c.value(index_bytes) != int(np.frombuffer(data[-4:], dtype="<u4")[0]):
-        raise StoreError(f"{path}: shard index checksum does not match (damaged file)")
-    table = np.frombuffer(index_bytes, dtype="<u8").reshape(per_shard, 2)
+    out = np.empty((len(rows), height, width, channels), dtype=np.uint8)
     view = memoryview(data)
-    for j in range(n):
-        offset, nbytes = table[j]
-        if offset == _EMPTY:
-            continue
-        out[j] = codec.decode_tile(view[int(offset): int(offset + nbytes)]).reshape(height, width, channels)
+    for k, j in enumerate(rows):
+        offset, nbytes = table[int(j)]
+        try:
+            out[k] = codec.decode_tile(view[int(offset): int(offset + nbytes)]).reshape(height, width, channels)
+        except Exception as exc:  # imagecodecs raises its own Jpeg8Error, or a shape mismatch
+            raise ShardError(f"{_store_root(group)}: tile {int(j)} of shard {index} cannot be decoded "
+                             f"({type(exc).__name__}); {_fix_hint(group)}") from None
     return out
 
 
@@ -278,8 +429,9 @@ def is_complete(group: zarr.Group) -> bool:
 
 
 def require_complete(path: str | Path) -> zarr.Group:
-    """Open a store for reading and insist that tiling finished."""
+    """Open a store for reading and insist that tiling finished and that no node is missing."""
     group = open_store(path)
     if not is_complete(group):
         raise StoreError(f"{path}: tile store is incomplete (tiling was interrupted); rerun `wsi-triage tile` to resume")
+    check_layout(group)
     return group

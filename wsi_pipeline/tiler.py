@@ -192,6 +192,12 @@ def _existing_store_state(path: Path, slide_fp: str, config_hash: str) -> str:
     meta = tile_store.read_meta(group)
     if meta.get("slide_fingerprint") != slide_fp or meta.get("tiler_config_hash") != config_hash:
         return "stale"
+    try:
+        tile_store.check_layout(group)
+    except StoreError:
+        return "stale"  # a node is missing: tile afresh
+    if tile_store.unflag_damaged_shards(path):
+        return "resumable"  # repair: re-tile only the damaged shards from the (same) slide
     return "complete" if meta.get("complete") else "resumable"
 
 

@@ -1,0 +1,143 @@
+"""Fault injection (fast): damaged stores, concurrent writers, hostile inputs. Never silently wrong.
+
+Each test damages a real store, slide, checkpoint or option the way a user or a crash would and
+checks that the outcome is either the correct result or a one-line error naming the file and
+the fix. ``benchmarks/faults.py`` runs the same kinds of faults many more times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ckpt_util import random_checkpoint
+from click.testing import CliRunner
+from pipeline_util import blob_field
+
+from wsi_pipeline import store as tile_store
+from wsi_pipeline.cli import main
+from wsi_pipeline.errors import ShardError, StoreError
+from wsi_pipeline.pipeline import RunOptions, run_slide
+from wsi_pipeline.scorer import ScoreConfig, read_scores, score_store
+
+
+def _cli(*args, code: int):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """One slide run end to end with checkpoint A (kept pristine; tests copy it)."""
+    root = tmp_path_factory.mktemp("faults")
+    slide = blob_field(root / "field.png", seed=3, size=(448, 320), n=30)
+    ckpt_a = random_checkpoint(root / "a.safetensors", seed=0)
+    ckpt_b = random_checkpoint(root / "b.safetensors", seed=1)
+    out = root / "out"
+    run = run_slide(slide, out, _options(ckpt_a))
+    assert run.status == "ok"
+    meta = tile_store.read_meta(tile_store.open_store(run.store))
+    assert meta["n_shards"] >= 3
+    return {"root": root, "slide": slide, "a": ckpt_a, "b": ckpt_b, "out": out, "run": run}
+
+
+def _options(ckpt, **score) -> RunOptions:
+    return RunOptions(checkpoint=ckpt, mpp=0.5, score=ScoreConfig(scheduler="sync", **score))
+
+
+def _copy(scored, tmp_path) -> Path:
+    """A private copy of the scored output folder (slide stays where the store says it is)."""
+    out = tmp_path / "out"
+    shutil.copytree(scored["out"], out)
+    return out
+
+
+def _shard(store: Path, index: int) -> Path:
+    group = tile_store.open_store(store)
+    return tile_store._shard_file(group["tiles"], index)
+
+
+# --------------------------------------------------------------------------- damaged stores (issue 12 #1)
+
+
+@pytest.mark.parametrize("damage", ["delete", "replace", "flip-jpeg", "truncate"])
+def test_damaged_shard_is_never_scored_and_run_repairs_it(scored, tmp_path, damage):
+    out = _copy(scored, tmp_path)
+    store = out / "field.zarr"
+    shard = _shard(store, 1)
+    if damage == "delete":
+        shard.unlink()
+    elif damage == "replace":
+        shutil.copyfile(_shard(store, 0), shard)
+    elif damage == "flip-jpeg":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 3] ^= 0x5A  # inside some tile's JPEG data
+        shard.write_bytes(bytes(data))
+    else:
+        shard.write_bytes(shard.read_bytes()[:-100])
+    # scoring with another checkpoint must read the damaged shard: a one-line error naming it
+    with pytest.raises(ShardError, match=r"tile shard 1 \(.*\).*wsi-triage verify --repair"):
+        score_store(store, scored["b"], ScoreConfig(scheduler="sync"))
+    res = _cli("score", store, "--checkpoint", scored["b"], "--scheduler", "sync", "--quiet", code=2)
+    assert_one_line_error(res, "tile shard 1")
+    res = _cli("verify", store, code=1)
+    assert "shard 1" in res.output
+    # `run` re-tiles only that shard from the slide, and the score is the original one
+    again = run_slide(scored["slide"], out, _options(scored["b"]))
+    assert again.steps["tile"]["shards_written"] == 1
+    ref = run_slide(scored["slide"], out, _options(scored["a"]))
+    assert ref.score == scored["run"].score
+    group = tile_store.open_store(store)
+    assert tile_store.damaged_shards(group) == {}
+
+
+def test_verify_repair_rewrites_the_damaged_shard(scored, tmp_path):
+    out = _copy(scored, tmp_path)
+    store = out / "field.zarr"
+    original = _shard(store, 2).read_bytes()
+    _shard(store, 2).unlink()
+    res = _cli("verify", store, "--repair", "--json", code=0)
+    doc = json.loads(res.stdout)
+    assert doc[0]["repaired"] == [2] and doc[0]["problems"] == []
+    assert _shard(store, 2).read_bytes() == original  # the same bytes as first written
+    _cli("verify", store, code=0)
+
+
+def test_gallery_never_shows_fill_tiles(scored, tmp_path):
+    out = _copy(scored, tmp_path)
+    store = out / "field.zarr"
+    group = tile_store.open_store(store)
+    probs, _ = read_scores(group)
+    for i in range(int(tile_store.read_meta(group)["n_shards"])):
+        _shard(store, i).unlink()
+    with pytest.raises(ShardError, match="is missing"):
+        from wsi_pipeline.aggregate import aggregate_store
+        aggregate_store(store, out / "again", checkpoint_sha256=read_scores(group)[1]["checkpoint_sha256"])
+    assert probs.shape[0] > 0
+
+
+@pytest.mark.parametrize("node", ["tiles/zarr.json", "thumbnail", "coords/c/0/0"])
+def test_missing_node_is_a_one_line_error_and_run_retiles(scored, tmp_path, node):
+    out = _copy(scored, tmp_path)
+    store = out / "field.zarr"
+    target = store / node
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    res = _cli("aggregate", store, "--out", tmp_path / "agg", code=2)
+    assert_one_line_error(res, str(store), node.split("/")[0])
+    res = _cli("score", store, "--checkpoint", scored["b"], "--quiet", code=2)
+    assert_one_line_error(res, node.split("/")[0])
+    again = run_slide(scored["slide"], out, _options(scored["a"]))
+    assert again.score == scored["run"].score and not again.steps["tile"]["reused"]
