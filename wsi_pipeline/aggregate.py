@@ -26,8 +26,8 @@ import numpy as np
 from . import __version__
 from . import store as tile_store
 from .errors import OutputError, StoreError
-from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_rgba, overlay_image,  # noqa: F401
-                      overlay_png, png_bytes)
+from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_picture, heatmap_rgba,  # noqa: F401
+                      overlay_image, overlay_picture, overlay_png, png_bytes)
 from .scorer import read_scores, scores_key
 
 METHODS = ("topk_mean", "quantile", "fraction_above")
@@ -264,15 +264,16 @@ def aggregate_store(
     mask = np.asarray(group["mask"][:])
     downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))
     title = f"{stem}: {config.method} = " + ("n/a" if score is None else f"{score:.3f}")
-    overlay = overlay_image(thumbnail, mask, heat, grid_meta, downsample, config.overlay_alpha)
-    write_atomic(paths["overlay"], overlay_png(overlay, title))
-    write_atomic(paths["heatmap_png"], png_bytes(heatmap_rgba(heat)))
+    write_atomic(paths["overlay"], overlay_picture(thumbnail, mask, heat, grid_meta, downsample, config.overlay_alpha,
+                                                   title))
+    write_atomic(paths["heatmap_png"], heatmap_picture(heat, title))
     write_atomic(paths["heatmap_npy"], _save_npy(heat))
     top_idx = np.asarray(order, dtype=np.int64)
     tiles = tile_store.read_tiles(group, top_idx) if len(top_idx) else np.zeros((0, 1, 1, 3))  # checked, never fill
     write_atomic(paths["gallery"], gallery_png(tiles, suspicion[top_idx], coords[top_idx],
                                                [class_names[int(argmax[i])] for i in top_idx]))
-    collection = geojson_collection(coords, probs, suspicion, class_names, provenance)
+    collection = geojson_collection(coords, probs, suspicion, class_names, provenance,
+                                    bounds=meta.get("slide_dimensions"))
     data = json.dumps(collection, separators=(",", ":")).encode()
     write_atomic(paths["geojson"], gzip.compress(data, mtime=0) if config.geojson_gzip else data)
     write_atomic(paths["summary"], json.dumps(summary, indent=2, default=str).encode())  # last: marks completion

@@ -58,11 +58,11 @@ class Renderer:
                 cx0, cy0 = np.maximum(sx0, x0), np.maximum(sy0, y0)
                 cx1, cy1 = np.minimum(sx1, x1), np.minimum(sy1, y1)
                 sprites = blk.sprites
-                for i, a, b, c, d, e, f, g, h in zip(
+                for i, a, b, c, d, e, f, g, k in zip(
                         hit.tolist(), (cy0 - y0).tolist(), (cy1 - y0).tolist(), (cx0 - x0).tolist(),
                         (cx1 - x0).tolist(), (cy0 - sy0).tolist(), (cy1 - sy0).tolist(),
                         (cx0 - sx0).tolist(), (cx1 - sx0).tolist()):
-                    sub = sprites[i][e:f, g:h]
+                    sub = sprites[i][e:f, g:k]
                     T[a:b, c:d] *= LUT[sub] if sub.dtype == np.uint8 else sub
         # Pen mark.
         pb = lay.pen_bbox
