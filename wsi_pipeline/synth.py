@@ -32,7 +32,11 @@ This module is the entry point and re-exports the public names of its parts:
 - ``synth_layout``: where everything goes, block by block;
 - ``synth_render``: the pixels of any window of level 0;
 - ``synth_tiff``: the pyramidal JPEG TIFF writer;
+- ``synth_pap``: the Pap stain (the cells recoloured with the Pap dyes' absorbance spectra);
 - ``synth_truth``: the ground truth JSON and GeoJSON.
+
+``pap_field`` renders a small Pap-stained field in memory (no TIFF) with its nucleus centres,
+cell groups and pen stroke mask, for fast tests of foreground and pen detection on every machine.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ from typing import Callable
 from .errors import OutputError, WsiTriageError
 from .synth_cells import (IMAGE_SUFFIXES, PBC_MPP, SHIPPED_CELLS, CellPool, cut_out_cell, cut_out_red_cells,
                           list_cells, read_cell_list, segment_cells, transmittance)
-from .synth_config import DEFAULT_SUSPICIOUS, SynthConfig, parse_size, validate
-from .synth_layout import BLOCK, NOISE_SIZE, Layout, glass_colour
+from .synth_config import DEFAULT_SUSPICIOUS, PEN_INKS, STAINS, SynthConfig, parse_size, validate
+from .synth_layout import BLOCK, NOISE_SIZE, Layout, glass_colour, pen_stroke_mask
 from .synth_render import CHUNK, Renderer
 from .synth_sprites import SpriteBank
 from .synth_tiff import pyramid_sizes, write_slide
@@ -55,8 +59,8 @@ from .synth_truth import TRUTH_FORMAT, truth_document, truth_paths, write_truth
 __all__ = [
     "BLOCK", "CHUNK", "DEFAULT_SUSPICIOUS", "IMAGE_SUFFIXES", "NOISE_SIZE", "PBC_MPP", "SHIPPED_CELLS",
     "TRUTH_FORMAT", "CellPool", "SynthConfig", "SynthResult", "cut_out_cell", "cut_out_red_cells",
-    "glass_colour", "list_cells", "parse_size", "pyramid_sizes", "read_cell_list", "segment_cells",
-    "synthesize", "transmittance", "truth_paths",
+    "PEN_INKS", "STAINS", "glass_colour", "list_cells", "pap_field", "parse_size", "pen_stroke_mask",
+    "pyramid_sizes", "read_cell_list", "segment_cells", "synthesize", "transmittance", "truth_paths",
 ]
 
 _transmittance = transmittance  # its name before the split into synth_* modules (tests use it)
@@ -110,7 +114,7 @@ def synthesize(out: str | Path, config: SynthConfig = SynthConfig(),
         if absent or not cfg.suspicious:
             raise WsiTriageError(f"{pool.root}: suspicious class {absent[0] if absent else '(none)'!r} has no cell "
                                  f"images (classes: {', '.join(pool.classes)})")
-    bank = SpriteBank(pool, cfg.cells_mpp / cfg.mpp, cfg.cells_mpp, cfg.mpp, cfg.seed)
+    bank = SpriteBank(pool, cfg.cells_mpp / cfg.mpp, cfg.cells_mpp, cfg.mpp, cfg.seed, stain=cfg.stain)
     layout = Layout(cfg, pool, bank)
     renderer = Renderer(layout)
 
@@ -130,3 +134,38 @@ def synthesize(out: str | Path, config: SynthConfig = SynthConfig(),
     return SynthResult(out, truth_json, truth_geojson, truth["label"], W, H, cfg.mpp, sizes,
                        truth["counts"]["cells"], truth["counts"]["suspicious"], layout.n_red, layout.n_debris,
                        len(layout.regions), out.stat().st_size, seconds)
+
+
+def pap_field(seed: int, size: tuple[int, int] = (1024, 1024), mpp: float = 0.5,
+              pen_ink: str | None = None, cells: str | Path | None = None) -> tuple["np.ndarray", dict]:
+    """A small Pap-stained field rendered in memory: (uint8 RGB (h, w, 3), truth).
+
+    Made like ``synthesize(..., SynthConfig(stain="pap"))`` (real shipped cells, Pap dyes,
+    cohesive groups, red cells, debris, an out-of-focus patch), without planted regions and
+    without a pen mark unless ``pen_ink`` names one (blue, green, black, red, random). ``truth``:
+    ``nuclei`` (level-0 [x, y] of every nucleus centre, blurred ones included), ``cells`` (as in
+    the truth JSON), ``groups``, ``blur`` (bbox), and ``pen``: ``ink``, ``mask`` (bool (h, w), the
+    stroke where its ink cover reaches 0.5), ``area_px`` and ``bbox`` (None without a pen).
+    """
+    import numpy as np
+
+    width, height = size
+    cfg = SynthConfig(width=width, height=height, mpp=mpp, seed=seed, cells=Path(cells) if cells else None,
+                      fraction=0.0, regions=0, stain="pap", pen_ink=pen_ink or "none")
+    validate(cfg)
+    pool = list_cells(cfg.cells)
+    bank = SpriteBank(pool, cfg.cells_mpp / cfg.mpp, cfg.cells_mpp, cfg.mpp, cfg.seed, stain="pap")
+    layout = Layout(cfg, pool, bank)
+    rgb = Renderer(layout).render(0, height, 0, width)
+    doc = truth_document(Path("field"), cfg, pool, layout, [(width, height)])
+    pen = doc["artifacts"]["pen"]
+    mask = pen_stroke_mask(pen["mask"], width, height)
+    truth = {
+        "stain": "pap", "mpp": mpp, "seed": seed, "width": width, "height": height,
+        "glass_rgb": doc["glass_rgb"],
+        "nuclei": [c["nucleus"] for c in doc["cells"] if c["nucleus"] is not None],
+        "cells": doc["cells"], "groups": doc["groups"], "blur": doc["artifacts"]["blur"],
+        "pen": {"ink": pen["ink"], "ink_transmittance": pen["ink_transmittance"], "mask": mask,
+                "area_px": int(mask.sum()), "bbox": pen["mask"]["bbox"]},
+    }
+    return np.ascontiguousarray(rgb), truth

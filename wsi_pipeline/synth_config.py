@@ -14,10 +14,13 @@ from .errors import WsiTriageError
 from .synth_cells import PBC_MPP
 
 DEFAULT_SUSPICIOUS = ("erythroblast", "ig")
+STAINS = ("romanowsky", "pap")  # romanowsky: the cells as imaged (MGG); pap: recoloured (synth_pap)
+# Pen ink: "random" draws blue, green or black from the seed (as before red was added); "none": no mark.
+PEN_INKS = ("random", "blue", "green", "black", "red", "none")
 
 # Random streams: each independent part of the slide draws from its own generator, seeded by
 # (seed, stream, *keys), so that any part can be made without drawing the others first.
-S_GLOBAL, S_CANDIDATES, S_RBC, S_DEBRIS, S_REGIONS, S_PLANT, S_BANK, S_GLASS = range(1, 9)
+S_GLOBAL, S_CANDIDATES, S_RBC, S_DEBRIS, S_REGIONS, S_PLANT, S_BANK, S_GLASS, S_PAP, S_PAP_RED = range(1, 11)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class SynthConfig:
     quality: int = 85
     ome: bool = False
     workers: int | None = None  # JPEG encoder threads; None = min(4, CPUs)
+    stain: str = "romanowsky"  # one of STAINS
+    pen_ink: str = "random"  # one of PEN_INKS
 
 
 def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
@@ -78,5 +83,9 @@ def validate(cfg: SynthConfig) -> None:
         raise WsiTriageError(f"tile {cfg.tile}: expected a multiple of 16")
     if not (1 <= cfg.quality <= 100):
         raise WsiTriageError(f"--quality {cfg.quality}: expected 1..100")
+    if cfg.stain not in STAINS:
+        raise WsiTriageError(f"--stain {cfg.stain!r}: expected one of {', '.join(STAINS)}")
+    if cfg.pen_ink not in PEN_INKS:
+        raise WsiTriageError(f"--pen-ink {cfg.pen_ink!r}: expected one of {', '.join(PEN_INKS)}")
     if cfg.regions is not None and cfg.regions < 0:
         raise WsiTriageError(f"--regions {cfg.regions}: expected a non-negative number")

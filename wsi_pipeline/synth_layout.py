@@ -31,7 +31,13 @@ NOISE_SIZE = 509  # prime, so the noise texture never lines up with tiles or blo
 # used when every background class is one of these names, otherwise classes are uniform.
 _BLOOD_FREQ = {"neutrophil": 0.40, "lymphocyte": 0.22, "platelet": 0.20, "monocyte": 0.08,
                "eosinophil": 0.06, "basophil": 0.04}
-_PEN_INKS = {"blue": (0.42, 0.52, 0.86), "green": (0.45, 0.74, 0.52), "black": (0.22, 0.22, 0.26)}
+# Marker ink over the coverslip, as transmittance. Red: scarlet permanent marker (absorbs green and
+# blue alike, passes red), as in the red strokes on scanned slides.
+_PEN_INKS = {"blue": (0.42, 0.52, 0.86), "green": (0.45, 0.74, 0.52), "black": (0.22, 0.22, 0.26),
+             "red": (0.85, 0.30, 0.33)}
+_RANDOM_INKS = ("blue", "green", "black")  # what --pen-ink random draws from (red came later)
+# Pen stroke ground truth: grid cells whose ink cover (0..1) reaches this count as the stroke.
+PEN_TRUTH_ALPHA = 0.5
 
 # Physical sizes (um), converted to px with the slide's mpp.
 _RBC_SPACING_UM = 8.6
@@ -58,6 +64,30 @@ def glass_colour(seed: int) -> np.ndarray:
     level = rng.uniform(*_GLASS_LEVEL)
     cast = _GLASS_CAST * rng.uniform(-1.0, 1.0)  # > 0 warm, < 0 cool
     return (level * np.array([1.0 + cast, 1.0, 1.0 - cast])).astype(np.float32)
+
+
+def oriented_point(row: float, col: float, shape: tuple[int, int], o: int) -> tuple[float, float]:
+    """Where pixel (row, col) of an array of ``shape`` goes in ``oriented(array, o)``."""
+    h, w = shape
+    for _ in range(o & 3):  # np.rot90 by a quarter turn: (r, c) -> (w - 1 - c, r)
+        row, col, h, w = w - 1 - col, row, w, h
+    if o & 4:
+        col = w - 1 - col
+    return row, col
+
+
+def pen_stroke_mask(pen: dict, width: int, height: int, downsample: int = 1) -> np.ndarray:
+    """The pen stroke of a truth document's ``artifacts.pen.mask`` as a bool image of the level-0
+    size ``width`` x ``height`` divided by ``downsample`` (rounded up); all False without a stroke."""
+    gh, gw = pen["grid_shape"]
+    flat = np.zeros(gh * gw, bool)
+    for start, n in pen["runs"]:
+        flat[start:start + n] = True
+    grid = flat.reshape(gh, gw)
+    g = pen["grid_step"]
+    ys = (np.arange(math.ceil(height / downsample)) * downsample + downsample / 2) // g
+    xs = (np.arange(math.ceil(width / downsample)) * downsample + downsample / 2) // g
+    return grid[np.minimum(ys.astype(np.int64), gh - 1)][:, np.minimum(xs.astype(np.int64), gw - 1)]
 
 
 def overlap(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -119,7 +149,8 @@ class _Region:
 
 @dataclass
 class _Cells:
-    """Nucleated cells: centres, pool image, orientation, radius, region (-1 = none), suspicious."""
+    """Nucleated cells: centres, pool image, orientation, radius, region (-1 = none), suspicious,
+    cluster (group id, -1 = a single cell)."""
 
     cx: np.ndarray
     cy: np.ndarray
@@ -128,17 +159,18 @@ class _Cells:
     radius: np.ndarray
     region: np.ndarray
     suspicious: np.ndarray
+    group: np.ndarray
 
     @staticmethod
     def empty() -> "_Cells":
         z = np.zeros(0, np.int64)
-        return _Cells(z, z, z, z, np.zeros(0, np.float64), z, np.zeros(0, bool))
+        return _Cells(z, z, z, z, np.zeros(0, np.float64), z, np.zeros(0, bool), z)
 
     def take(self, sel) -> "_Cells":
         return _Cells(*(getattr(self, f)[sel] for f in _CELL_FIELDS))
 
 
-_CELL_FIELDS = ("cx", "cy", "image", "orient", "radius", "region", "suspicious")
+_CELL_FIELDS = ("cx", "cy", "image", "orient", "radius", "region", "suspicious", "group")
 
 
 @dataclass
@@ -185,9 +217,13 @@ class Layout:
                       / 0.33).astype(np.float32)
 
         # Pen mark: one soft stroke along a side of the slide, on the coarse grid.
-        self.pen_ink_name = ["blue", "green", "black"][int(rng.integers(3))]
-        self.pen_ink = np.array(_PEN_INKS[self.pen_ink_name], np.float32)
+        # The ink is drawn whatever --pen-ink says, so every later draw (and the slide) stays the same.
+        drawn = _RANDOM_INKS[int(rng.integers(3))]
+        self.pen_ink_name = drawn if cfg.pen_ink == "random" else cfg.pen_ink
+        self.pen_ink = np.array(_PEN_INKS.get(self.pen_ink_name, (1.0, 1.0, 1.0)), np.float32)
         self.pen, self.pen_bbox, self.pen_line = self._pen(rng, gh, gw)
+        if self.pen_ink_name == "none":
+            self.pen = np.zeros_like(self.pen)
 
         # Out-of-focus patch: an ellipse.
         r = min(0.09 * min(W, H), self.px(1000.0))
@@ -347,7 +383,7 @@ class Layout:
                     cls_idx = self.bg_images[min(c, len(self.bg_images) - 1)]
                     images[i] = cls_idx[int(normal_pick[i] % len(cls_idx))]
             cells = _Cells(np.array([p[0] for p in pts], np.int64), np.array([p[1] for p in pts], np.int64),
-                           images, rng.integers(0, 8, n), np.zeros(n), np.full(n, ri), susp)
+                           images, rng.integers(0, 8, n), np.zeros(n), np.full(n, ri), susp, np.full(n, -1))
             parts.append(self._resolve_images(cells))
         if not parts:
             return _Cells.empty()
@@ -399,11 +435,15 @@ class Layout:
         pts: list[tuple[float, float]] = []
         # Clusters, mostly in dense fields.
         u_block = self.density[bi, bj]
-        p_cluster = 0.35 if u_block > 0.85 else (0.05 if u_block > 0.45 else 0.0)
+        pap = cfg.stain == "pap"  # Pap (thyroid FNA): more and larger cohesive groups
+        if pap:
+            p_cluster = 0.9 if u_block > 0.85 else (0.5 if u_block > 0.45 else (0.15 if u_block > _EMPTY_BELOW else 0))
+        else:
+            p_cluster = 0.35 if u_block > 0.85 else (0.05 if u_block > 0.45 else 0.0)
         p_cluster *= min(1.0, area_um2 / 16000.0)
         if rng.random() < p_cluster:
             ccx, ccy = x0 + rng.uniform(0, bw), y0 + rng.uniform(0, bh)
-            n = int(rng.integers(6, 20))
+            n = int(rng.integers(6, 20)) * (2 if pap else 1)
             golden = np.pi * (3 - np.sqrt(5))
             for k in range(n):
                 r = 0.62 * self.nuc_min * math.sqrt(k + 0.5) * rng.uniform(0.95, 1.1)
@@ -411,6 +451,7 @@ class Layout:
                 x, y = ccx + r * math.cos(th), ccy + r * math.sin(th)
                 if all((x - a) ** 2 + (y - b) ** 2 >= (0.9 * self.nuc_min) ** 2 for a, b in pts):
                     pts.append((x, y))
+        n_grouped = len(pts)
         # Singles, thinned by the local density.
         lam = area_um2 * _NUC_RATE_PER_UM2 * 2.0
         n = int(rng.poisson(lam))
@@ -431,7 +472,8 @@ class Layout:
             images[i] = self.bg_images[c][int(pick[i] % len(self.bg_images[c]))]
         cx = np.array([p[0] for p in pts], np.int64).reshape(-1)
         cy = np.array([p[1] for p in pts], np.int64).reshape(-1)
-        cells = _Cells(cx, cy, images, rng.integers(0, 8, m), np.zeros(m), np.full(m, -1), np.zeros(m, bool))
+        group = np.where(np.arange(m) < n_grouped, bi * self.nbx + bj, -1).astype(np.int64)
+        cells = _Cells(cx, cy, images, rng.integers(0, 8, m), np.zeros(m), np.full(m, -1), np.zeros(m, bool), group)
         # Nothing of the ordinary layout inside (or right next to) a planted region.
         out_of_regions = np.ones(m, bool)
         for reg in self.regions:
@@ -462,13 +504,18 @@ class Layout:
         blurred = self._in_blur(cells.cx, cells.cy)
         for i in range(len(cells.cx)):
             k, mask = self.bank.cell(int(cells.image[i]))
-            m = oriented(mask, int(cells.orient[i]))
+            o = int(cells.orient[i])
+            m = oriented(mask, o)
             h, w = m.shape
             rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
             x0, y0 = int(cells.cx[i]) - w // 2, int(cells.cy[i]) - h // 2
+            nuc = self.bank.nuclei.get(int(cells.image[i]))
+            if nuc is not None:  # level-0 (x, y) of the nucleus centre
+                r, c = oriented_point(nuc[0], nuc[1], mask.shape, o)
+                nuc = (round(x0 + c, 1), round(y0 + r, 1))
             self.truth.append((y0 + int(rows[0]), x0 + int(cols[0]), int(cols[-1] - cols[0] + 1),
                                int(rows[-1] - rows[0] + 1), int(cells.image[i]), bool(cells.suspicious[i]),
-                               int(cells.region[i]), bool(blurred[i])))
+                               int(cells.region[i]), bool(blurred[i]), nuc, int(cells.group[i])))
 
     def block(self, bi: int, bj: int) -> _Block:
         """All sprites anchored in block (bi, bj), placed."""
@@ -577,6 +624,24 @@ class Layout:
                      np.array(ey1, np.int64), sprites)
         self._blocks[key] = blk
         return blk
+
+    def pen_truth(self) -> dict:
+        """The pen stroke as ground truth: ink cover >= ``PEN_TRUTH_ALPHA`` on the coarse grid,
+        run-length encoded over the grid (row-major runs of [start, length]); see ``pen_stroke_mask``."""
+        g = self.gstep
+        on = self.pen >= PEN_TRUTH_ALPHA
+        flat = on.ravel()
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], flat.view(np.int8), [0]])))
+        runs = [[int(a), int(b - a)] for a, b in zip(edges[::2], edges[1::2])]
+        # level-0 area: the grid cells, clipped at the slide's right and bottom edges
+        cw = np.minimum((np.arange(on.shape[1]) + 1) * g, self.cfg.width) - np.arange(on.shape[1]) * g
+        ch = np.minimum((np.arange(on.shape[0]) + 1) * g, self.cfg.height) - np.arange(on.shape[0]) * g
+        area = int((on * ch[:, None] * cw[None, :]).sum())
+        rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
+        bbox = ([int(cols[0] * g), int(rows[0] * g), int(min((cols[-1] + 1) * g, self.cfg.width) - cols[0] * g),
+                 int(min((rows[-1] + 1) * g, self.cfg.height) - rows[0] * g)] if rows.size else None)
+        return {"grid_step": int(g), "grid_shape": [int(on.shape[0]), int(on.shape[1])],
+                "alpha": PEN_TRUTH_ALPHA, "runs": runs, "area_px": area, "bbox": bbox}
 
     def evict_before(self, bi: int) -> None:
         """Forget what rendering from block row ``bi`` on can no longer need.

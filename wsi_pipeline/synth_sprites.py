@@ -2,7 +2,8 @@
 
 A ``SpriteBank`` cuts cells out of the pool's images on demand (with an LRU cache), scales them
 from the images' pixel size to the slide's, takes the source images' white balance out of them
-(``_neutralise``) and keeps blurred copies for the out-of-focus patch. Sprites are attenuation
+(``_neutralise``), or, for the Pap stain, re-renders them with the Pap dyes (``synth_pap``), and
+keeps blurred copies for the out-of-focus patch. Sprites are attenuation
 arrays (uint8, 255 = clear; ``LUT`` turns them into transmittance factors).
 Part of ``wsi_pipeline.synth``.
 """
@@ -15,7 +16,11 @@ from collections import OrderedDict
 import numpy as np
 
 from .synth_cells import CellPool, cut_out_cell, cut_out_red_cells, disk, read_rgb, transmittance
-from .synth_config import S_BANK, seeded_rng
+from .synth_config import S_BANK, S_PAP, S_PAP_RED, seeded_rng
+from .synth_pap import nuclear_weight, nucleus_centre, pap_cell, pap_red_cell
+
+# Classes that stay as small as they are under the Pap stain (no epithelial cytoplasm body).
+NON_EPITHELIAL = ("lymphocyte", "platelet")
 
 LUT = np.arange(256, dtype=np.float32) / 255.0  # uint8 attenuation -> transmittance factor
 
@@ -62,10 +67,14 @@ class SpriteBank:
     """Cut-out cells (lazily, with an LRU), red cells and debris at the slide's scale."""
 
     def __init__(self, pool: CellPool, scale: float, cells_mpp: float, mpp: float, seed: int,
-                 cache_size: int = 2048) -> None:
+                 cache_size: int = 2048, stain: str = "romanowsky") -> None:
         self.pool = pool
         self.scale = scale
         self.mpp = mpp
+        self.seed = seed
+        self.stain = stain
+        # nucleus centre (row, col) in each cell's sprite (before orientation), None without one
+        self.nuclei: dict[int, tuple[float, float] | None] = {}
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray] | None] = OrderedDict()
         self._blurred: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = cache_size
@@ -82,7 +91,10 @@ class SpriteBank:
         self.background = np.median(np.array(bgs), axis=0).astype(np.float32)
         # the source images' white balance, taken out of the cells (see _neutralise)
         self.tint = (self.background / self.background.mean()).astype(np.float32)
-        self.red = [(_neutralise(k, self.tint), m) for k, m in self.red]
+        if stain == "pap":
+            self.red = [(pap_red_cell(k, seeded_rng(seed, S_PAP_RED, i)), m) for i, (k, m) in enumerate(self.red)]
+        else:
+            self.red = [(_neutralise(k, self.tint), m) for k, m in self.red]
         self.debris = _make_debris(rng, mpp)
         # Float copies of the small, much-reused sprites (saves a lookup per composite).
         self.red_f = [LUT[k] for k, _ in self.red]
@@ -94,7 +106,14 @@ class SpriteBank:
             self._cache.move_to_end(index)
             return self._cache[index]
         sprite = cut_out_cell(read_rgb(self.pool.root / self.pool.relpaths[index]), self.scale)
-        if sprite is not None:
+        if sprite is not None and self.stain == "pap":
+            cls = self.pool.classes[self.pool.labels[index]]
+            k, m, self.nuclei[index] = pap_cell(sprite[0], sprite[1], self.mpp, seeded_rng(self.seed, S_PAP, index),
+                                                epithelial=cls not in NON_EPITHELIAL)
+            sprite = (k, m)
+        elif sprite is not None:
+            od = -np.log10(np.maximum(LUT[sprite[0]], 1e-3))
+            self.nuclei[index] = nucleus_centre(nuclear_weight(od, sprite[1]))
             sprite = (_neutralise(sprite[0], self.tint), sprite[1])
         self._cache[index] = sprite
         if len(self._cache) > self._cache_size:

@@ -10,6 +10,7 @@ Part of ``wsi_pipeline.synth``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -94,6 +95,18 @@ class _PyramidSpool:
             yield self.fh.read(n)
 
 
+# Settings added after the OME UUID was defined: left out of it at their defaults, so slides made
+# before they existed keep their bytes.
+_LATER_FIELDS = {"stain": "romanowsky", "pen_ink": "random"}
+
+
+def _request_repr(cfg: SynthConfig) -> str:
+    """``repr(cfg)`` without the later settings that are at their defaults (the OME UUID's input)."""
+    parts = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+             if not (f.name in _LATER_FIELDS and getattr(cfg, f.name) == _LATER_FIELDS[f.name])]
+    return f"{type(cfg).__name__}({', '.join(parts)})"
+
+
 def pyramid_sizes(width: int, height: int, smallest: int = 1024) -> list[tuple[int, int]]:
     """Level sizes, halving (rounding up) until the long side is at most ``smallest``."""
     sizes = [(width, height)]
@@ -152,13 +165,13 @@ def write_slide(out: Path, cfg: SynthConfig, render_band: Callable[[int, int], n
     common = dict(dtype=np.uint8, tile=(T, T), photometric="rgb", compression="jpeg",
                   resolutionunit="CENTIMETER", software="wsi-triage synth")
     description = (f"wsi-triage synthetic cytology smear; seed={cfg.seed}; mpp={cfg.mpp}; "
-                   f"truth={truth_name}")
+                   + (f"stain={cfg.stain}; " if cfg.stain != "romanowsky" else "") + f"truth={truth_name}")
     try:
         with spool_fh, tifffile.TiffWriter(partial, bigtiff=True, ome=cfg.ome) as tw:
             res0 = (1e4 / cfg.mpp, 1e4 / cfg.mpp)
             if cfg.ome:
                 # A UUID derived from the request keeps OME files byte-identical for a seed.
-                digest = hashlib.sha256(json.dumps([out.name, repr(cfg)]).encode()).digest()
+                digest = hashlib.sha256(json.dumps([out.name, _request_repr(cfg)]).encode()).digest()
                 meta = {"axes": "YXS", "PhysicalSizeX": cfg.mpp, "PhysicalSizeXUnit": "µm",
                         "PhysicalSizeY": cfg.mpp, "PhysicalSizeYUnit": "µm", "Name": out.name,
                         "UUID": str(uuid.UUID(bytes=digest[:16], version=4)), "Creator": "wsi-triage synth"}

@@ -61,15 +61,21 @@ def _write_text(path: Path, text: str | Iterable[str]) -> None:
 def truth_document(out: Path, cfg: SynthConfig, pool: CellPool, layout: Layout,
                    sizes: list[tuple[int, int]]) -> dict:
     """The ground truth of slide ``out`` once its layout is complete (all blocks laid out)."""
-    rows = sorted(layout.truth)
+    rows = sorted(layout.truth, key=lambda r: r[:8])
     cells = []
     by_class: dict[str, int] = {}
-    for y, x, w, h, image, susp, region, blurred in rows:
+    groups: dict[int, list[int]] = {}
+    for y, x, w, h, image, susp, region, blurred, nucleus, group in rows:
         cls = pool.classes[pool.labels[image]]
         by_class[cls] = by_class.get(cls, 0) + 1
+        if group >= 0:
+            box = groups.setdefault(group, [x, y, x + w, y + h, 0])
+            box[:4] = [min(box[0], x), min(box[1], y), max(box[2], x + w), max(box[3], y + h)]
+            box[4] += 1
         cells.append({"class": cls, "bbox": [x, y, w, h], "suspicious": susp,
                       "source": pool.relpaths[image], "region": region if region >= 0 else None,
-                      "blurred": blurred})
+                      "blurred": blurred, "nucleus": list(nucleus) if nucleus is not None else None,
+                      "group": group if group >= 0 else None})
     n_susp = sum(c["suspicious"] for c in cells)
     regions = []
     for ri, reg in enumerate(layout.regions):
@@ -87,6 +93,7 @@ def truth_document(out: Path, cfg: SynthConfig, pool: CellPool, layout: Layout,
         "height": cfg.height,
         "mpp": cfg.mpp,
         "seed": cfg.seed,
+        "stain": cfg.stain,
         "levels": [list(s) for s in sizes],
         "config": config,
         "cells_source": {
@@ -102,8 +109,13 @@ def truth_document(out: Path, cfg: SynthConfig, pool: CellPool, layout: Layout,
         "background_classes": list(layout.background_classes),
         "fraction": cfg.fraction,
         "planted_regions": regions,
+        # cohesive cell groups (the layout's clusters): level-0 bbox [x, y, w, h] of their cells
+        "groups": [{"id": gid, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "n_cells": b[4]}
+                   for gid, b in sorted(groups.items())],
         "artifacts": {
-            "pen": {"bbox": layout.pen_bbox, "ink": layout.pen_ink_name, "path": layout.pen_line},
+            "pen": {"bbox": layout.pen_bbox, "ink": layout.pen_ink_name,
+                    "ink_transmittance": [round(float(v), 3) for v in layout.pen_ink], "path": layout.pen_line,
+                    "mask": layout.pen_truth()},
             "blur": {"bbox": layout.blur_bbox, "sigma_px": round(layout.blur_sigma, 2)},
         },
         "counts": {"cells": len(cells), "suspicious": n_susp, "by_class": dict(sorted(by_class.items())),
@@ -139,8 +151,13 @@ def _dump_truth(doc: dict) -> str:
     head = {k: v for k, v in doc.items() if k not in ("cells", "debris", "empty_fields")}
     head["empty_fields"] = "@@EMPTY@@"
     head["debris"] = "@@DEBRIS@@"
+    pen = head["artifacts"]["pen"]
+    if "mask" in pen:  # the stroke's runs on one line
+        head["artifacts"] = {**head["artifacts"], "pen": {**pen, "mask": {**pen["mask"], "runs": "@@RUNS@@"}}}
     text = json.dumps(head, indent=1)[:-2].replace('"@@DEBRIS@@"', json.dumps(doc["debris"], separators=(",", ":")))
     text = text.replace('"@@EMPTY@@"', json.dumps(doc["empty_fields"], separators=(",", ":")))
+    if "mask" in pen:
+        text = text.replace('"@@RUNS@@"', json.dumps(pen["mask"]["runs"], separators=(",", ":")))
     lines = ",\n  ".join(json.dumps(c, separators=(",", ":")) for c in doc["cells"])
     return text + ',\n "cells": [\n  ' + lines + "\n ]\n}\n"
 
