@@ -90,6 +90,7 @@ def tiler_options(func):
         click.option("--min-foreground", type=float, default=None, help="Minimum foreground fraction to keep a tile [default: stain preset]."),
         click.option("--stain", type=click.Choice(["pap", "romanowsky", "he"]), default="pap", show_default=True, help="Stain preset for foreground detection."),
         click.option("--codec", type=click.Choice(["jpeg", "lossless"]), default="jpeg", show_default=True, help="Tile codec in the store."),
+        click.option("--tiling", type=click.Choice(["grid", "cells"]), default="grid", show_default=True, help="Tile placement: a grid over the foreground, or one tile centred on each nucleated object."),
         click.option("--mpp", type=float, default=None, help="Slide pixel size (um/px) when the file lacks it."),
         click.option("--workers", type=int, default=None, help="Reader threads [default: CPU count]."),
     ]
@@ -149,12 +150,13 @@ def make_progress(total_desc: str, quiet: bool, unit: str = "tile"):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 @user_errors
-def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground, stain, codec, mpp, workers, quiet, as_json):
+def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground, stain, codec, tiling, mpp, workers, quiet,
+                 as_json):
     """Tile SLIDE into a zarr v3 tile store (foreground tiles only; resumable)."""
     from .tiler import TilerConfig, tile_slide
 
     config = TilerConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap,
-                         min_foreground=min_foreground, stain=stain, codec=codec)
+                         min_foreground=min_foreground, stain=stain, codec=codec, tiling=tiling)
     from .lock import store_lock
     from .store import store_path
 
@@ -262,6 +264,7 @@ def run_tiling_options(func):
         click.option("--min-foreground", type=float, default=None, help="Minimum foreground fraction to keep a tile [default: stain preset]."),
         click.option("--overlap", type=int, default=0, show_default=True, help="Overlap between tiles in px."),
         click.option("--codec", type=click.Choice(["jpeg", "lossless"]), default="jpeg", show_default=True, help="Tile codec in the store."),
+        click.option("--tiling", type=click.Choice(["grid", "cells"]), default=None, help="Tile placement: grid, or one tile centred on each nucleated object [default: the checkpoint's placement, else grid]."),
         click.option("--mpp", type=float, default=None, help="Slide pixel size (um/px) when the file lacks it."),
         click.option("--workers", "tile_workers", type=int, default=None, help="Reader threads for tiling [default: CPU count]."),
     ]

@@ -54,6 +54,7 @@ class RunOptions:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     lock_wait: float | None = None  # seconds to wait for another writer of the same slide (None: no limit)
+    tiling: str | None = None  # grid | cells; None: the checkpoint's ``placement`` metadata, else grid
 
 
 @dataclass
@@ -83,10 +84,12 @@ class SlideRun:
 
 
 def tiler_config_for(info: CheckpointInfo, options: RunOptions) -> TilerConfig:
-    """Tiles at the checkpoint's mpp and size; stain from the options, the checkpoint, or the default."""
+    """Tiles at the checkpoint's mpp and size; stain and placement from the options, the checkpoint, or the default."""
     stain = options.stain or info.metadata.get("stain") or DEFAULT_STAIN
+    tiling = options.tiling or info.metadata.get("placement") or "grid"
     return TilerConfig(target_mpp=info.tile_mpp, tile_size=info.tile_size, overlap=options.overlap,
-                       min_foreground=options.min_foreground, stain=str(stain), codec=options.codec)
+                       min_foreground=options.min_foreground, stain=str(stain), codec=options.codec,
+                       tiling=str(tiling))
 
 
 def _no_progress(desc: str, unit: str):

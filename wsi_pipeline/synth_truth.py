@@ -17,15 +17,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import OutputError
+from .outputs import class_colour
 from .synth_cells import CellPool
 from .synth_config import SynthConfig
 from .synth_layout import BLOCK, Layout
 
 TRUTH_FORMAT = "wsi-triage-synth-truth"
-# GeoJSON classification colours, one per cell class (in sorted class order).
-_CLASS_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                 (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40),
-                 (128, 0, 0), (128, 128, 0)]
 
 
 def truth_paths(out: str | Path) -> tuple[Path, Path]:
@@ -166,7 +163,7 @@ def _geojson_features(doc: dict) -> Iterator[str]:
     """QuPath-importable GeoJSON, written piece by piece: a rectangle per cell, the planted
     regions, the pen mark and the blurred patch (each an annotation with a classification)."""
     names = sorted(set(doc["cells_source"]["classes"]))
-    colours = {n: list(_CLASS_COLORS[i % len(_CLASS_COLORS)]) for i, n in enumerate(names)}
+    colours = {n: class_colour(n) for n in names}  # the results' GeoJSON uses the same table
 
     def feature(bbox, props) -> str:
         x, y, w, h = bbox
@@ -180,11 +177,11 @@ def _geojson_features(doc: dict) -> Iterator[str]:
                                       "suspicious": c["suspicious"], "source": c["source"]})
         for i, reg in enumerate(doc["planted_regions"]):
             yield feature(reg["bbox"], {"objectType": "annotation", "name": f"planted region {i}",
-                                        "classification": {"name": "Planted region", "color": [255, 200, 0]},
+                                        "classification": {"name": "Planted region",
+                                                           "color": class_colour("Planted region")},
                                         "n_suspicious": reg["n_suspicious"]})
-        for name, bbox, colour in (("Pen mark", doc["artifacts"]["pen"]["bbox"], [0, 0, 255]),
-                                   ("Blurred patch", doc["artifacts"]["blur"]["bbox"], [128, 128, 128])):
-            yield feature(bbox, {"objectType": "annotation", "classification": {"name": name, "color": colour}})
+        for name, bbox in (("Pen mark", doc["artifacts"]["pen"]["bbox"]), ("Blurred patch", doc["artifacts"]["blur"]["bbox"])):
+            yield feature(bbox, {"objectType": "annotation", "classification": {"name": name, "color": class_colour(name)}})
 
     yield '{"type":"FeatureCollection","features":[\n'
     for i, item in enumerate(items()):

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import objects as cell_objects
 from . import store as tile_store
 from .errors import OutputError, SlideError, StoreError
 from .foreground import WORKING_MPP, blur_scores, foreground_mask, get_preset, tile_fractions
@@ -37,6 +38,8 @@ MASK_PX_PER_TILE = 8
 MAX_MASK_SIDE = 8192
 #: resample only when the read level's mpp differs from the target by more than this
 MPP_TOLERANCE = 0.02
+#: tile placements: a fixed grid over the foreground, or one tile per nucleated object (objects.py)
+TILINGS = ("grid", "cells")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class TilerConfig:
     jpeg_quality: int = 90
     max_tiles_per_shard: int = 128
     mask_mpp: float = WORKING_MPP
+    tiling: str = "grid"  # grid | cells: where tiles go (see TILINGS)
 
     def resolved(self) -> "TilerConfig":
         """Validate, and fill the stain preset's default minimum foreground fraction."""
@@ -64,6 +68,8 @@ class TilerConfig:
             raise StoreError(f"overlap must be in [0, tile size), got {self.overlap}")
         if self.codec not in tile_store.CODECS:
             raise StoreError(f"unknown codec {self.codec!r}; choose one of {', '.join(tile_store.CODECS)}")
+        if self.tiling not in TILINGS:
+            raise StoreError(f"unknown tiling {self.tiling!r}; choose one of {', '.join(TILINGS)}")
         min_fg = preset.min_foreground if self.min_foreground is None else float(self.min_foreground)
         if not 0 <= min_fg <= 1:
             raise StoreError(f"minimum foreground fraction must be in [0, 1], got {min_fg}")
@@ -71,7 +77,10 @@ class TilerConfig:
 
     def hash(self, slide_mpp: float) -> str:
         """Hash of the resolved configuration plus the slide mpp it was applied with."""
-        payload = json.dumps({**dataclasses.asdict(self.resolved()), "slide_mpp": round(slide_mpp, 6)}, sort_keys=True)
+        fields = dataclasses.asdict(self.resolved())
+        if fields["tiling"] == "grid":
+            del fields["tiling"]  # grid stores made before placements existed keep their hash
+        payload = json.dumps({**fields, "slide_mpp": round(slide_mpp, 6)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -88,6 +97,7 @@ class TilePlan:
     thumbnail_downsample: float
     thumbnail_mpp: float
     n_grid: int
+    placement: cell_objects.Placement | None = None  # tiling "cells": the objects and each tile's object
 
 
 @dataclass
@@ -134,16 +144,19 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
     boxes = np.stack(
         [np.round(cc * stride0), np.round(rr * stride0), np.full(cc.shape, size0), np.full(cc.shape, size0)], axis=1
     ).astype(np.int64)
-    fractions = tile_fractions(mask, downsample, boxes)
-    keep = fractions >= config.min_foreground
-    if config.min_foreground == 0:
-        keep = fractions > 0
     grid_meta = {
         "origin": [0, 0],
         "stride": [float(stride0), float(stride0)],
         "shape": [int(rows), int(cols)],
         "tile_level0": [size0, size0],
     }
+    if config.tiling == "cells":
+        return _cells_plan(thumbnail, mask, float(downsample), float(actual_mpp), slide.dimensions, config,
+                           tile0, stride0, grid_meta, int(rows * cols))
+    fractions = tile_fractions(mask, downsample, boxes)
+    keep = fractions >= config.min_foreground
+    if config.min_foreground == 0:
+        keep = fractions > 0
     return TilePlan(
         coords=boxes[keep],
         grid=np.stack([rr[keep], cc[keep]], axis=1).astype(np.int32),
@@ -155,6 +168,25 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
         thumbnail_mpp=float(actual_mpp),
         n_grid=int(rows * cols),
     )
+
+
+# --------------------------------------------------------------------------- placement "cells"
+
+
+def _cells_plan(thumbnail, mask, downsample, thumb_mpp, dimensions, config, tile0, stride0, grid_meta,
+                n_grid) -> TilePlan:
+    """Tiles on the nucleated objects (wsi_pipeline.objects); ``grid`` holds each tile's grid cell (by its centre)."""
+    placement = cell_objects.plan_cells(thumbnail, mask, thumb_mpp, downsample, dimensions, tile0,
+                                        config.tile_size * config.target_mpp)
+    coords = placement.coords
+    rows, cols = grid_meta["shape"]
+    centre = coords[:, :2] + coords[:, 2:] / 2.0
+    grid = np.stack([np.clip(centre[:, 1] // stride0, 0, rows - 1), np.clip(centre[:, 0] // stride0, 0, cols - 1)],
+                    axis=1).astype(np.int32)
+    return TilePlan(coords=coords, grid=grid.reshape(-1, 2),
+                    foreground=tile_fractions(mask, downsample, coords).astype(np.float32),
+                    grid_meta=grid_meta, thumbnail=thumbnail, mask=mask, thumbnail_downsample=float(downsample),
+                    thumbnail_mpp=float(thumb_mpp), n_grid=n_grid, placement=placement)
 
 
 def shard_size_for(n_tiles: int, max_tiles_per_shard: int) -> int:
@@ -235,13 +267,18 @@ def tile_slide(
                 on_plan(int(meta["n_tiles"]), int(meta["n_tiles"]))
             return TileResult(path, int(meta["n_tiles"]), int(meta.get("n_grid", 0)), True, 0,
                               time.perf_counter() - start, meta.get("empty_reason"), meta)
+        if state == "resumable" and config.tiling == "cells" and not cell_objects.has_objects(tile_store.open_store(path)):
+            state = "stale"  # killed before its object table was written: plan again
         if state == "resumable":
             group = tile_store.open_store(path, mode="r+")
         else:
             plan = plan_tiles(slide, config, slide_mpp, workers)
             n = len(plan.coords)
             empty_reason = None
-            if n == 0:
+            if n == 0 and config.tiling == "cells":
+                empty_reason = (f"no nucleated object found (stain preset '{config.stain}'; "
+                                f"{plan.n_grid} grid tiles' area examined)")
+            elif n == 0:
                 empty_reason = (f"no tile reached the minimum foreground fraction {config.min_foreground:g} "
                                 f"(stain preset '{config.stain}'; {plan.n_grid} grid tiles examined)")
             meta = {
@@ -269,6 +306,8 @@ def tile_slide(
                 jpeg_quality=config.jpeg_quality,
                 meta=meta,
             )
+            if plan.placement is not None:
+                cell_objects.write_objects(group, plan.placement, int(tile_store.read_meta(group)["tiles_per_shard"]))
             if empty_reason:
                 tile_store.update_meta(group, empty_reason=empty_reason)
         meta = tile_store.read_meta(group)
