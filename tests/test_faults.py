@@ -141,3 +141,89 @@ def test_missing_node_is_a_one_line_error_and_run_retiles(scored, tmp_path, node
     assert_one_line_error(res, node.split("/")[0])
     again = run_slide(scored["slide"], out, _options(scored["a"]))
     assert again.score == scored["run"].score and not again.steps["tile"]["reused"]
+
+
+# --------------------------------------------------------------------------- concurrent writers (issue 12 #2)
+
+
+def test_lock_is_reentrant_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from wsi_pipeline.errors import StoreBusyError
+    from wsi_pipeline.lock import lock_path, store_lock
+
+    store = tmp_path / "x.zarr"
+    with store_lock(store):
+        with store_lock(store):  # re-entrant in one thread
+            assert lock_path(store).is_file()
+    assert not lock_path(store).exists()  # released and removed
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from wsi_pipeline.lock import store_lock\n"
+        f"with store_lock({str(store)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreBusyError, match=rf"in use by pid {holder.pid} on .* since "):
+            with store_lock(store, wait=0.3):
+                pass
+    finally:
+        holder.kill()  # kill -9: the kernel drops its flock; its lock file stays behind, stale
+        holder.wait()
+    assert lock_path(store).is_file()
+    with store_lock(store, wait=0):  # a stale lock is taken over at once
+        pass
+
+
+def test_two_runs_on_one_slide_at_once_both_succeed_with_the_same_result(scored, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_pipeline", "run", str(scored["slide"]), "--out", str(out),
+           "--checkpoint", str(scored["a"]), "--mpp", "0.5", "--json", "--quiet"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
+    docs = [json.loads(r[0]) for r in results]
+    assert docs[0]["score"] == docs[1]["score"] == scored["run"].score
+    assert tile_store.damaged_shards(tile_store.open_store(out / "field.zarr")) == {}
+
+
+# --------------------------------------------------------------------------- CLI mistakes (issue 12 #4)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["batch", "{slide}", "--out", "{file}"], "exists and is not a directory"),
+    (["batch", "{slide}", "--out", "/proc/wsi-triage-x"], "/proc/wsi-triage-x: cannot create output directory"),
+    (["run", "{slide}", "--device", "banana"], "'banana' is not a torch device"),
+    (["run", "{slide}", "--top-k", "0"], "top-k must be >= 1"),
+    (["run", "{slide}", "--quantile", "2"], "quantile and threshold must be in [0, 1]"),
+    (["batch", "{slide}", "--score-workers", "0"], "--score-workers must be at least 1"),
+    (["run", "{slide}", "--batch-size", "0"], "batch size must be positive"),
+], ids=["out-is-file", "out-in-proc", "device-banana", "top-k-0", "quantile-2", "score-workers-0", "batch-size-0"])
+def test_ordinary_mistakes_are_one_line_before_any_work(scored, tmp_path, args, fragment):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "o"
+    args = [a.format(slide=scored["slide"], file=tmp_path / "file") for a in args]
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    res = _cli(*args, "--checkpoint", scored["a"], "--mpp", "0.5", "--quiet", code=2)
+    assert_one_line_error(res, fragment)
+    assert not out.exists()  # refused before any tiling
+
+
+def test_cuda_without_a_gpu_is_one_line(scored, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    res = _cli("run", scored["slide"], "--device", "cuda", "--checkpoint", scored["a"], "--mpp", "0.5",
+               "--out", tmp_path / "o", code=2)
+    assert_one_line_error(res, "no CUDA GPU is available")
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["batch"], ["verify"], ["score"], ["aggregate"], ["tile"]])
+def test_dash_h_is_help(command):
+    res = _cli(*command, "-h", code=0)
+    assert "Usage:" in res.output and "--help" in res.output

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 from . import store as tile_store
 from .aggregate import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
 from .checkpoint import CheckpointInfo, read_checkpoint_info
-from .errors import SlideError, WsiTriageError
+from .errors import OptionError, OutputError, SlideError, WsiTriageError
 from .lock import store_lock
 from .scorer import ScoreConfig, ScoreResult, score_store
 from .tiler import TileResult, TilerConfig, tile_slide
@@ -123,6 +123,24 @@ def score_and_aggregate(store: Path, out_dir: Path, options: RunOptions, info: C
     return scored, aggregated, time.perf_counter() - t0
 
 
+def validate_options(options: RunOptions, info: CheckpointInfo) -> TilerConfig:
+    """Every option checked before any work starts (a bad --top-k must not cost a tiling); the tiler config."""
+    options.score.validated()
+    options.aggregate.validated()
+    if options.lock_wait is not None and not options.lock_wait >= 0:
+        raise OptionError(f"lock wait must be >= 0 seconds, got {options.lock_wait}")
+    return tiler_config_for(info, options).resolved()
+
+
+def _make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{out}: exists and is not a directory; choose another --out") from None
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create output directory ({exc.strerror or exc})") from None
+
+
 def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
               progress: ProgressFactory | None = None, info: CheckpointInfo | None = None,
               on_wait: Callable[[str], None] | None = None) -> SlideRun:
@@ -137,7 +155,8 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     slide = Path(slide)
     out = Path(out)
     info = info or read_checkpoint_info(options.checkpoint)
-    config = tiler_config_for(info, options)
+    config = validate_options(options, info)
+    _make_out_dir(out)
     with store_lock(tile_store.store_path(out, slide), wait=options.lock_wait, on_wait=on_wait):
         update, on_plan, close = progress("tiling", "tile")
         try:
@@ -165,6 +184,8 @@ def run_store(store: str | Path, out_dir: str | Path | None, options: RunOptions
     stem = store.name[:-5] if store.name.endswith(".zarr") else store.name
     out_dir = Path(out_dir) if out_dir else store.with_name(stem)
     info = read_checkpoint_info(options.checkpoint)
+    options.score.validated()
+    options.aggregate.validated()
     with store_lock(store, wait=options.lock_wait):
         scored, aggregated, agg_seconds = score_and_aggregate(store, out_dir, options, info, progress or _no_progress)
     meta = tile_store.read_meta(tile_store.open_store(store))
@@ -286,7 +307,8 @@ def run_batch(
     out = Path(out)
     slides = find_slides(spec)
     info = read_checkpoint_info(options.checkpoint)  # a bad checkpoint stops the batch before any slide
-    out.mkdir(parents=True, exist_ok=True)
+    validate_options(options, info)  # so do bad options
+    _make_out_dir(out)
     state = load_batch_state(out)
     records: dict[str, Any] = dict(state.get("slides") or {})
     same_checkpoint = state.get("checkpoint_sha256") == info.sha256

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import store as tile_store
 from .checkpoint import CheckpointInfo, LoadedCheckpoint, load_checkpoint, read_checkpoint_info
-from .errors import CheckpointError, StoreError
+from .errors import CheckpointError, OptionError, StoreError
 
 #: relative difference between the store's tile mpp and the checkpoint's that is still accepted
 MPP_TOLERANCE = 0.02
@@ -55,6 +55,10 @@ class ScoreConfig:
         if self.scheduler not in LOCAL_SCHEDULERS and "://" not in self.scheduler and ":" not in self.scheduler:
             raise StoreError(f"unknown scheduler {self.scheduler!r}; use threads, processes or a "
                              "dask.distributed address such as tcp://host:8786")
+        if self.workers is not None and self.workers < 1:
+            raise OptionError(f"--score-workers must be at least 1, got {self.workers}")
+        if self.device:
+            check_device(self.device)
         return self
 
 
@@ -78,6 +82,26 @@ class ScoreResult:
 
 def scores_key(sha256: str) -> str:
     return f"scores/{sha256[:12]}"
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device that does not parse or is not on this machine (before any work)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise OptionError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptionError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise OptionError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise OptionError(f"--device {device}: Apple MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
 
 
 def resolve_device(device: str | None) -> str:
