@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COLORMAP", "heatmap_rgba", "overlay_image", "overlay_png", "gallery_png", "png_bytes",
-           "geojson_collection"]
+__all__ = ["COLORMAP", "OVERLAY_FLOOR", "heatmap_rgba", "heatmap_picture", "tile_values", "mask_outline",
+           "overlay_image", "overlay_scale", "overlay_picture", "overlay_png", "gallery_png", "png_bytes",
+           "CLASS_COLOURS", "class_colour", "geojson_collection"]
 
 #: perceptually uniform, readable in greyscale and by most colour-blind viewers
 COLORMAP = "viridis"
@@ -37,29 +38,61 @@ def heatmap_rgba(heat: np.ndarray) -> np.ndarray:
     return rgba
 
 
-def overlay_image(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, grid_meta: dict,
-                  downsample: float, alpha: float) -> np.ndarray:
-    """The thumbnail with tile suspicions blended in where there is tissue and a scored tile."""
-    h, w = thumbnail.shape[:2]
+OVERLAY_FLOOR = 0.2  # tiles below this suspicion are not drawn on overlay.png
+OVERLAY_MIN_SIDE = 1600  # overlay.png's picture is enlarged to at least this many px on its long side ...
+OVERLAY_MAX_SIDE = 2400  # ... and reduced to at most this many
+MASK_OUTLINE_RGB = (40, 40, 40)
+MASK_OUTLINE_OPACITY = 0.6
+
+
+def tile_values(shape: tuple[int, int], heat: np.ndarray, grid_meta: dict, downsample: float) -> np.ndarray:
+    """Each pixel of a (h, w) picture of the slide (``downsample`` level-0 px per px) gets its tile's value, NaN off the grid."""
+    h, w = shape
     sx, sy = (float(v) for v in grid_meta["stride"])
     ox, oy = (float(v) for v in grid_meta.get("origin", [0, 0]))
     rows, cols = heat.shape
-    x0 = (np.arange(w) + 0.5) * downsample - ox
-    y0 = (np.arange(h) + 0.5) * downsample - oy
-    col = np.floor(x0 / sx).astype(np.int64)
-    row = np.floor(y0 / sy).astype(np.int64)
+    col = np.floor(((np.arange(w) + 0.5) * downsample - ox) / sx).astype(np.int64)
+    row = np.floor(((np.arange(h) + 0.5) * downsample - oy) / sy).astype(np.int64)
     col_ok = (col >= 0) & (col < cols)
     row_ok = (row >= 0) & (row < rows)
     values = np.full((h, w), np.nan, dtype=np.float32)
     rr, cc = np.ix_(np.flatnonzero(row_ok), np.flatnonzero(col_ok))
     values[rr, cc] = heat[row[row_ok][:, None], col[col_ok][None, :]]
-    if mask.shape == (h, w):
-        values[~mask.astype(bool)] = np.nan
+    return values
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel inner rim of the foreground mask."""
+    from scipy import ndimage
+
+    mask = mask.astype(bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def overlay_image(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, grid_meta: dict,
+                  downsample: float, alpha: float, floor: float = OVERLAY_FLOOR) -> np.ndarray:
+    """The thumbnail with each scored tile tinted on the fixed 0-1 scale, opacity ``alpha * suspicion``.
+
+    Tiles below ``floor`` are not drawn, so the cells stay visible except where there is something to
+    see; the foreground mask is drawn as a thin outline (not a fill).
+    """
+    h, w = thumbnail.shape[:2]
+    values = tile_values((h, w), np.clip(heat, 0, 1), grid_meta, downsample)
+    opacity = np.where(np.isfinite(values) & (np.nan_to_num(values, nan=-1.0) >= floor),
+                       alpha * np.nan_to_num(values, nan=0.0), 0.0)[..., None]
     coloured = _colormap()(np.nan_to_num(values, nan=0.0))[..., :3] * 255
     out = thumbnail[..., :3].astype(np.float32)
-    paint = np.isfinite(values)
-    out[paint] = (1 - alpha) * out[paint] + alpha * coloured[paint]
+    out = (1 - opacity) * out + opacity * coloured
+    if mask.shape == (h, w):
+        rim = mask_outline(mask)
+        out[rim] = (1 - MASK_OUTLINE_OPACITY) * out[rim] + MASK_OUTLINE_OPACITY * np.asarray(MASK_OUTLINE_RGB, np.float32)
     return out.round().clip(0, 255).astype(np.uint8)
+
+
+def overlay_scale(shape: tuple[int, int]) -> float:
+    """Factor that brings a picture's long side into [OVERLAY_MIN_SIDE, OVERLAY_MAX_SIDE]."""
+    long_side = max(shape[:2])
+    return float(np.clip(long_side, OVERLAY_MIN_SIDE, OVERLAY_MAX_SIDE)) / max(long_side, 1)
 
 
 def _figure_png(fig) -> bytes:
@@ -71,23 +104,65 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def overlay_png(image: np.ndarray, title: str) -> bytes:
-    """The overlay with a colour bar on the fixed 0..1 suspicion scale."""
+def _picture_with_colourbar(image: np.ndarray, title: str, label: str, note: str = "") -> bytes:
+    """``image`` at its own pixel size, a title and a 0-1 colour bar, lettered to stay legible when
+    the picture is shown at about half its size (as in report.html)."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
+    dpi = 100
     h, w = image.shape[:2]
-    scale = 8.0 / max(h, w)
-    fig = Figure(figsize=(max(w * scale, 2.5) + 1.4, max(h * scale, 2.5) + 0.6), dpi=100)
-    ax = fig.add_axes((0.02, 0.02, 0.78, 0.9))
+    left, right, top, bottom = 20, 260, 120 if note else 80, 20  # px around the image: colour bar right, title on top
+    fig_w, fig_h = w + left + right, h + top + bottom
+    fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
+    ax = fig.add_axes((left / fig_w, bottom / fig_h, w / fig_w, h / fig_h))
     ax.imshow(image, interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-    cax = fig.add_axes((0.84, 0.1, 0.035, 0.75))
+    fig.text(left / fig_w, 1 - 16 / fig_h, title, fontsize=26, va="top", ha="left")
+    if note:
+        fig.text(left / fig_w, 1 - 66 / fig_h, note, fontsize=17, va="top", ha="left", color="#444444")
+    bar_h = min(h * 0.8, 900)
+    cax = fig.add_axes(((left + w + 50) / fig_w, (bottom + (h - bar_h) / 2) / fig_h, 36 / fig_w, bar_h / fig_h))
     bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap()), cax=cax)
-    bar.set_label("tile suspicion (0-1)")
+    bar.set_ticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    bar.ax.tick_params(labelsize=20, length=6, width=1.5)
+    bar.set_label(label, fontsize=22)
     return _figure_png(fig)
+
+
+def overlay_picture(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, grid_meta: dict,
+                    downsample: float, alpha: float, title: str, floor: float = OVERLAY_FLOOR) -> bytes:
+    """overlay.png: the overlay at 1,600-2,400 px on its long side with its title and colour bar."""
+    from PIL import Image
+
+    scale = overlay_scale(thumbnail.shape)
+    h, w = thumbnail.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    thumb = np.asarray(Image.fromarray(np.ascontiguousarray(thumbnail[..., :3])).resize(size, Image.Resampling.LANCZOS))
+    # bilinear then threshold: a smooth outline, not the staircase of the coarse mask's pixels
+    big_mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)) > 127 \
+        if mask.shape == (h, w) else mask
+    image = overlay_image(thumb, big_mask, heat, grid_meta, downsample / scale, alpha, floor)
+    return _picture_with_colourbar(image, title, "tile suspicion (0-1)",
+                                   f"tile opacity grows with suspicion; tiles below {floor:g} not drawn; "
+                                   "dark line: tissue mask")
+
+
+def overlay_png(image: np.ndarray, title: str) -> bytes:
+    """An overlay image with its title and a colour bar on the fixed 0..1 suspicion scale."""
+    return _picture_with_colourbar(image, title, "tile suspicion (0-1)")
+
+
+def heatmap_picture(heat: np.ndarray, title: str) -> bytes:
+    """heatmap.png: the tile-grid raster enlarged (nearest) with a title and a 0-1 colour bar; grey where
+    no tile was kept."""
+    rgba = heatmap_rgba(heat)
+    rgba[rgba[..., 3] == 0] = (225, 225, 225, 255)
+    rows, cols = heat.shape
+    k = max(1, 900 // max(rows, cols, 1))
+    big = np.repeat(np.repeat(rgba[..., :3], k, axis=0), k, axis=1)
+    return _picture_with_colourbar(big, title, "tile suspicion (0-1)", "one square per tile; grey: no tile")
 
 
 def _font(size: int):
@@ -144,29 +219,57 @@ def png_bytes(rgba: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- GeoJSON
 
 
-_CLASS_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-                  (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+#: QuPath classification colours by class name, shared by the results' GeoJSON and the synthetic
+#: ground truth (wsi_pipeline.synth_truth), so a class looks the same in both. Other names get a
+#: colour from PALETTE picked by a hash of the name (stable across runs and machines).
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    "basophil": (145, 30, 180), "eosinophil": (245, 130, 48), "erythroblast": (230, 25, 75),
+    "ig": (240, 50, 230), "lymphocyte": (0, 130, 200), "monocyte": (70, 240, 240),
+    "neutrophil": (60, 180, 75), "platelet": (170, 110, 40),
+    "Planted region": (255, 200, 0), "Pen mark": (0, 0, 255), "Blurred patch": (128, 128, 128),
+}
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def class_colour(name: str) -> list[int]:
+    """The [r, g, b] QuPath colour of class ``name``."""
+    if name in CLASS_COLOURS:
+        return list(CLASS_COLOURS[name])
+    return list(PALETTE[int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(PALETTE)])
+
+
+def _clipped_ring(x: int, y: int, w: int, h: int, bounds: tuple[int, int] | None) -> list[list[int]] | None:
+    x0, y0, x1, y1 = x, y, x + w, y + h
+    if bounds is not None:
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, int(bounds[0])), min(y1, int(bounds[1]))
+        if x1 <= x0 or y1 <= y0:
+            return None
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
 
 
 def geojson_collection(coords: np.ndarray, probs: np.ndarray, suspicion: np.ndarray, class_names: list[str],
-                       provenance: dict[str, Any]) -> dict[str, Any]:
-    """QuPath-importable detections, one square per tile in level-0 pixels."""
+                       provenance: dict[str, Any], bounds: tuple[int, int] | None = None) -> dict[str, Any]:
+    """QuPath-importable detections, one rectangle per tile in level-0 pixels, clipped to the image
+    ``bounds`` (width, height) when given: edge tiles extend past the image and QuPath would draw them so."""
     features = []
     argmax = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     namespace = uuid.UUID(hashlib.sha256(json.dumps(provenance.get("checkpoint_sha256", "")).encode()).hexdigest()[:32])
     for i in range(len(coords)):
-        x, y, w, h = (int(v) for v in coords[i])
+        ring = _clipped_ring(*(int(v) for v in coords[i]), bounds)
+        if ring is None:
+            continue
         name = class_names[int(argmax[i])]
         measurements = {f"prob_{c}": round(float(p), 6) for c, p in zip(class_names, probs[i])}
         measurements["suspicion"] = round(float(suspicion[i]), 6)
         features.append({
             "type": "Feature",
             "id": str(uuid.uuid5(namespace, f"{provenance.get('slide_fingerprint')}:{i}")),
-            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]},
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {
                 "objectType": "detection",
                 "name": f"tile {i}",
-                "classification": {"name": name, "color": list(_CLASS_COLOURS[int(argmax[i]) % len(_CLASS_COLOURS)])},
+                "classification": {"name": name, "color": class_colour(name)},
                 "measurements": measurements,
                 "isLocked": True,
             },
