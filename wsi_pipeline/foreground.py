@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import WsiTriageError
+from .nuclei import Nuclei, label_nuclei, nuclear_density, nucleus_pixels, tophat_halo
 
 # 2 um/px: the smallest cells that matter (lymphocytes, red cells, ~7-8 um) still span ~4 px, so
 # they survive denoising and the dust filter, while a 20 x 20 mm smear area is a 10k x 10k px
@@ -56,6 +57,9 @@ _DEFAULT_BACKGROUND = np.array([240.0, 240.0, 240.0], dtype=np.float32)
 _HIST_BITS = 5
 _GLASS_PEAK_SHARE = 0.2
 _GLASS_MAX_SAT = 0.35
+# Darkest grey level (0..255) a glass mode may have: under-exposed camera fields (the Pap LBC
+# fields) have glass at 110-130.
+_GLASS_MIN_GREY = 95.0
 _GLASS_MAX_MAGENTA = 0.04
 # Chromaticity tolerance (log10, per channel) of the pixels the illumination surface is fitted to.
 _GLASS_CHROMA = 0.03
@@ -341,18 +345,40 @@ def pen_mask(rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
     With ``mpp`` given, ink-coloured regions smaller than a 60 um disc are dropped: a marker
     stroke is a fraction of a millimetre wide, while the occasional bright-red cell cluster in
     H&E that meets a colour rule is small.
+
+    Colour only proposes: a proposed region is ink only if it also looks like ink (no nuclei,
+    uniform; see :func:`_ink_regions`), so blue-green Pap cytoplasm around its nuclei is never
+    called ink. Without ``mpp``, nuclei are sized as if the image were at 0.5 um/px.
     """
     rgb = _as_rgb(rgb)
     h, w = rgb.shape[:2]
     if h == 0 or w == 0:
         return np.zeros((h, w), dtype=bool)
-    step = _subsample_step(h, w)
-    found = _glass_colour(rgb[::step, ::step])
-    index = _code_index(found[0] if found is not None else None)
-    codes = np.empty((h, w), dtype=np.uint8)
-    for lo, hi, _, _ in _bands(h):
+    if mpp is None:
+        return _ink_at_unknown_scale(rgb)
+    return detect_foreground(rgb, mpp, "pap").ink
+
+
+def _ink_at_unknown_scale(rgb: np.ndarray) -> np.ndarray:
+    """Ink of an image of unknown pixel size: no stroke-size test, nuclei sized at 0.5 um/px."""
+    mpp = _FINEST_MPP
+    bg = _fit_background(rgb)
+    h = rgb.shape[0]
+    sigma = 0.5 / mpp
+    codes = np.empty(rgb.shape[:2], dtype=np.uint8)
+    density = np.empty(rgb.shape[:2], dtype=np.float32)
+    stained = np.empty(rgb.shape[:2], dtype=bool)
+    index = _code_index(bg.log_global)
+    halo = max(_smoothing_halo(sigma), tophat_halo(mpp))
+    pixels = np.empty(rgb.shape[:2], dtype=bool)
+    for lo, hi, plo, phi in _bands(h, halo):
         codes[lo:hi] = _codes(rgb[lo:hi], index)
-    return _pen_from_codes(codes, mpp)
+        stained[lo:hi] = _stain_test(rgb[plo:phi], lambda c: bg.rows(plo, phi, c), get_preset("pap"), sigma)[lo - plo:hi - plo]
+        d = _nuclear_band(rgb, bg, plo, phi, sigma)
+        density[lo:hi] = d[lo - plo:hi - plo]
+        pixels[lo:hi] = nucleus_pixels(d, mpp)[lo - plo:hi - plo]
+    nuclei = label_nuclei(pixels & stained, mpp)
+    return _ink_regions(codes, nuclei, mpp, size_filter=False)[0]
 
 
 # --------------------------------------------------------------------------- background
@@ -440,7 +466,7 @@ def _glass_seed(sub: np.ndarray) -> np.ndarray | None:
     peak = float(hist[bright].max()) if bright.any() else 0.0
     if peak <= 0:
         return None
-    ok = ((hist >= _GLASS_PEAK_SHARE * peak) & (grey >= 150.0) & (sat <= _GLASS_MAX_SAT)
+    ok = ((hist >= _GLASS_PEAK_SHARE * peak) & (grey >= _GLASS_MIN_GREY) & (sat <= _GLASS_MAX_SAT)
           & (np.abs(magenta) <= _GLASS_MAX_MAGENTA))
     if not ok.any():
         return None
@@ -542,16 +568,42 @@ def _fit_background(img: np.ndarray) -> _Background:
 
 # --------------------------------------------------------------------------- foreground
 
-def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap",
-                    workers: int | None = None) -> np.ndarray:
-    """Boolean foreground (cells / tissue) mask, same H x W as ``rgb``.
+@dataclass(frozen=True)
+class ForegroundResult:
+    """Everything the foreground stage decides on one image (all on the input grid).
 
-    ``mpp`` is the pixel size of ``rgb`` in um; every morphological size is in um and converted
-    with it. Works for slide thumbnails (~2-4 um/px) and native fields (0.07-0.5 um/px; these are
-    block-averaged to ~0.5 um/px first and the mask is expanded back). A pixel is foreground when
-    its optical density above the local background or its background-normalised saturation
-    passes the preset's threshold, it is not ink / a dark edge, and it belongs to an object of at
-    least ``min_object_um``.
+    ``nuclei``: (n, 2) row, col centres of the nuclei found (see :mod:`wsi_pipeline.nuclei`);
+    ``ink``: pixels removed as marker ink (the margin around a stroke not included);
+    ``ink_spared``: ink-coloured pixels kept because their region holds nuclei or texture (Pap
+    cytoplasm, not ink); ``nuclei_in_ink``: nuclei lying in an ink-coloured region that was
+    removed as ink (the cell around each is kept, but a user should know).
+    """
+
+    mask: np.ndarray
+    nuclei: np.ndarray
+    ink: np.ndarray
+    ink_spared: np.ndarray
+    nuclei_in_ink: int
+    stain: str
+
+    @property
+    def ink_share(self) -> float:
+        """Share of the foreground-or-ink area that was removed as ink."""
+        total = int(np.count_nonzero(self.mask | self.ink))
+        return float(np.count_nonzero(self.ink)) / total if total else 0.0
+
+
+def detect_foreground(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap",
+                      workers: int | None = None, *, pen_filter: bool = True) -> ForegroundResult:
+    """Foreground mask, nuclei and marker ink of an RGB image of pixel size ``mpp`` (um).
+
+    Every morphological size is in um and converted with ``mpp``. Works for slide thumbnails
+    (~2-4 um/px) and native fields (0.07-0.5 um/px; these are block-averaged to ~0.5 um/px first
+    and the mask is expanded back with edges redrawn at native resolution). A pixel is
+    foreground when its optical density above the local background or its background-normalised
+    saturation passes the preset's threshold, it is not ink / a dark edge, and it belongs to an
+    object of at least ``min_object_um``; a nucleus is always foreground. ``pen_filter=False``
+    keeps ink-coloured regions (an escape hatch for stains the ink rule misjudges).
 
     Large images are processed in row bands by ``workers`` threads (default: the CPU count, at
     most 4); bands carry enough context rows that the result equals the single-band one.
@@ -562,7 +614,8 @@ def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap
         raise ValueError(f"mpp must be a positive number, got {mpp!r}")
     H, W = rgb.shape[:2]
     if H == 0 or W == 0:
-        return np.zeros((H, W), dtype=bool)
+        empty = np.zeros((H, W), dtype=bool)
+        return ForegroundResult(empty, np.zeros((0, 2)), empty, empty, 0, preset.name)
     f = max(1, int(_FINEST_MPP / mpp))
     img = rgb if f == 1 else np.clip(_block_mean(rgb, f) + 0.5, 0, 255).astype(np.uint8)
     wmpp = float(mpp) * f
@@ -571,11 +624,40 @@ def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap
         workers = 1
     bg = _fit_background(img)
     with _pool(workers) as pool:
-        raw, artefact = _stained_and_artefacts(img, wmpp, preset, pool, bg)
-        fg = _clean_banded(raw & ~artefact, wmpp, preset, pool) & ~artefact
+        st = _stained_and_artefacts(img, wmpp, preset, pool, bg, pen_filter=pen_filter)
+        fg = _clean_banded(st.stained & ~st.artefact, wmpp, preset, pool) & ~st.artefact
+    nuc = st.nuclei
+    if len(nuc):
+        fg |= nuc.mask
+    in_ink = 0
+    if len(nuc) and st.ink.any():
+        lab, _ = ndi.label(st.ink | _near_nuclei(nuc, wmpp) & _dilate_local(st.ink, 1),
+                           structure=np.ones((3, 3), bool))
+        cy = np.clip(np.round(nuc.centres[:, 0]).astype(int), 0, img.shape[0] - 1)
+        cx = np.clip(np.round(nuc.centres[:, 1]).astype(int), 0, img.shape[1] - 1)
+        in_ink = int(np.count_nonzero(lab[cy, cx] > 0))
+    ink, spared = st.ink, st.ink_spared
     if f > 1:
         fg = _refine_edges(rgb, fg, f, bg, preset, float(mpp))
-    return fg
+        ink = _upsample(ink, f, H, W)
+        spared = _upsample(spared, f, H, W)
+    centres = (nuc.centres + 0.5) * f - 0.5 if f > 1 else nuc.centres
+    return ForegroundResult(fg, centres, ink, spared, in_ink, preset.name)
+
+
+def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap",
+                    workers: int | None = None, *, pen_filter: bool = True) -> np.ndarray:
+    """Boolean foreground (cells / tissue) mask, same H x W as ``rgb``; see :func:`detect_foreground`."""
+    return detect_foreground(rgb, mpp, stain, workers, pen_filter=pen_filter).mask
+
+
+def detect_nuclei(rgb: np.ndarray, mpp: float) -> np.ndarray:
+    """(n, 2) row, col centres of the nuclei in an RGB image of pixel size ``mpp`` (um)."""
+    return detect_foreground(rgb, mpp, "pap", pen_filter=False).nuclei
+
+
+def _upsample(mask: np.ndarray, f: int, H: int, W: int) -> np.ndarray:
+    return np.repeat(np.repeat(mask, f, axis=0), f, axis=1)[:H, :W]
 
 
 # Smoothing (um) of the native-resolution test that places the mask's edges (see _refine_edges).
@@ -633,11 +715,23 @@ def _pool(workers: int):
     return _Serial() if workers <= 1 else ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fgmask")
 
 
+@dataclass(frozen=True)
+class _PixelStage:
+    """What the per-pixel stage finds on the working image (see :func:`_stained_and_artefacts`)."""
+
+    stained: np.ndarray  # bool
+    artefact: np.ndarray  # bool: ink (with its margin), dark edges
+    nuclei: Nuclei
+    ink: np.ndarray  # bool: ink regions without the margin
+    ink_spared: np.ndarray  # bool: ink-coloured regions kept because they hold nuclei or texture
+
+
 def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, pool=None,
-                           bg: "_Background | None" = None):
-    """Band-wise per-pixel stage: (stained, artefact) bool masks of the working image.
+                           bg: "_Background | None" = None, pen_filter: bool = True) -> _PixelStage:
+    """Band-wise per-pixel stage: stained pixels, artefacts, nuclei and ink of the working image.
 
     Stained as :func:`_stain_test` decides, after 0.5 um of smoothing; bands run on ``pool``.
+    Ink is decided per region by :func:`_ink_regions` (colour, then shape and context).
     """
     h, w = img.shape[:2]
     bg = _fit_background(img) if bg is None else bg
@@ -645,6 +739,7 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     halo = _smoothing_halo(sigma)
     stained = np.empty((h, w), dtype=bool)
     codes = np.empty((h, w), dtype=np.uint8)
+    density = np.empty((h, w), dtype=np.float32)
     index = _code_index(bg.log_global)  # colour rules relative to the glass
     _lookup(np.zeros(1, dtype=np.int32))  # create the shared table before threads use it
 
@@ -653,18 +748,100 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         test = _stain_test(img[plo:phi], lambda c: bg.rows(plo, phi, c), preset, sigma)
         stained[lo:hi] = test[lo - plo:hi - plo]
         codes[lo:hi] = _codes(img[lo:hi], index)
+        density[lo:hi] = _nuclear_band(img, bg, plo, phi, sigma)[lo - plo:hi - plo]
 
     for _ in (pool or _Serial()).map(band_work, list(_bands(h, halo))):
         pass
+    pixels = np.empty((h, w), dtype=bool)
+    th = tophat_halo(mpp)
+
+    def nucleus_band(b) -> None:
+        lo, hi, plo, phi = b
+        pixels[lo:hi] = nucleus_pixels(density[plo:phi], mpp)[lo - plo:hi - plo]
+
+    for _ in (pool or _Serial()).map(nucleus_band, list(_bands(h, th))):
+        pass
+    nuclei = label_nuclei(pixels & stained, mpp)
     artefact = (codes & _DARK) != 0
     if artefact.any():  # the blurred grey fringe of a glass edge / border is not stain either
         artefact = _dilate_local(artefact, max(1, int(np.ceil(_DARK_MARGIN_UM / mpp))))
-    if preset.reject_pen:
-        pen = _pen_from_codes(codes, mpp)
-        if pen.any() and preset.pen_margin_um > 0:
-            pen = _grow(pen, preset.pen_margin_um / mpp)
-        artefact |= pen
-    return stained, artefact
+    ink = spared = np.zeros((h, w), dtype=bool)
+    if preset.reject_pen and pen_filter:
+        ink, spared = _ink_regions(codes, nuclei, mpp)
+        if ink.any():
+            grown = _grow(ink, preset.pen_margin_um / mpp) if preset.pen_margin_um > 0 else ink
+            artefact |= grown & ~_near_nuclei(nuclei, mpp)
+    if len(nuclei):  # a nucleus is never an artefact (a dark edge's margin can reach one)
+        artefact &= ~nuclei.mask
+    return _PixelStage(stained, artefact, nuclei, ink, spared)
+
+
+def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float) -> np.ndarray:
+    """min(OD red, OD green) above the glass on rows plo..phi, smoothed like the stain test."""
+    od = [bg.rows(plo, phi, c) - _LOG10_U8[img[plo:phi, ..., c]] for c in (0, 1)]
+    d = nuclear_density(od[0], od[1])
+    return ndi.gaussian_filter(d, sigma) if sigma >= 0.5 else d
+
+
+# Ink versus stain (see _ink_regions): an ink-coloured region is Pap cytoplasm, not ink, when
+# nuclei cover at least this share of it or it holds this many nuclei per mm^2. Measured (nuclei
+# sized at 0.5 um/px): blue-green Pap cell groups of the LBC fields 0.034-0.34 and 510-3700/mm^2;
+# marker strokes on glass < 0.001 and < 30/mm^2, strokes over H&E tissue 0.007-0.029, 130-730/mm^2.
+_INK_MAX_NUCLEUS_SHARE = 0.03
+_INK_MAX_NUCLEI_PER_MM2 = 600.0
+# Parts of a nucleated ink-coloured region farther than this (um) from any nucleus are ink when
+# they form a stroke-sized blob (see _ink_regions).
+_FAR_FROM_NUCLEI_UM = 15.0
+# Nothing within this distance (um) of a nucleus is ink: the cell around it stays.
+_CELL_RADIUS_UM = 8.0
+
+
+def _near_nuclei(nuclei: Nuclei, mpp: float) -> np.ndarray:
+    if not len(nuclei):
+        return np.zeros(nuclei.labels.shape, dtype=bool)
+    return _dilate_local(nuclei.mask, max(1, int(round(_CELL_RADIUS_UM / mpp))))
+
+
+def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float,
+                 size_filter: bool = True):
+    """(ink, spared): ink-coloured regions that are marker ink, and those that are not.
+
+    Colour alone cannot tell ink from Pap stain: Light Green SF colours cyanophilic cytoplasm
+    blue-green, the hue of green and blue markers. Marker ink lies on the coverslip as wide,
+    uniform strokes with no nuclei of its own; stained cells come with nuclei and texture. So a
+    region found by the colour rules (:func:`_pen_from_codes`) is ink only when nuclei cover
+    less than ``_INK_MAX_NUCLEUS_SHARE`` of it and it holds fewer than ``_INK_MAX_NUCLEI_PER_MM2``
+    nuclei.
+    Within an accepted stroke, the cell around any nucleus it crosses is still not ink.
+    """
+    cand = _pen_from_codes(codes, mpp if size_filter else None)
+    if not cand.any():
+        return cand, cand
+    lab, n = ndi.label(cand, structure=np.ones((3, 3), bool))
+    where = np.flatnonzero(cand)
+    labels = lab.ravel()[where]
+    area = np.bincount(labels, minlength=n + 1).astype(np.float64)
+    nuc_px = np.bincount(labels, weights=nuclei.mask.ravel()[where], minlength=n + 1)
+    if len(nuclei):
+        cy = np.clip(np.round(nuclei.centres[:, 0]).astype(int), 0, lab.shape[0] - 1)
+        cx = np.clip(np.round(nuclei.centres[:, 1]).astype(int), 0, lab.shape[1] - 1)
+        n_nuc = np.bincount(lab[cy, cx], minlength=n + 1)
+    else:
+        n_nuc = np.zeros(n + 1, np.int64)
+    area_mm2 = area * (float(mpp) ** 2) * 1e-6
+    is_ink = ((nuc_px < _INK_MAX_NUCLEUS_SHARE * area)
+              & (n_nuc < _INK_MAX_NUCLEI_PER_MM2 * np.maximum(area_mm2, 1e-12)))
+    is_ink[0] = False
+    region_ink = np.zeros(cand.shape, dtype=bool)
+    region_ink.ravel()[where] = is_ink[labels]
+    if len(nuclei) and not is_ink[1:].all():
+        # a stroke that crosses some tissue or cells: its parts far from every nucleus are
+        # still ink when they alone are as large as a stroke (Pap cytoplasm never is)
+        far = cand & ~region_ink & ~_dilate_local(nuclei.mask, max(1, int(round(_FAR_FROM_NUCLEI_UM / mpp))))
+        if far.any():
+            region_ink |= _remove_small(far, np.pi / 4.0 * (_PEN_MIN_UM / mpp) ** 2 if size_filter else 1.0)
+    ink = region_ink & ~_near_nuclei(nuclei, mpp)
+    return ink, cand & ~ink
 
 
 def _grow(mask: np.ndarray, radius: float) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""Nucleus evidence at low resolution: hematoxylin-dark blobs of plausible nuclear size.
+
+Used by the foreground stage for two decisions that must not depend on colour alone: marker ink
+is never called where nuclei are (a Pap cell group's blue-green cytoplasm has the hue of green or
+blue ink, its nuclei do not have the shape of a stroke), and a tile that holds a nucleus is kept
+whatever its foreground fraction. Works on the optical density (OD) above the glass, so it needs
+the glass estimate of :mod:`wsi_pipeline.foreground`; everything here is a pure function of OD
+arrays and a pixel size.
+
+The nuclear signal is ``min(OD_red, OD_green)``: hematoxylin (and the azure/methylene-blue
+nuclei of Romanowsky stains) absorbs red and green about equally, while the Pap counterstains
+each spare one of them (Light Green SF absorbs red and passes green, eosin and Orange G absorb
+green and blue and pass red). A nucleus is where that signal stands out from its surroundings by
+a white top-hat of ``TOPHAT_RADIUS_UM`` (so a uniform dark ink stroke or a dark glass edge, wider
+than any nucleus, gives nothing), is dark in absolute terms, and forms a blob between
+``NUCLEUS_MIN_UM`` and ``NUCLEUS_MAX_UM`` across.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = [
+    "NUCLEUS_MIN_UM", "NUCLEUS_MAX_UM", "TOPHAT_RADIUS_UM", "MIN_CONTRAST", "MIN_DENSITY",
+    "Nuclei", "nuclear_density", "tophat_halo", "nucleus_pixels", "label_nuclei", "count_in_boxes",
+]
+
+#: smallest and largest nucleus kept (diameter of the equivalent disc, um): a lymphocyte or bare
+#: nucleus is ~5 um, a squamous carcinoma or a Hurthle-cell nucleus reaches ~20 um
+NUCLEUS_MIN_UM = 3.5
+NUCLEUS_MAX_UM = 24.0
+#: radius (um) of the background estimate around a nucleus (the top-hat's opening)
+TOPHAT_RADIUS_UM = 11.0
+#: OD by which a nucleus exceeds its surroundings, and its smallest absolute OD (min of R, G);
+#: set on the Pap LBC fields (NILM/LSIL nuclei 0.3-0.6, pale cytoplasm < 0.15)
+MIN_CONTRAST = 0.12
+MIN_DENSITY = 0.25
+
+
+@dataclass(frozen=True)
+class Nuclei:
+    """Nuclei found on one image: label image, centres (row, col in px) and areas (px)."""
+
+    labels: np.ndarray  # int32, 0 = none
+    centres: np.ndarray  # (n, 2) float64 row, col
+    areas: np.ndarray  # (n,) int64 px
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.labels > 0
+
+    def __len__(self) -> int:
+        return len(self.centres)
+
+
+def nuclear_density(od_red: np.ndarray, od_green: np.ndarray) -> np.ndarray:
+    """The nuclear signal ``min(OD_red, OD_green)`` (float32)."""
+    return np.minimum(od_red, od_green).astype(np.float32, copy=False)
+
+
+def _opening_size(mpp: float) -> int:
+    return 2 * int(np.ceil(TOPHAT_RADIUS_UM / mpp)) + 1
+
+
+def tophat_halo(mpp: float) -> int:
+    """Context rows a band needs so that :func:`nucleus_pixels` is exact in it."""
+    return _opening_size(mpp)
+
+
+def nucleus_pixels(density: np.ndarray, mpp: float) -> np.ndarray:
+    """Pixels that are darker than their surroundings the way nuclei are (before the size test)."""
+    size = _opening_size(mpp)
+    background = ndi.grey_opening(density, size=(size, size), mode="nearest")
+    return (density - background >= MIN_CONTRAST) & (density >= MIN_DENSITY)
+
+
+def label_nuclei(pixels: np.ndarray, mpp: float) -> Nuclei:
+    """Blobs of nucleus pixels within the plausible size range, labelled 1..n."""
+    lab, n = ndi.label(pixels, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return Nuclei(lab.astype(np.int32), np.zeros((0, 2)), np.zeros(0, np.int64))
+    area = np.bincount(lab.ravel(), minlength=n + 1)
+    px_um2 = float(mpp) ** 2
+    lo = np.pi / 4.0 * NUCLEUS_MIN_UM ** 2 / px_um2
+    hi = np.pi / 4.0 * NUCLEUS_MAX_UM ** 2 / px_um2
+    ok = (area >= max(lo, 1.0)) & (area <= hi)
+    ok[0] = False
+    new = np.zeros(n + 1, np.int32)
+    new[ok] = np.arange(1, int(ok.sum()) + 1, dtype=np.int32)
+    labels = new[lab]
+    k = int(ok.sum())
+    if k == 0:
+        return Nuclei(labels, np.zeros((0, 2)), np.zeros(0, np.int64))
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    cnt = np.bincount(ids, minlength=k + 1)[1:]
+    cy = np.bincount(ids, weights=ys, minlength=k + 1)[1:] / cnt
+    cx = np.bincount(ids, weights=xs, minlength=k + 1)[1:] / cnt
+    return Nuclei(labels, np.stack([cy, cx], axis=1), cnt.astype(np.int64))
+
+
+def count_in_boxes(centres: np.ndarray, downsample: float, boxes: np.ndarray) -> np.ndarray:
+    """How many nucleus centres (row, col on a grid of ``downsample`` level-0 px) lie in each
+    level-0 box ``(x, y, w, h)``; int32, one per box."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    out = np.zeros(len(boxes), np.int32)
+    if len(centres) == 0 or len(boxes) == 0:
+        return out
+    pts = (np.asarray(centres, dtype=np.float64) + 0.5) * float(downsample)  # level-0 (y, x)
+    order = np.argsort(pts[:, 1], kind="stable")
+    xs, ys = pts[order, 1], pts[order, 0]
+    lo = np.searchsorted(xs, boxes[:, 0], side="left")
+    hi = np.searchsorted(xs, boxes[:, 0] + boxes[:, 2], side="left")
+    for i in np.flatnonzero(hi > lo):
+        y = ys[lo[i]:hi[i]]
+        out[i] = int(np.count_nonzero((y >= boxes[i, 1]) & (y < boxes[i, 1] + boxes[i, 3])))
+    return out
