@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DistillError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugConfig", "PatchSet", "augment", "balanced_epoch_indices",
+           "group_keys", "load_imagefolder", "load_tilestore", "read_exclude", "scan_imagefolder",
+           "stratified_split", "to_input"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,6 +38,7 @@ class PatchSet:
     class_names: list[str]
     fingerprint: str
     source: str
+    paths: list[str] | None = None  # class/file of each image (ImageFolder only)
 
 
 def read_exclude(path: str | Path | None) -> set[str]:
@@ -96,12 +102,23 @@ def _load_resized(path: Path, size: int) -> np.ndarray:
 
 
 def load_imagefolder(
-    root: str | Path, size: int, exclude: str | Path | None = None, cache_dir: str | Path | None = None
+    root: str | Path, size: int, exclude: str | Path | None = None, cache_dir: str | Path | None = None,
+    class_names: list[str] | None = None,
 ) -> PatchSet:
     """Decode an ImageFolder tree at ``size`` px. With ``cache_dir`` the decoded array is cached
-    as ``.npy`` keyed by the data fingerprint and size."""
+    as ``.npy`` keyed by the data fingerprint and size.
+
+    With ``class_names`` (e.g. a checkpoint's classes) the folder may hold any subset of them,
+    matched by name and checked before any image is decoded; labels then index ``class_names``.
+    """
     root = Path(root)
     rels, labels, classes = scan_imagefolder(root, read_exclude(exclude))
+    if class_names is not None:
+        unknown = [c for c in classes if c not in class_names]
+        if unknown:
+            raise DistillError(f"{root}: class folders {unknown} are not among the model's classes {list(class_names)}")
+        labels = [class_names.index(classes[i]) for i in labels]
+        classes = list(class_names)
     entries = [f"{r}:{(root / r).stat().st_size}" for r in rels]
     fp = fingerprint(entries)
     cache = Path(cache_dir) / f"imgs-{fp[:16]}-{size}.npy" if cache_dir else None
@@ -114,7 +131,7 @@ def load_imagefolder(
             tmp = cache.with_suffix(".tmp.npy")
             np.save(tmp, arr)
             tmp.replace(cache)
-    return PatchSet(torch.from_numpy(arr), torch.tensor(labels, dtype=torch.int64), classes, fp, str(root))
+    return PatchSet(torch.from_numpy(arr), torch.tensor(labels, dtype=torch.int64), classes, fp, str(root), rels)
 
 
 def load_tilestore(
@@ -166,9 +183,34 @@ def load_tilestore(
     return PatchSet(images, labels, list(classes), fp, str(store))
 
 
-def stratified_split(labels: torch.Tensor, val_frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_keys(paths: list[str], pattern: str | None) -> list[str] | None:
+    """One group key per ``class/file`` path: the regex's first capture group (or whole match)
+    searched in the path; a path it does not match is its own group. ``None`` without a pattern.
+
+    E.g. ``(.+?)_rot\\d+`` puts ``a/cell7_rot90.png`` and ``a/cell7_rot180.png`` in group ``a/cell7``.
+    """
+    if not pattern:
+        return None
+    rx = re.compile(pattern)
+    out = []
+    for p in paths:
+        m = rx.search(p)
+        out.append(("g:" + (m.group(1) if rx.groups else m.group(0))) if m else "p:" + p)
+    return out
+
+
+def stratified_split(labels: torch.Tensor, val_frac: float, seed: int,
+                     groups: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic stratified (train, val) index split: per class, a seeded permutation and
-    the first ``round(val_frac * n_c)`` (at least 1 when the class has 2+) go to val."""
+    the first ``round(val_frac * n_c)`` (at least 1 when the class has 2+) go to val.
+
+    With ``groups`` (one key per image, :func:`group_keys`) whole groups are split instead, so
+    copies of one cell (rotations, augmentations) never sit on both sides: per class (of a
+    group's first image) a seeded permutation of its groups, and groups go to val until it holds
+    ``round(val_frac * n_c)`` images (at least one group when the class has 2+ groups).
+    """
+    if groups is not None:
+        return _grouped_split(labels, val_frac, seed, groups)
     g = torch.Generator().manual_seed(int(seed))
     train, val = [], []
     for c in torch.unique(labels).tolist():
@@ -180,6 +222,35 @@ def stratified_split(labels: torch.Tensor, val_frac: float, seed: int) -> tuple[
         val.append(idx[:k])
         train.append(idx[k:])
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
+
+
+def _grouped_split(labels: torch.Tensor, val_frac: float, seed: int,
+                   groups: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(groups) != len(labels):
+        raise DistillError(f"{len(groups)} group keys for {len(labels)} images")
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    by_class: dict[int, list[str]] = {}
+    for key in sorted(members):
+        by_class.setdefault(int(labels[members[key][0]]), []).append(key)
+    g = torch.Generator().manual_seed(int(seed))
+    train, val = [], []
+    for c in sorted(by_class):
+        keys = by_class[c]
+        keys = [keys[i] for i in torch.randperm(len(keys), generator=g).tolist()]
+        n_c = sum(len(members[k]) for k in keys)
+        want = int(round(val_frac * n_c))
+        if val_frac > 0 and len(keys) >= 2:
+            want = max(want, 1)
+        taken = 0
+        for j, k in enumerate(keys):
+            if taken < want and j < len(keys) - 1:
+                val.extend(members[k])
+                taken += len(members[k])
+            else:
+                train.extend(members[k])
+    return torch.sort(torch.tensor(train, dtype=torch.int64)).values, torch.sort(torch.tensor(val, dtype=torch.int64)).values
 
 
 @dataclass

@@ -13,10 +13,17 @@ from typing import Any
 import torch
 
 
+from .config import TrainConfig
 from .errors import DistillError
-from .export import load_model_file, sha256_file
+from .export import load_model_file, read_metadata, sha256_file
+from .metrics import accuracy, predict
 from .models import count_params
-from .train import TrainConfig, load_patches, predict, stratified_split
+from .preflight import check_data
+from .runtime import resolve_runtime
+from .train import load_patches, split_of
+
+__all__ = ["classification_report", "evaluate_models", "flops_per_image", "interleaved_throughput",
+           "precision_agreement"]
 
 
 def flops_per_image(model: torch.nn.Module, img_size: int) -> int:
@@ -52,26 +59,20 @@ def interleaved_throughput(models: dict[str, torch.nn.Module], img_size: int, de
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
-    k = len(class_names)
-    pred = logits.argmax(-1)
-    cm = torch.zeros(k, k, dtype=torch.int64)
-    cm.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    per = {}
-    recalls = []
-    for c, name in enumerate(class_names):
-        tp = int(cm[c, c])
-        support = int(cm[c].sum())
-        predicted = int(cm[:, c].sum())
-        prec = tp / predicted if predicted else 0.0
-        rec = tp / support if support else 0.0
-        if support:
-            recalls.append(rec)
-        per[name] = {"precision": round(prec, 5), "recall": round(rec, 5), "support": support}
+    """Top-1, balanced accuracy, per-class precision / recall and the confusion matrix
+    (:func:`distill.metrics.accuracy`)."""
+    return accuracy(logits, labels, class_names)
+
+
+def precision_agreement(fp32: torch.Tensor, bf16: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """How far bf16 inference is from fp32 on the same images: top-1 of each, the share of
+    equal predictions and the largest softmax difference."""
+    p32, p16 = fp32.softmax(-1), bf16.softmax(-1)
     return {
-        "top1": round(float((pred == labels).float().mean()), 5),
-        "balanced_accuracy": round(sum(recalls) / max(1, len(recalls)), 5),
-        "per_class": per,
-        "confusion_matrix": {"rows_true_cols_pred": cm.tolist(), "class_names": class_names},
+        "top1_fp32": round(float((fp32.argmax(-1) == labels).float().mean()), 5),
+        "top1_bf16": round(float((bf16.argmax(-1) == labels).float().mean()), 5),
+        "same_prediction": round(float((fp32.argmax(-1) == bf16.argmax(-1)).float().mean()), 5),
+        "max_prob_diff": round(float((p32 - p16).abs().max()), 5) if len(labels) else 0.0,
     }
 
 
@@ -101,40 +102,47 @@ def save_confusion_png(cm: list[list[int]], class_names: list[str], path: Path, 
 
 def evaluate_models(checkpoints: list[str], cfg: TrainConfig, out_dir: str | Path, split: str = "val",
                     bench_batches: int = 10) -> list[dict[str, Any]]:
-    """One report per checkpoint (``<out>/<name>.json`` + ``<name>_confusion.png``)."""
+    """One report per checkpoint (``<out>/<name>.json`` + ``<name>_confusion.png``).
+
+    The data may hold any subset of a checkpoint's classes (matched by folder name, e.g. a model
+    with an extra ``background`` class scored on cell folders only); class names are checked
+    before any image is decoded. Each model is scored in fp32 and bf16 (``precision_check``);
+    ``top1`` is that of the precision ``cfg.bf16`` resolves to on this machine.
+    """
+    rt = resolve_runtime(cfg.device, cfg.bf16)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
     out_dir = Path(out_dir)
+    metas = [(c, read_metadata(c)) for c in checkpoints]
+    plan = check_data(cfg)
+    for c, m in metas:
+        unknown = [n for n in plan.class_names if n not in m["class_names"]]
+        if unknown:
+            raise DistillError(f"{c}: the data's classes {unknown} are not among the checkpoint's classes "
+                               f"{m['class_names']}")
+        fp = m["provenance"].get("data_fingerprint")
+        if split == "val" and plan.fingerprint is not None and fp not in (None, plan.fingerprint):
+            raise DistillError(f"{c}: trained on other data (fingerprint differs), so its validation split is not "
+                               f"defined here; score every image with --split all")
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = [(c, *load_model_file(c)) for c in checkpoints]
-    sizes = {m["input_size"] for _, _, m in loaded}
-    names = {json.dumps(m["class_names"]) for _, _, m in loaded}
-    if len(names) != 1:
-        raise DistillError("the checkpoints have different class names; evaluate them separately")
-    class_names = loaded[0][2]["class_names"]
-    data_cache: dict[int, Any] = {}
+    loaded = [(c, load_model_file(c)[0], m) for c, m in metas]
+    data_cache: dict[tuple, Any] = {}
     reports = []
     for path, model, meta in loaded:
-        size = meta["input_size"]
-        if size not in data_cache:
+        size, class_names = meta["input_size"], list(meta["class_names"])
+        key = (size, tuple(class_names))
+        if key not in data_cache:
             ps = load_patches(cfg, size, class_names)
-            if ps.class_names != class_names:
-                raise DistillError(f"data classes {ps.class_names} != checkpoint classes {class_names}")
-            if split == "val":
-                _, idx = stratified_split(ps.labels, cfg.val_frac, cfg.split_seed)
-            else:
-                idx = torch.arange(len(ps.labels))
-            data_cache[size] = (ps, idx)
-        ps, idx = data_cache[size]
-        prov = meta["provenance"]
-        if split == "val" and prov.get("data_fingerprint") not in (None, ps.fingerprint):
-            raise DistillError(f"{path}: trained on other data (fingerprint differs); its 'val' split is not defined here")
+            idx = split_of(ps, cfg)[1] if split == "val" else torch.arange(len(ps.labels))
+            data_cache[key] = (ps, idx)
+        ps, idx = data_cache[key]
         norm = meta["normalization"]
-        model.to(device)
-        logits = predict(model, ps.images[idx], device, cfg.bf16, norm["mean"], norm["std"])
-        rep = classification_report(logits, ps.labels[idx], class_names)
+        model.to(rt.device)
+        images, labels = ps.images[idx], ps.labels[idx]
+        l32 = predict(model, images, rt.device, False, norm["mean"], norm["std"])
+        l16 = predict(model, images, rt.device, True, norm["mean"], norm["std"])
+        rep = classification_report(l16 if rt.bf16 else l32, labels, class_names)
+        prov = meta["provenance"]
         name = Path(path).parent.name if Path(path).name == "model.safetensors" else Path(path).stem
         report = {
             "checkpoint": str(path),
@@ -143,10 +151,13 @@ def evaluate_models(checkpoints: list[str], cfg: TrainConfig, out_dir: str | Pat
             "mode": prov.get("mode"),
             "split": split,
             "n_images": int(len(idx)),
+            "data_classes": plan.class_names,
             **rep,
+            "precision": rt.reason,
+            "precision_check": precision_agreement(l32, l16, labels),
             "params": count_params(model),
             "gflops": round(flops_per_image(model.float().cpu(), size) / 1e9, 4),
-            "throughput": {"unit": "images/s", "batch": 64, "device": str(device), "interleaved_with": len(loaded),
+            "throughput": {"unit": "images/s", "batch": 64, "device": str(rt.device), "interleaved_with": len(loaded),
                            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
             "architecture": meta["architecture"],
         }
@@ -154,10 +165,11 @@ def evaluate_models(checkpoints: list[str], cfg: TrainConfig, out_dir: str | Pat
         save_confusion_png(rep["confusion_matrix"]["rows_true_cols_pred"], class_names,
                            out_dir / f"{name}_confusion.png", f"{name}: top-1 {rep['top1']:.4f}")
         reports.append(report)
-    for size in sizes:  # all models of one input size are timed together, interleaved
-        group = {r["checkpoint"]: m for (c, m, meta), r in zip(loaded, reports) if meta["input_size"] == size}
+    for size in {m["input_size"] for _, _, m in loaded}:  # models of one input size are timed together
+        group = {r["checkpoint"]: m.to(rt.device) for (c, m, meta), r in zip(loaded, reports)
+                 if meta["input_size"] == size}
         for prec in ("fp32", "bf16"):
-            tp = interleaved_throughput(group, size, device, prec == "bf16", batches=bench_batches)
+            tp = interleaved_throughput(group, size, rt.device, prec == "bf16", batches=bench_batches)
             for r in reports:
                 if r["checkpoint"] in tp:
                     r["throughput"][prec] = round(tp[r["checkpoint"]], 1)

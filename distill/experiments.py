@@ -43,9 +43,10 @@ def cli() -> None:
 @click.option("--set", "sets", multiple=True, help="Extra overrides for every run.")
 def grid(config, runs_dir, seeds, variants, sets):
     """Train every variant for every seed (seed-major order, so partial grids cover all variants)."""
-    from .cli import _build_cfg
+    from .cli import _build_cfg, _setup_logging
     from .train import run_training
 
+    _setup_logging(quiet=False)
     try:
         for seed in [int(s) for s in seeds.split(",")]:
             for v in variants.split(","):

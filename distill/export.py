@@ -20,6 +20,9 @@ from . import __version__
 from .errors import DistillError
 from .models import build_vit
 
+__all__ = ["FORMAT", "FORMAT_VERSION", "REQUIRED", "build_metadata", "export", "extra_metadata", "load_model_file",
+           "read_metadata", "sha256_file", "write_checkpoint"]
+
 FORMAT = "wsi-triage-student"
 FORMAT_VERSION = 1
 JSON_KEYS = ("architecture", "class_names", "suspicious_classes", "normalization", "provenance")
@@ -164,28 +167,49 @@ def load_model_file(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     return model, meta
 
 
+def extra_metadata(path: str | Path) -> dict[str, str]:
+    """Metadata keys beyond the contract's required ones (e.g. ``stain``), as stored."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    return {k: v for k, v in raw.items() if k not in REQUIRED}
+
+
 def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list[str] | None = None,
-           metrics: dict[str, Any] | None = None, stain: str | None = None) -> str:
+           metrics: dict[str, Any] | None = None, stain: str | None = None, tile_size: int | None = None,
+           tile_mpp: float | None = None) -> str:
     """Re-write a trained model file (a run's ``model.safetensors`` or a run folder) for
-    deployment: optional fp16 weights, optional new suspicious classes and metrics, and the
-    optional ``stain`` preset the pipeline should tile with (kept from the source when not
-    given). Returns sha256."""
+    deployment, without retraining: optional fp16 weights and new export settings (suspicious
+    classes, tile size / mpp, the ``stain`` preset the pipeline tiles with, metrics). Settings
+    not given, and any extra metadata key, are kept from the source. Returns sha256."""
     src = Path(src)
     if src.is_dir():
         src = src / "model.safetensors"
     model, meta = load_model_file(src)
+    if tile_size is not None and tile_size < 16:
+        raise DistillError(f"tile_size {tile_size}: too small (px of a slide tile at tile_mpp)")
+    if tile_mpp is not None and not 0.01 <= tile_mpp <= 100:
+        raise DistillError(f"tile_mpp {tile_mpp}: not a pixel size in um/px (0.01 - 100)")
+    if stain is not None and stain not in ("pap", "romanowsky", "he"):
+        raise DistillError(f"stain {stain!r}: choose one of pap, romanowsky, he")
     prov = dict(meta["provenance"])
     if metrics is not None:
         prov["metrics"] = metrics
     prov["exported_from_sha256"] = sha256_file(src)
     prov["weights_dtype"] = "float16" if fp16 else "float32"
-    md = build_metadata(
+    changed = {k: v for k, v in (("suspicious_classes", suspicious), ("tile_size", tile_size),
+                                 ("tile_mpp", tile_mpp), ("stain", stain)) if v is not None}
+    if changed:
+        prov["export_overrides"] = changed
+    md = extra_metadata(src)
+    md.update(build_metadata(
         meta["architecture"], meta["class_names"],
         meta["suspicious_classes"] if suspicious is None else suspicious,
         meta["normalization"]["mean"], meta["normalization"]["std"],
-        meta["input_size"], meta["tile_size"], meta["tile_mpp"], prov,
-    )
-    stain = stain or meta.get("stain")
+        meta["input_size"], meta["tile_size"] if tile_size is None else tile_size,
+        meta["tile_mpp"] if tile_mpp is None else tile_mpp, prov,
+    ))
     if stain:
         md["stain"] = str(stain)
     return write_checkpoint(out, model.state_dict(), md, fp16=fp16)

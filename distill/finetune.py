@@ -5,41 +5,49 @@ tiles it never saw (red cells only, cut-off cells, blur, debris) and gives them 
 answers. Fine-tuning on a mix of the original images and labelled grid tiles with an extra
 ``background`` class teaches it to say "nothing here".
 
-    python -m distill.finetune --init CKPT --data ROOT [--data ROOT2] --exclude configs/pbc_heldout.txt \\
+    wsi-distill finetune --init CKPT --data ROOT [--data ROOT2] --exclude configs/pbc_heldout.txt \\
         --add-class background --epochs N --out DIR [--eval-data ROOT3] [--export-fp16 FILE]
 
-Every ``--data`` root (ImageFolder) is split into train / validation with distill's stratified
-split (``split_seed``, ``val_frac``), so for the student's own training set the validation images
-are exactly those it was validated on. ``--eval-data`` roots are scored whole (never trained on).
-The new head rows are initialised to zero weight and a bias below every old class, so at step 0
-the old classes keep their logits and the argmax is unchanged. Writes ``DIR/model.safetensors``
-(contract checkpoint; extra metadata keys of the init checkpoint such as ``stain`` are kept),
-``DIR/metrics.json`` and ``DIR/log.jsonl``.
+(``python -m distill.finetune`` takes the same options.) Every ``--data`` root (ImageFolder) is
+split into train / validation with distill's split (``split_seed``, ``val_frac``,
+``group_pattern``), so for the student's own training set the validation images are exactly
+those it was validated on. ``--eval-data`` roots are scored whole (never trained on). The new
+head rows start at zero weight and a bias below every old class, so at step 0 the old classes
+keep their logits and the argmax is unchanged. Training runs on distill's one loop
+(:func:`distill.loop.fit`: resumable, ``DIR/metrics.jsonl``). Writes ``DIR/model.safetensors``
+(contract checkpoint; extra metadata keys of the init checkpoint such as ``stain`` are kept) and
+``DIR/metrics.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
-import time
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from .data import AugConfig, augment, load_imagefolder, read_exclude, stratified_split
+from .data import AugConfig, load_imagefolder, read_exclude, scan_imagefolder
 from .errors import DistillError
-from .export import REQUIRED, build_metadata, load_model_file, sha256_file, write_checkpoint
-from .train import lr_at, predict
+from .export import build_metadata, extra_metadata, load_model_file, sha256_file, write_checkpoint
+from .loop import LoopSettings, Progress, fit
+from .metrics import accuracy, predict
+from .preflight import split_record
+from .runtime import resolve_runtime
+from .train import split_of
+
+__all__ = ["FinetuneConfig", "export_fp16", "extend_head", "extra_metadata", "freeze", "run_finetune", "scores"]
+
+log = logging.getLogger("distill")
 
 SUSPICION_THRESHOLD = 0.5
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     init: str
     data: list[str]
@@ -61,8 +69,10 @@ class FinetuneConfig:
     freeze_blocks: int = 1  # -1: train all; 0: freeze patch embedding; n: also the first n blocks
     val_frac: float = 0.15
     split_seed: int = 0
+    group_pattern: str | None = None
     seed: int = 0
-    bf16: bool = True
+    bf16: bool | Literal["auto"] = "auto"
+    device: str = "auto"
     threads: int | None = 2
     cache_dir: str | None = "runs/cache"
     aug: AugConfig = field(default_factory=AugConfig)
@@ -96,202 +106,176 @@ def freeze(model: torch.nn.Module, n_blocks: int) -> None:
             p.requires_grad_(False)
 
 
-def _load_root(root: str, size: int, exclude: str | None, cache_dir: str | None, class_names: list[str]):
-    ps = load_imagefolder(root, size, exclude, cache_dir)
-    unknown = [c for c in ps.class_names if c not in class_names]
-    if unknown:
-        raise DistillError(f"{root}: classes {unknown} are not in the model's classes {class_names}; "
-                           f"add them with --add-class")
-    remap = torch.tensor([class_names.index(c) for c in ps.class_names])
-    return ps, remap[ps.labels]
-
-
 def scores(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], suspicious: list[str],
            model_classes: list[str] | None = None) -> dict[str, Any]:
     """Top-1, balanced accuracy, per-class recall and suspicion hit / false-alarm rates.
 
-    ``labels`` index ``class_names``; ``logits`` columns are ``model_classes`` (default the same).
-    Images of a class the model does not have count as wrong in ``top1`` and are left out of
-    ``top1_known``."""
+    ``labels`` index ``class_names``; ``logits`` columns are ``model_classes`` (default the same,
+    a subset of ``class_names``). Images of a class the model does not have count as wrong in
+    ``top1`` and are left out of ``top1_known``."""
     model_classes = model_classes or class_names
+    full = torch.full((len(logits), len(class_names)), float("-inf"))
+    full[:, [class_names.index(c) for c in model_classes]] = logits.float()
+    acc = accuracy(full, labels, class_names)
+    ok = full.argmax(-1) == labels
+    known = torch.tensor([class_names[i] in model_classes for i in labels.tolist()], dtype=torch.bool)
     prob = logits.softmax(-1)
-    pred_names = [model_classes[i] for i in prob.argmax(-1).tolist()]
-    true_names = [class_names[i] for i in labels.tolist()]
     sus_idx = [model_classes.index(c) for c in suspicious if c in model_classes]
     sus = prob[:, sus_idx].sum(-1) if sus_idx else torch.zeros(len(prob))
-    ok = torch.tensor([p == t for p, t in zip(pred_names, true_names)], dtype=torch.bool)
-    known = torch.tensor([t in model_classes for t in true_names], dtype=torch.bool)
-    is_sus = torch.tensor([t in suspicious for t in true_names], dtype=torch.bool)
-    recall = {}
-    for c in class_names:
-        m = torch.tensor([t == c for t in true_names], dtype=torch.bool)
-        if m.any():
-            recall[c] = round(ok[m].float().mean().item(), 4)
+    is_sus = torch.tensor([class_names[i] in suspicious for i in labels.tolist()], dtype=torch.bool)
     out = {
         "n": len(labels),
-        "top1": round(ok.float().mean().item(), 5),
+        "top1": acc["top1"],
         "top1_known": round(ok[known].float().mean().item(), 5) if known.any() else None,
-        "balanced_acc": round(sum(recall.values()) / max(len(recall), 1), 5),
-        "recall": recall,
+        "balanced_acc": acc["balanced_accuracy"],
+        "recall": {c: round(v["recall"], 4) for c, v in acc["per_class"].items() if v["support"]},
     }
     if is_sus.any():
         out["suspicious_hit_rate"] = round((sus[is_sus] >= SUSPICION_THRESHOLD).float().mean().item(), 4)
     if (~is_sus).any():
         out["false_suspicious_rate"] = round((sus[~is_sus] >= SUSPICION_THRESHOLD).float().mean().item(), 4)
-    if "background" in true_names:
-        bg = torch.tensor([t == "background" for t in true_names], dtype=torch.bool)
-        out["background_false_suspicious_rate"] = round((sus[bg] >= SUSPICION_THRESHOLD).float().mean().item(), 4)
-        out["background_mean_suspicion"] = round(sus[bg].mean().item(), 4)
+    if "background" in class_names:
+        bg = labels == class_names.index("background")
+        if bg.any():
+            out["background_false_suspicious_rate"] = round((sus[bg] >= SUSPICION_THRESHOLD).float().mean().item(), 4)
+            out["background_mean_suspicion"] = round(sus[bg].mean().item(), 4)
     return out
 
 
-def _param_groups(model: torch.nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        head = name.startswith("head.")
-        decay = p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
-        groups.setdefault((head, decay), []).append(p)
-    return [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
-             "lr_mult": cfg.head_lr_mult if head else 1.0} for (head, decay), ps in groups.items()]
-
-
-def run_finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
-    """Fine-tune ``cfg.init`` on ``cfg.data``; returns the metrics (also in ``DIR/metrics.json``)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def _check(cfg: FinetuneConfig, class_names: list[str]) -> None:
+    """Every check that needs no decoded image: roots exist, their classes are known, mix fits."""
     if not cfg.data:
         raise DistillError("no training data: give at least one --data ImageFolder root")
     if cfg.mix is not None and len(cfg.mix) != len(cfg.data):
         raise DistillError(f"--mix has {len(cfg.mix)} shares for {len(cfg.data)} --data roots")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    read_exclude(cfg.exclude)  # fail early on a missing list
+    excl = read_exclude(cfg.exclude)
+    for root in list(cfg.data) + list(cfg.eval_data):
+        _, _, classes = scan_imagefolder(root, excl if root in cfg.data else None)
+        unknown = [c for c in classes if c not in class_names]
+        if unknown:
+            raise DistillError(f"{root}: classes {unknown} are not in the model's classes {class_names}; "
+                               f"add them with --add-class")
 
+
+def run_finetune(cfg: FinetuneConfig, resume: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Fine-tune ``cfg.init`` on ``cfg.data``; returns the metrics (also in ``DIR/metrics.json``)."""
     init_model, meta = load_model_file(cfg.init)
-    init_sha = sha256_file(cfg.init)
     old_classes = list(meta["class_names"])
     dup = [c for c in cfg.add_class if c in old_classes]
     if dup:
         raise DistillError(f"--add-class {dup}: already among the checkpoint's classes")
     class_names = old_classes + list(cfg.add_class)
+    _check(cfg, class_names)
+    rt = resolve_runtime(cfg.device, cfg.bf16)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    init_sha = sha256_file(cfg.init)
     suspicious = list(meta["suspicious_classes"])
-    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    mean, std = tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"])
     size = meta["input_size"]
 
     # Data: every root split like distill (same split for the student's own training set).
     train_x, train_y, train_src, val_sets, data_prov = [], [], [], [], []
     for si, root in enumerate(cfg.data):
-        ps, labels = _load_root(root, size, cfg.exclude, cfg.cache_dir, class_names)
-        tr, va = stratified_split(ps.labels, cfg.val_frac, cfg.split_seed)
+        ps = load_imagefolder(root, size, cfg.exclude, cfg.cache_dir, class_names)
+        tr, va = split_of(ps, cfg)
         train_x.append(ps.images[tr])
-        train_y.append(labels[tr])
+        train_y.append(ps.labels[tr])
         train_src.append(torch.full((len(tr),), si))
-        val_sets.append((root, ps.images[va], labels[va]))
-        data_prov.append({"root": root, "fingerprint": ps.fingerprint, "n": len(labels), "n_train": len(tr),
-                          "n_val": len(va), "classes": ps.class_names})
-        log(f"data {root}: {len(tr)} train / {len(va)} val, classes {ps.class_names}")
+        val_sets.append((root, ps.images[va], ps.labels[va]))
+        present = sorted({class_names[i] for i in ps.labels.tolist()}, key=class_names.index)
+        data_prov.append({"root": root, "fingerprint": ps.fingerprint, "n": len(ps.labels), "n_train": len(tr),
+                          "n_val": len(va), "classes": present})
+        log.info("data %s: %d train / %d val, classes %s", root, len(tr), len(va), present)
     eval_sets = []
     for root in cfg.eval_data:
-        ps, labels = _load_root(root, size, None, None, class_names)
-        eval_sets.append((root, ps.images, labels))
-        data_prov.append({"root": root, "fingerprint": ps.fingerprint, "n": len(labels), "role": "eval"})
-    X = torch.cat(train_x)
-    Y = torch.cat(train_y)
-    S = torch.cat(train_src)
+        ps = load_imagefolder(root, size, None, None, class_names)
+        eval_sets.append((root, ps.images, ps.labels))
+        data_prov.append({"root": root, "fingerprint": ps.fingerprint, "n": len(ps.labels), "role": "eval"})
+    X, Y, S = torch.cat(train_x), torch.cat(train_y), torch.cat(train_src)
     del train_x, train_y
 
     def evaluate(model, cls) -> dict[str, Any]:
         res = {}
         for tag, sets in (("val", val_sets), ("eval", eval_sets)):
             for root, imgs, labels in sets:
-                logits = predict(model, imgs, torch.device("cpu"), cfg.bf16, mean, std, batch=128)
+                logits = predict(model, imgs, rt.device, rt.bf16, mean, std, batch=128)
                 res[f"{tag}:{root}"] = scores(logits, labels, class_names, suspicious, cls)
         return res
 
-    log("scoring the init checkpoint ...")
+    log.info("scoring the init checkpoint ...")
+    init_model.to(rt.device)
     before = evaluate(init_model, old_classes)
     for k, v in before.items():
-        log(f"  init {k}: top1 {v['top1']} (known classes {v['top1_known']}), "
-            f"false suspicious {v.get('false_suspicious_rate')}")
+        log.info("  init %s: top1 %s (known classes %s), false suspicious %s", k, v["top1"], v["top1_known"],
+                 v.get("false_suspicious_rate"))
 
-    model = extend_head(init_model, len(cfg.add_class))
+    model = extend_head(init_model, len(cfg.add_class)).to(rt.device)
     freeze(model, cfg.freeze_blocks)
-    model.train()
-    groups = _param_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = max(1, cfg.samples_per_epoch // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
     shares = torch.tensor(cfg.mix if cfg.mix is not None else [1.0] * len(cfg.data), dtype=torch.float64)
     shares = shares / shares.sum()
-    step = 0
-    history = []
-    (out / "log.jsonl").write_text("")
-    for epoch in range(cfg.epochs):
+
+    def epoch_order(epoch: int, g: torch.Generator) -> torch.Tensor:
         idx = []
         for si in range(len(cfg.data)):
             pool = torch.nonzero(S == si).flatten()
             n = int(round(shares[si].item() * steps_per_epoch * cfg.batch_size))
             reps = -(-n // len(pool))
-            perm = torch.cat([pool[torch.randperm(len(pool), generator=g)] for _ in range(reps)])[:n]
-            idx.append(perm)
+            idx.append(torch.cat([pool[torch.randperm(len(pool), generator=g)] for _ in range(reps)])[:n])
         idx = torch.cat(idx)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        te, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for b in range(steps_per_epoch):
-            bi = idx[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            if not len(bi):
-                break
-            lr = lr_at(step, total, cfg.warmup_steps, cfg.lr, cfg.min_lr)
-            for gr in opt.param_groups:
-                gr["lr"] = lr * gr["lr_mult"]
-            x = augment(X[bi], cfg.aug, g, mean, std)
-            y = Y[bi]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            opt.step()
-            step += 1
-            loss_sum += loss.item() * len(bi)
-            correct += (logits.argmax(-1) == y).sum().item()
-            seen += len(bi)
-        rec = {"epoch": epoch + 1, "lr": round(lr, 8), "train_loss": round(loss_sum / max(seen, 1), 4),
-               "train_acc": round(correct / max(seen, 1), 4), "seconds": round(time.perf_counter() - te, 1),
-               "img_per_s": round(seen / max(time.perf_counter() - te, 1e-9), 1)}
-        history.append(rec)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        log(json.dumps(rec))
-        model.train()
+        return idx[torch.randperm(len(idx), generator=g)]
+
+    def batch_loss(x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        return loss, {}, logits
+
+    first_root, first_val = cfg.data[0], val_sets[0]
+
+    def score(m) -> dict[str, Any]:
+        if not len(first_val[2]):
+            return {}
+        acc = accuracy(predict(m, first_val[1], rt.device, rt.bf16, mean, std, batch=128), first_val[2], class_names)
+        return {"val_top1": acc["top1"], "val_balanced_acc": acc["balanced_accuracy"]}
+
+    settings = LoopSettings(cfg.epochs, steps_per_epoch, cfg.batch_size, cfg.lr, cfg.min_lr, cfg.warmup_steps,
+                            cfg.grad_clip, cfg.seed, cfg.aug, mean, std)
+    cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    cfg_path = out / "config.json"
+    if resume and (out / "state.pt").exists() and cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if {k: v for k, v in old.items() if k not in ("device", "threads", "bf16", "cache_dir")} != \
+                {k: v for k, v in cfg_json.items() if k not in ("device", "threads", "bf16", "cache_dir")}:
+            raise DistillError(f"{out}: holds a fine-tune with a different config; use a new --out or --no-resume")
+    cfg_path.write_text(json.dumps(cfg_json, indent=1))
+    history = fit(model, batch_loss, X, Y, epoch_order, settings, rt, out, score, weight_decay=cfg.weight_decay,
+                  head_lr_mult=cfg.head_lr_mult, resume=resume, on_epoch=on_epoch, progress=progress)
 
     after = evaluate(model, class_names)
     for k, v in after.items():
-        log(f"  tuned {k}: top1 {v['top1']}, balanced {v['balanced_acc']}, "
-            f"false suspicious {v.get('false_suspicious_rate')}, hit {v.get('suspicious_hit_rate')}")
-    metrics = {"before": before, "after": after, "history": history, "steps": step,
+        log.info("  tuned %s: top1 %s, balanced %s, false suspicious %s, hit %s", k, v["top1"], v["balanced_acc"],
+                 v.get("false_suspicious_rate"), v.get("suspicious_hit_rate"))
+    metrics = {"before": before, "after": after, "history": history,
+               "steps": sum(h["steps"] for h in history),
                "train_seconds": round(sum(h["seconds"] for h in history), 1),
-               "seconds": round(time.perf_counter() - t0, 1),
                "params": sum(p.numel() for p in model.parameters()),
-               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    first_val = after.get(f"val:{cfg.data[0]}")
-    if first_val:
-        metrics["val_top1"] = first_val["top1"]
-        metrics["val_balanced_acc"] = first_val["balanced_acc"]
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "precision": rt.reason}
+    fv = after.get(f"val:{first_root}")
+    if fv:
+        metrics["val_top1"] = fv["top1"]
+        metrics["val_balanced_acc"] = fv["balanced_acc"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
     arch = dict(meta["architecture"], num_classes=len(class_names))
-    cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     prov = {"role": "finetune", "init_sha256": init_sha, "init_provenance": {
         k: meta["provenance"].get(k) for k in ("mode", "data_fingerprint", "teacher_sha256", "split", "metrics")},
         "data": data_prov, "data_fingerprint": data_prov[0]["fingerprint"],
-        "split": {"seed": cfg.split_seed, "val_frac": cfg.val_frac}, "config": cfg_json,
+        "split": split_record(cfg), "config": cfg_json,
         "metrics": {k: metrics[k] for k in ("val_top1", "val_balanced_acc", "steps", "train_seconds") if k in metrics}
         | {"eval": {k: {m: v.get(m) for m in ("top1", "balanced_acc", "false_suspicious_rate",
                                                "suspicious_hit_rate")} for k, v in after.items()}}}
@@ -299,66 +283,18 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     md.update(extra_metadata(cfg.init))
     sha = write_checkpoint(out / "model.safetensors", model.state_dict(), md)
     metrics["sha256"] = sha
-    log(f"wrote {out / 'model.safetensors'} sha256 {sha[:12]}")
+    log.info("wrote %s sha256 %s", out / "model.safetensors", sha[:12])
     return metrics
 
 
-def extra_metadata(path: str | Path) -> dict[str, str]:
-    """Metadata keys beyond the contract's required ones (e.g. ``stain``), as stored."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    return {k: v for k, v in raw.items() if k not in REQUIRED}
-
-
 def export_fp16(src: str | Path, out: str | Path) -> str:
-    """Re-write ``src`` with fp16 weights, keeping every metadata key (``distill.export.export``
-    rebuilds the metadata from the contract fields only). Returns the new file's sha256."""
-    from safetensors import safe_open
+    """Re-write ``src`` with fp16 weights, keeping every metadata key. Returns the new sha256."""
+    from .export import export
 
-    model, meta = load_model_file(src)
-    with safe_open(str(src), framework="pt") as f:
-        raw = dict(f.metadata() or {})
-    prov = dict(meta["provenance"], exported_from_sha256=sha256_file(src), weights_dtype="float16",
-                export_tool="distill.finetune.export_fp16")
-    raw["provenance"] = json.dumps(prov)
-    return write_checkpoint(out, model.state_dict(), raw, fp16=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distill.finetune", description=__doc__.splitlines()[0])
-    p.add_argument("--init", required=True, help="contract checkpoint to start from")
-    p.add_argument("--data", action="append", required=True, help="ImageFolder root (repeatable)")
-    p.add_argument("--exclude", help="file of class/file relpaths never to train on")
-    p.add_argument("--add-class", action="append", default=[], help="new class name (repeatable)")
-    p.add_argument("--eval-data", action="append", default=[], help="ImageFolder scored whole, never trained on")
-    p.add_argument("--mix", type=float, nargs="+", help="share of each --data root per epoch")
-    p.add_argument("--out", required=True)
-    p.add_argument("--export-fp16", help="also write an fp16 copy of the result here")
-    for f in dataclasses.fields(FinetuneConfig):
-        if f.name in ("init", "data", "out", "exclude", "add_class", "eval_data", "mix", "aug"):
-            continue
-        typ = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).split("|")[0].strip()]
-        if typ is bool:
-            p.add_argument("--" + f.name.replace("_", "-"), type=lambda s: s.lower() in ("1", "true", "yes"),
-                           default=f.default)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default)
-    a = p.parse_args(argv)
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(FinetuneConfig) if f.name != "aug"}
-    cfg = FinetuneConfig(**kw)
-    try:
-        metrics = run_finetune(cfg)
-        if a.export_fp16:
-            sha = export_fp16(Path(cfg.out) / "model.safetensors", a.export_fp16)
-            print(f"exported {a.export_fp16} (fp16) sha256 {sha[:12]}")
-    except DistillError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: metrics[k] for k in ("val_top1", "val_balanced_acc", "train_seconds") if k in metrics}))
-    return 0
+    return export(src, out, fp16=True)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import finetune_cmd
+
+    finetune_cmd(prog_name="python -m distill.finetune")

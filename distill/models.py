@@ -69,23 +69,6 @@ def build_vit(arch: dict[str, Any]) -> VisionTransformer:
         raise DistillError(f"bad architecture fields: {e}") from None
 
 
-def forward_features_all(model: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits and the output tokens of every block, (B, 1 + N, C) each, before the final norm.
-
-    Mirrors ``VisionTransformer.forward`` step by step so the result equals ``model(x)``.
-    """
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
-    feats = []
-    for blk in model.blocks:
-        x = blk(x)
-        feats.append(x)
-    x = model.norm(x)
-    return model.forward_head(x), feats
-
-
 def block_features(model: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits and the output tokens of every block, (B, 1 + N, C) each, before the final norm,
     through timm's public ``forward_intermediates`` (the logits equal ``model(x)``)."""

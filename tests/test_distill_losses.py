@@ -13,7 +13,7 @@ from distill.losses import (
     response_loss,
     spatial_loss,
 )
-from distill.models import architecture, build_vit, forward_features_all, init_student_from_teacher
+from distill.models import architecture, build_vit, block_features, init_student_from_teacher
 
 # KL([0.75, 0.25] || [0.5, 0.5]) by hand
 KL_34 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
@@ -109,7 +109,7 @@ def test_feature_tap_matches_forward_and_student_init_copies_blocks():
     torch.manual_seed(0)
     teacher = build_vit(architecture("tiny", "teacher", 4, img_size=32, patch_size=16, depth=4)).eval()
     x = torch.randn(2, 3, 32, 32)
-    logits, feats = forward_features_all(teacher, x)
+    logits, feats = block_features(teacher, x)
     assert len(feats) == 4 and feats[0].shape == (2, 1 + 4, 192)
     assert torch.allclose(logits, teacher(x), atol=1e-5)
     student = build_vit(architecture("tiny", "student", 4, img_size=32, patch_size=16)).eval()

@@ -13,7 +13,10 @@ from PIL import Image
 
 from distill.errors import DistillError
 from distill.export import build_metadata, load_model_file, sha256_file, write_checkpoint
-from distill.finetune import FinetuneConfig, export_fp16, extend_head, main, run_finetune
+from click.testing import CliRunner
+
+from distill.cli import main
+from distill.finetune import FinetuneConfig, export_fp16, extend_head, run_finetune
 from distill.models import build_vit
 
 OLD = ["blast", "normal"]
@@ -63,7 +66,7 @@ def test_finetune_adds_background_and_writes_a_contract_checkpoint(tmp_path):
     cfg = FinetuneConfig(init=str(init), data=[str(data)], out=str(tmp_path / "run"), exclude=str(exclude),
                          add_class=["background"], epochs=2, samples_per_epoch=32, batch_size=16, lr=1e-3,
                          warmup_steps=1, threads=1, cache_dir=None, val_frac=0.25)
-    metrics = run_finetune(cfg, log=lambda s: None)
+    metrics = run_finetune(cfg)
     assert metrics["steps"] == 4
     model, meta = load_model_file(tmp_path / "run" / "model.safetensors")
     assert meta["class_names"] == OLD + ["background"]
@@ -94,13 +97,14 @@ def test_finetune_adds_background_and_writes_a_contract_checkpoint(tmp_path):
     assert info.num_classes == 3
 
 
-def test_unknown_class_without_add_class_is_a_user_error(tmp_path, capsys):
+def test_unknown_class_without_add_class_is_a_user_error(tmp_path):
     init = _init_checkpoint(tmp_path / "init.safetensors")
     data = _folder(tmp_path / "set", {"blast": 4, "background": 4})
     cfg = FinetuneConfig(init=str(init), data=[str(data)], out=str(tmp_path / "run"), epochs=1,
                          samples_per_epoch=8, batch_size=8, threads=1, cache_dir=None)
     with pytest.raises(DistillError, match="background"):
-        run_finetune(cfg, log=lambda s: None)
-    rc = main(["--init", str(init), "--data", str(data), "--out", str(tmp_path / "run2"), "--add-class", "blast"])
-    assert rc == 2
-    assert "already among" in capsys.readouterr().err
+        run_finetune(cfg)
+    r = CliRunner().invoke(main, ["finetune", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "run2"),
+                                  "--add-class", "blast"])
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "already among" in r.stderr
+    assert not (tmp_path / "run2").exists()  # refused before anything was written
