@@ -136,16 +136,23 @@ def synthesize(out: str | Path, config: SynthConfig = SynthConfig(),
                        len(layout.regions), out.stat().st_size, seconds)
 
 
+# A fine permanent marker's line is a few hundred um wide; on a half-millimetre field a 100 um
+# stroke still leaves most of the cells clear of it.
+_FIELD_PEN_UM = 100.0
+
+
 def pap_field(seed: int, size: tuple[int, int] = (1024, 1024), mpp: float = 0.5,
               pen_ink: str | None = None, cells: str | Path | None = None) -> tuple["np.ndarray", dict]:
     """A small Pap-stained field rendered in memory: (uint8 RGB (h, w, 3), truth).
 
     Made like ``synthesize(..., SynthConfig(stain="pap"))`` (real shipped cells, Pap dyes,
     cohesive groups, red cells, debris, an out-of-focus patch), without planted regions and
-    without a pen mark unless ``pen_ink`` names one (blue, green, black, red, random). ``truth``:
+    without a pen mark unless ``pen_ink`` names one (blue, green, black, red, random; a stroke
+    100 um wide along one side, crossing cells and glass). ``truth``:
     ``nuclei`` (level-0 [x, y] of every nucleus centre, blurred ones included), ``cells`` (as in
-    the truth JSON), ``groups``, ``blur`` (bbox), and ``pen``: ``ink``, ``mask`` (bool (h, w), the
-    stroke where its ink cover reaches 0.5), ``area_px`` and ``bbox`` (None without a pen).
+    the truth JSON), ``groups``, ``blur`` (bbox), ``cell_mask`` and ``group_mask`` (bool (h, w):
+    the nucleated cells, and those in cohesive groups) and ``pen``: ``ink``, ``mask`` (bool
+    (h, w), the stroke where its ink cover reaches 0.5), ``area_px`` and ``bbox`` (None without a pen).
     """
     import numpy as np
 
@@ -155,16 +162,18 @@ def pap_field(seed: int, size: tuple[int, int] = (1024, 1024), mpp: float = 0.5,
     validate(cfg)
     pool = list_cells(cfg.cells)
     bank = SpriteBank(pool, cfg.cells_mpp / cfg.mpp, cfg.cells_mpp, cfg.mpp, cfg.seed, stain="pap")
-    layout = Layout(cfg, pool, bank)
+    layout = Layout(cfg, pool, bank, pen_width_um=_FIELD_PEN_UM)
     rgb = Renderer(layout).render(0, height, 0, width)
     doc = truth_document(Path("field"), cfg, pool, layout, [(width, height)])
     pen = doc["artifacts"]["pen"]
     mask = pen_stroke_mask(pen["mask"], width, height)
+    cell_mask, group_mask = layout.cell_masks(width, height)
     truth = {
         "stain": "pap", "mpp": mpp, "seed": seed, "width": width, "height": height,
         "glass_rgb": doc["glass_rgb"],
         "nuclei": [c["nucleus"] for c in doc["cells"] if c["nucleus"] is not None],
         "cells": doc["cells"], "groups": doc["groups"], "blur": doc["artifacts"]["blur"],
+        "cell_mask": cell_mask, "group_mask": group_mask,
         "pen": {"ink": pen["ink"], "ink_transmittance": pen["ink_transmittance"], "mask": mask,
                 "area_px": int(mask.sum()), "bbox": pen["mask"]["bbox"]},
     }

@@ -22,7 +22,7 @@ from .errors import WsiTriageError
 from .synth_cells import CellPool
 from .synth_config import (S_CANDIDATES, S_DEBRIS, S_GLASS, S_GLOBAL, S_PLANT, S_RBC, S_REGIONS, SynthConfig,
                            seeded_rng)
-from .synth_sprites import SpriteBank, oriented
+from .synth_sprites import NON_EPITHELIAL, SpriteBank, oriented
 
 BLOCK = 512  # layout block side, level-0 px
 NOISE_SIZE = 509  # prime, so the noise texture never lines up with tiles or blocks
@@ -187,7 +187,7 @@ class _Block:
 class Layout:
     """The whole slide's content, defined block by block from the seed."""
 
-    def __init__(self, cfg: SynthConfig, pool: CellPool, bank: SpriteBank) -> None:
+    def __init__(self, cfg: SynthConfig, pool: CellPool, bank: SpriteBank, pen_width_um: float | None = None) -> None:
         from scipy import ndimage as ndi
 
         self.cfg, self.pool, self.bank = cfg, pool, bank
@@ -221,7 +221,7 @@ class Layout:
         drawn = _RANDOM_INKS[int(rng.integers(3))]
         self.pen_ink_name = drawn if cfg.pen_ink == "random" else cfg.pen_ink
         self.pen_ink = np.array(_PEN_INKS.get(self.pen_ink_name, (1.0, 1.0, 1.0)), np.float32)
-        self.pen, self.pen_bbox, self.pen_line = self._pen(rng, gh, gw)
+        self.pen, self.pen_bbox, self.pen_line = self._pen(rng, gh, gw, pen_width_um)
         if self.pen_ink_name == "none":
             self.pen = np.zeros_like(self.pen)
 
@@ -247,6 +247,8 @@ class Layout:
         else:
             wts = np.ones(len(self.background_classes))
         self.bg_weights = wts / wts.sum()
+        epi = self.bg_weights * np.array([c not in NON_EPITHELIAL for c in self.background_classes])
+        self.group_cum = np.cumsum(epi / epi.sum() if epi.sum() > 0 else self.bg_weights)
         self.bg_images = [pool.of_class(c) for c in self.background_classes]
         self.susp_images = [pool.of_class(c) for c in self.suspicious_classes]
 
@@ -267,7 +269,8 @@ class Layout:
         self._final: dict[tuple[int, int], _Cells] = {}
         self._blocks: dict[tuple[int, int], _Block] = {}
         self._done: set[tuple[int, int]] = set()
-        self.truth: list[tuple] = []  # (y, x, w, h, image, suspicious, region, blurred)
+        self.truth: list[tuple] = []  # (y, x, w, h, image, suspicious, region, blurred, nucleus, group)
+        self.placed: list[tuple[int, int, int, int, int]] = []  # nucleated sprites: (x0, y0, image, orient, group)
         self.n_red = 0
         self.n_debris = 0
         self.debris_boxes: list[list[int]] = []
@@ -278,7 +281,7 @@ class Layout:
 
     # ---- global objects
 
-    def _pen(self, rng, gh: int, gw: int):
+    def _pen(self, rng, gh: int, gw: int, width_um: float | None = None):
         from scipy import ndimage as ndi
         from skimage.draw import line
 
@@ -292,7 +295,7 @@ class Layout:
             xs, ys = a * W, (off if side == 0 else 1 - off) * H
         else:
             xs, ys = (off if side == 2 else 1 - off) * W, a * H
-        width = min(0.03 * min(W, H), self.px(600.0))
+        width = min(0.03 * min(W, H), self.px(600.0)) if width_um is None else self.px(width_um)
         grid = np.zeros((gh, gw), bool)
         px, py = np.clip(xs / g, 0, gw - 1).astype(int), np.clip(ys / g, 0, gh - 1).astype(int)
         for i in range(len(t) - 1):
@@ -443,13 +446,14 @@ class Layout:
         p_cluster *= min(1.0, area_um2 / 16000.0)
         if rng.random() < p_cluster:
             ccx, ccy = x0 + rng.uniform(0, bw), y0 + rng.uniform(0, bh)
-            n = int(rng.integers(6, 20)) * (2 if pap else 1)
+            n = int(rng.integers(6, 20)) * (3 if pap else 1)
             golden = np.pi * (3 - np.sqrt(5))
             for k in range(n):
-                r = 0.62 * self.nuc_min * math.sqrt(k + 0.5) * rng.uniform(0.95, 1.1)
+                # Pap: nuclei ~12 um apart, so the 14-19 um cytoplasm bodies touch (a cohesive sheet)
+                r = (0.5 if pap else 0.62) * self.nuc_min * math.sqrt(k + 0.5) * rng.uniform(0.95, 1.1)
                 th = k * golden + rng.uniform(-0.2, 0.2)
                 x, y = ccx + r * math.cos(th), ccy + r * math.sin(th)
-                if all((x - a) ** 2 + (y - b) ** 2 >= (0.9 * self.nuc_min) ** 2 for a, b in pts):
+                if all((x - a) ** 2 + (y - b) ** 2 >= ((0.75 if pap else 0.9) * self.nuc_min) ** 2 for a, b in pts):
                     pts.append((x, y))
         n_grouped = len(pts)
         # Singles, thinned by the local density.
@@ -468,7 +472,9 @@ class Layout:
         images = np.zeros(m, np.int64)
         cum = np.cumsum(self.bg_weights)
         for i in range(m):
-            c = min(int(np.searchsorted(cum, draw[i], side="right")), len(self.bg_images) - 1)
+            # Pap groups are epithelial: the same draw, among the classes that get a cytoplasm body
+            c = min(int(np.searchsorted(self.group_cum if pap and i < n_grouped else cum, draw[i], side="right")),
+                    len(self.bg_images) - 1)
             images[i] = self.bg_images[c][int(pick[i] % len(self.bg_images[c]))]
         cx = np.array([p[0] for p in pts], np.int64).reshape(-1)
         cy = np.array([p[1] for p in pts], np.int64).reshape(-1)
@@ -513,6 +519,7 @@ class Layout:
             if nuc is not None:  # level-0 (x, y) of the nucleus centre
                 r, c = oriented_point(nuc[0], nuc[1], mask.shape, o)
                 nuc = (round(x0 + c, 1), round(y0 + r, 1))
+            self.placed.append((x0, y0, int(cells.image[i]), o, int(cells.group[i])))
             self.truth.append((y0 + int(rows[0]), x0 + int(cols[0]), int(cols[-1] - cols[0] + 1),
                                int(rows[-1] - rows[0] + 1), int(cells.image[i]), bool(cells.suspicious[i]),
                                int(cells.region[i]), bool(blurred[i]), nuc, int(cells.group[i])))
@@ -624,6 +631,24 @@ class Layout:
                      np.array(ey1, np.int64), sprites)
         self._blocks[key] = blk
         return blk
+
+    def cell_masks(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Level-0 masks of the nucleated cells laid out so far within [0, width) x [0, height):
+        (every cell, the cells of cohesive groups)."""
+        cells = np.zeros((height, width), bool)
+        grouped = np.zeros((height, width), bool)
+        for x0, y0, image, o, group in self.placed:
+            m = oriented(self.bank.cell(image)[1], o)
+            h, w = m.shape
+            a, b = max(y0, 0), min(y0 + h, height)
+            c, d = max(x0, 0), min(x0 + w, width)
+            if a >= b or c >= d:
+                continue
+            sub = m[a - y0:b - y0, c - x0:d - x0]
+            cells[a:b, c:d] |= sub
+            if group >= 0:
+                grouped[a:b, c:d] |= sub
+        return cells, grouped
 
     def pen_truth(self) -> dict:
         """The pen stroke as ground truth: ink cover >= ``PEN_TRUTH_ALPHA`` on the coarse grid,

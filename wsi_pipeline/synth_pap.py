@@ -96,9 +96,9 @@ RED_CELL_DYE = (0.35 * EOSIN_Y + 0.65 * ORANGE_G) / np.linalg.norm(0.35 * EOSIN_
 # Light Green at peak OD 0.32-0.6 is blue-green with saturation 0.45-0.7 over glass: the
 # saturated cyanophilic cytoplasm of well-stained Pap smears.
 _CYTO_DYES = (
-    (0.70, LIGHT_GREEN, (0.32, 0.60)),
-    (0.15, (0.75 * ORANGE_G + 0.25 * EOSIN_Y), (0.20, 0.40)),  # orangeophilic
-    (0.15, (0.85 * EOSIN_Y + 0.15 * ORANGE_G), (0.20, 0.40)),  # eosinophilic (pink)
+    (0.80, LIGHT_GREEN, (0.32, 0.60)),
+    (0.10, (0.75 * ORANGE_G + 0.25 * EOSIN_Y), (0.20, 0.40)),  # orangeophilic
+    (0.10, (0.85 * EOSIN_Y + 0.15 * ORANGE_G), (0.20, 0.40)),  # eosinophilic (pink)
 )
 _EPITHELIAL_DIAMETER_UM = (14.0, 19.0)
 
