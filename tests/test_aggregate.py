@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from wsi_pipeline import store as tile_store
 from wsi_pipeline.aggregate import (AggregateConfig, aggregate_store, heatmap_grid, overlay_image, slide_score,
                                     tile_suspicion)
 from wsi_pipeline.errors import StoreError
+from wsi_pipeline.outputs import class_colour, geojson_collection, mask_outline
 from wsi_pipeline.scorer import read_scores, score_store
 from wsi_pipeline.tiler import TilerConfig, tile_slide
 
@@ -45,19 +47,39 @@ def test_slide_score_methods():
         AggregateConfig(method="max").validated()
 
 
-def test_overlay_colours_only_scored_tissue():
-    thumb = np.full((8, 8, 3), 200, dtype=np.uint8)
-    mask = np.zeros((8, 8), dtype=bool)
-    mask[:, :4] = True  # tissue in the left half only
-    heat = np.array([[1.0, 1.0], [np.nan, 0.0]], dtype=np.float32)  # 2x2 grid of 4x4 px cells
-    out = overlay_image(thumb, mask, heat, {"stride": [4, 4], "origin": [0, 0]}, 1.0, alpha=0.6)
-    assert (out[:, 4:] == 200).all()  # no tissue: uncoloured
-    assert (out[4:, :4] == 200).all()  # tissue without a scored tile: uncoloured
-    assert (out[:4, :4] != 200).any(axis=-1).all()
-    high = out[0, 0].astype(int)
-    assert (out[4:, 4:] == 200).all() and high[0] > high[2]  # suspicion 1 is yellow on viridis
-    low_cell = overlay_image(thumb, np.ones((8, 8), bool), heat, {"stride": [4, 4], "origin": [0, 0]}, 1.0, 0.6)
-    assert low_cell[4, 4, 2] > low_cell[4, 4, 1]  # suspicion 0 is dark purple-blue
+def test_overlay_tints_scored_tiles_by_suspicion_above_the_floor_and_outlines_the_mask():
+    thumb = np.full((16, 16, 3), 200, dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[2:14, 2:6] = True  # a tissue patch in the left column of tiles
+    # 2x2 grid of 8x8 px cells: high, middling / below the floor, none
+    heat = np.array([[1.0, 0.5], [0.1, np.nan]], dtype=np.float32)
+    grid = {"stride": [8, 8], "origin": [0, 0]}
+    out = overlay_image(thumb, mask, heat, grid, 1.0, alpha=0.8, floor=0.2).astype(int)
+    off_rim = ~mask_outline(mask)
+    change = np.abs(out - 200).sum(axis=-1)
+    assert (change[8:, 8:] == 0).all()  # no tile: untouched
+    assert (change[8:, :8][off_rim[8:, :8]] == 0).all()  # below the floor: untouched (only the mask rim is drawn)
+    assert change[0, 10] > 0 and change[0, 0] > change[0, 10]  # drawn with opacity growing with suspicion
+    assert out[0, 0, 0] > out[0, 0, 2]  # suspicion 1 is yellow on viridis
+    rim = mask_outline(mask)
+    assert rim.sum() == 2 * 12 + 2 * 2  # a one-pixel outline, not a fill
+    assert (out[rim] < 200).all() and (out[5, 4] == out[5, 7]).all()  # rim darkened, inside the mask not filled
+    opaque = overlay_image(thumb, np.ones((16, 16), bool), heat, grid, 1.0, alpha=1.0, floor=0.0).astype(int)
+    assert opaque[10, 4, 2] > opaque[10, 4, 1]  # suspicion 0.1 is dark purple-blue
+
+
+def test_overlay_picture_is_large_bounded_and_heatmap_has_a_legend():
+    from wsi_pipeline.outputs import OVERLAY_MAX_SIDE, OVERLAY_MIN_SIDE, heatmap_picture, overlay_picture
+
+    heat = np.array([[1.0, 0.5], [0.1, np.nan]], dtype=np.float32)
+    for side in (64, 5000):  # a small thumbnail is enlarged, a large one reduced
+        thumb = np.full((side // 2, side, 3), 200, dtype=np.uint8)
+        png = overlay_picture(thumb, np.ones(thumb.shape[:2], bool), heat, {"stride": [side / 2, side / 4]}, 1.0, 0.6,
+                              "slide: topk_mean = 0.9")
+        with Image.open(io.BytesIO(png)) as im:
+            assert OVERLAY_MIN_SIDE <= max(im.size) <= OVERLAY_MAX_SIDE + 400  # the picture plus title and colour bar
+    with Image.open(io.BytesIO(heatmap_picture(heat, "slide"))) as im:
+        assert min(im.size) > 500  # enlarged, with a colour bar beside it
 
 
 def test_aggregate_writes_outputs_consistent_with_the_scores(scored, tmp_path):
@@ -90,11 +112,7 @@ def test_aggregate_writes_outputs_consistent_with_the_scores(scored, tmp_path):
     np.testing.assert_allclose(heat[grid[:, 0], grid[:, 1]], susp, atol=1e-6)
     assert np.isnan(heat).sum() == heat.size - len(susp)
     np.testing.assert_array_equal(np.isnan(heat), np.isnan(heatmap_grid(susp, grid, heat.shape)))
-    with Image.open(tmp_path / "o" / "heatmap.png") as im:
-        assert im.size == (heat.shape[1], heat.shape[0]) and im.mode == "RGBA"
-        alpha = np.asarray(im)[..., 3]
-        assert ((alpha == 0) == np.isnan(heat)).all()
-    for name in ("overlay.png", "gallery.png"):
+    for name in ("overlay.png", "heatmap.png", "gallery.png"):
         with Image.open(tmp_path / "o" / name) as im:
             im.verify()
 
@@ -106,6 +124,7 @@ def test_geojson_is_qupath_detections_with_measurements(scored, tmp_path):
     coords = np.asarray(group["coords"][:])
     path = tmp_path / "g" / f"{scored['store'].stem}.geojson.gz"
     doc = json.loads(gzip.decompress(path.read_bytes()))
+    width, height = tile_store.read_meta(group)["slide_dimensions"]
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(probs)
     assert doc["metadata"]["checkpoint_sha256"] == scored["sha"]
     assert doc["metadata"]["slide_fingerprint"] == tile_store.read_meta(group)["slide_fingerprint"]
@@ -114,12 +133,14 @@ def test_geojson_is_qupath_detections_with_measurements(scored, tmp_path):
         props = feat["properties"]
         assert props["objectType"] == "detection"
         assert props["classification"]["name"] == attrs["class_names"][int(probs[i].argmax())]
+        assert props["classification"]["color"] == class_colour(props["classification"]["name"])
         m = props["measurements"]
         assert set(m) == {f"prob_{c}" for c in attrs["class_names"]} | {"suspicion"}
         assert m["suspicion"] == pytest.approx(probs[i][[2, 3]].sum(), abs=1e-5)
         x, y, w, h = coords[i].tolist()
         ring = feat["geometry"]["coordinates"][0]
-        assert feat["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] == [x, y] and ring[2] == [x + w, y + h]
+        assert feat["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] == [x, y]
+        assert ring[2] == [min(x + w, width), min(y + h, height)]  # clipped to the image
         ids.add(feat["id"])
     assert len(ids) == len(probs)
 
@@ -150,3 +171,29 @@ def test_store_without_tissue_gives_no_score(tmp_path):
     agg = aggregate_store(result.path, tmp_path / "o")
     assert agg.score is None and agg.summary["tiles"]["n_tiles"] == 0 and agg.summary["empty_reason"]
     assert json.loads((tmp_path / "o" / "blank.geojson").read_text())["features"] == []
+
+
+def test_geojson_features_are_clipped_to_the_image_bounds():
+    coords = np.array([[0, 0, 10, 10], [95, 45, 10, 10], [100, 0, 10, 10]])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    doc = geojson_collection(coords, probs, probs[:, 1], ["neutrophil", "ig"], {}, bounds=(100, 50))
+    rings = [f["geometry"]["coordinates"][0] for f in doc["features"]]
+    assert rings == [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]],
+                     [[95, 45], [100, 45], [100, 50], [95, 50], [95, 45]]]  # the third lies outside: dropped
+    assert [f["properties"]["classification"]["color"] for f in doc["features"]] == [
+        class_colour("neutrophil"), class_colour("ig")]
+
+
+def test_results_and_synthetic_truth_share_class_colours():
+    from wsi_pipeline.synth_truth import _geojson_features
+
+    doc = {"cells_source": {"classes": ["ig", "neutrophil", "thyroid-follicular"]},
+           "cells": [{"bbox": [0, 0, 5, 5], "class": c, "suspicious": False, "source": "x"}
+                     for c in ("ig", "neutrophil", "thyroid-follicular")],
+           "planted_regions": [], "artifacts": {"pen": {"bbox": [0, 0, 1, 1]}, "blur": {"bbox": [0, 0, 1, 1]}}}
+    truth = json.loads("".join(_geojson_features(doc)))
+    colours = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"]
+               for f in truth["features"]}
+    for name in ("ig", "neutrophil", "thyroid-follicular", "Pen mark"):
+        assert colours[name] == class_colour(name)
+    assert class_colour("ig") != class_colour("neutrophil")
