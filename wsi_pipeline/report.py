@@ -11,7 +11,10 @@ import base64
 import datetime as _dt
 import html
 import io
+import os
+import shlex
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any
 
 import numpy as np
@@ -22,7 +25,7 @@ from .aggregate import AggregateConfig, write_atomic
 from .checkpoint import CheckpointInfo
 
 THUMB_SIDE = 220
-OVERLAY_SIDE = 520
+OVERLAY_SIDE = 900  # overlay.png is lettered to stay legible at about half its 1,600-2,400 px
 GALLERY_SIDE = 760
 #: the status colours of the report, shared with the viewer's slide list
 STATUS_COLOURS = {"ok": "#176117", "empty": "#777777", "error": "#a31515"}
@@ -37,6 +40,9 @@ tr.error td{background:#fff3f3} tr.empty td{background:#f7f7f7}
 .status-ok{color:@ok} .status-empty{color:@empty} .status-error{color:@error;font-weight:600}
 .up{color:#a31515} .down{color:#176117} .err{font-family:monospace;font-size:.85em;color:#a31515;max-width:40em}
 img{max-width:100%;height:auto;display:block} details summary{cursor:pointer;color:#2456a6}
+.links{font-size:.85em;margin-top:.4em} .links a{margin-right:.6em;white-space:nowrap}
+.links code,.viewcmd code{background:#f3f3f3;padding:0 .3em;font-size:.9em;word-break:break-all}
+h3{font-size:.95em;margin:.8em 0 .3em} td.pictures{min-width:420px}
 """.replace("@ok", STATUS_COLOURS["ok"]).replace("@empty", STATUS_COLOURS["empty"]).replace(
     "@error", STATUS_COLOURS["error"])
 
@@ -91,9 +97,37 @@ def _img(uri: str | None, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">' if uri else '<span class="status-empty">–</span>'
 
 
+def _href(path: Path, base: Path | None) -> str:
+    """A link to ``path``: relative to the report's folder ``base`` when given (the output folder can move
+    as a whole), else a file URI."""
+    if base is not None:
+        try:
+            return quote(os.path.relpath(path, base).replace(os.sep, "/"))
+        except ValueError:  # another drive on Windows
+            pass
+    return path.resolve().as_uri()
+
+
+def _links(out_dir: Path, base: Path | None) -> str:
+    """Links to a slide's output folder and files, and the command that opens it in the viewer."""
+    if not out_dir.is_dir():
+        return ""
+    folder = _href(out_dir, base)
+    links = [f'<a href="{html.escape(folder)}/">folder</a>']
+    for label, name in (("overlay", "overlay.png"), ("top tiles", "gallery.png"), ("heatmap", "heatmap.png"),
+                        ("summary", "summary.json")):
+        if (out_dir / name).is_file():
+            links.append(f'<a href="{html.escape(_href(out_dir / name, base))}">{label}</a>')
+    for geo in sorted(out_dir.glob("*.geojson")) + sorted(out_dir.glob("*.geojson.gz")):
+        links.append(f'<a href="{html.escape(_href(geo, base))}" title="QuPath: File &gt; Import objects">GeoJSON</a>')
+    command = f"wsi-triage view {shlex.quote(str(out_dir))}"
+    return (f'<div class="links">{"".join(links)}</div>'
+            f'<div class="links">view: <code class="view">{html.escape(command)}</code></div>')
+
+
 def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous: dict | None,
-                  aggregate: AggregateConfig) -> str:
-    """The report page as one HTML string."""
+                  aggregate: AggregateConfig, base: Path | None = None) -> str:
+    """The report page as one HTML string; ``base`` is the report's folder (links are made relative to it)."""
     has_previous = bool(previous and previous.get("checkpoint_sha256"))
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "empty", "error")}
     settings = ", ".join(f"{k}={v}" for k, v in aggregate.score_settings().items())
@@ -115,10 +149,13 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
     if has_previous:
         head.append(f"Score change against the previous run with checkpoint "
                     f"<code>{html.escape(previous['checkpoint_sha256'][:12])}</code>.<br>")
+    if base is not None:
+        head.append(f'Zoom into every slide with its overlay: <code class="view">'
+                    f'{html.escape("wsi-triage view " + shlex.quote(str(base)))}</code>.<br>')
     head.append(f"Generated {created} by wsi-triage {html.escape(__version__)}.</div>")
 
     cols = ["Rank", "Slide", "Suspicion"] + (["Change"] if has_previous else []) + \
-           ["Tiles", f"Tiles &gt; {aggregate.threshold:g}", "Status", "Thumbnail", "Overlay"]
+           ["Tiles", f"Tiles &gt; {aggregate.threshold:g}", "Status", "Thumbnail", "Overlay and top tiles"]
     table = ['<table id="triage"><thead><tr>' + "".join(f"<th>{c}</th>" for c in cols) + "</tr></thead><tbody>"]
     for r in rows:
         out_dir = Path(r["out_dir"]) if r.get("out_dir") else None
@@ -131,7 +168,7 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
         if r.get("error"):
             status_cell += f'<div class="err">{html.escape(str(r["error"]))}</div>'
         cells = [f'<td class="num">{r["rank"]}</td>',
-                 f'<td class="slide">{html.escape(r["slide"])}</td>',
+                 f'<td class="slide">{html.escape(r["slide"])}{_links(out_dir, base) if out_dir else ""}</td>',
                  f'<td class="num score">{_fmt(r["score"])}</td>']
         if has_previous:
             change = r.get("score_change")
@@ -145,8 +182,8 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
                   f"<td>{_img(thumb, r['slide'] + ' thumbnail')}</td>"]
         overlay_cell = _img(overlay, r["slide"] + " overlay")
         if gallery:
-            overlay_cell += f"<details><summary>top tiles</summary>{_img(gallery, r['slide'] + ' top tiles')}</details>"
-        cells.append(f"<td>{overlay_cell}</td>")
+            overlay_cell += f'<h3>Top tiles</h3><div class="gallery">{_img(gallery, r["slide"] + " top tiles")}</div>'
+        cells.append(f'<td class="pictures">{overlay_cell}</td>')
         table.append(f'<tr class="{html.escape(status)}" data-slide="{html.escape(r["slide"])}">' + "".join(cells) + "</tr>")
     table.append("</tbody></table></body></html>")
     return "\n".join(head + table)
@@ -155,6 +192,6 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
 def write_report(path: str | Path, rows: list[dict[str, Any]], *, info: CheckpointInfo,
                  previous: dict | None, aggregate: AggregateConfig) -> Path:
     """Write ``report.html`` atomically."""
-    page = render_report(rows, info=info, previous=previous, aggregate=aggregate)
+    page = render_report(rows, info=info, previous=previous, aggregate=aggregate, base=Path(path).parent)
     return write_atomic(Path(path), page.encode("utf-8"))
 
