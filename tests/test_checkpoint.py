@@ -166,3 +166,61 @@ def test_safetensors_whose_header_length_starts_with_0x80_loads(tmp_path):
         pytest.fail("could not build a header of the wanted length")
     loaded = load_checkpoint(path)
     assert loaded.info.class_names == tuple(PBC_CLASSES)
+
+
+def _arch(**changes) -> dict:
+    arch = architecture(img_size=32, depth=1, embed_dim=48)
+    arch.update(changes)
+    return arch
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"architecture": _arch(embed_dim="48")}, "embed_dim must be an integer, got '48'"),
+    ({"architecture": _arch(img_size=[32, 32])}, "img_size must be an integer"),
+    ({"architecture": _arch(embed_dim=2**40)}, r"embed_dim must be in \[1, 8192\]"),
+    ({"architecture": _arch(embed_dim=3000, num_heads=3)}, "tensor patch_embed.proj.weight has shape"),
+    ({"architecture": _arch(num_classes="nine")}, "num_classes must be an integer, got 'nine'"),
+    ({"architecture": _arch(depth=0)}, r"depth must be in \[1, 64\]"),
+    ({"architecture": _arch(mlp_ratio="4")}, "mlp_ratio must be a number"),
+    ({"architecture": _arch(mlp_ratio=float("nan"))}, "mlp_ratio must be a number"),
+    ({"architecture": _arch(class_token="yes")}, "class_token must be true or false"),
+    ({"architecture": _arch(global_pool=7)}, "global_pool must be one of"),
+    ({"architecture": _arch(patch_size=5)}, "not a multiple of patch_size"),
+    ({"architecture": _arch(num_heads=5)}, "not divisible by num_heads"),
+    ({"architecture": _arch(act_layer="os.system")}, "act_layer is not supported"),
+    ({"architecture": {k: v for k, v in _arch().items() if k != "depth"}}, "architecture lacks depth"),
+    ({"architecture": [1, 2]}, "architecture must be a JSON object"),
+    ({"tile_mpp": "Infinity"}, r"tile_mpp must be a finite pixel size"),
+    ({"tile_mpp": -0.5}, r"tile_mpp must be a finite pixel size"),
+    ({"tile_mpp": [0.5]}, "tile_mpp is not a number"),
+    ({"tile_size": 32.5}, "tile_size must be an integer"),
+    ({"tile_size": 10**9}, r"tile_size must be in \[8, 4096\]"),
+    ({"input_size": "big"}, "input_size must be an integer"),
+])
+def test_hostile_architecture_is_refused_from_the_header_before_any_allocation(tmp_path, changes, match):
+    src = random_checkpoint(tmp_path / "a.safetensors")
+    bad = _rewrite_metadata(src, tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=match) as err:
+        read_checkpoint_info(bad)  # header only: refused before a model is built or a weight read
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(bad)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from wsi_pipeline.checkpoint import check_weights
+
+    src = random_checkpoint(tmp_path / "a.safetensors")
+    with open(src, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        meta = json.loads(fh.read(n))["__metadata__"]
+    state = load_file(str(src))
+    state["head.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="tensor head.weight holds NaN"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="tensor head.weight holds NaN"):
+        check_weights(read_checkpoint_info(bad))

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ckpt_util import random_checkpoint
+from ckpt_util import architecture, random_checkpoint
 from click.testing import CliRunner
 from pipeline_util import blob_field
 
 from wsi_pipeline import store as tile_store
 from wsi_pipeline.cli import main
-from wsi_pipeline.errors import ShardError, StoreError
+from wsi_pipeline.checkpoint import file_sha256
+from wsi_pipeline.errors import CheckpointError, ShardError, StoreError
 from wsi_pipeline.pipeline import RunOptions, run_slide
-from wsi_pipeline.scorer import ScoreConfig, read_scores, score_store
+from wsi_pipeline.scorer import ScoreConfig, list_scores, read_scores, score_store
 
 
 def _cli(*args, code: int):
@@ -227,3 +228,42 @@ def test_cuda_without_a_gpu_is_one_line(scored, tmp_path):
 def test_dash_h_is_help(command):
     res = _cli(*command, "-h", code=0)
     assert "Usage:" in res.output and "--help" in res.output
+
+
+# --------------------------------------------------------------------------- hostile checkpoints (issue 12 #3, #8)
+
+
+def _hostile_checkpoint(src: Path, dst: Path, *, nan: bool = False, **meta_changes) -> Path:
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    with open(src, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        meta = json.loads(fh.read(n))["__metadata__"]
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta_changes.items()})
+    state = load_file(str(src))
+    if nan:
+        state["blocks.0.attn.qkv.weight"][:] = float("nan")
+    save_file(state, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["nan-weights", "tile_mpp-infinity", "num_classes-nine", "embed-dim-huge"])
+def test_hostile_checkpoint_stops_a_batch_in_one_line_before_any_slide(scored, tmp_path, kind):
+    arch = architecture(img_size=32, depth=1, embed_dim=48)
+    changes = {"nan-weights": {"nan": True}, "tile_mpp-infinity": {"tile_mpp": "Infinity"},
+               "num_classes-nine": {"architecture": {**arch, "num_classes": "nine"}},
+               "embed-dim-huge": {"architecture": {**arch, "embed_dim": 1_000_000, "num_heads": 1}}}[kind]
+    bad = _hostile_checkpoint(scored["a"], tmp_path / "bad.safetensors", **changes)
+    out = tmp_path / "o"
+    res = _cli("batch", scored["slide"], "--out", out, "--checkpoint", bad, "--mpp", "0.5", "--quiet", code=2)
+    assert_one_line_error(res, str(bad))
+    assert not out.exists()
+    # scoring an existing store with it never stores NaN scores marked complete
+    store = _copy(scored, tmp_path) / "field.zarr"
+    with pytest.raises(CheckpointError):
+        score_store(store, bad, ScoreConfig(scheduler="sync"))
+    sha = file_sha256(bad)
+    assert not any(a.get("checkpoint_sha256") == sha and a.get("complete")
+                   for a in list_scores(tile_store.open_store(store)).values())

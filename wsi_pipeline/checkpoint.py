@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import threading
@@ -166,34 +167,137 @@ def _info_from_header(path: Path, header: dict[str, Any], sha256: str) -> Checkp
         raise bad("normalization", "must be {\"mean\": [3 numbers], \"std\": [3 numbers]}") from None
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise bad("normalization", "needs 3 means and 3 positive stds")
-    ints = {}
-    for name in ("input_size", "tile_size"):
+    ints = {name: _int_field(path, name, meta[name], 8, MAX_IMAGE_SIZE) for name in ("input_size", "tile_size")}
+    tile_mpp = meta["tile_mpp"]
+    if isinstance(tile_mpp, str):
         try:
-            ints[name] = int(meta[name])
-        except (TypeError, ValueError):
-            raise bad(name, f"is not an integer: {meta[name]!r}") from None
-        if ints[name] < 8:
-            raise bad(name, f"must be at least 8 px, got {ints[name]}")
-    try:
-        tile_mpp = float(meta["tile_mpp"])
-    except (TypeError, ValueError):
-        raise bad("tile_mpp", f"is not a number: {meta['tile_mpp']!r}") from None
-    if not tile_mpp > 0:
-        raise bad("tile_mpp", f"must be positive, got {tile_mpp}")
-    arch = meta["architecture"]
-    if not isinstance(arch, dict):
-        raise bad("architecture", "must be a JSON object of VisionTransformer arguments")
-    if arch.get("family", "timm-vit") != "timm-vit":
-        raise bad("architecture", f"family {arch.get('family')!r} is not supported (only timm-vit)")
-    if int(arch.get("num_classes", -1)) != len(classes):
-        raise bad("architecture", f"num_classes {arch.get('num_classes')} != {len(classes)} class_names")
-    if "img_size" in arch and int(arch["img_size"]) != ints["input_size"]:
-        raise bad("input_size", f"{ints['input_size']} differs from architecture img_size {arch['img_size']}")
+            tile_mpp = float(tile_mpp)
+        except ValueError:
+            raise bad("tile_mpp", f"is not a number: {meta['tile_mpp']!r}") from None
+    if isinstance(tile_mpp, bool) or not isinstance(tile_mpp, (int, float)):
+        raise bad("tile_mpp", f"is not a number: {meta['tile_mpp']!r}")
+    tile_mpp = float(tile_mpp)
+    if not (math.isfinite(tile_mpp) and 0 < tile_mpp <= MAX_TILE_MPP):
+        raise bad("tile_mpp", f"must be a finite pixel size in (0, {MAX_TILE_MPP:g}] um/px, got {meta['tile_mpp']!r}")
+    arch = _check_architecture(path, meta["architecture"], len(classes), ints["input_size"], header)
     return CheckpointInfo(
         path=path, sha256=sha256, class_names=tuple(classes), suspicious_classes=tuple(suspicious),
         mean=mean, std=std, input_size=ints["input_size"], tile_size=ints["tile_size"], tile_mpp=tile_mpp,
         architecture=dict(arch), metadata=meta,
     )
+
+
+#: bounds that no student of this project comes near; they stop a hostile header before any allocation
+MAX_IMAGE_SIZE = 4096
+MAX_TILE_MPP = 100.0
+ARCH_INT_FIELDS = {"img_size": (8, MAX_IMAGE_SIZE), "patch_size": (1, MAX_IMAGE_SIZE), "embed_dim": (1, 8192),
+                   "depth": (1, 64), "num_heads": (1, 256), "num_classes": (1, 100_000), "in_chans": (3, 3),
+                   "reg_tokens": (0, 64)}
+ARCH_REQUIRED = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes")
+ARCH_BOOL_FIELDS = ("class_token", "qkv_bias", "qk_norm", "no_embed_class", "pre_norm", "dynamic_img_size")
+ARCH_RATE_FIELDS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+                    "drop_path_rate")
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _int_field(path: Path, name: str, value: Any, low: int, high: int, where: str = "metadata field") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise CheckpointError(f"{path}: {where} {name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise CheckpointError(f"{path}: {where} {name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _tensor_shapes(path: Path, header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if (not isinstance(entry, dict) or not isinstance(entry.get("shape"), list)
+                or not all(isinstance(v, int) and v >= 0 for v in entry["shape"])):
+            raise CheckpointError(f"{path}: unknown checkpoint format (bad safetensors entry for {name!r})")
+        if entry.get("dtype") not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} is {entry.get('dtype')}, expected floating point")
+        shapes[name] = tuple(entry["shape"])
+    return shapes
+
+
+def _check_architecture(path: Path, arch: Any, n_classes: int, input_size: int,
+                        header: dict[str, Any]) -> dict[str, Any]:
+    """Type- and range-check every architecture field, then against the tensors' shapes in the header.
+
+    Everything is decided from the JSON header, before a model is built or a weight is read, so
+    a hostile field cannot make the loader allocate (a 13 TB embedding was once tried)."""
+    where = "architecture field"
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{path}: metadata field architecture must be a JSON object of VisionTransformer arguments")
+    if arch.get("family", "timm-vit") != "timm-vit":
+        raise CheckpointError(f"{path}: metadata field architecture family {arch.get('family')!r} is not supported (only timm-vit)")
+    known = {"family", "mlp_ratio", "global_pool", "init_values", "fc_norm", *ARCH_INT_FIELDS, *ARCH_BOOL_FIELDS,
+             *ARCH_RATE_FIELDS}
+    unknown = sorted(set(arch) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: {where} {unknown[0]} is not supported (known: {', '.join(sorted(known))})")
+    missing = [k for k in ARCH_REQUIRED if k not in arch]
+    if missing:
+        raise CheckpointError(f"{path}: metadata field architecture lacks {', '.join(missing)}")
+    a = dict(arch)
+    for name, (low, high) in ARCH_INT_FIELDS.items():
+        if name in a:
+            a[name] = _int_field(path, name, a[name], low, high, where)
+    for name in ARCH_BOOL_FIELDS:
+        if name in a and not isinstance(a[name], bool):
+            raise CheckpointError(f"{path}: {where} {name} must be true or false, got {a[name]!r}")
+    if "fc_norm" in a and a["fc_norm"] is not None and not isinstance(a["fc_norm"], bool):
+        raise CheckpointError(f"{path}: {where} fc_norm must be true, false or null, got {a['fc_norm']!r}")
+    for name in ARCH_RATE_FIELDS:
+        v = a.get(name, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise CheckpointError(f"{path}: {where} {name} must be a number in [0, 1), got {v!r}")
+    ratio = a.get("mlp_ratio", 4.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (math.isfinite(ratio) and 0 < ratio <= 16):
+        raise CheckpointError(f"{path}: {where} mlp_ratio must be a number in (0, 16], got {ratio!r}")
+    init = a.get("init_values")
+    if init is not None and (isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init)):
+        raise CheckpointError(f"{path}: {where} init_values must be a number or null, got {init!r}")
+    if a.get("global_pool", "token") not in GLOBAL_POOLS:
+        raise CheckpointError(f"{path}: {where} global_pool must be one of {GLOBAL_POOLS}, got {a.get('global_pool')!r}")
+    if a["num_classes"] != n_classes:
+        raise CheckpointError(f"{path}: metadata field architecture num_classes {a['num_classes']} != {n_classes} class_names")
+    if a["img_size"] != input_size:
+        raise CheckpointError(f"{path}: metadata field input_size {input_size} differs from architecture img_size {a['img_size']}")
+    if a["img_size"] % a["patch_size"]:
+        raise CheckpointError(f"{path}: {where} img_size {a['img_size']} is not a multiple of patch_size {a['patch_size']}")
+    if a["embed_dim"] % a["num_heads"]:
+        raise CheckpointError(f"{path}: {where} embed_dim {a['embed_dim']} is not divisible by num_heads {a['num_heads']}")
+
+    shapes = _tensor_shapes(path, header)
+    dim, patch = a["embed_dim"], a["patch_size"]
+    prefix = int(a.get("class_token", True)) + a.get("reg_tokens", 0)
+    n_pos = (a["img_size"] // patch) ** 2 + (0 if a.get("no_embed_class", False) else prefix)
+    expected = {
+        "patch_embed.proj.weight": (dim, 3, patch, patch),
+        "pos_embed": (1, n_pos, dim),
+        "head.weight": (a["num_classes"], dim),
+        "blocks.0.mlp.fc1.weight": (int(dim * ratio), dim),
+        f"blocks.{a['depth'] - 1}.attn.qkv.weight": (3 * dim, dim),
+    }
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise CheckpointError(f"{path}: weights do not match the architecture (lacks tensor {name})")
+        if shapes[name] != shape:
+            raise CheckpointError(f"{path}: weights do not match the architecture (tensor {name} has shape "
+                                  f"{shapes[name]}, architecture needs {shape})")
+    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if blocks != set(range(a["depth"])):
+        extra = sorted(blocks - set(range(a["depth"])))
+        raise CheckpointError(f"{path}: weights do not match the architecture (has unexpected tensor blocks.{extra[0]}.*; "
+                              f"architecture depth is {a['depth']})")
+    return a
 
 
 def read_checkpoint_info(path: str | Path | None = None) -> CheckpointInfo:
@@ -243,9 +347,37 @@ def load_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
                                   f"{tuple(state[k].shape)}, architecture needs {tuple(v.shape)})")
         if not state[k].is_floating_point():
             raise CheckpointError(f"{info.path}: tensor {k} is {state[k].dtype}, expected floating point")
+    _check_finite(info.path, state)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     model.eval()
     return LoadedCheckpoint(model=model, info=info)
+
+
+def _check_finite(path: Path, state: dict) -> None:
+    import torch
+
+    for k, v in state.items():
+        if not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: tensor {k} holds NaN or infinite values (damaged checkpoint); "
+                                  "export it again")
+
+
+_FINITE_OK: set[str] = set()
+
+
+def check_weights(info: CheckpointInfo) -> None:
+    """Refuse weights with NaN/inf before any slide is tiled (once per checkpoint sha256 per process)."""
+    if info.sha256 in _FINITE_OK:
+        return
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(info.path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{info.path}: unreadable safetensors tensors ({str(exc).splitlines()[0]})") from None
+    _check_finite(info.path, state)
+    _FINITE_OK.add(info.sha256)
 
 
 def write_checkpoint(path: str | Path, model, metadata: dict[str, Any]) -> Path:

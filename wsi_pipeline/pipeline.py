@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 from . import store as tile_store
 from .aggregate import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
-from .checkpoint import CheckpointInfo, read_checkpoint_info
+from .checkpoint import CheckpointInfo, check_weights, read_checkpoint_info
 from .errors import OptionError, OutputError, SlideError, WsiTriageError
 from .lock import store_lock
 from .scorer import ScoreConfig, ScoreResult, score_store
@@ -127,6 +127,7 @@ def validate_options(options: RunOptions, info: CheckpointInfo) -> TilerConfig:
     """Every option checked before any work starts (a bad --top-k must not cost a tiling); the tiler config."""
     options.score.validated()
     options.aggregate.validated()
+    check_weights(info)
     if options.lock_wait is not None and not options.lock_wait >= 0:
         raise OptionError(f"lock wait must be >= 0 seconds, got {options.lock_wait}")
     return tiler_config_for(info, options).resolved()

@@ -268,6 +268,9 @@ def score_shard(store_path: str, key: str, index: int, checkpoint_path: str, sha
     sl = tile_store.shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
     tiles = tile_store.read_shard(group, index)
     probs = scoring.predict(tiles, device=device, precision=precision, batch_size=batch_size)
+    if not np.isfinite(probs).all():  # never flag a shard done with NaN scores ("run score again" would not help)
+        raise CheckpointError(f"{checkpoint_path}: the model produced NaN or infinite probabilities for tiles of "
+                              f"shard {index} of {store_path}; the checkpoint is unusable (export it again)")
     scores = group[key]
     scores["probs"][sl] = probs
     scores["shard_done"][index] = True
@@ -449,6 +452,9 @@ def _score_store(
             if first_probs is not None and len(first_probs) != first.stop - first.start:
                 first_probs = None
         sg = _prepare_group(group, key, info, n_tiles, per_shard, n_shards, device, precision, diff)
+        if first_probs is not None and not np.isfinite(first_probs).all():
+            raise CheckpointError(f"{info.path}: the model produced NaN or infinite probabilities on {store_path}; "
+                                  "the checkpoint is unusable (export it again)")
         if first_probs is not None:
             # the precision check already scored all of shard 0 at the chosen precision: keep it
             sg["probs"][first] = first_probs
