@@ -281,8 +281,10 @@ def evaluate_cmd(checkpoints, config, sets, split, out_dir, bench_batches, quiet
 @click.option("--metrics", "metrics_json", type=click.Path(dir_okay=False), help="JSON file of metrics to record.")
 @click.option("--stain", type=click.Choice(["pap", "romanowsky", "he"]),
               help="Stain preset `wsi-triage run` tiles with (default: keep the source's, else pap).")
+@click.option("--placement", type=click.Choice(["grid", "cells"]),
+              help="Tile placement `wsi-triage run` uses (default: keep the source's, else grid).")
 @_user_errors
-def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json, stain):
+def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json, stain, placement):
     """Write a deployable checkpoint from a run folder or model file; export settings can be
     corrected here without retraining."""
     from .export import export
@@ -296,7 +298,7 @@ def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json,
     sus = [s.strip() for s in suspicious.split(",") if s.strip()] if suspicious is not None else None
     try:
         sha = export(source, out, fp16=fp16, suspicious=sus, metrics=metrics, stain=stain, tile_size=tile_size,
-                     tile_mpp=tile_mpp)
+                     tile_mpp=tile_mpp, placement=placement)
     except DistillError as e:
         raise DistillError(f"{source}: {e}" if not str(e).startswith(str(source)) else str(e)) from None
     click.echo(json.dumps({"out": out, "sha256": sha, "bytes": Path(out).stat().st_size}))

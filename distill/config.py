@@ -21,11 +21,12 @@ from .data import AugConfig
 from .errors import DistillError
 from .losses import MDKDConfig
 
-__all__ = ["EXPORT_FIELDS", "MODES", "PATH_FIELDS", "RUNTIME_FIELDS", "STAINS", "TrainConfig", "config_from_dict",
+__all__ = ["EXPORT_FIELDS", "MODES", "PATH_FIELDS", "PLACEMENTS", "RUNTIME_FIELDS", "STAINS", "TrainConfig", "config_from_dict",
            "dataclass_from_dict", "load_config", "run_folder", "training_identity"]
 
 MODES = ("none", "kd", "mdkd")
 STAINS = ("pap", "romanowsky", "he")
+PLACEMENTS = ("grid", "cells")
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,12 @@ class TrainConfig:
     tile_size: int = 128  # px of one slide tile, at tile_mpp, that the model sees (resized to img_size)
     tile_mpp: float | None = None  # um/px of those tiles: the pixel size of the training images
     stain: str | None = None  # pap | romanowsky | he: the foreground preset wsi-triage tiles with
+    placement: str | None = None  # grid | cells: how wsi-triage places tiles (None: the pipeline's default)
     out: str = "runs/{role}"  # run folder; "{role}" becomes teacher or student
 
 
 PATH_FIELDS = ("data", "exclude", "tile_store", "labels_csv", "cache_dir", "teacher", "teacher_init", "out")
-EXPORT_FIELDS = ("suspicious_classes", "tile_size", "tile_mpp", "stain")
+EXPORT_FIELDS = ("suspicious_classes", "tile_size", "tile_mpp", "stain", "placement")
 RUNTIME_FIELDS = ("device", "threads", "bf16", "cache_dir", "out")
 
 
@@ -164,6 +166,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         bad(f"mode {cfg.mode!r}: choose one of {list(MODES)}")
     if cfg.stain is not None and cfg.stain not in STAINS:
         bad(f"stain {cfg.stain!r}: choose one of {list(STAINS)}")
+    if cfg.placement is not None and cfg.placement not in PLACEMENTS:
+        bad(f"placement {cfg.placement!r}: choose one of {list(PLACEMENTS)}")
     if cfg.group_pattern is not None:
         try:
             re.compile(cfg.group_pattern)

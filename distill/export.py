@@ -178,10 +178,11 @@ def extra_metadata(path: str | Path) -> dict[str, str]:
 
 def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list[str] | None = None,
            metrics: dict[str, Any] | None = None, stain: str | None = None, tile_size: int | None = None,
-           tile_mpp: float | None = None) -> str:
+           tile_mpp: float | None = None, placement: str | None = None) -> str:
     """Re-write a trained model file (a run's ``model.safetensors`` or a run folder) for
     deployment, without retraining: optional fp16 weights and new export settings (suspicious
-    classes, tile size / mpp, the ``stain`` preset the pipeline tiles with, metrics). Settings
+    classes, tile size / mpp, the ``stain`` preset and tile ``placement`` the pipeline uses,
+    metrics). Settings
     not given, and any extra metadata key, are kept from the source. Returns sha256."""
     src = Path(src)
     if src.is_dir():
@@ -193,13 +194,18 @@ def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list
         raise DistillError(f"tile_mpp {tile_mpp}: not a pixel size in um/px (0.01 - 100)")
     if stain is not None and stain not in ("pap", "romanowsky", "he"):
         raise DistillError(f"stain {stain!r}: choose one of pap, romanowsky, he")
+    if placement is not None and placement not in ("grid", "cells"):
+        raise DistillError(f"placement {placement!r}: choose grid or cells")
+    if suspicious is not None and not suspicious:
+        raise DistillError("no suspicious classes: wsi-triage needs at least one")
     prov = dict(meta["provenance"])
     if metrics is not None:
         prov["metrics"] = metrics
     prov["exported_from_sha256"] = sha256_file(src)
     prov["weights_dtype"] = "float16" if fp16 else "float32"
     changed = {k: v for k, v in (("suspicious_classes", suspicious), ("tile_size", tile_size),
-                                 ("tile_mpp", tile_mpp), ("stain", stain)) if v is not None}
+                                 ("tile_mpp", tile_mpp), ("stain", stain), ("placement", placement))
+               if v is not None}
     if changed:
         prov["export_overrides"] = changed
     md = extra_metadata(src)
@@ -212,4 +218,6 @@ def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list
     ))
     if stain:
         md["stain"] = str(stain)
+    if placement:
+        md["placement"] = placement
     return write_checkpoint(out, model.state_dict(), md, fp16=fp16)

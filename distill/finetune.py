@@ -253,7 +253,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = True, on_epoch: Callable[[d
             raise DistillError(f"{out}: holds a fine-tune with a different config; use a new --out or --no-resume")
     cfg_path.write_text(json.dumps(cfg_json, indent=1))
     history = fit(model, batch_loss, X, Y, epoch_order, settings, rt, out, score, weight_decay=cfg.weight_decay,
-                  head_lr_mult=cfg.head_lr_mult, resume=resume, on_epoch=on_epoch, progress=progress)
+                  head_lr_mult=cfg.head_lr_mult, decay_embeddings=False, resume=resume, on_epoch=on_epoch, progress=progress)
 
     after = evaluate(model, class_names)
     for k, v in after.items():

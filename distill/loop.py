@@ -57,15 +57,16 @@ def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> floa
 
 
 def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float,
-                 head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on 1-d tensors, position embedding and class token; the head's
-    learning rate scaled by ``head_lr_mult``. Frozen parameters are left out."""
+                 head_lr_mult: float = 1.0, decay_embeddings: bool = True) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-d tensors (nor on the position embedding and class token
+    unless ``decay_embeddings``); the head's learning rate scaled by ``head_lr_mult``. Frozen
+    parameters are left out."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in named:
         if not p.requires_grad:
             continue
         head = name.startswith("head.") and head_lr_mult != 1.0
-        decay = p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+        decay = p.ndim >= 2 and (decay_embeddings or ("pos_embed" not in name and "cls_token" not in name))
         groups.setdefault((head, decay), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_mult": head_lr_mult if head else 1.0}
             for (head, decay), ps in groups.items()]
@@ -90,6 +91,7 @@ def fit(
     extra_modules: dict[str, torch.nn.Module] | None = None,
     weight_decay: float = 0.05,
     head_lr_mult: float = 1.0,
+    decay_embeddings: bool = True,
     resume: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
@@ -105,7 +107,7 @@ def fit(
     extra_modules = extra_modules or {}
     named = list(model.named_parameters()) + [(f"{k}.{n}", p) for k, m in extra_modules.items()
                                               for n, p in m.named_parameters()]
-    opt = torch.optim.AdamW(param_groups(named, weight_decay, head_lr_mult), lr=settings.lr)
+    opt = torch.optim.AdamW(param_groups(named, weight_decay, head_lr_mult, decay_embeddings), lr=settings.lr)
     trainable = [p for _, p in named if p.requires_grad]
     s = settings
     total = s.steps_per_epoch * s.epochs

@@ -85,6 +85,8 @@ def check_training(cfg: TrainConfig, role: str, teacher_meta: dict[str, Any] | N
     if cfg.tile_mpp is None:
         raise DistillError("tile_mpp is not set: give the pixel size (um/px) of the training images, "
                            "which is what wsi-triage tiles slides at")
+    if not cfg.suspicious_classes:
+        raise DistillError(f"suspicious_classes is empty: name the classes wsi-triage should flag, from {plan.class_names}")
     unknown = [c for c in cfg.suspicious_classes if c not in plan.class_names]
     if unknown:
         raise DistillError(f"suspicious classes {unknown} are not among the data's classes {plan.class_names}")

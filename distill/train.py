@@ -102,7 +102,7 @@ def run_training(cfg: TrainConfig, role: str, resume: bool = True,
     out = run_folder(cfg, role)
     cfg_json = _cfg_json(cfg, role)
     _claim_run_folder(out, cfg_json, resume)
-    log.info("%s: %d classes %s, %s", out, len(plan.class_names), plan.counts, rt.reason)
+    log.info("%s: %d classes %s", out, len(plan.class_names), plan.counts)
 
     if teacher is not None:
         teacher_sha = sha256_file(cfg.teacher)
@@ -162,8 +162,9 @@ def run_training(cfg: TrainConfig, role: str, resume: bool = True,
     }
     md = build_metadata(arch, patches.class_names, cfg.suspicious_classes, IMAGENET_MEAN, IMAGENET_STD,
                         size, cfg.tile_size, cfg.tile_mpp, prov)
-    if cfg.stain:
-        md["stain"] = cfg.stain
+    for key in ("stain", "placement"):
+        if getattr(cfg, key):
+            md[key] = getattr(cfg, key)
     final["sha256"] = write_checkpoint(out / "model.safetensors", model.state_dict(), md)
     (out / "result.json").write_text(json.dumps(final, indent=1))
     return final
