@@ -450,10 +450,10 @@ class Layout:
             golden = np.pi * (3 - np.sqrt(5))
             for k in range(n):
                 # Pap: nuclei ~12 um apart, so the 14-19 um cytoplasm bodies touch (a cohesive sheet)
-                r = (0.5 if pap else 0.62) * self.nuc_min * math.sqrt(k + 0.5) * rng.uniform(0.95, 1.1)
+                r = (0.45 if pap else 0.62) * self.nuc_min * math.sqrt(k + 0.5) * rng.uniform(0.95, 1.1)
                 th = k * golden + rng.uniform(-0.2, 0.2)
                 x, y = ccx + r * math.cos(th), ccy + r * math.sin(th)
-                if all((x - a) ** 2 + (y - b) ** 2 >= ((0.75 if pap else 0.9) * self.nuc_min) ** 2 for a, b in pts):
+                if all((x - a) ** 2 + (y - b) ** 2 >= ((0.7 if pap else 0.9) * self.nuc_min) ** 2 for a, b in pts):
                     pts.append((x, y))
         n_grouped = len(pts)
         # Singles, thinned by the local density.
