@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize
+from scipy.stats import bootstrap, mannwhitneyu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,32 +62,59 @@ HELDOUT_LIST = ROOT / "configs" / "pbc_heldout.txt"
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Mann-Whitney AUC = P(score_pos > score_neg) + 0.5 P(equal), from average ranks."""
+    """ROC AUC = P(score_pos > score_neg) + 0.5 P(equal): the Mann-Whitney U of the positives over n_pos * n_neg."""
     pos = np.asarray(pos, dtype=np.float64)
     neg = np.asarray(neg, dtype=np.float64)
     if pos.size == 0 or neg.size == 0:
         return float("nan")
-    values = np.concatenate([pos, neg])
-    uniq, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1  # 1-based rank of the first of each tied group
-    avg_rank = first_rank + (counts - 1) / 2.0
-    rank_sum = avg_rank[inverse[: pos.size]].sum()
-    return float((rank_sum - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size))
+    return float(mannwhitneyu(pos, neg, alternative="two-sided").statistic / (pos.size * neg.size))
 
 
 def bootstrap_auc_ci(pos: np.ndarray, neg: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95 % interval, resampling positives and negatives separately."""
-    rng = np.random.default_rng(seed)
+    """Percentile 95 % interval (scipy.stats.bootstrap), resampling positives and negatives separately."""
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
-    aucs = [roc_auc(rng.choice(pos, pos.size), rng.choice(neg, neg.size)) for _ in range(n_boot)]
-    lo, hi = np.quantile(aucs, [0.025, 0.975])
-    return float(lo), float(hi)
+    if pos.size < 2 or neg.size < 2:
+        return float("nan"), float("nan")
+    res = bootstrap((pos, neg), roc_auc, n_resamples=n_boot, method="percentile", paired=False, vectorized=False,
+                    random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def platt_fit(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Platt scaling: logistic p = 1 / (1 + exp(-(a * s + b))) fitted by maximum likelihood to Platt's
+    smoothed targets ((N+ + 1) / (N+ + 2) and 1 / (N- + 2)), which stay finite when the classes separate."""
+    s = np.asarray(scores, float)
+    y = np.asarray(labels, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    t = np.where(y, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+    def loss(ab):
+        z = ab[0] * s + ab[1]
+        return float(np.sum(np.logaddexp(0, z) - t * z))
+
+    mid = (s[y].min() + s[~y].max()) / 2 if n_pos and n_neg else float(np.median(s))
+    fit = minimize(loss, x0=np.array([10.0, -10.0 * mid]), method="Nelder-Mead",
+                   options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 20000})
+    return {"slope": round(float(fit.x[0]), 4), "intercept": round(float(fit.x[1]), 4)}
 
 
 def centre_tiles(coords: np.ndarray, cx: float, cy: float) -> np.ndarray:
     """Indices of the stored tiles (level-0 x, y, w, h) whose area holds the point (cx, cy)."""
     x, y, w, h = coords[:, 0], coords[:, 1], coords[:, 2], coords[:, 3]
     return np.flatnonzero((x <= cx) & (cx < x + w) & (y <= cy) & (cy < y + h))
+
+
+def own_tile(coords: np.ndarray, cx: float, cy: float) -> int:
+    """The cell's own tile: of the tiles holding its centre, the one whose centre is nearest (-1: none).
+
+    On a grid without overlap that is the one tile holding the centre; with tiles placed on
+    objects it is the tile centred on the cell, not a neighbour's tile that happens to reach it."""
+    idx = centre_tiles(coords, cx, cy)
+    if idx.size == 0:
+        return -1
+    c = coords[idx]
+    d = np.hypot(c[:, 0] + c[:, 2] / 2.0 - cx, c[:, 1] + c[:, 3] / 2.0 - cy)
+    return int(idx[np.argmin(d)])
 
 
 @dataclass
@@ -104,7 +133,8 @@ class SlideEval:
     foreground_missed: int
     synth_seconds: float
     run_seconds: float
-    tiles_by_class: dict[str, list[int]] | None = None  # class -> [cells in a tile, of them flagged]
+    tiles_by_class: dict[str, list[int]] | None = None  # class -> [cells with an own tile, of them flagged, cells]
+    raw_score: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -123,30 +153,29 @@ def evaluate_store(store: Path, truth: dict, info: CheckpointInfo, threshold: fl
     suspicion = tile_suspicion(probs, attrs["class_names"], attrs["suspicious_classes"])
     flagged = suspicion >= threshold
     holds_planted = np.zeros(n, dtype=bool)
-    planted = detected = missed = 0
-    for cell in truth["cells"]:
-        if not cell["suspicious"]:
-            continue
-        x, y, w, h = cell["bbox"]
-        idx = centre_tiles(coords, x + w / 2.0, y + h / 2.0)
-        planted += 1
-        if idx.size == 0:
-            missed += 1
-            continue
-        holds_planted[idx] = True
-        detected += bool(flagged[idx].any())
-    # what the model fires on: per class, cells inside a stored tile and those whose tile is flagged
-    # (the planted classes' figures are the detection rate); last, tiles holding no listed cell
-    by_class: dict[str, list[int]] = {}
     holds_cell = np.zeros(n, dtype=bool)
+    planted = detected = missed = 0
+    # per class: [cells with a tile of their own, of them flagged, cells]; last, tiles holding no listed cell
+    by_class: dict[str, list[int]] = {}
     for cell in truth["cells"]:
         x, y, w, h = cell["bbox"]
-        idx = centre_tiles(coords, x + w / 2.0, y + h / 2.0)
-        holds_cell[idx] = True
-        tally = by_class.setdefault(cell["class"], [0, 0])
-        tally[0] += int(idx.size > 0)
-        tally[1] += int(flagged[idx].any())
-    by_class["(tiles without a listed cell)"] = [int((~holds_cell).sum()), int((flagged & ~holds_cell).sum())]
+        cx, cy = x + w / 2.0, y + h / 2.0
+        holds_cell[centre_tiles(coords, cx, cy)] = True
+        own = own_tile(coords, cx, cy)
+        tally = by_class.setdefault(cell["class"], [0, 0, 0])
+        tally[2] += 1
+        if own >= 0:
+            tally[0] += 1
+            tally[1] += int(flagged[own])
+        if cell["suspicious"]:
+            planted += 1
+            if own < 0:
+                missed += 1
+                continue
+            holds_planted[centre_tiles(coords, cx, cy)] = True
+            detected += int(flagged[own])
+    by_class["(tiles without a listed cell)"] = [int((~holds_cell).sum()), int((flagged & ~holds_cell).sum()),
+                                                 int((~holds_cell).sum())]
     return {"n_tiles": n, "n_tiles_flagged": int(flagged.sum()), "tiles_by_class": by_class,
             "n_tiles_flagged_clean": int((flagged & ~holds_planted).sum()), "n_tiles_clean": int((~holds_planted).sum()),
             "planted": planted, "detected": detected, "foreground_missed": missed}
@@ -180,12 +209,14 @@ def summarise(slides: list[SlideEval], threshold: float) -> dict[str, Any]:
 
     by_class: dict[str, list[int]] = {}
     for s in slides:
-        for cls, (held, flag) in (s.tiles_by_class or {}).items():
-            tally = by_class.setdefault(cls, [0, 0])
+        for cls, (held, flag, total) in (s.tiles_by_class or {}).items():
+            tally = by_class.setdefault(cls, [0, 0, 0])
             tally[0] += held
             tally[1] += flag
+            tally[2] += total
     return {
-        "flag_rate_by_class": {c: {"n": t, "flagged": f, "rate": _rate(f, t)} for c, (t, f) in sorted(by_class.items())},
+        "flag_rate_by_class": {c: {"n": t, "flagged": f, "rate": _rate(f, t), "cells": a, "coverage": _rate(t, a)}
+                               for c, (t, f, a) in sorted(by_class.items())},
         "slide_auc": auc, "slide_auc_ci95": list(ci),
         "scores": {"positive": dist(ps), "negative": dist(ns)},
         "errors": sum(1 for s in slides if s.status == "error"),
@@ -197,6 +228,12 @@ def summarise(slides: list[SlideEval], threshold: float) -> dict[str, Any]:
         "negative_tiles": neg_tiles, "negative_tiles_flagged": neg_flagged,
         "fp_rate_negative_tiles": _rate(neg_flagged, neg_tiles),
         "fp_rate_clean_tiles_of_positives": _rate(pos_clean_flagged, pos_clean),
+        # the documented decision point: slide score 0.5
+        "positives_at_or_above_0_5": _rate(int(np.sum(ps >= 0.5)), ps.size),
+        "negatives_below_0_5": _rate(int(np.sum(ns < 0.5)), ns.size),
+        "raw_scores": {"positive": [s.raw_score for s in pos], "negative": [s.raw_score for s in neg]},
+        "tiles_per_slide": float(np.mean([s.n_tiles for s in slides])) if slides else None,
+        "pipeline_seconds": round(sum(s.run_seconds for s in slides), 1),
     }
 
 
@@ -229,6 +266,13 @@ def _matches(truth_json: Path, cfg: SynthConfig) -> bool:
             c.get("suspicious")) == (cfg.width, cfg.height, cfg.seed, cfg.fraction, cfg.mpp, list(cfg.suspicious))
 
 
+def tuning_list(pool_root: Path) -> tuple[str, ...]:
+    """The PBC images NOT held out (the training pool): relpaths under ``pool_root`` minus configs/pbc_heldout.txt."""
+    held = set(read_cell_list(str(HELDOUT_LIST)))
+    return tuple(sorted(str(p.relative_to(pool_root)) for p in pool_root.glob("*/*.jpg")
+                        if str(p.relative_to(pool_root)) not in held))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20, help="positive smears, and as many negative ones")
@@ -242,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", default=None, help="ImageFolder of cell images [default: ../shared/data/pbc]")
     ap.add_argument("--cell-list", default=None,
                     help="relpaths under --cells to use [default with ../shared/data/pbc: configs/pbc_heldout.txt]")
+    ap.add_argument("--pool", choices=["heldout", "tuning"], default="heldout",
+                    help="with ../shared/data/pbc: held-out cells (evaluation) or the training pool (tuning and "
+                         "calibration; use another --seed)")
+    ap.add_argument("--tiling", choices=["grid", "cells", "both"], default="both",
+                    help="tile placement(s) to evaluate on the same smears, side by side")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="fit the logistic calibration of each placement's raw slide score (Platt) on these smears "
+                         "and print it (for wsi_pipeline/object_outputs.CALIBRATION; use --pool tuning)")
     ap.add_argument("--threshold", type=float, default=0.5, help="tile suspicion that counts as flagged")
     ap.add_argument("--workers", type=int, default=None, help="scoring and tiling workers [default: CPU count]")
     ap.add_argument("--out", type=Path, default=None, help="keep smears and stores here [default: temporary]")
@@ -250,9 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be >= 1")
+    placements = ["grid", "cells"] if args.tiling == "both" else [args.tiling]
 
     t_all = time.perf_counter()
     out = args.out or Path(tempfile.mkdtemp(prefix="wsi-triage-eval-"))
+    results: dict[str, list[SlideEval]] = {p: [] for p in placements}
+    synth_total = 0.0
     try:
         width, height = parse_size(args.size)
         # Score every slide with one frozen copy: a checkpoint file replaced during the run
@@ -265,53 +320,44 @@ def main(argv: list[str] | None = None) -> int:
         if info.sha256 != source.sha256:
             raise WsiTriageError(f"{source.path}: the checkpoint changed while it was being copied; run again")
         cells, listed, cells_desc = cell_source(args.cells, args.cell_list)
+        list_name = args.cell_list or (str(HELDOUT_LIST) if listed else None)
+        if args.pool == "tuning":
+            if cells is None or args.cells:
+                raise WsiTriageError("--pool tuning needs ../shared/data/pbc (and no --cells)")
+            listed = tuning_list(cells)
+            list_name = "training pool (pbc minus configs/pbc_heldout.txt)"
+            cells_desc = f"{cells} restricted to the {list_name}"
         pool = list_cells(cells, listed)
         suspicious = tuple(c for c in info.suspicious_classes if c in pool.classes)
         if not suspicious:
             raise WsiTriageError(f"{info.path}: suspicious classes {list(info.suspicious_classes)} have no cell "
                                  f"images in {pool.root} (classes: {', '.join(pool.classes)})")
-        options = RunOptions(checkpoint=info.path, tile_workers=args.workers,
-                             score=ScoreConfig(scheduler="threads", workers=args.workers))
         plan = []
         for i in range(args.n):
             plan.append(("positive", args.seed + 2 * i, args.fraction))
             plan.append(("negative", args.seed + 2 * i + (0 if args.twins else 1), 0.0))
-        results: list[SlideEval] = []
         for k, (label, seed, fraction) in enumerate(plan):
             slide = out / "smears" / f"{label[:3]}-{seed}.tiff"
             cfg = SynthConfig(width=width, height=height, mpp=args.mpp, seed=seed, cells=cells, cell_list=listed,
-                              cell_list_name=args.cell_list or (str(HELDOUT_LIST) if listed else None),
-                              suspicious=suspicious, fraction=fraction)
+                              cell_list_name=list_name, suspicious=suspicious, fraction=fraction)
             truth_json = truth_paths(slide)[0]
             t0 = time.perf_counter()
             if not (slide.is_file() and _matches(truth_json, cfg)):
                 synthesize(slide, cfg)
             synth_s = time.perf_counter() - t0
+            synth_total += synth_s
             truth = json.loads(truth_json.read_text())
             if truth["label"] != label:  # e.g. a positive too small to hold a planted cell
                 print(f"note: {slide.name} came out {truth['label']}; evaluated as such", file=sys.stderr)
                 label = truth["label"]
-            try:
-                run = run_slide(slide, out / "triage", options, info=info)
-            except WsiTriageError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                results.append(SlideEval(slide.name, label, seed, "error", None, 0, 0, 0, 0,
-                                         sum(c["suspicious"] for c in truth["cells"]), 0, 0, synth_s, 0.0))
-                continue
-            if run.steps["score"]["key"] != scores_key(info.sha256):
-                raise WsiTriageError(f"{run.store}: scored as {run.steps['score']['key']}, expected "
-                                     f"{scores_key(info.sha256)} ({frozen})")
-            counts = evaluate_store(run.store, truth, info, args.threshold)
-            # a slide without tissue tiles gets the lowest possible score, as triage would rank it last
-            score = run.score if run.score is not None else 0.0
-            results.append(SlideEval(slide.name, label, seed, run.status, score, synth_seconds=round(synth_s, 2),
-                                     run_seconds=round(run.seconds, 2), **counts))
-            r = results[-1]
-            if args.verbose:
-                print(f"[{k + 1:>3}/{len(plan)}] {r.slide:<16} score {r.score:.4f}  tiles {r.n_tiles:>5}  "
-                      f"flagged {r.n_tiles_flagged:>4}  planted {r.planted:>3}  detected {r.detected:>3}  "
-                      f"missed {r.foreground_missed:>2}  synth {synth_s:5.1f}s  run {run.seconds:5.1f}s",
-                      file=sys.stderr, flush=True)
+            for placement in placements:
+                r = _evaluate_slide(slide, truth, label, seed, placement, out, info, frozen, args)
+                results[placement].append(r)
+                if args.verbose:
+                    print(f"[{k + 1:>3}/{len(plan)}] {placement:<5} {r.slide:<16} score {r.score:.4f}  "
+                          f"tiles {r.n_tiles:>5}  flagged {r.n_tiles_flagged:>4}  planted {r.planted:>3}  "
+                          f"detected {r.detected:>3}  missed {r.foreground_missed:>2}  run {r.run_seconds:5.1f}s",
+                          file=sys.stderr, flush=True)
     except WsiTriageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -319,23 +365,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
 
-    summary = summarise(results, args.threshold)
     wall = time.perf_counter() - t_all
-    synth_total = sum(r.synth_seconds for r in results)
-    run_total = sum(r.run_seconds for r in results)
-    tiles_total = sum(r.n_tiles for r in results)
     doc = {
         "checkpoint": str(source.path), "checkpoint_sha12": info.sha12, "class_names": list(info.class_names),
         "suspicious_classes": list(info.suspicious_classes), "planted_classes": list(suspicious),
         "cells": cells_desc, "n_per_label": args.n, "size": [width, height], "mpp": args.mpp,
         "fraction": args.fraction, "base_seed": args.seed, "twins": args.twins,
-        "slide_score": AggregateConfig().method, **summary,
-        "runtime": {"wall_seconds": round(wall, 1), "synth_seconds": round(synth_total, 1),
-                    "pipeline_seconds": round(run_total, 1), "tiles": tiles_total,
-                    "pipeline_seconds_per_slide": round(run_total / max(len(results), 1), 2),
-                    "cpus": os.cpu_count()},
-        "slides": [r.as_dict() for r in results],
+        "slide_score": AggregateConfig().method, "top_k": AggregateConfig().top_k,
+        "placements": {p: summarise(results[p], args.threshold) for p in placements},
+        "runtime": {"wall_seconds": round(wall, 1), "synth_seconds": round(synth_total, 1), "cpus": os.cpu_count()},
+        "slides": {p: [r.as_dict() for r in results[p]] for p in placements},
     }
+    if args.calibrate:
+        doc["calibration"] = {}
+        for p in placements:
+            rs = [r for r in results[p] if r.raw_score is not None]
+            fit = platt_fit(np.array([r.raw_score for r in rs]), np.array([r.label == "positive" for r in rs]))
+            doc["calibration"][p] = {**fit, "method": AggregateConfig().method, "top_k": AggregateConfig().top_k,
+                                     "fitted_on": f"{len(rs)} smears, {cells_desc}, seeds from {args.seed}, "
+                                                  f"{width}x{height} px at {args.mpp} um/px"}
     print_summary(doc)
     if args.json:
         text = json.dumps(doc, indent=2)
@@ -346,6 +394,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _evaluate_slide(slide: Path, truth: dict, label: str, seed: int, placement: str, out: Path,
+                    info: CheckpointInfo, frozen: Path, args) -> SlideEval:
+    """Run one smear through the pipeline with one placement and count what it found."""
+    options = RunOptions(checkpoint=info.path, tile_workers=args.workers, tiling=placement,
+                         score=ScoreConfig(scheduler="threads", workers=args.workers))
+    try:
+        run = run_slide(slide, out / f"triage-{placement}", options, info=info)
+    except WsiTriageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return SlideEval(slide.name, label, seed, "error", None, 0, 0, 0, 0,
+                         sum(c["suspicious"] for c in truth["cells"]), 0, 0, 0.0, 0.0)
+    if run.steps["score"]["key"] != scores_key(info.sha256):
+        raise WsiTriageError(f"{run.store}: scored as {run.steps['score']['key']}, expected "
+                             f"{scores_key(info.sha256)} ({frozen})")
+    counts = evaluate_store(run.store, truth, info, args.threshold)
+    # a slide without tissue tiles gets the lowest possible score, as triage would rank it last
+    score = run.score if run.score is not None else 0.0
+    raw = (run.summary or {}).get("score", {}).get("raw", run.score)
+    return SlideEval(slide.name, label, seed, run.status, score, synth_seconds=0.0,
+                     run_seconds=round(run.seconds, 2), raw_score=0.0 if raw is None else raw, **counts)
+
+
 def _fmt(v: float | None, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
@@ -354,44 +424,67 @@ def _fmt(v: float | None, pct: bool = False) -> str:
 
 def print_summary(doc: dict[str, Any]) -> None:
     rt = doc["runtime"]
+    places = list(doc["placements"])
     print(f"checkpoint {Path(doc['checkpoint']).name} ({doc['checkpoint_sha12']}), "
-          f"suspicious: {', '.join(doc['suspicious_classes'])}")
+          f"suspicious: {', '.join(doc['suspicious_classes'])}; slide score: {doc['slide_score']} "
+          f"(k={doc['top_k']}; over objects for cells)")
     print(f"smears: {doc['n_per_label']} positive + {doc['n_per_label']} negative, "
           f"{doc['size'][0]}x{doc['size'][1]} px at {doc['mpp']} um/px, fraction {doc['fraction']}, "
           f"{'twin' if doc['twins'] else 'independent'} seeds from {doc['base_seed']}; cells: {doc['cells']}")
     print()
-    print(f"{'slide scores':<14} {'n':>3} {'min':>7} {'q25':>7} {'median':>7} {'q75':>7} {'max':>7}")
-    for label in ("positive", "negative"):
-        d = doc["scores"][label]
-        if d:
-            print(f"{label:<14} {d['n']:>3} {d['min']:>7.4f} {d['q25']:>7.4f} {d['median']:>7.4f} "
-                  f"{d['q75']:>7.4f} {d['max']:>7.4f}")
+    for p in places:
+        d = doc["placements"][p]
+        print(f"slide scores ({p})  n     min     q25  median     q75     max")
+        for label in ("positive", "negative"):
+            q = d["scores"][label]
+            if q:
+                print(f"  {label:<17} {q['n']:>2} {q['min']:>7.4f} {q['q25']:>7.4f} "
+                      f"{q['median']:>7.4f} {q['q75']:>7.4f} {q['max']:>7.4f}")
     print()
-    lo, hi = doc["slide_auc_ci95"]
-    t = doc["threshold"]
-    rows = [
-        ("slide ROC AUC", f"{_fmt(doc['slide_auc'])}  (bootstrap 95 % CI {_fmt(lo)}-{_fmt(hi)})"),
-        (f"planted cells detected (tile >= {t})",
-         f"{_fmt(doc['detection_rate'], True)}  ({doc['detected_cells']}/{doc['planted_cells']})"),
-        ("  ... of cells inside a stored tile", _fmt(doc["detection_rate_in_tiles"], True)),
-        ("planted cells in no stored tile", f"{doc['foreground_missed_cells']}/{doc['planted_cells']}"),
-        (f"FP rate: negative-slide tiles >= {t}",
-         f"{_fmt(doc['fp_rate_negative_tiles'], True)}  ({doc['negative_tiles_flagged']}/{doc['negative_tiles']})"),
-        ("  positive-slide tiles without a planted cell", _fmt(doc["fp_rate_clean_tiles_of_positives"], True)),
-        ("slides failed / without tissue", f"{doc['errors']} / {doc['empty']}"),
-        ("runtime", f"{rt['wall_seconds']:.0f} s wall: synth {rt['synth_seconds']:.0f} s, pipeline "
-                    f"{rt['pipeline_seconds']:.0f} s ({rt['pipeline_seconds_per_slide']:.1f} s/slide, "
-                    f"{rt['tiles']} tiles), {rt['cpus']} CPUs"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    print()
-    print(f"cells of each class, all slides: share whose tile (holding the centre) has suspicion >= {t}")
-    for cls, d in doc["flag_rate_by_class"].items():
-        mark = " (planted)" if cls in doc["planted_classes"] else ""
-        print(f"  {cls + mark:<28} {_fmt(d['rate'], True):>8}  ({d['flagged']}/{d['n']})")
+    t = next(iter(doc["placements"].values()))["threshold"]
 
+    def row(d: dict) -> dict[str, str]:
+        lo, hi = d["slide_auc_ci95"]
+        return {
+            "slide ROC AUC (bootstrap 95 % CI)": f"{_fmt(d['slide_auc'])} ({_fmt(lo)}-{_fmt(hi)})",
+            f"planted cells detected (own tile >= {t})":
+                f"{_fmt(d['detection_rate'], True)} ({d['detected_cells']}/{d['planted_cells']})",
+            "planted cells without a tile": f"{d['foreground_missed_cells']}/{d['planted_cells']}",
+            f"negative-slide tiles >= {t}":
+                f"{_fmt(d['fp_rate_negative_tiles'], True)} ({d['negative_tiles_flagged']}/{d['negative_tiles']})",
+            "positives scoring >= 0.5": _fmt(d["positives_at_or_above_0_5"], True),
+            "negatives scoring < 0.5": _fmt(d["negatives_below_0_5"], True),
+            "tiles per slide": f"{d['tiles_per_slide']:.1f}" if d["tiles_per_slide"] is not None else "-",
+            "pipeline time, all slides": f"{d['pipeline_seconds']:.0f} s",
+            "slides failed / without tissue": f"{d['errors']} / {d['empty']}",
+        }
+
+    rows = {p: row(doc["placements"][p]) for p in places}
+    keys = list(next(iter(rows.values())))
+    width = max(len(k) for k in keys)
+    print(f"{'':<{width}}  " + "  ".join(f"{p:<24}" for p in places))
+    for k in keys:
+        print(f"{k:<{width}}  " + "  ".join(f"{rows[p][k]:<24}" for p in places))
+    print()
+    print(f"normal cells falsely suspicious: share of the cells of each class with their own tile whose tile has "
+          f"suspicion >= {t} (coverage: share of the class's cells that have a tile)")
+    classes = sorted({c for p in places for c in doc["placements"][p]["flag_rate_by_class"]})
+    print(f"  {'class':<30}" + "".join(f"{p + ' rate':>22}{p + ' coverage':>16}" for p in places))
+    for cls in classes:
+        mark = " (planted)" if cls in doc["planted_classes"] else ""
+        cells = []
+        for p in places:
+            d = doc["placements"][p]["flag_rate_by_class"].get(cls)
+            cells.append(f"{_fmt(d['rate'], True) + ' (' + str(d['flagged']) + '/' + str(d['n']) + ')':>22}"
+                         f"{_fmt(d['coverage'], True):>16}" if d else f"{'-':>22}{'-':>16}")
+        print(f"  {cls + mark:<30}" + "".join(cells))
+    print()
+    print(f"runtime: {rt['wall_seconds']:.0f} s wall (synth {rt['synth_seconds']:.0f} s), {rt['cpus']} CPUs")
+    if doc.get("calibration"):
+        print()
+        print("calibration (Platt, raw slide score -> p = 1 / (1 + exp(-(slope * raw + intercept)))):")
+        for p, c in doc["calibration"].items():
+            print(f"  {p}: {json.dumps(c)}")
 
 if __name__ == "__main__":
     sys.exit(main())

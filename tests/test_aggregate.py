@@ -92,8 +92,10 @@ def test_aggregate_writes_outputs_consistent_with_the_scores(scored, tmp_path):
     grid = np.asarray(group["grid"][:])
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
-    assert summary["score"] == {"value": pytest.approx(np.sort(susp)[-5:].mean(), abs=1e-5),
-                                "method": "topk_mean", "settings": {"top_k": 5}}
+    top5 = np.sort(susp)[-5:].mean()
+    assert summary["score"] == {"value": pytest.approx(top5, abs=1e-5), "raw": pytest.approx(top5, abs=1e-5),
+                                "method": "topk_mean", "settings": {"top_k": 5}, "over": "tiles",
+                                "calibration": None}  # a grid store, a checkpoint without a calibration
     assert summary["tiles"]["n_tiles"] == meta["n_tiles"] == len(susp)
     top = summary["top_tiles"]
     assert len(top) == 6 and [t["suspicion"] for t in top] == sorted((t["suspicion"] for t in top), reverse=True)
@@ -197,3 +199,74 @@ def test_results_and_synthetic_truth_share_class_colours():
     for name in ("ig", "neutrophil", "thyroid-follicular", "Pen mark"):
         assert colours[name] == class_colour(name)
     assert class_colour("ig") != class_colour("neutrophil")
+
+
+# --------------------------------------------------------------------------- aggregation by object ("cells" stores)
+
+
+@pytest.fixture(scope="module")
+def cells_scored(tmp_path_factory):
+    """A synthetic smear of real cells tiled with the cells placement and scored with the demo student."""
+    from pipeline_util import cells_dir, smear
+
+    from wsi_pipeline.checkpoint import read_checkpoint_info
+
+    root = tmp_path_factory.mktemp("aggregate-cells")
+    cells = cells_dir(None)
+    if cells is not None:
+        pytest.skip("the shipped cells are needed for this smear")
+    slide = root / "smear.tiff"
+    smear(slide, cells, fraction=0.3, seed=5, size=1536)
+    info = read_checkpoint_info(None)
+    config = TilerConfig(target_mpp=info.tile_mpp, tile_size=info.tile_size, stain="romanowsky", tiling="cells")
+    store = tile_slide(slide, root / "out", config, workers=1).path
+    result = score_store(store, info.path)
+    return {"root": root, "store": store, "sha": result.checkpoint_sha256}
+
+
+def test_object_suspicion_is_the_max_over_its_tiles():
+    from wsi_pipeline.object_outputs import object_best_tile, object_suspicion
+
+    s = np.array([0.1, 0.7, 0.3, 0.2, 0.9], np.float32)
+    owner = np.array([0, 0, 1, 1, 2])
+    np.testing.assert_allclose(object_suspicion(s, owner, 3), [0.7, 0.3, 0.9])
+    assert list(object_best_tile(s, owner, 3)) == [1, 2, 4]
+
+
+def test_cells_store_is_aggregated_by_object(cells_scored, tmp_path):
+    from wsi_pipeline.objects import read_objects
+
+    group = tile_store.open_store(cells_scored["store"])
+    objects, tile_object = read_objects(group)
+    probs, attrs = read_scores(group, cells_scored["sha"])
+    suspicion = tile_suspicion(probs, attrs["class_names"], attrs["suspicious_classes"])
+    per_object = np.array([suspicion[tile_object == i].max() for i in range(len(objects))])
+    result = aggregate_store(cells_scored["store"], tmp_path / "agg", AggregateConfig(top_k=3))
+    summary = result.summary
+    assert summary["score"]["over"] == "objects"
+    expected = float(np.sort(per_object)[-3:].mean())
+    assert summary["score"]["raw"] == pytest.approx(expected, abs=1e-5)
+    obj = summary["objects"]
+    assert obj["n_objects"] == len(objects) < summary["tiles"]["n_tiles"] + 1
+    assert obj["above_threshold"] == int(np.sum(per_object > 0.5))
+    assert obj["fraction_above"] == pytest.approx(np.mean(per_object > 0.5), abs=1e-6)
+    assert obj["singles"] + obj["groups"] == len(objects)
+    top = obj["top_objects"][0]
+    assert top["suspicion"] == pytest.approx(per_object.max(), abs=1e-5)
+    # GeoJSON: one detection per object, its box, measurements
+    features = json.loads(result.paths["geojson"].read_text())["features"]
+    assert len(features) == len(objects)
+    ring = features[top["object"]]["geometry"]["coordinates"][0]
+    x, y, w, h = objects.bbox[top["object"]]
+    assert ring[0] == [int(x), int(y)] and ring[2] == [int(x + w), int(y + h)]
+    m = features[top["object"]]["properties"]["measurements"]
+    assert m["suspicion"] == pytest.approx(top["suspicion"], abs=1e-6)
+    assert m["n_tiles"] == int(np.sum(tile_object == top["object"])) and m["area_um2"] > 0
+    # heatmap: object suspicion on the thumbnail grid, highest at the top object's centre
+    heat = np.load(result.paths["heatmap_npy"])
+    assert heat.shape == group["thumbnail"].shape[:2]
+    ds = float(group["thumbnail"].attrs["downsample"])
+    cx, cy = objects.centre[top["object"]]
+    assert heat[int(cy / ds), int(cx / ds)] == pytest.approx(per_object.max(), abs=1e-5)
+    assert np.isnan(heat).mean() > 0.3  # nothing painted far from the objects
+    assert Image.open(result.paths["gallery"]).size[0] > 0

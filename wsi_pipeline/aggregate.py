@@ -26,6 +26,7 @@ import numpy as np
 from . import __version__
 from . import store as tile_store
 from .errors import OutputError, StoreError
+from .object_outputs import aggregate_objects, calibrated, calibration_for
 from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_picture, heatmap_rgba,  # noqa: F401
                       overlay_image, overlay_picture, overlay_png, png_bytes)
 from .scorer import read_scores, scores_key
@@ -241,10 +242,21 @@ def aggregate_store(
         "device": attrs.get("device"),
         "versions": package_versions(),
     }
+    # a "cells" store is aggregated by object (object_outputs.py): score, map, GeoJSON and gallery
+    by_object = aggregate_objects(group, suspicion, probs, class_names, config, provenance, slide_score) if n else None
+    raw = by_object["raw_score"] if by_object else score
+    calibration = calibration_for(attrs.get("checkpoint_sha256"), attrs.get("checkpoint_metadata"),
+                                  "cells" if by_object else "grid", config.method, config.top_k)
+    score = calibrated(raw, calibration) if calibration else raw
+    heat_grid_meta = grid_meta
+    if by_object:
+        heat, heat_grid_meta = by_object["heat"], by_object["heat_grid_meta"]
+        order = by_object["gallery_tiles"]
     summary = {
         "slide": stem,
         "score": {"value": None if score is None else round(score, 6), "method": config.method,
-                  "settings": config.score_settings()},
+                  "settings": config.score_settings(), "over": "objects" if by_object else "tiles",
+                  "raw": None if raw is None else round(raw, 6), "calibration": calibration},
         "tiles": {"n_tiles": n, "n_grid": int(meta.get("n_grid", 0)),
                   "above_threshold": int(np.sum(suspicion > config.threshold)),
                   "threshold": config.threshold, "mean_suspicion": round(float(suspicion.mean()), 6) if n else None},
@@ -253,6 +265,7 @@ def aggregate_store(
         "suspicious_classes": suspicious,
         "class_fractions": {c: round(float(np.mean(argmax == j)), 6) if n else 0.0 for j, c in enumerate(class_names)},
         "top_tiles": top_tiles,
+        **({"objects": by_object["summary"]} if by_object else {}),
         "aggregate_config": dataclasses.asdict(config),
         "aggregation_key": key,
         "provenance": provenance,
@@ -264,7 +277,7 @@ def aggregate_store(
     mask = np.asarray(group["mask"][:])
     downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))
     title = f"{stem}: {config.method} = " + ("n/a" if score is None else f"{score:.3f}")
-    write_atomic(paths["overlay"], overlay_picture(thumbnail, mask, heat, grid_meta, downsample, config.overlay_alpha,
+    write_atomic(paths["overlay"], overlay_picture(thumbnail, mask, heat, heat_grid_meta, downsample, config.overlay_alpha,
                                                    title))
     write_atomic(paths["heatmap_png"], heatmap_picture(heat, title))
     write_atomic(paths["heatmap_npy"], _save_npy(heat))
@@ -272,8 +285,8 @@ def aggregate_store(
     tiles = tile_store.read_tiles(group, top_idx) if len(top_idx) else np.zeros((0, 1, 1, 3))  # checked, never fill
     write_atomic(paths["gallery"], gallery_png(tiles, suspicion[top_idx], coords[top_idx],
                                                [class_names[int(argmax[i])] for i in top_idx]))
-    collection = geojson_collection(coords, probs, suspicion, class_names, provenance,
-                                    bounds=meta.get("slide_dimensions"))
+    collection = by_object["geojson"] if by_object else geojson_collection(
+        coords, probs, suspicion, class_names, provenance, bounds=meta.get("slide_dimensions"))
     data = json.dumps(collection, separators=(",", ":")).encode()
     write_atomic(paths["geojson"], gzip.compress(data, mtime=0) if config.geojson_gzip else data)
     write_atomic(paths["summary"], json.dumps(summary, indent=2, default=str).encode())  # last: marks completion
