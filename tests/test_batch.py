@@ -171,3 +171,41 @@ def test_only_failed_reruns_failures_and_a_new_checkpoint_reports_score_changes(
 def test_batch_with_nothing_to_do_is_a_one_line_error(tmp_path):
     res = _batch(tmp_path / "nowhere" / "*.svs", "--out", tmp_path / "o", code=2)
     assert res.stderr.startswith("error: ") and "no slide files found" in res.stderr
+
+
+def test_hostile_names_every_slide_like_entry_and_rerun_seconds(tmp_path):
+    """Formula-like, control-character and non-UTF-8 names; broken links, loops, a folder named
+    like a slide: every entry gets a row, the CSV is inert in a spreadsheet, nothing crashes."""
+    import os
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    src = blob_field(tmp_path / "src.png", seed=4, size=(160, 128), n=6)
+    for name in ["=cmd|' -c calc'!A0.png", "@SUM(1+1).png", "a\rb.png", "-2+3.png"]:
+        shutil.copyfile(src, folder / name)
+    shutil.copyfile(src, os.fsencode(folder) + b"/bad\xff.png")
+    os.symlink("nowhere.svs", folder / "gone.svs")
+    os.symlink("loop.svs", folder / "loop.svs")
+    (folder / "dir.svs").mkdir()
+    ckpt = random_checkpoint(tmp_path / "a.safetensors", seed=0)
+    out = tmp_path / "out"
+    _batch(folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--quiet", code=1)
+    raw = (out / "triage.csv").read_bytes()
+    rows = _csv(out / "triage.csv")
+    assert len(rows) == 8 and raw.count(b"\n") == 9  # one line per slide: no CR/LF splits a row
+    by_slide = {r["slide"]: r for r in rows}
+    for cell in ("'=cmd|' -c calc'!A0", "'@SUM(1+1)", "'-2+3", "a\\rb", "bad\\xff"):
+        assert by_slide[cell]["status"] == "ok", (cell, by_slide.get(cell))
+    for r in rows:
+        for value in r.values():
+            assert not value.startswith(("=", "+", "-", "@", "\t", "\r")), value
+    assert "broken symbolic link" in by_slide["gone"]["error"]
+    assert "symbolic link loop" in by_slide["loop"]["error"]
+    assert "is a directory" in by_slide["dir"]["error"]
+    report = _parse_report(out / "report.html")
+    assert len(report.rows) == 8
+    first = {r["slide"]: r["seconds"] for r in rows}
+    _batch(folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--quiet", code=1)
+    again = {r["slide"]: r["seconds"] for r in _csv(out / "triage.csv")}
+    ok = [s for s in first if by_slide[s]["status"] == "ok"]
+    assert {s: again[s] for s in ok} == {s: first[s] for s in ok}  # a rerun keeps each slide's own time

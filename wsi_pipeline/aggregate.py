@@ -26,6 +26,7 @@ import numpy as np
 from . import __version__
 from . import store as tile_store
 from .errors import OutputError, StoreError
+from .names import printable
 from .object_outputs import aggregate_objects, calibrated, calibration_for
 from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_picture, heatmap_rgba,  # noqa: F401
                       overlay_image, overlay_picture, overlay_png, png_bytes)
@@ -276,7 +277,7 @@ def aggregate_store(
     thumbnail = np.asarray(group["thumbnail"][:])
     mask = np.asarray(group["mask"][:])
     downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))
-    title = f"{stem}: {config.method} = " + ("n/a" if score is None else f"{score:.3f}")
+    title = f"{printable(stem)}: {config.method} = " + ("n/a" if score is None else f"{score:.3f}")  # hostile names
     write_atomic(paths["overlay"], overlay_picture(thumbnail, mask, heat, heat_grid_meta, downsample, config.overlay_alpha,
                                                    title))
     write_atomic(paths["heatmap_png"], heatmap_picture(heat, title))

@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import WsiTriageError
+from .names import printable
 
 
 def user_errors(func):
@@ -24,7 +25,7 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except WsiTriageError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever a file name holds
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume", err=True)
@@ -240,6 +241,10 @@ def _run_line(run) -> str:
     done = [name for name in ("tile", "score", "aggregate") if steps.get(name, {}).get("reused")]
     reuse = f"; reused {', '.join(done)}" if done else ""
     if run.status == "error":
+    return printable(_run_text(run))
+
+
+def _run_text(run) -> str:
         return f"{run.stem}: error: {run.error}"
     if run.status == "empty":
         return f"{run.stem}: no tissue tile (score n/a){reuse}"

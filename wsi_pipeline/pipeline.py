@@ -26,6 +26,7 @@ from .aggregate import AggregateConfig, AggregateResult, aggregate_store, read_s
 from .checkpoint import CheckpointInfo, check_weights, read_checkpoint_info
 from .errors import OptionError, OutputError, SlideError, WsiTriageError
 from .lock import store_lock
+from .names import csv_cell, printable
 from .scorer import ScoreConfig, ScoreResult, score_store
 from .tiler import TileResult, TilerConfig, tile_slide
 
@@ -203,14 +204,18 @@ def run_store(store: str | Path, out_dir: str | Path | None, options: RunOptions
 
 
 def find_slides(spec: str | Path) -> list[Path]:
-    """A directory's slide files (not recursive), a glob pattern's matches, or one file."""
+    """A directory's slide files (not recursive), a glob pattern's matches, or one file.
+
+    Every entry whose name looks like a slide is returned, also a broken link, a link loop or a
+    directory named like a slide: each gets a row (an error) instead of vanishing from the batch."""
     path = Path(spec)
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES)]
+        files = [p for p in path.iterdir() if p.name.lower().endswith(SLIDE_SUFFIXES)]
     elif path.is_file():
         files = [path]
     else:
-        files = [Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file()]
+        files = [Path(p) for p in glob.glob(str(spec), recursive=True)
+                 if Path(p).is_file() or Path(p).name.lower().endswith(SLIDE_SUFFIXES)]
     files = sorted(files, key=lambda p: str(p))
     if not files:
         raise SlideError(f"{spec}: no slide files found (directory, glob pattern or file expected)")
@@ -246,19 +251,21 @@ def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
     top = (summary.get("top_tiles") or [None])[0]
     tiles = summary.get("tiles") or {}
     return {
-        "slide": run.stem, "status": run.status, "score": run.score,
+        "slide": printable(run.stem), "status": run.status, "score": run.score,
         "method": (summary.get("score") or {}).get("method"),
         "n_tiles": run.n_tiles, "above_threshold": tiles.get("above_threshold"),
         "top_suspicion": top["suspicion"] if top else None, "top_x": top["x"] if top else None,
         "top_y": top["y"] if top else None, "checkpoint_sha12": sha256[:12],
-        "seconds": round(run.seconds, 3), "error": run.error, "slide_path": str(run.slide),
-        "out_dir": str(run.out_dir) if run.out_dir else None, "store": str(run.store) if run.store else None,
+        "seconds": round(run.seconds, 3), "error": printable(run.error) if run.error else None,
+        "slide_path": printable(str(run.slide)), "out_dir": printable(str(run.out_dir)) if run.out_dir else None,
+        "store": printable(str(run.store)) if run.store else None,
     }
 
 
 def rank_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Scored slides by descending suspicion, then slides without tissue, then failures; rank numbers set."""
     order = {"ok": 0, "empty": 1, "error": 2}
+    # names shown in the CSV, the report and --json: one printable line whatever the file name holds
     ranked = sorted(rows, key=lambda r: (order.get(r["status"], 3), -(r["score"] if r["score"] is not None else -1),
                                          r["slide"]))
     for i, r in enumerate(ranked, 1):
@@ -276,7 +283,7 @@ def triage_csv_bytes(rows: list[dict[str, Any]]) -> bytes:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+        writer.writerow({k: ("" if r.get(k) is None else csv_cell(r.get(k))) for k in CSV_FIELDS})
     return buf.getvalue().encode()
 
 
@@ -284,8 +291,8 @@ def _carried_over(stem: str, record: dict[str, Any], out: Path) -> SlideRun:
     out_dir = out / stem
     return SlideRun(slide=Path(record.get("slide_path") or stem), stem=stem, status=record["status"],
                     store=out / f"{stem}.zarr", out_dir=out_dir, score=record.get("score"),
-                    n_tiles=record.get("n_tiles"), seconds=0.0, steps={"skipped": {"reason": "--only-failed"}},
-                    summary=read_summary(out_dir))
+                    n_tiles=record.get("n_tiles"), seconds=float(record.get("seconds") or 0.0),
+                    steps={"skipped": {"reason": "--only-failed"}}, summary=read_summary(out_dir))
 
 
 def run_batch(
@@ -348,8 +355,11 @@ def run_batch(
         if stem not in seen:
             seen[stem] = slide
             records[stem] = {"status": run.status, "score": run.score, "n_tiles": run.n_tiles,
-                             "error": run.error, "slide_path": str(run.slide)}
+                             "error": run.error, "slide_path": str(run.slide), "seconds": round(run.seconds, 3)}
             new_state["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                if (record and record.get("seconds") is not None and run.status != "error"
+                        and all(run.steps.get(s, {}).get("reused") for s in ("tile", "score", "aggregate"))):
+                    run.seconds = float(record["seconds"])  # nothing redone: keep the time the work took
             write_atomic(out / BATCH_STATE, json.dumps(new_state, indent=2, default=str).encode())
         runs.append(run)
         if on_slide:
@@ -357,8 +367,8 @@ def run_batch(
 
     rows = [_row(r, info.sha256) for r in runs]
     prev_scores = (previous or {}).get("scores") or {}
-    for r in rows:
-        before = prev_scores.get(r["slide"])
+    for run, r in zip(runs, rows):
+        before = prev_scores.get(run.stem)
         r["previous_score"] = before
         r["score_change"] = (round(r["score"] - before, 6)
                              if r["score"] is not None and before is not None else None)

@@ -14,6 +14,7 @@ reader threads scale. ``open_slide(..., fast=False)`` turns it off for compariso
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -792,6 +793,13 @@ def open_slide(path: str | Path, mpp: float | None = None, *, fast: bool = True,
     if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
         raise SlideError(f"{shown}: --mpp must be a positive number of um/px, got {mpp}")
     if not path.exists():
+        if path.is_symlink():
+            try:
+                os.stat(path)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise SlideError(f"{shown}: symbolic link loop") from None
+            raise SlideError(f"{shown}: broken symbolic link (points to {os.readlink(path)}, which does not exist)")
         raise SlideError(f"{shown}: no such file")
     if path.is_dir():
         raise SlideError(f"{shown}: is a directory, not a slide file (for MIRAX give the .mrxs "
