@@ -65,7 +65,12 @@ def test_aperio_store_layout_and_pixels(shared_data, tmp_path):
     assert group["coords"].shape == (n, 4) and group["grid"].shape == (n, 2)
     assert group["qc/foreground"].shape == (n,) and group["qc/blur"].shape == (n,)
     assert np.all(np.isfinite(group["qc/blur"][:]))
-    assert np.all(group["qc/foreground"][:] >= meta["tiler_config"]["min_foreground"])
+    # a tile is kept for its foreground fraction or for a nucleus it holds (qc/nuclei)
+    nuclei = group["qc/nuclei"][:]
+    assert nuclei.shape == (n,) and nuclei.dtype == np.int32 and nuclei.sum() > n
+    assert np.all((group["qc/foreground"][:] >= meta["tiler_config"]["min_foreground"]) | (nuclei > 0))
+    assert meta["foreground"]["stain"] == {"requested": "he", "stain": "he", "reason": "given", "evidence": {}}
+    assert meta["foreground"]["preset"]["name"] == "he" and meta["foreground"]["pen_filter"] is True
     assert meta["slide_mpp"]["source"] == "metadata" and abs(meta["slide_mpp"]["x"] - 0.499) < 0.001
     for key in ("slide_path", "slide_fingerprint", "tiler_config_hash", "package_version", "created", "grid"):
         assert meta[key]

@@ -89,7 +89,8 @@ def tiler_options(func):
         click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side in px at the target mpp."),
         click.option("--overlap", type=int, default=0, show_default=True, help="Overlap between tiles in px."),
         click.option("--min-foreground", type=float, default=None, help="Minimum foreground fraction to keep a tile [default: stain preset]."),
-        click.option("--stain", type=click.Choice(["pap", "romanowsky", "he"]), default="pap", show_default=True, help="Stain preset for foreground detection."),
+        click.option("--stain", type=click.Choice(["auto", "pap", "romanowsky", "he"]), default="auto", show_default=True, help="Stain preset for foreground detection (auto: decided from the slide's overview)."),
+        click.option("--no-pen-filter", "pen_filter", is_flag=True, flag_value=False, default=True, help="Keep regions the marker-ink rule would remove."),
         click.option("--codec", type=click.Choice(["jpeg", "lossless"]), default="jpeg", show_default=True, help="Tile codec in the store."),
         click.option("--tiling", type=click.Choice(["grid", "cells"]), default="grid", show_default=True, help="Tile placement: a grid over the foreground, or one tile centred on each nucleated object."),
         click.option("--mpp", type=float, default=None, help="Slide pixel size (um/px) when the file lacks it."),
@@ -151,13 +152,13 @@ def make_progress(total_desc: str, quiet: bool, unit: str = "tile"):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 @user_errors
-def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground, stain, codec, tiling, mpp, workers, quiet,
-                 as_json):
+def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground, stain, pen_filter, codec, tiling, mpp,
+                 workers, quiet, as_json):
     """Tile SLIDE into a zarr v3 tile store (foreground tiles only; resumable)."""
     from .tiler import TilerConfig, tile_slide
 
     config = TilerConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap,
-                         min_foreground=min_foreground, stain=stain, codec=codec, tiling=tiling)
+                         min_foreground=min_foreground, stain=stain, codec=codec, tiling=tiling, pen_filter=pen_filter)
     from .lock import store_lock
     from .store import store_path
 
@@ -169,7 +170,10 @@ def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground,
         "reused": result.reused, "shards_written": result.shards_written,
         "seconds": round(result.seconds, 3), "tiles_per_second": round(result.tiles_per_second, 1),
         "empty_reason": result.empty_reason,
+        "foreground": result.meta.get("foreground"),
     }
+    for line in (result.meta.get("foreground") or {}).get("warnings", []):
+        click.echo(f"warning: {printable(str(slide))}: {line}", err=True)
     if result.empty_reason:
         click.echo(f"warning: {slide}: {result.empty_reason}; wrote an empty store", err=True)
     if as_json:
@@ -237,14 +241,14 @@ def _aggregate_config(method, top_k, quantile, threshold, gallery_k, gzip_geojso
 
 
 def _run_line(run) -> str:
-    steps = run.steps
-    done = [name for name in ("tile", "score", "aggregate") if steps.get(name, {}).get("reused")]
-    reuse = f"; reused {', '.join(done)}" if done else ""
-    if run.status == "error":
     return printable(_run_text(run))
 
 
 def _run_text(run) -> str:
+    steps = run.steps
+    done = [name for name in ("tile", "score", "aggregate") if steps.get(name, {}).get("reused")]
+    reuse = f"; reused {', '.join(done)}" if done else ""
+    if run.status == "error":
         return f"{run.stem}: error: {run.error}"
     if run.status == "empty":
         return f"{run.stem}: no tissue tile (score n/a){reuse}"
@@ -265,7 +269,8 @@ def _run_options(checkpoint, scheduler, score_workers, batch_size, device, preci
 def run_tiling_options(func):
     """Tiling options of run/batch; tile size and mpp come from the checkpoint."""
     options = [
-        click.option("--stain", type=click.Choice(["pap", "romanowsky", "he"]), default=None, help="Stain preset for foreground detection [default: the checkpoint's, else pap]."),
+        click.option("--stain", type=click.Choice(["auto", "pap", "romanowsky", "he"]), default=None, help="Stain preset for foreground detection [default: auto, decided from the slide's overview; a mismatch with the checkpoint's stain is warned]."),
+        click.option("--no-pen-filter", "pen_filter", is_flag=True, flag_value=False, default=True, help="Keep regions the marker-ink rule would remove."),
         click.option("--min-foreground", type=float, default=None, help="Minimum foreground fraction to keep a tile [default: stain preset]."),
         click.option("--overlap", type=int, default=0, show_default=True, help="Overlap between tiles in px."),
         click.option("--codec", type=click.Choice(["jpeg", "lossless"]), default="jpeg", show_default=True, help="Tile codec in the store."),
@@ -296,6 +301,8 @@ def run_command(slide, out_dir, quiet, as_json, **kwargs):
     from .pipeline import run_slide
 
     run = run_slide(slide, out_dir, _run_options(**kwargs), progress=_progress_factory(quiet or as_json))
+    for line in run.warnings:
+        click.echo(f"warning: {printable(run.stem)}: {line}", err=True)
     if as_json:
         echo_json({**run.as_dict(), "summary": run.summary})
     elif not quiet:

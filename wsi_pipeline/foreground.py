@@ -30,6 +30,7 @@ from scipy import ndimage as ndi
 
 from .errors import WsiTriageError
 from .nuclei import Nuclei, label_nuclei, nuclear_density, nucleus_pixels, tophat_halo
+from .stain import StainDecision, classify_stain
 
 # 2 um/px: the smallest cells that matter (lymphocytes, red cells, ~7-8 um) still span ~4 px, so
 # they survive denoising and the dust filter, while a 20 x 20 mm smear area is a 10k x 10k px
@@ -649,6 +650,30 @@ def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap
                     workers: int | None = None, *, pen_filter: bool = True) -> np.ndarray:
     """Boolean foreground (cells / tissue) mask, same H x W as ``rgb``; see :func:`detect_foreground`."""
     return detect_foreground(rgb, mpp, stain, workers, pen_filter=pen_filter).mask
+
+
+def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
+                 pen_filter: bool = True) -> tuple[StainDecision, ForegroundResult]:
+    """Choose the stain preset for an overview (:func:`wsi_pipeline.stain.classify_stain`) and
+    return the decision with the foreground found with that preset.
+
+    The decision is made on the ``pap`` preset's foreground (the most inclusive stain test) and
+    on an evenly subsampled copy of the image (at most ~250k pixels), so it costs one extra
+    background fit; the foreground is recomputed only when another preset is chosen.
+    """
+    first = detect_foreground(rgb, mpp, "pap", workers, pen_filter=pen_filter)
+    rgb = _as_rgb(rgb)
+    H, W = rgb.shape[:2]
+    if H == 0 or W == 0:
+        return classify_stain(np.zeros((0, 0, 3), np.float32), first.mask, float(mpp)), first
+    step = _subsample_step(H, W)
+    sub = np.ascontiguousarray(rgb[::step, ::step])
+    bg = _fit_background(sub)
+    od = np.stack([bg.rows(0, sub.shape[0], c) - _LOG10_U8[sub[..., c]] for c in range(3)], axis=-1)
+    decision = classify_stain(od, first.mask[::step, ::step], float(mpp) * step)
+    if decision.stain == "pap":
+        return decision, first
+    return decision, detect_foreground(rgb, mpp, decision.stain, workers, pen_filter=pen_filter)
 
 
 def detect_nuclei(rgb: np.ndarray, mpp: float) -> np.ndarray:

@@ -35,7 +35,7 @@ TRIAGE_CSV = "triage.csv"
 REPORT_HTML = "report.html"
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
                   ".dcm", ".ome.tif", ".ome.tiff", ".jpg", ".jpeg", ".png")
-DEFAULT_STAIN = "pap"
+DEFAULT_STAIN = "auto"  # decided per slide from its overview (wsi_pipeline.stain)
 
 #: ``factory(description, unit) -> (update(n), on_plan(total, done), close())`` for progress bars
 ProgressFactory = Callable[[str, str], tuple[Callable[[int], None], Callable[[int, int], None], Callable[[], None]]]
@@ -46,7 +46,8 @@ class RunOptions:
     """Everything ``run`` needs besides the slide; the tile geometry comes from the checkpoint."""
 
     checkpoint: str | Path | None = None  # None: the bundled demo student
-    stain: str | None = None  # None: the checkpoint's ``stain`` metadata, else DEFAULT_STAIN
+    stain: str | None = None  # None: DEFAULT_STAIN (auto); a mismatch with the checkpoint's ``stain`` is warned
+    pen_filter: bool = True
     min_foreground: float | None = None
     overlap: int = 0
     codec: str = "jpeg"
@@ -74,23 +75,36 @@ class SlideRun:
     summary: dict[str, Any] | None = None
     error: str | None = None
     error_type: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "slide": str(self.slide), "stem": self.stem, "status": self.status,
             "store": str(self.store) if self.store else None, "out_dir": str(self.out_dir) if self.out_dir else None,
             "score": self.score, "n_tiles": self.n_tiles, "seconds": round(self.seconds, 3), "steps": self.steps,
-            "error": self.error, "error_type": self.error_type,
+            "error": self.error, "error_type": self.error_type, "warnings": list(self.warnings),
         }
 
 
 def tiler_config_for(info: CheckpointInfo, options: RunOptions) -> TilerConfig:
     """Tiles at the checkpoint's mpp and size; stain and placement from the options, the checkpoint, or the default."""
-    stain = options.stain or info.metadata.get("stain") or DEFAULT_STAIN
+    stain = options.stain or DEFAULT_STAIN
     tiling = options.tiling or info.metadata.get("placement") or "grid"
     return TilerConfig(target_mpp=info.tile_mpp, tile_size=info.tile_size, overlap=options.overlap,
                        min_foreground=options.min_foreground, stain=str(stain), codec=options.codec,
-                       tiling=str(tiling))
+                       tiling=str(tiling), pen_filter=options.pen_filter)
+
+
+def foreground_warnings(meta: dict[str, Any], info: CheckpointInfo) -> list[str]:
+    """The tiler's foreground warnings, plus one when the slide's stain is not the checkpoint's."""
+    fg = meta.get("foreground") or {}
+    warnings = list(fg.get("warnings") or [])
+    slide_stain = (fg.get("stain") or {}).get("stain")
+    model_stain = info.metadata.get("stain")
+    if slide_stain and model_stain and str(model_stain) != slide_stain:
+        warnings.append(f"the slide looks {slide_stain}-stained but the checkpoint was trained on {model_stain}; "
+                        "its scores may not mean what they do on its own stain")
+    return warnings
 
 
 def _no_progress(desc: str, unit: str):
@@ -174,7 +188,7 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
         slide=slide, stem=slide.stem, status="ok" if tiled.n_tiles else "empty", store=tiled.path, out_dir=out_dir,
         score=score, n_tiles=tiled.n_tiles, seconds=time.perf_counter() - start,
         steps={"tile": _tile_step(tiled), "score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
-        summary=summary,
+        summary=summary, warnings=foreground_warnings(tiled.meta, info),
     )
 
 
@@ -250,6 +264,7 @@ def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
     summary = run.summary or {}
     top = (summary.get("top_tiles") or [None])[0]
     tiles = summary.get("tiles") or {}
+    # names shown in the CSV, the report and --json: one printable line whatever the file name holds
     return {
         "slide": printable(run.stem), "status": run.status, "score": run.score,
         "method": (summary.get("score") or {}).get("method"),
@@ -265,7 +280,6 @@ def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
 def rank_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Scored slides by descending suspicion, then slides without tissue, then failures; rank numbers set."""
     order = {"ok": 0, "empty": 1, "error": 2}
-    # names shown in the CSV, the report and --json: one printable line whatever the file name holds
     ranked = sorted(rows, key=lambda r: (order.get(r["status"], 3), -(r["score"] if r["score"] is not None else -1),
                                          r["slide"]))
     for i, r in enumerate(ranked, 1):
@@ -343,6 +357,9 @@ def run_batch(
             t0 = time.perf_counter()
             try:
                 run = run_slide(slide, out, options, progress=progress, info=info)
+                if (record and record.get("seconds") is not None and run.status != "error"
+                        and all(run.steps.get(s, {}).get("reused") for s in ("tile", "score", "aggregate"))):
+                    run.seconds = float(record["seconds"])  # nothing redone: keep the time the work took
             except WsiTriageError as exc:
                 run = SlideRun(slide=slide, stem=stem, status="error", error=str(exc), error_type=type(exc).__name__,
                                seconds=time.perf_counter() - t0)
@@ -357,9 +374,6 @@ def run_batch(
             records[stem] = {"status": run.status, "score": run.score, "n_tiles": run.n_tiles,
                              "error": run.error, "slide_path": str(run.slide), "seconds": round(run.seconds, 3)}
             new_state["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                if (record and record.get("seconds") is not None and run.status != "error"
-                        and all(run.steps.get(s, {}).get("reused") for s in ("tile", "score", "aggregate"))):
-                    run.seconds = float(record["seconds"])  # nothing redone: keep the time the work took
             write_atomic(out / BATCH_STATE, json.dumps(new_state, indent=2, default=str).encode())
         runs.append(run)
         if on_slide:

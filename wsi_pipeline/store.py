@@ -77,6 +77,7 @@ def create_store(
     codec: str,
     jpeg_quality: int,
     meta: dict[str, Any],
+    nuclei: np.ndarray | None = None,
 ) -> zarr.Group:
     """Create (overwriting) a store with its plan written and every tile shard still pending."""
     n = int(len(coords))
@@ -98,6 +99,8 @@ def create_store(
     qc = group.create_group("qc")
     qc.create_array("foreground", data=np.asarray(foreground, dtype=np.float32).reshape(n), chunks=(min(s, chunk_n),))
     qc.create_array("blur", shape=(n,), chunks=(min(s, chunk_n),), dtype="float32", fill_value=np.nan)
+    if nuclei is not None:  # nuclei found in each tile on the overview (foreground stage)
+        qc.create_array("nuclei", data=np.asarray(nuclei, dtype=np.int32).reshape(n), chunks=(min(s, chunk_n),))
     n_shards = n_shards_for(n, s)
     group.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False)
     # (crc32c, size) of each shard file, -1 until written; beside shard_done, one chunk per shard

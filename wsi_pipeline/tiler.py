@@ -27,7 +27,9 @@ import numpy as np
 from . import objects as cell_objects
 from . import store as tile_store
 from .errors import OutputError, SlideError, StoreError
-from .foreground import WORKING_MPP, blur_scores, foreground_mask, get_preset, tile_fractions
+from .foreground import (WORKING_MPP, ForegroundResult, blur_scores, decide_stain, detect_foreground, get_preset,
+                         tile_fractions)
+from .nuclei import count_in_boxes
 from .slide import Slide, fingerprint, open_slide
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ MAX_MASK_SIDE = 8192
 MPP_TOLERANCE = 0.02
 #: tile placements: a fixed grid over the foreground, or one tile per nucleated object (objects.py)
 TILINGS = ("grid", "cells")
+#: bumped when the foreground stage decides differently for the same settings (stores made
+#: before are rebuilt): 2 = ink judged by context, nuclei kept, stain auto
+FOREGROUND_VERSION = 2
+#: warn when marker ink removes more than this share of the foreground
+INK_WARN_SHARE = 0.03
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,8 @@ class TilerConfig:
     tile_size: int = 224
     overlap: int = 0
     min_foreground: float | None = None  # None: the stain preset's default
-    stain: str = "pap"
+    stain: str = "auto"  # auto | pap | romanowsky | he (auto: decided from the overview, see stain.py)
+    pen_filter: bool = True  # remove marker ink (decided by colour and context, see foreground.py)
     codec: str = "jpeg"
     jpeg_quality: int = 90
     max_tiles_per_shard: int = 128
@@ -58,8 +66,11 @@ class TilerConfig:
     tiling: str = "grid"  # grid | cells: where tiles go (see TILINGS)
 
     def resolved(self) -> "TilerConfig":
-        """Validate, and fill the stain preset's default minimum foreground fraction."""
-        preset = get_preset(self.stain)
+        """Validate, and fill the stain preset's default minimum foreground fraction.
+
+        With ``stain="auto"`` the minimum foreground stays None until the stain is decided
+        (:func:`plan_tiles`); every preset's default is then its own."""
+        preset = None if self.stain == "auto" else get_preset(self.stain)
         if self.target_mpp <= 0:
             raise StoreError(f"target mpp must be positive, got {self.target_mpp}")
         if self.tile_size < 8:
@@ -70,7 +81,9 @@ class TilerConfig:
             raise StoreError(f"unknown codec {self.codec!r}; choose one of {', '.join(tile_store.CODECS)}")
         if self.tiling not in TILINGS:
             raise StoreError(f"unknown tiling {self.tiling!r}; choose one of {', '.join(TILINGS)}")
-        min_fg = preset.min_foreground if self.min_foreground is None else float(self.min_foreground)
+        if self.min_foreground is None:
+            return dataclasses.replace(self, min_foreground=preset.min_foreground if preset else None)
+        min_fg = float(self.min_foreground)
         if not 0 <= min_fg <= 1:
             raise StoreError(f"minimum foreground fraction must be in [0, 1], got {min_fg}")
         return dataclasses.replace(self, min_foreground=min_fg)
@@ -80,7 +93,8 @@ class TilerConfig:
         fields = dataclasses.asdict(self.resolved())
         if fields["tiling"] == "grid":
             del fields["tiling"]  # grid stores made before placements existed keep their hash
-        payload = json.dumps({**fields, "slide_mpp": round(slide_mpp, 6)}, sort_keys=True)
+        payload = json.dumps({**fields, "slide_mpp": round(slide_mpp, 6),
+                              "foreground_version": FOREGROUND_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -98,6 +112,8 @@ class TilePlan:
     thumbnail_mpp: float
     n_grid: int
     placement: cell_objects.Placement | None = None  # tiling "cells": the objects and each tile's object
+    nuclei: np.ndarray | None = None  # (N,) nuclei found in each kept tile
+    foreground_info: dict = field(default_factory=dict)  # stain decision, preset, ink, warnings
 
 
 @dataclass
@@ -131,7 +147,10 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
     thumb_mpp = mask_mpp_for(slide, config, slide_mpp)
     thumbnail, downsample = slide.thumbnail(thumb_mpp, workers=workers)
     actual_mpp = slide_mpp * downsample
-    mask = foreground_mask(thumbnail, actual_mpp, config.stain, workers=workers)
+    fg, stain_info = _foreground(thumbnail, actual_mpp, config, workers)
+    mask = fg.mask
+    preset = get_preset(fg.stain)
+    min_fg = preset.min_foreground if config.min_foreground is None else config.min_foreground
 
     width0, height0 = slide.dimensions
     tile0 = config.tile_size * config.target_mpp / slide_mpp
@@ -150,13 +169,18 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
         "shape": [int(rows), int(cols)],
         "tile_level0": [size0, size0],
     }
+    info = _foreground_info(fg, stain_info, config, min_fg)
     if config.tiling == "cells":
-        return _cells_plan(thumbnail, mask, float(downsample), float(actual_mpp), slide.dimensions, config,
+        plan = _cells_plan(thumbnail, mask, float(downsample), float(actual_mpp), slide.dimensions, config,
                            tile0, stride0, grid_meta, int(rows * cols))
+        return dataclasses.replace(plan, nuclei=count_in_boxes(fg.nuclei, downsample, plan.coords),
+                                   foreground_info=info)
     fractions = tile_fractions(mask, downsample, boxes)
-    keep = fractions >= config.min_foreground
-    if config.min_foreground == 0:
+    nuclei = count_in_boxes(fg.nuclei, downsample, boxes)
+    keep = fractions >= min_fg
+    if min_fg == 0:
         keep = fractions > 0
+    keep |= nuclei > 0  # a tile holding a nucleus is kept whatever its foreground fraction
     return TilePlan(
         coords=boxes[keep],
         grid=np.stack([rr[keep], cc[keep]], axis=1).astype(np.int32),
@@ -167,7 +191,40 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
         thumbnail_downsample=float(downsample),
         thumbnail_mpp=float(actual_mpp),
         n_grid=int(rows * cols),
+        nuclei=nuclei[keep],
+        foreground_info=info,
     )
+
+
+def _foreground(thumbnail: np.ndarray, mpp: float, config: TilerConfig, workers: int):
+    """The overview's foreground with the configured (or, for ``auto``, the decided) stain."""
+    if config.stain == "auto":
+        decision, fg = decide_stain(thumbnail, mpp, workers, pen_filter=config.pen_filter)
+        return fg, {"requested": "auto", **decision.as_dict()}
+    fg = detect_foreground(thumbnail, mpp, config.stain, workers, pen_filter=config.pen_filter)
+    return fg, {"requested": config.stain, "stain": config.stain, "reason": "given", "evidence": {}}
+
+
+def _foreground_info(fg: ForegroundResult, stain_info: dict, config: TilerConfig, min_fg: float) -> dict:
+    """What the store records about the foreground decision, with warnings for the user."""
+    preset = get_preset(fg.stain)
+    warnings = []
+    if fg.ink_share > INK_WARN_SHARE:
+        warnings.append(f"the pen-ink rule removed {100 * fg.ink_share:.1f} % of the foreground; if the slide "
+                        "has no marker ink, rerun with pen_filter off (--no-pen-filter)")
+    if fg.nuclei_in_ink:
+        warnings.append(f"{fg.nuclei_in_ink} nuclei lie in regions removed as ink (the cells around them are "
+                        "kept); check the slide for ink over cells")
+    return {
+        "stain": stain_info,
+        "preset": {**dataclasses.asdict(preset), "min_foreground": min_fg},
+        "pen_filter": config.pen_filter,
+        "ink_share": round(fg.ink_share, 5),
+        "ink_spared_px": int(np.count_nonzero(fg.ink_spared)),
+        "nuclei_in_ink": int(fg.nuclei_in_ink),
+        "n_nuclei": int(len(fg.nuclei)),
+        "warnings": warnings,
+    }
 
 
 # --------------------------------------------------------------------------- placement "cells"
@@ -276,11 +333,12 @@ def tile_slide(
             n = len(plan.coords)
             empty_reason = None
             if n == 0 and config.tiling == "cells":
-                empty_reason = (f"no nucleated object found (stain preset '{config.stain}'; "
+                empty_reason = (f"no nucleated object found (stain preset '{plan.foreground_info['stain']['stain']}'; "
                                 f"{plan.n_grid} grid tiles' area examined)")
             elif n == 0:
-                empty_reason = (f"no tile reached the minimum foreground fraction {config.min_foreground:g} "
-                                f"(stain preset '{config.stain}'; {plan.n_grid} grid tiles examined)")
+                empty_reason = (f"no tile reached the minimum foreground fraction {plan.foreground_info['preset']['min_foreground']:g} "
+                                f"(stain preset '{plan.foreground_info['stain']['stain']}'; "
+                                f"{plan.n_grid} grid tiles examined)")
             meta = {
                 "slide_path": str(slide_path.resolve()),
                 "slide_fingerprint": slide_fp,
@@ -290,6 +348,7 @@ def tile_slide(
                 "tiler_config_hash": config_hash,
                 "grid": plan.grid_meta,
                 "n_grid": plan.n_grid,
+                "foreground": plan.foreground_info,
             }
             group = tile_store.create_store(
                 path,
@@ -298,6 +357,7 @@ def tile_slide(
                 foreground=plan.foreground,
                 thumbnail=plan.thumbnail,
                 mask=plan.mask,
+                nuclei=plan.nuclei,
                 thumbnail_downsample=plan.thumbnail_downsample,
                 thumbnail_mpp=plan.thumbnail_mpp,
                 tile_size=config.tile_size,
