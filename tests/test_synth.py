@@ -305,3 +305,35 @@ def test_ome_tiff_option_writes_a_deterministic_subifd_pyramid(tmp_path):
         assert tif.is_ome
         assert [lv.shape for lv in tif.series[0].levels] == [(1024, 1280, 3), (512, 640, 3)]
         assert 'PhysicalSizeX="0.25"' in tif.ome_metadata
+
+
+def test_truth_has_nucleus_centres_groups_and_the_rendered_pen_stroke(positive):
+    from wsi_pipeline.synth import pen_stroke_mask
+
+    result, truth = positive
+    assert truth["stain"] == "romanowsky" and truth["config"]["pen_ink"] == "random"
+    rgb = tifffile.imread(result.slide, level=0)
+    od = _optical_density(rgb)
+    nuclear = od[..., 1] > 1.0
+    sharp = [c for c in truth["cells"] if c["nucleus"] is not None and not c["blurred"]]
+    assert len(sharp) >= 0.8 * len(truth["cells"]) > 10
+    for c in sharp:
+        x, y = c["nucleus"]
+        bx, by, bw, bh = c["bbox"]
+        assert bx <= x < bx + bw and by <= y < by + bh, c
+    near = [nuclear[int(y) - 3:int(y) + 4, int(x) - 3:int(x) + 4].any() for x, y in (c["nucleus"] for c in sharp)]
+    assert np.mean(near) >= 0.9
+    # groups list the clustered cells
+    for g in truth["groups"]:
+        members = [c for c in truth["cells"] if c["group"] == g["id"]]
+        assert len(members) == g["n_cells"] >= 1
+    # the stroke mask is where the ink was rendered: darker than the glass around it
+    pen = truth["artifacts"]["pen"]
+    mask = pen_stroke_mask(pen["mask"], truth["width"], truth["height"])
+    assert mask.sum() == pen["mask"]["area_px"] > 1000
+    x, y, w, h = pen["mask"]["bbox"]
+    px, py, pw, ph = pen["bbox"]
+    assert px <= x and py <= y and x + w <= px + pw and y + h <= py + ph
+    ink = np.asarray(pen["ink_transmittance"])
+    inky = -np.log(np.clip(ink, 1e-3, 1)).sum() * 0.4  # at least 40 % of the ink's density
+    assert (od.sum(axis=2)[mask] > inky).mean() > 0.8
