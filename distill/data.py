@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from .errors import DistillError
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugConfig", "PatchSet", "augment", "balanced_epoch_indices",
            "group_keys", "load_imagefolder", "load_tilestore", "read_exclude", "scan_imagefolder",
            "stratified_split", "to_input"]
+
+log = logging.getLogger("distill")
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,6 +128,8 @@ def load_imagefolder(
     if cache is not None and cache.is_file():
         arr = np.load(cache)
     else:
+        log.info("decoding %d images of %s at %d px%s", len(rels), root, size,
+                 f" (cached in {cache_dir} for the next run)" if cache is not None else "")
         arr = np.stack([_load_resized(root / r, size) for r in rels])
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def grid(config, runs_dir, seeds, variants, sets):
                     continue
                 cfg = _build_cfg(config, tuple(sets) + tuple(extra), mode=mode, seed=seed, out=str(out))
                 res = run_training(cfg, "student")
-                print(json.dumps({"variant": v, "seed": seed, **res}), flush=True)
+                click.echo(json.dumps({"variant": v, "seed": seed, **res}))
     except DistillError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

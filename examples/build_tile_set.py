@@ -30,13 +30,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distill.data import read_exclude, scan_imagefolder, stratified_split
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.synth import SynthConfig, synthesize, truth_paths
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from distill.data import read_exclude, scan_imagefolder, stratified_split  # noqa: E402
-from wsi_pipeline.slide import open_slide  # noqa: E402
-from wsi_pipeline.synth import SynthConfig, synthesize, truth_paths  # noqa: E402
-
 TILE = 128
 TILE_MPP = 0.27
 BACKGROUND = "background"
