@@ -85,6 +85,8 @@ class SynthResult:
     n_regions: int
     bytes: int
     seconds: float
+    stain: str = "romanowsky"
+    pen_ink: str = "blue"  # the ink drawn (``--pen-ink random`` resolved)
 
     @property
     def mpx_per_second(self) -> float:
@@ -133,7 +135,7 @@ def synthesize(out: str | Path, config: SynthConfig = SynthConfig(),
     seconds = time.perf_counter() - t_start
     return SynthResult(out, truth_json, truth_geojson, truth["label"], W, H, cfg.mpp, sizes,
                        truth["counts"]["cells"], truth["counts"]["suspicious"], layout.n_red, layout.n_debris,
-                       len(layout.regions), out.stat().st_size, seconds)
+                       len(layout.regions), out.stat().st_size, seconds, cfg.stain, layout.pen_ink_name)
 
 
 # A fine permanent marker's line is a few hundred um wide; on a half-millimetre field a 100 um
