@@ -125,7 +125,7 @@
     renderSlides(list);
     state.viewer = OpenSeadragon({
       id: "osd", prefixUrl: "/static/images/", showNavigator: true, navigatorPosition: "BOTTOM_RIGHT",
-      maxZoomPixelRatio: 4, visibilityRatio: 0.5, animationTime: 0.6, timeout: 60000,
+      maxZoomPixelRatio: 4, visibilityRatio: 0.5, animationTime: 0.6, timeout: 60000, maxTilesPerFrame: 4,
     });
     let timer = null;
     $("floor").addEventListener("input", () => {
