@@ -205,13 +205,23 @@ def test_unknown_tiling_is_refused():
         TilerConfig(tiling="hex").resolved()
 
 
-def test_grid_hash_does_not_depend_on_the_new_field():
-    """Grid stores made before placements existed stay valid (their hash has no tiling key)."""
-    import dataclasses
-    import hashlib
+def test_tiling_is_part_of_the_hash():
+    assert TilerConfig().hash(0.5) == TilerConfig(tiling="grid").hash(0.5) != TilerConfig(tiling="cells").hash(0.5)
 
-    fields = dataclasses.asdict(TilerConfig().resolved())
-    del fields["tiling"]  # the configuration as it was before placements
-    old = hashlib.sha256(json.dumps({**fields, "slide_mpp": 0.5}, sort_keys=True).encode()).hexdigest()[:16]
-    assert TilerConfig().hash(0.5) == old
-    assert TilerConfig().hash(0.5) != TilerConfig(tiling="cells").hash(0.5)
+
+def test_run_follows_the_checkpoints_placement(synthetic, tmp_path):
+    """A checkpoint that declares ``placement: cells`` is run with tiles on the objects; --tiling overrides it."""
+    from ckpt_util import random_checkpoint
+
+    from wsi_pipeline.pipeline import RunOptions, run_slide
+
+    path, _ = synthetic
+    ckpt = random_checkpoint(tmp_path / "cells.safetensors", tile_size=32, tile_mpp=1.0, placement="cells",
+                             stain="romanowsky")
+    run = run_slide(path, tmp_path / "out", RunOptions(checkpoint=ckpt))
+    meta = tile_store.read_meta(tile_store.open_store(run.store))
+    assert meta["tiler_config"]["tiling"] == "cells"
+    assert run.summary["score"]["over"] == "objects" and run.summary["objects"]["n_objects"] > 0
+    grid = run_slide(path, tmp_path / "grid", RunOptions(checkpoint=ckpt, tiling="grid"))
+    assert tile_store.read_meta(tile_store.open_store(grid.store))["tiler_config"]["tiling"] == "grid"
+    assert grid.summary["score"]["over"] == "tiles" and "objects" not in grid.summary

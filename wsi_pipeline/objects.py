@@ -167,13 +167,14 @@ def detect_objects(rgb: np.ndarray, mask: np.ndarray, mpp: float, downsample: fl
         x0, x1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, w)
         own = comp[y0:y1, x0:x1] == index
         nuc = own & nuclear[y0:y1, x0:x1]
-        parts, k = _split(nuc, int(round(split_px / 2.0)), min_px)
         extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
-        if k > 1 and extent + 2 * body_px <= tile_px:
-            pieces = [(parts == j) for j in range(1, int(parts.max()) + 1)]
-            pieces = [p for p in pieces if p.sum() >= min_px] or [nuc]
+        if extent + 2 * body_px <= tile_px:  # fits a tile: separate cells if their nuclei are far enough apart
+            parts, k = _split(nuc, max(1, int(round(split_px))), min_px)
+            pieces = [p for p in ((parts == j) for j in range(1, int(parts.max()) + 1)) if p.sum() >= min_px]
+            pieces = pieces if k > 1 and pieces else [nuc]
             counts = [1] * len(pieces)
-        else:
+        else:  # a group: one object, its nuclei counted (peaks at least half a cell apart)
+            _, k = _split(nuc, max(1, int(round(split_px / 2.0))), min_px)
             pieces, counts = [nuc], [k]
         fg = mask[y0:y1, x0:x1]
         for piece, count in zip(pieces, counts):
@@ -309,11 +310,20 @@ def plan_cells(thumbnail: np.ndarray, mask: np.ndarray, thumbnail_mpp: float, do
 def write_objects(group, placement: Placement, chunk: int) -> None:
     """Store ``objects/{id,centre,area,bbox,n_nuclei}`` and ``tile_object`` (chunked like ``coords``).
 
-    Written right after the store is created and before any tile shard, so a store whose
-    ``tile_object`` exists holds the whole plan (see :func:`has_objects`)."""
+    Written right after the store is created and before any tile shard; the ``objects`` group's
+    ``complete`` attribute, set last, tells a resumed run that the whole plan is there
+    (:func:`has_objects`)."""
+    import zarr
+
     obj = placement.objects
     m = len(obj)
     ochunk = max(1, min(m, 65536))
+    with zarr.config.set({"array.write_empty_chunks": True}):  # an all-zero chunk is data here, not "unwritten"
+        _write_object_arrays(group, placement, obj, m, ochunk, chunk)
+    group["objects"].attrs["complete"] = True
+
+
+def _write_object_arrays(group, placement: Placement, obj: ObjectTable, m: int, ochunk: int, chunk: int) -> None:
     node = group.create_group("objects")
     node.create_array("id", data=np.arange(m, dtype=np.int32), chunks=(ochunk,))
     node.create_array("centre", data=np.asarray(obj.centre, np.float64).reshape(m, 2), chunks=(ochunk, 2))
@@ -328,11 +338,10 @@ def write_objects(group, placement: Placement, chunk: int) -> None:
 def has_objects(group) -> bool:
     """Whether a store holds the objects table and every tile's object id."""
     try:
-        node = group["tile_object"]
-        group["objects/bbox"]
+        group["tile_object"]
+        return bool(group["objects"].attrs.get("complete"))
     except (KeyError, FileNotFoundError):
         return False
-    return node.nchunks_initialized == node.nchunks or node.shape[0] == 0
 
 
 def read_objects(group) -> tuple[ObjectTable, np.ndarray] | None:
