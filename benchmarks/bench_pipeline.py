@@ -7,12 +7,18 @@ smear (wsi_pipeline.synth, made once under --work). Each (slide, model) pair run
 process with a fresh output folder, so tiling, scoring and aggregation are all timed and the
 peak RSS (VmHWM of that process) belongs to that run alone.
 
+``--placements``: instead, the whole `run` with the student under each tile placement (grid, cells)
+on a large generated smear (``--large-size``, default 60000 x 60000 px at 0.25 um/px, made once
+under --work and reused): seconds, tiles scored and peak RSS side by side. Target on the 2-core
+CPU for cells: under 5 minutes and 1.5 GB, fewer tiles than the grid.
+
 Student: the bundled demo checkpoint (or --student). Teacher: --teacher, else the distill
 teacher run if it was exported in the checkpoint format, else a teacher-sized ViT (the student's
 architecture with the teacher preset's 12 blocks) with random weights, which has the teacher's
 cost. Target on the 2-core CPU: scoring with the student >= 3.5x faster than with the teacher.
 
     python benchmarks/bench_pipeline.py [--smear-size 8192] [--work /tmp/wsi-bench] [--json out.json]
+    python benchmarks/bench_pipeline.py --placements [--large-size 60000] [--work /tmp/wsi-bench]
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ TEACHER_DEPTH = 12  # distill presets: 12 teacher blocks, 3 student blocks
 TEACHER_CANDIDATES = ("runs/pbc/teacher/model.safetensors",)
 
 
-def child(slide: str, ckpt: str, out: str, scheduler: str) -> None:
+def child(slide: str, ckpt: str, out: str, scheduler: str, tiling: str | None = None) -> None:
     """One `run` in this process; prints one JSON line."""
     t0 = time.perf_counter()
     import dask.array  # noqa: F401 - libraries are imported once per process (a batch pays this once)
@@ -45,7 +51,7 @@ def child(slide: str, ckpt: str, out: str, scheduler: str) -> None:
     from wsi_pipeline.scorer import ScoreConfig
 
     t_import = time.perf_counter() - t0
-    run = run_slide(slide, out, RunOptions(checkpoint=ckpt, score=ScoreConfig(scheduler=scheduler)))
+    run = run_slide(slide, out, RunOptions(checkpoint=ckpt, score=ScoreConfig(scheduler=scheduler), tiling=tiling or None))
     steps = run.steps
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:  # VmHWM: this process image alone (ru_maxrss carries the forking parent's peak across exec)
@@ -54,7 +60,7 @@ def child(slide: str, ckpt: str, out: str, scheduler: str) -> None:
     except (OSError, StopIteration):
         pass
     print(json.dumps({
-        "n_tiles": run.n_tiles, "score": run.score, "seconds": run.seconds, "import_seconds": t_import,
+        "n_tiles": run.n_tiles, "n_grid": steps["tile"].get("grid_tiles", 0), "score": run.score, "seconds": run.seconds, "import_seconds": t_import,
         "tile_seconds": steps["tile"]["seconds"], "score_seconds": steps["score"]["seconds"],
         "aggregate_seconds": steps["aggregate"]["seconds"], "precision": steps["score"]["precision"],
         "device": steps["score"]["device"], "peak_rss_mb": rss_kb / 1024,
@@ -109,10 +115,10 @@ def teacher_checkpoint(student: Path, work: Path, given: str | None) -> tuple[Pa
     return path, f"random teacher-sized ViT (depth {TEACHER_DEPTH})"
 
 
-def run_child(slide: Path, ckpt: Path, out: Path, scheduler: str) -> dict:
+def run_child(slide: Path, ckpt: Path, out: Path, scheduler: str, tiling: str = "") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", str(slide), str(ckpt), str(out), scheduler],
+    proc = subprocess.run([sys.executable, __file__, "--child", str(slide), str(ckpt), str(out), scheduler, tiling],
                           capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -124,7 +130,9 @@ def run_child(slide: Path, ckpt: Path, out: Path, scheduler: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", nargs=4, metavar=("SLIDE", "CKPT", "OUT", "SCHEDULER"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, metavar=("SLIDE", "CKPT", "OUT", "SCHEDULER", "TILING"), help=argparse.SUPPRESS)
+    ap.add_argument("--placements", action="store_true", help="grid vs cells on one large generated smear")
+    ap.add_argument("--large-size", type=int, default=60000, help="side in px of the --placements smear (0.25 um/px)")
     ap.add_argument("--student", default=None, help="student checkpoint [default: bundled demo]")
     ap.add_argument("--teacher", default=None, help="teacher checkpoint [default: see module doc]")
     ap.add_argument("--smear-size", type=int, default=8192, help="generated smear side in px at 0.25 um/px")
@@ -135,6 +143,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.placements:
+        placements(args)
         return
 
     import torch
@@ -188,6 +199,35 @@ def main() -> None:
         print(f"{'':34} speed-up student vs teacher: scoring {t['score_seconds'] / s['score_seconds']:.2f}x, "
               f"whole run (tile+score+aggregate) {t['seconds'] / s['seconds']:.2f}x; "
               f"library import {s['import_seconds']:.1f} s per process")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def placements(args) -> None:
+    """Whole `run` with the student under each placement on one large smear, each in a fresh process."""
+    from wsi_pipeline.checkpoint import DEFAULT_CHECKPOINT
+    from wsi_pipeline.synth import SynthConfig, synthesize
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    student = Path(args.student) if args.student else DEFAULT_CHECKPOINT
+    smear = work / f"smear-large-{args.large_size}.tiff"
+    if not smear.exists():  # generated once, reused by later runs
+        t = time.perf_counter()
+        synthesize(smear, SynthConfig(width=args.large_size, height=args.large_size, mpp=0.25, seed=7, fraction=0.25))
+        print(f"generated {smear.name} ({smear.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s",
+              file=sys.stderr)
+    print(f"{os.cpu_count()} CPUs, scheduler {args.scheduler}; slide {smear.name} "
+          f"({args.large_size} x {args.large_size} px at 0.25 um/px); student {student.name}")
+    print(f"{'placement':10} {'tiles':>7} {'grid':>7} {'e2e s':>7} {'tile s':>7} {'score s':>8} {'agg s':>6} "
+          f"{'peak RSS MB':>11} {'score':>7}")
+    results = []
+    for tiling in ("grid", "cells"):
+        r = run_child(smear, student, work / f"out-{tiling}", args.scheduler, tiling)
+        results.append({"tiling": tiling, **r})
+        print(f"{tiling:10} {r['n_tiles']:7d} {r.get('n_grid', 0):7d} {r['seconds']:7.1f} {r['tile_seconds']:7.1f} "
+              f"{r['score_seconds']:8.1f} {r['aggregate_seconds']:6.1f} {r['peak_rss_mb']:11.0f} "
+              f"{(r['score'] or 0):7.3f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -225,3 +225,26 @@ def test_run_follows_the_checkpoints_placement(synthetic, tmp_path):
     grid = run_slide(path, tmp_path / "grid", RunOptions(checkpoint=ckpt, tiling="grid"))
     assert tile_store.read_meta(tile_store.open_store(grid.store))["tiler_config"]["tiling"] == "grid"
     assert grid.summary["score"]["over"] == "tiles" and "objects" not in grid.summary
+
+
+@pytest.mark.parametrize("ink", ["black", "blue"])
+def test_marker_ink_is_neither_an_object_nor_in_an_objects_tile(ink, tmp_path):
+    """Synthetic smears with a black or a blue pen stroke: no object on the stroke, no tile mostly over it."""
+    from wsi_pipeline.synth import SynthConfig, synthesize
+
+    path = tmp_path / f"{ink}.tiff"
+    synthesize(path, SynthConfig(width=2048, height=2048, mpp=0.25, seed=11, fraction=0.0, pen_ink=ink))
+    truth = json.loads(path.with_suffix(".truth.json").read_text())
+    pen = np.asarray(truth["artifacts"]["pen"]["path"], float)
+    with open_slide(path) as slide:
+        thumb, ds = slide.thumbnail(2.0)
+    mpp = 0.25 * ds
+    objects = detect_objects(thumb, foreground_mask(thumb, mpp, "romanowsky"), mpp, ds, tile_um=TILE_UM)
+    assert len(objects) >= 10
+    assert objects.n_nuclei.max() <= 12  # the stroke is not a "group" of a hundred nuclei
+    # distance of each object to the stroke's centre line (sampled densely)
+    t = np.linspace(0, 1, 20)[:, None]
+    line = np.concatenate([a + t * (b - a) for a, b in zip(pen[:-1], pen[1:])])
+    d = np.hypot(objects.centre[:, None, 0] - line[None, :, 0], objects.centre[:, None, 1] - line[None, :, 1]).min(1)
+    stroke_width = truth["artifacts"]["pen"]["mask"]["area_px"] / np.hypot(*np.diff(pen, axis=0).T).sum()
+    assert (d < stroke_width / 2).sum() == 0

@@ -15,7 +15,10 @@ found on the tiler's overview image (about 1-2 um/px) inside its foreground mask
    tile (touching single cells each get their own centred tile); a larger component stays one
    *group* and counts its peaks as ``n_nuclei``;
 4. the cell body is the foreground within ``body_um`` of the nuclei: its area and bounding box
-   are the object's; its centre is the centroid of the nuclear pixels.
+   are the object's; its centre is the centroid of the nuclear pixels;
+5. nuclear-coloured regions wider than any nucleus (``max_nucleus_um``) or long and thin like a
+   marker stroke (blue/violet ink, stain deposit) are not objects, and an object whose centred tile would be more than ``max_ink_share`` dark and colourless (black
+   or grey marker ink, dark artefacts) is skipped.
 
 No separate nucleus detector is used here (``wsi_pipeline.nuclei`` did not exist when this was
 written); the nuclear-stain test above is this module's own.
@@ -31,7 +34,7 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
-__all__ = ["ObjectConfig", "ObjectTable", "nuclear_mask", "detect_objects", "Placement", "place_tiles",
+__all__ = ["ObjectConfig", "ObjectTable", "nuclear_mask", "ink_mask", "detect_objects", "Placement", "place_tiles",
            "merge_near_duplicates", "plan_cells", "write_objects", "has_objects", "read_objects"]
 
 
@@ -46,6 +49,15 @@ class ObjectConfig:
     join_um: float = 2.0  # nuclear pixels closer than this form one component
     split_um: float = 9.0  # nuclei at least this far apart inside a tile-sized component are separate cells
     body_um: float = 4.0  # cytoplasm counted around the nuclei (inside the foreground mask)
+    # an object whose centred tile is more than this share dark and colourless (marker ink, a dark
+    # artefact) is skipped: the model has never seen ink, and on the synthetic smears such tiles
+    # were the negatives' most "suspicious" ones
+    max_ink_share: float = 0.1
+    # nuclear-coloured regions wider than this (inscribed diameter) are not nuclei, nor touching
+    # nuclei: blue/violet marker ink or stain deposit (the largest nuclei are about 24 um across)
+    max_nucleus_um: float = 24.0
+    ink_od: float = 0.12  # mean OD above the glass of a dark pixel ...
+    ink_spread: float = 0.35  # ... whose channel ODs differ by less than this share of their mean
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,43 @@ def nuclear_mask(rgb: np.ndarray, mask: np.ndarray, config: ObjectConfig = Objec
     return seeded[labels]
 
 
+def ink_mask(rgb: np.ndarray, glass_rgb: np.ndarray, config: ObjectConfig = ObjectConfig()) -> np.ndarray:
+    """Dark, colourless pixels (black/grey marker ink, dark artefacts); stained cells are coloured."""
+    glass = np.log10(np.maximum(glass_rgb, 1.0))
+    out = np.zeros(rgb.shape[:2], dtype=bool)
+    for y0 in range(0, rgb.shape[0], _BAND):
+        od = glass[None, None, :] - _LOG[rgb[y0:y0 + _BAND]]
+        mean = od.mean(axis=-1)
+        out[y0:y0 + _BAND] = (mean > config.ink_od) & (od.max(axis=-1) - od.min(axis=-1) < config.ink_spread * mean)
+    return out
+
+
+def _window_share(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int) -> np.ndarray:
+    """Share of ``mask`` pixels in the (2 * half + 1)^2 window around each (row, col), clipped to the image."""
+    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    ii[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    r0, r1 = np.clip(rows - half, 0, mask.shape[0]), np.clip(rows + half + 1, 0, mask.shape[0])
+    c0, c1 = np.clip(cols - half, 0, mask.shape[1]), np.clip(cols + half + 1, 0, mask.shape[1])
+    area = np.maximum((r1 - r0) * (c1 - c0), 1)
+    return (ii[r1, c1] - ii[r0, c1] - ii[r1, c0] + ii[r0, c0]) / area
+
+
+#: a nuclear-coloured region longer than this (um, major axis) and this many times longer than wide
+#: is a pen stroke, not a chain of nuclei
+STROKE_MIN_UM = 60.0
+STROKE_ELONGATION = 4.0
+
+
+def _stroke(region: np.ndarray, mpp: float) -> bool:
+    """Whether ``region`` is long and thin like a marker stroke (axes from its second moments)."""
+    ys, xs = np.nonzero(region)
+    if len(ys) < 3:
+        return False
+    evals = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(np.float64)))
+    major, minor = 4.0 * np.sqrt(max(evals[1], 0.0)), 4.0 * np.sqrt(max(evals[0], 1e-9))
+    return major * mpp > STROKE_MIN_UM and major / max(minor, 1.0) > STROKE_ELONGATION
+
+
 def _disk(radius: float) -> np.ndarray:
     r = max(0, int(math.floor(radius)))
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
@@ -167,6 +216,8 @@ def detect_objects(rgb: np.ndarray, mask: np.ndarray, mpp: float, downsample: fl
         x0, x1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, w)
         own = comp[y0:y1, x0:x1] == index
         nuc = own & nuclear[y0:y1, x0:x1]
+        if ndi.distance_transform_edt(np.pad(nuc, 1)).max() * 2 * mpp > config.max_nucleus_um or _stroke(nuc, mpp):
+            continue  # too wide for a nucleus, or a long thin stroke: ink or a stain deposit
         extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
         if extent + 2 * body_px <= tile_px:  # fits a tile: separate cells if their nuclei are far enough apart
             parts, k = _split(nuc, max(1, int(round(split_px))), min_px)
@@ -188,8 +239,15 @@ def detect_objects(rgb: np.ndarray, mask: np.ndarray, mpp: float, downsample: fl
             bx1, by1 = (x0 + xs.max() + 1) * downsample, (y0 + ys.max() + 1) * downsample
             boxes.append((round(bx0), round(by0), round(bx1 - bx0), round(by1 - by0)))
             nuclei.append(count)
-    return ObjectTable(np.asarray(centres, np.float64).reshape(-1, 2), np.asarray(areas, np.float32),
-                       np.asarray(boxes, np.int64).reshape(-1, 4), np.asarray(nuclei, np.int32))
+    table = ObjectTable(np.asarray(centres, np.float64).reshape(-1, 2), np.asarray(areas, np.float32),
+                        np.asarray(boxes, np.int64).reshape(-1, 4), np.asarray(nuclei, np.int32))
+    if len(table) and tile_um and config.max_ink_share < 1:
+        ink = ink_mask(rgb, _glass_rgb(rgb, mask), config)
+        rows = (table.centre[:, 1] / downsample).astype(np.int64)
+        cols = (table.centre[:, 0] / downsample).astype(np.int64)
+        share = _window_share(ink, rows, cols, max(1, int(round(tile_px / 2))))
+        table = table.take(np.flatnonzero(share <= config.max_ink_share))
+    return table
 
 
 # --------------------------------------------------------------------------- placement
