@@ -119,7 +119,7 @@ def _links(out_dir: Path, base: Path | None) -> str:
         if (out_dir / name).is_file():
             links.append(f'<a href="{html.escape(_href(out_dir / name, base))}">{label}</a>')
     for geo in sorted(out_dir.glob("*.geojson")) + sorted(out_dir.glob("*.geojson.gz")):
-        links.append(f'<a href="{html.escape(_href(geo, base))}" title="QuPath: File &gt; Import objects">GeoJSON</a>')
+        links.append(f'<a href="{html.escape(_href(geo, base))}" title="QuPath: File &gt; Import objects from file">GeoJSON</a>')
     command = f"wsi-triage view {shlex.quote(str(out_dir))}"
     return (f'<div class="links">{"".join(links)}</div>'
             f'<div class="links">view: <code class="view">{html.escape(command)}</code></div>')
