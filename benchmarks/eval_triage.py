@@ -1,29 +1,39 @@
-"""Slide-level and tile-level evaluation of a student on generated smears with known answers.
+"""Slide-level and tile-level evaluation of a student on generated smears with known answers,
+for the grid and the cells (object-centred) tile placements side by side on the same smears.
 
 Builds N positive and N negative smears (``wsi_pipeline.synth``) from blood-cell images that no
 model was trained on — by default the PBC images of configs/pbc_heldout.txt in ../shared/data/pbc
-(held out from ALL training), else the held-out cells shipped with the package — runs each
-through the pipeline (``run_slide``: tile, score with the threads scheduler, aggregate) and
-reports:
+(held out from ALL training), else the held-out cells shipped with the package; ``--pool tuning``
+uses the training pool instead (for choosing settings and calibrating, never for reporting) —
+runs each through the pipeline (``run_slide``: tile, score with the threads scheduler, aggregate)
+once per placement (``--tiling grid|cells|both``) and reports for each:
 
-- slide ROC AUC of the slide scores (Mann-Whitney, ties counted half) with a bootstrap 95 %
-  interval, and both score distributions;
-- tile-level detection rate of planted cells: a planted suspicious cell (truth JSON,
-  ``suspicious: true``) counts as detected when a stored tile holding its centre has
-  suspicion >= the threshold (0.5); suspicion = summed probability of the checkpoint's
-  suspicious classes, read from ``scores/<sha12>/probs`` in the tile store;
-- foreground misses: planted cells whose centre lies in no stored tile (the foreground mask
-  dropped them; they count as not detected);
-- false-positive rate: share of the tiles of the negative smears with suspicion >= threshold
-  (and, for context, of the tiles of the positive smears that hold no planted cell).
+- slide ROC AUC of the slide scores (Mann-Whitney U, scipy.stats.mannwhitneyu) with a bootstrap
+  95 % interval (scipy.stats.bootstrap, percentile, positives and negatives resampled apart), both
+  score distributions, and the shares of positives >= 0.5 and negatives < 0.5 (the documented
+  decision point of a calibrated score);
+- planted-cell detection: a planted suspicious cell (truth JSON, ``suspicious: true``) counts as
+  detected when its own tile (of the stored tiles holding its centre, the one centred nearest to
+  it) has suspicion >= the threshold (0.5); suspicion = summed probability of the checkpoint's
+  suspicious classes, read from ``scores/<sha12>/probs`` in the tile store; cells with no tile
+  count as missed;
+- false suspicion on normal cells by class (same own-tile rule) and each class's coverage (share
+  of its cells that have a tile at all);
+- tiles per slide and pipeline time.
+
+``--calibrate`` fits each placement's logistic calibration of the raw slide score (Platt scaling)
+on the smears of the run; ``--fields`` instead measures on the real BCCD smear fields how many boxed
+white cells get their own centred tile, and tiles per field, for both placements (the tiler's plan).
 
 Every slide has its own seed (positive i: base + 2i, negative i: base + 2i + 1); ``--twins``
 gives negative i the seed of positive i instead (same layout, no suspicious cell). The planted
 classes are the checkpoint's suspicious classes. Nothing is written into the repository: the
 smears and stores go to a temporary folder (removed) or to ``--out`` (kept; a rerun reuses the
-smears, and a new ``--checkpoint`` re-scores the stored tiles without re-tiling).
+smears and stores, and a new ``--checkpoint`` re-scores the stored tiles without re-tiling).
 
-    python benchmarks/eval_triage.py [--n 20] [--size 3072x3072] [--checkpoint FILE] [--out DIR] [--json FILE|-]
+    python benchmarks/eval_triage.py [--n 20] [--size 3072x3072] [--tiling both] [--out DIR] [--json FILE|-]
+    python benchmarks/eval_triage.py --pool tuning --seed 5000 --calibrate
+    python benchmarks/eval_triage.py --fields
 """
 
 from __future__ import annotations
@@ -266,6 +276,64 @@ def _matches(truth_json: Path, cfg: SynthConfig) -> bool:
             c.get("suspicious")) == (cfg.width, cfg.height, cfg.seed, cfg.fraction, cfg.mpp, list(cfg.suspicious))
 
 
+FIELD_MPP = 0.07  # ../shared/data/smear_fields: median red-cell box 109 px for a ~7.5 um red cell
+
+
+def fields_eval(folder: Path, info: CheckpointInfo, centred: float = 0.15) -> dict[str, Any]:
+    """The tiler's own plan (grid and cells) on each real BCCD field (VOC boxes) at the checkpoint's geometry.
+
+    A boxed white cell "gets its own centred tile" when a planned tile starts within ``centred``
+    tiles of where a tile centred on the box would start once kept inside the field the same way
+    (a field is about 1.3 x 1 tile, so a cell near its edge cannot be centred exactly)."""
+    import xml.etree.ElementTree as ET
+
+    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.tiler import TilerConfig, plan_tiles
+
+    out: dict[str, Any] = {"fields": 0, "wbc": 0}
+    for placement in ("grid", "cells"):
+        out[placement] = {"tiles": 0, "wbc_centred": 0, "wbc_in_a_tile": 0}
+    t0 = time.perf_counter()
+    for xml in sorted((folder / "annotations").glob("*.xml")):
+        image = folder / f"{xml.stem}.jpg"
+        if not image.is_file():
+            continue
+        boxes = [tuple(int(o.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax"))
+                 for o in ET.parse(xml).getroot().iter("object") if o.find("name").text == "WBC"]
+        out["fields"] += 1
+        out["wbc"] += len(boxes)
+        with open_slide(image, mpp=FIELD_MPP) as slide:
+            w, h = slide.dimensions
+            for placement in ("grid", "cells"):
+                config = TilerConfig(target_mpp=info.tile_mpp, tile_size=info.tile_size, stain="romanowsky",
+                                     tiling=placement)
+                coords = plan_tiles(slide, config, FIELD_MPP, workers=1).coords
+                tally = out[placement]
+                tally["tiles"] += len(coords)
+                tile0 = info.tile_size * info.tile_mpp / FIELD_MPP
+                for x0, y0, x1, y1 in boxes:
+                    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                    if len(coords) == 0:
+                        continue
+                    tally["wbc_in_a_tile"] += int(centre_tiles(coords, cx, cy).size > 0)
+                    ix = min(max(cx - tile0 / 2, 0), max(w - tile0, 0))
+                    iy = min(max(cy - tile0 / 2, 0), max(h - tile0, 0))
+                    tally["wbc_centred"] += int(np.hypot(coords[:, 0] - ix, coords[:, 1] - iy).min() <= centred * tile0)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def print_fields(doc: dict[str, Any]) -> None:
+    n = doc["wbc"]
+    print(f"real BCCD smear fields: {doc['fields']} fields, {n} boxed white cells, at {FIELD_MPP} um/px "
+          f"({doc['seconds']:.0f} s)")
+    print(f"  {'placement':<10} {'own centred tile':>20} {'centre in a tile':>18} {'tiles per field':>16}")
+    for p in ("grid", "cells"):
+        d = doc[p]
+        print(f"  {p:<10} {_fmt(d['wbc_centred'] / n, True):>11} ({d['wbc_centred']:>3}/{n}) "
+              f"{_fmt(d['wbc_in_a_tile'] / n, True):>18} {d['tiles'] / doc['fields']:>16.2f}")
+
+
 def tuning_list(pool_root: Path) -> tuple[str, ...]:
     """The PBC images NOT held out (the training pool): relpaths under ``pool_root`` minus configs/pbc_heldout.txt."""
     held = set(read_cell_list(str(HELDOUT_LIST)))
@@ -294,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibrate", action="store_true",
                     help="fit the logistic calibration of each placement's raw slide score (Platt) on these smears "
                          "and print it (for wsi_pipeline/object_outputs.CALIBRATION; use --pool tuning)")
+    ap.add_argument("--fields", action="store_true",
+                    help="only the real BCCD smear fields (../shared/data/smear_fields): white cells with their own "
+                         "centred tile and tiles per field, grid vs cells")
     ap.add_argument("--threshold", type=float, default=0.5, help="tile suspicion that counts as flagged")
     ap.add_argument("--workers", type=int, default=None, help="scoring and tiling workers [default: CPU count]")
     ap.add_argument("--out", type=Path, default=None, help="keep smears and stores here [default: temporary]")
@@ -303,6 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         ap.error("--n must be >= 1")
     placements = ["grid", "cells"] if args.tiling == "both" else [args.tiling]
+    if args.fields:
+        folder = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "smear_fields"
+        if not folder.is_dir():
+            print(f"error: {folder}: not found (the BCCD smear fields)", file=sys.stderr)
+            return 2
+        doc = fields_eval(folder, read_checkpoint_info(args.checkpoint))
+        print_fields(doc)
+        if args.json:
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n") if args.json != "-" else print(json.dumps(doc))
+        return 0
 
     t_all = time.perf_counter()
     out = args.out or Path(tempfile.mkdtemp(prefix="wsi-triage-eval-"))
