@@ -307,3 +307,12 @@ def test_demo_student_on_held_out_cells_fp32_and_bf16_agree(tmp_path):
     assert rep["n_images"] == 336
     assert pc["top1_fp32"] >= 0.85  # held-out cells none of the models saw
     assert pc["same_prediction"] >= 0.98 and abs(pc["top1_fp32"] - pc["top1_bf16"]) <= 0.01
+
+
+def test_precision_benchmark_prints_both_and_the_losses_agree():
+    from distill.bench_precision import time_precisions
+
+    r = time_precisions("tiny", img_size=32, depth=2, batch=8, steps=1, device="cpu", warmup=0)
+    assert r["fp32_s_per_step"] > 0 and r["bf16_s_per_step"] > 0 and r["bf16_speedup"] > 0
+    assert abs(r["first_loss_fp32"] - r["first_loss_bf16"]) < 0.02  # same weights, same batch
+    assert r["auto_uses_bf16"] == cpu_native_bf16()[0]
