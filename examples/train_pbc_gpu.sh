@@ -8,6 +8,13 @@
 #   # then, on the GPU machine, from the repository root:
 #   bash examples/train_pbc_gpu.sh
 #
+# CPU smoke test of the whole script at tiny scale (no GPU; about 2-3 min on 2 cores):
+#   RUNS=/tmp/gpu-smoke BUDGET_T=4 BUDGET_S=8 PAR=1 EXTRA="--set data=wsi_pipeline/data/cells --set exclude=null \
+#     --set preset=tiny --set img_size=32 --set batch_size=16 --set samples_per_epoch=32 --set threads=1" \
+#     bash examples/train_pbc_gpu.sh
+# Paths inside the configs are relative to configs/; --set values to the working directory.
+# bf16 is decided at run time (bf16: auto in the configs; the decision is in each run's log).
+#
 # Environment: PY (python), RUNS (runs/gpu), OUT (gets results.tgz with logs, reports and run
 # metrics, table.md, progress.log and demo_student.safetensors; LOG holds the loose logs),
 # BUDGET_T / BUDGET_S (seconds for the teacher / the student grid), PAR (grid workers),
