@@ -267,7 +267,13 @@ def run_folder(cfg: TrainConfig, role: str) -> Path:
     return Path(cfg.out.replace("{role}", role))
 
 
+STUDENT_ONLY_FIELDS = ("mode", "teacher", "kd_alpha", "kd_tau", "mdkd", "student_depth", "student_init_blocks")
+TEACHER_ONLY_FIELDS = ("teacher_depth", "teacher_init")
+
+
 def training_identity(cfg_json: dict[str, Any]) -> dict[str, Any]:
     """The part of a run's config that defines the trained weights: a run resumes only when this
-    is unchanged (export settings and where/how fast it runs may change)."""
-    return {k: v for k, v in cfg_json.items() if k not in EXPORT_FIELDS + RUNTIME_FIELDS}
+    is unchanged (export settings, where/how fast it runs, and the other role's fields may
+    change; one config serves teacher and student)."""
+    other = {"teacher": STUDENT_ONLY_FIELDS, "student": TEACHER_ONLY_FIELDS}.get(cfg_json.get("role"), ())
+    return {k: v for k, v in cfg_json.items() if k not in EXPORT_FIELDS + RUNTIME_FIELDS + other}

@@ -194,6 +194,11 @@ def test_export_settings_change_without_retraining(tmp_path):
     assert "resumed from epoch 1" in r.output and "export settings changed" in r.output
     again = read_metadata(run / "model.safetensors")
     assert again["suspicious_classes"] == ["HSIL", "SCC"] and again["tile_mpp"] == 0.25 and again["stain"] == "pap"
+    # ... and so does a change of a student-only field (one config serves both roles)
+    r = _distill(["train-teacher", "--config", str(_base_config(tmp_path, data, mode="kd", kd_tau=2.0,
+                                                               suspicious_classes=["HSIL", "SCC"], tile_mpp=0.25,
+                                                               stain="pap"))])
+    assert "resumed from epoch 1" in r.output
     # ... while a training setting still refuses, naming it
     cfg3 = _base_config(tmp_path, data, lr=0.01)
     r = CliRunner().invoke(main, ["train-teacher", "--config", str(cfg3)])
