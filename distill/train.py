@@ -93,7 +93,9 @@ def run_training(cfg: TrainConfig, role: str, resume: bool = True,
     needs_teacher = role == "student" and (cfg.mode != "none" or cfg.student_init_blocks)
     if needs_teacher:
         if not cfg.teacher:
-            raise DistillError(f"mode {cfg.mode!r} needs a teacher checkpoint (--teacher)")
+            raise DistillError(f"mode {cfg.mode!r} needs a teacher checkpoint (teacher)")
+        if not Path(cfg.teacher).is_file():
+            raise DistillError(f"{cfg.teacher}: teacher checkpoint not found (train the teacher first)")
         teacher, teacher_meta = load_model_file(cfg.teacher)
     plan = check_training(cfg, role, teacher_meta)
     rt = resolve_runtime(cfg.device, cfg.bf16)
