@@ -310,3 +310,89 @@ def test_threaded_thumbnail_equals_serial(pyramid, shared_data):
                 threaded, ds2 = slide.thumbnail(2.0, block=300, workers=3)
             assert ds == ds2 and serial.shape[0] > 300 // 4
             np.testing.assert_array_equal(threaded, serial)
+
+
+# --------------------------------------------------------------------------- damaged and hostile files (issue 12 #6)
+
+
+def _tiled_jpeg_tiff(path: Path, size: int = 1024, tile: int = 256) -> Path:
+    rng = np.random.default_rng(0)
+    img = (rng.integers(80, 200, (size // 32, size // 32, 3), dtype=np.uint8).repeat(32, 0).repeat(32, 1))
+    tifffile.imwrite(path, img, tile=(tile, tile), compression="jpeg", photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["garbage", "zeros", "cut-markers"])
+def test_damaged_jpeg_tile_on_the_direct_path_is_a_slide_error(tmp_path, damage):
+    path = _tiled_jpeg_tiff(tmp_path / "s.tiff")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    data = bytearray(path.read_bytes())
+    if damage == "garbage":
+        data[offset + 2: offset + count] = np.random.default_rng(1).integers(0, 256, count - 2, dtype=np.uint8).tobytes()
+    elif damage == "zeros":
+        data[offset: offset + count] = bytes(count)
+    else:
+        data[offset + 20: offset + count] = b"\xff" * (count - 20)
+    path.write_bytes(bytes(data))
+    with open_slide(path) as slide:
+        assert slide.fast_levels == [0] or slide.backend == "tifffile"
+        slide.read_region(0, 0, 0, 256, 256)  # an undamaged tile reads
+        with pytest.raises(SlideError, match=r"s\.tiff: cannot decode level 0 near") as err:
+            slide.read_region(0, 256, 256, 256, 256)  # tile 5 of the 4x4 grid
+    assert "\n" not in str(err.value)
+
+
+def _claim(path: Path, width: int, height: int, *, repeat_tiles: bool) -> Path:
+    """A tiled JPEG TIFF whose header claims a ``width`` x ``height`` level."""
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), tile=(256, 256), compression="jpeg",
+                     photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        page = tif.pages[0]
+        page.tags["ImageWidth"].overwrite(width)
+        page.tags["ImageLength"].overwrite(height)
+        if repeat_tiles:
+            n = -(-width // 256) * -(-height // 256)
+            page.tags["TileOffsets"].overwrite(list(page.dataoffsets) * n)
+            page.tags["TileByteCounts"].overwrite(list(page.databytecounts) * n)
+    return path
+
+
+@pytest.mark.parametrize("width, height, repeat, match", [
+    (2_000_000, 2_000_000, False, "beyond any scanner"),
+    (200_000, 200_000, True, r"40 Gpx\) stored in"),
+    (10**6, 256, True, "larger than any glass slide"),
+])
+def test_hostile_header_is_refused_before_any_decoding(tmp_path, width, height, repeat, match):
+    path = _claim(tmp_path / "h.tiff", width, height, repeat_tiles=repeat)
+    with pytest.raises(SlideError, match=match):
+        with open_slide(path) as slide:
+            slide.require_mpp()
+
+
+def test_png_pixels_are_decoded_only_when_read_and_huge_ones_are_refused(tmp_path, monkeypatch):
+    import wsi_pipeline.slide as slide_module
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((3000, 2000, 4), np.uint8)).save(path)
+    with open_slide(path) as slide:  # header only: no pixels decoded yet
+        assert slide.dimensions == (2000, 3000)
+        assert slide._levels[0]._array is None
+        with pytest.raises(UnknownMppError):
+            slide.require_mpp()
+    monkeypatch.setattr(slide_module, "MAX_WHOLE_IMAGE_PIXELS", 5_000_000)
+    with open_slide(path, mpp=0.5) as slide:
+        with pytest.raises(SlideError, match="would be decoded whole"):
+            slide.thumbnail(4.0)
+
+
+def test_read_budget_stops_endless_reading(tmp_path):
+    from wsi_pipeline.slide import read_budget
+
+    path = _tiled_jpeg_tiff(tmp_path / "s.tiff")
+    with open_slide(path) as slide, read_budget(0.0):
+        with pytest.raises(SlideError, match="per-slide budget of 0 s"):
+            slide.read_region(0, 0, 0, 64, 64)
+    with open_slide(path) as slide:
+        slide.read_region(0, 0, 0, 64, 64)  # outside the block: no budget

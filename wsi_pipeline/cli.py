@@ -314,6 +314,7 @@ def run_command(slide, out_dir, quiet, as_json, **kwargs):
 @click.argument("slides", metavar="DIR_OR_GLOB")
 @click.option("--out", "out_dir", type=click.Path(path_type=str), default="wsi-triage-out", show_default=True, help="Output directory: stores, per-slide outputs, triage.csv, report.html.")
 @click.option("--only-failed", is_flag=True, help="Rerun only slides that failed (or are new) since the last batch with this checkpoint.")
+@click.option("--slide-timeout", type=float, default=None, help="Seconds of slide reading allowed per slide; a slide over it is recorded as failed [default: 900].")
 @score_options
 @run_tiling_options
 @aggregate_options

@@ -27,12 +27,15 @@ from .checkpoint import CheckpointInfo, check_weights, read_checkpoint_info
 from .errors import OptionError, OutputError, SlideError, WsiTriageError
 from .lock import store_lock
 from .names import csv_cell, printable
+from .slide import read_budget
 from .scorer import ScoreConfig, ScoreResult, score_store
 from .tiler import TileResult, TilerConfig, tile_slide
 
 BATCH_STATE = "batch.json"
 TRIAGE_CSV = "triage.csv"
 REPORT_HTML = "report.html"
+#: a batch gives each slide this long to be read (a hostile header must not hang the whole batch)
+BATCH_SLIDE_TIMEOUT = 900.0
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
                   ".dcm", ".ome.tif", ".ome.tiff", ".jpg", ".jpeg", ".png")
 DEFAULT_STAIN = "auto"  # decided per slide from its overview (wsi_pipeline.stain)
@@ -56,6 +59,7 @@ class RunOptions:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     lock_wait: float | None = None  # seconds to wait for another writer of the same slide (None: no limit)
+    slide_timeout: float | None = None  # seconds of slide reading allowed per slide (batch default: BATCH_SLIDE_TIMEOUT)
     tiling: str | None = None  # grid | cells; None: the checkpoint's ``placement`` metadata, else grid
 
 
@@ -145,6 +149,10 @@ def validate_options(options: RunOptions, info: CheckpointInfo) -> TilerConfig:
     check_weights(info)
     if options.lock_wait is not None and not options.lock_wait >= 0:
         raise OptionError(f"lock wait must be >= 0 seconds, got {options.lock_wait}")
+    if options.slide_timeout is not None and not options.slide_timeout > 0:
+        raise OptionError(f"--slide-timeout must be a positive number of seconds, got {options.slide_timeout}")
+    if options.tile_workers is not None and options.tile_workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {options.tile_workers}")
     return tiler_config_for(info, options).resolved()
 
 
@@ -173,7 +181,8 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     info = info or read_checkpoint_info(options.checkpoint)
     config = validate_options(options, info)
     _make_out_dir(out)
-    with store_lock(tile_store.store_path(out, slide), wait=options.lock_wait, on_wait=on_wait):
+    with store_lock(tile_store.store_path(out, slide), wait=options.lock_wait, on_wait=on_wait), \
+            read_budget(options.slide_timeout):
         update, on_plan, close = progress("tiling", "tile")
         try:
             tiled = tile_slide(slide, out, config, mpp=options.mpp, workers=options.tile_workers,
@@ -330,6 +339,8 @@ def run_batch(
     slides = find_slides(spec)
     info = read_checkpoint_info(options.checkpoint)  # a bad checkpoint stops the batch before any slide
     validate_options(options, info)  # so do bad options
+    if options.slide_timeout is None:
+        options = dataclasses.replace(options, slide_timeout=BATCH_SLIDE_TIMEOUT)
     _make_out_dir(out)
     state = load_batch_state(out)
     records: dict[str, Any] = dict(state.get("slides") or {})

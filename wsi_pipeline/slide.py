@@ -14,12 +14,16 @@ reader threads scale. ``open_slide(..., fast=False)`` turns it off for compariso
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import logging
 import math
 import os
 import re
 import threading
+import warnings
+import time
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +40,17 @@ MPP_SOURCES = ("metadata", "tiff-resolution", "objective-power", "user", "unknow
 # pixel size of a microscope image (even a 1x overview is ~10 um/px).
 MAX_PLAUSIBLE_TIFF_MPP = 25.0
 DEFAULT_TILE_CACHE_BYTES = 64 * 1024 * 1024
+#: no scanner writes a level wider or taller than this; a header claiming more is damaged or hostile
+MAX_LEVEL_SIDE = 1_000_000
+#: physical extent (mm) beyond any glass slide (75 x 25 mm; 75 x 50 for large-format)
+MAX_SLIDE_MM = 300.0
+#: an image decoded whole (Pillow images, TIFF layouts read as one array) may have at most this many pixels
+MAX_WHOLE_IMAGE_PIXELS = 300_000_000
+#: a single-file slide of over a gigapixel stored in fewer bytes per pixel than this is a hostile
+#: header (real ones, even mostly blank, hold 0.01-1 byte/px); reading it would take hours
+MIN_BYTES_PER_PIXEL = 1e-3
+#: formats whose pixels live in other files next to the one named
+MULTI_FILE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")
 _MIB = 1024 * 1024
 # OpenSlide vendors whose pyramid levels are plain TIFF pages we may decode ourselves.
 _FAST_VENDORS = {"aperio", "generic-tiff"}
@@ -82,9 +97,11 @@ def _composite_rgba_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3]
     if alpha.size == 0 or alpha.min() == 255:
         return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.uint16)[..., None]
-    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
+    out = np.empty(rgb.shape, np.uint8)
+    for r0 in range(0, rgb.shape[0], 1024):  # in bands: uint16 temporaries of a whole image cost GBs
+        a = alpha[r0:r0 + 1024].astype(np.uint16)[..., None]
+        out[r0:r0 + 1024] = (rgb[r0:r0 + 1024].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -130,6 +147,31 @@ def _short_reason(exc: BaseException, path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Per-slide read budget: a batch gives each slide a deadline, checked on every region read, so a
+# header that makes reading endless ends in a recorded error instead of a hung batch.
+
+_BUDGET: dict[str, float | None] = {"deadline": None, "seconds": None}
+
+
+@contextlib.contextmanager
+def read_budget(seconds: float | None):
+    """Within the block, any slide read after ``seconds`` raises :class:`SlideError` (None: no limit)."""
+    previous = dict(_BUDGET)
+    _BUDGET.update(deadline=None if seconds is None else time.monotonic() + seconds, seconds=seconds)
+    try:
+        yield
+    finally:
+        _BUDGET.update(previous)
+
+
+def _check_budget(path: Path) -> None:
+    deadline = _BUDGET["deadline"]
+    if deadline is not None and time.monotonic() > deadline:
+        raise SlideError(f"{path}: reading took longer than the per-slide budget of {_BUDGET['seconds']:g} s "
+                         "(--slide-timeout); damaged or unusually large slide")
+
+
+# --------------------------------------------------------------------------------------------
 # Level readers: integer level coordinates in, RGB uint8 out, white outside the image
 
 
@@ -172,6 +214,7 @@ class _FileReader:
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.size = os.fstat(self._fd).st_size
         self._lock = None if hasattr(os, "pread") else threading.Lock()
 
     def read(self, offset: int, size: int) -> bytes:
@@ -192,6 +235,10 @@ class _FileReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class _TruncatedError(ValueError):
+    """A level's data lies past the end of the file."""
 
 
 class _LevelReader:
@@ -244,6 +291,9 @@ class _SegmentLevel(_LevelReader):
         self.counts = tuple(int(v) for v in page.databytecounts)
         if len(self.offsets) < self.n_across * self.n_down:
             raise ValueError("fewer segments than the image needs")
+        size = reader.size
+        if any(c and (o + c > size or o < 0) for o, c in zip(self.offsets, self.counts)):
+            raise _TruncatedError("image data past the end of the file (truncated or damaged file)")
         self._reader, self._cache, self._key = reader, cache, key
         self._miniswhite = int(page.photometric) == 0
         self.decoder = "generic"
@@ -363,8 +413,21 @@ class Slide:
         self.level_reads = [0] * self.level_count  # region reads served by each level
 
     def _count_read(self, level: int) -> None:
+        _check_budget(self.path)
         with self._reads_lock:
             self.level_reads[level] += 1
+
+    def _level_read(self, level: int, read: Callable[..., np.ndarray], *args) -> np.ndarray:
+        """A level reader's call; a decoder failure inside the file becomes a one-line SlideError."""
+        try:
+            return read(*args)
+        except SlideError:
+            raise
+        except MemoryError:
+            raise SlideError(f"{self.path}: not enough memory to decode level {level}") from None
+        except Exception as exc:  # noqa: BLE001 - codecs raise their own types (Jpeg8Error, OpenSlideError, ...)
+            raise SlideError(f"{self.path}: cannot decode level {level} near ({args[0]}, {args[1]}): "
+                             f"{type(exc).__name__}: {_short_reason(exc, str(self.path))} (damaged file?)") from None
 
     # -- description
     def __repr__(self) -> str:
@@ -383,6 +446,11 @@ class Slide:
             raise UnknownMppError(
                 f"{self.path}: pixel size (mpp) unknown; pass --mpp <um/px> "
                 "(e.g. --mpp 0.25 for a 40x scan, 0.5 for 20x)")
+        w_mm, h_mm = self.dimensions[0] * self.mpp.x / 1000, self.dimensions[1] * self.mpp.y / 1000
+        if max(w_mm, h_mm) > MAX_SLIDE_MM:
+            raise SlideError(f"{self.path}: {self.dimensions[0]} x {self.dimensions[1]} px at {self.mpp.x:g} um/px "
+                             f"would be {w_mm:.0f} x {h_mm:.0f} mm, larger than any glass slide (damaged header, "
+                             "or a wrong --mpp)")
         return self.mpp
 
     def level_mpp(self, level: int) -> float:
@@ -412,7 +480,7 @@ class Slide:
         reader = self._levels[level]
         if isinstance(reader, _OpenSlideLevel):
             self._count_read(level)
-            return reader.read_level0(x, y, w, h)
+            return self._level_read(level, reader.read_level0, x, y, w, h)
         ds = self.level_downsamples[level]
         if x < 0 or y < 0:
             # OpenSlide's convention: content at level-0 0 lands at int(-x / ds) output px
@@ -426,8 +494,8 @@ class Slide:
         ix, iy = math.floor(fx + 1e-9), math.floor(fy + 1e-9)
         dx, dy = fx - ix, fy - iy
         if dx < 1e-6 and dy < 1e-6:
-            return reader.read(ix, iy, w, h)
-        return _shift_bilinear(reader.read(ix, iy, w + 1, h + 1), dx, dy, w, h)
+            return self._level_read(level, reader.read, ix, iy, w, h)
+        return _shift_bilinear(self._level_read(level, reader.read, ix, iy, w + 1, h + 1), dx, dy, w, h)
 
     def _read_box(self, level: int, bx0: float, by0: float, bx1: float, by1: float,
                   out_w: int, out_h: int) -> np.ndarray:
@@ -437,7 +505,7 @@ class Slide:
         ix0, iy0 = math.floor(bx0 + 1e-9), math.floor(by0 + 1e-9)
         ix1, iy1 = max(math.ceil(bx1 - 1e-9), ix0 + 1), max(math.ceil(by1 - 1e-9), iy0 + 1)
         self._count_read(level)
-        src = self._levels[level].read(ix0, iy0, ix1 - ix0, iy1 - iy0)
+        src = self._level_read(level, self._levels[level].read, ix0, iy0, ix1 - ix0, iy1 - iy0)
         box = (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
         if (out_w, out_h) == (ix1 - ix0, iy1 - iy0) and all(
                 abs(a - b) < 1e-6 for a, b in zip(box, (0, 0, out_w, out_h))):
@@ -726,13 +794,17 @@ def _try_tifffile(path: Path, cache: _TileCache) -> Slide:
                         reader = _FileReader(path)
                         closers.append(reader.close)
                     reader_level = _SegmentLevel(page, reader, cache, key=index)
+                except _TruncatedError:
+                    raise
                 except Exception:
                     reader_level = None
             if reader_level is None:
                 miniswhite = int(page.photometric) == 0
                 colormap = page.colormap if int(page.photometric) == 3 else None
 
-                def load(level=level, miniswhite=miniswhite, colormap=colormap) -> np.ndarray:
+                def load(level=level, miniswhite=miniswhite, colormap=colormap,
+                         size=(int(page.imagewidth), int(page.imagelength))) -> np.ndarray:
+                    _check_whole_image(path, *size)
                     arr = _series_level_array(level)
                     if colormap is not None:  # palette image: indices -> RGB
                         arr = np.moveaxis(np.asarray(colormap)[:, arr.squeeze()], 0, -1)
@@ -760,24 +832,48 @@ def _try_tifffile(path: Path, cache: _TileCache) -> Slide:
         raise
 
 
+def _check_whole_image(path: Path, width: int, height: int) -> None:
+    """Refuse, before decoding, an image that would be decoded whole into more than the pixel cap."""
+    if width * height > MAX_WHOLE_IMAGE_PIXELS:
+        raise SlideError(f"{path}: a {width} x {height} px image stored without tiles would be decoded whole "
+                         f"({width * height / 1e6:.0f} Mpx > {MAX_WHOLE_IMAGE_PIXELS / 1e6:.0f} Mpx); "
+                         "convert it to a tiled pyramidal TIFF")
+
+
 def _try_pillow(path: Path) -> Slide:
+    """A camera field or screenshot (PNG, JPEG, ...): the header is read now, the pixels on first use,
+    so ``info`` and a missing pixel size cost nothing and a huge image is refused before decoding."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
-        image.load()
+    with warnings.catch_warnings():  # our own cap (MAX_WHOLE_IMAGE_PIXELS) decides, in one line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
         fmt = (image.format or path.suffix.lstrip(".") or "image").lower()
         info = {f"pillow.{k}": str(v) for k, v in image.info.items()
                 if isinstance(v, (str, int, float, tuple)) and len(str(v)) < 200}
-        image = ImageOps.exif_transpose(image)  # camera JPEGs: show them upright
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = _to_rgb8(np.asarray(image).astype(np.uint16 if image.mode != "I" else np.int32))
-        elif "A" in image.getbands() or "transparency" in image.info:
-            arr = _composite_rgba_on_white(np.asarray(image.convert("RGBA")))
-        else:
-            arr = np.asarray(image.convert("RGB"))
-    arr = np.ascontiguousarray(arr)
-    level = _ArrayLevel(arr.shape[1], arr.shape[0], lambda: arr)
-    level.array()
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: shown rotated by 90 degrees
+            width, height = height, width
+
+    def load() -> np.ndarray:
+        _check_whole_image(path, width, height)
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)  # camera JPEGs: show them upright
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = _to_rgb8(np.asarray(image).astype(np.uint16 if image.mode != "I" else np.int32))
+            elif "A" in image.getbands() or "transparency" in image.info:
+                arr = _composite_rgba_on_white(np.asarray(image.convert("RGBA")))
+            else:
+                arr = np.asarray(image.convert("RGB"))
+        arr = np.ascontiguousarray(arr)
+        if arr.shape[:2] != (height, width):
+            raise ValueError(f"decoded {arr.shape[1]} x {arr.shape[0]} px, header said {width} x {height}")
+        return arr
+
+    level = _ArrayLevel(width, height, load)
     return Slide(path=path, backend="pillow", format="jpeg" if fmt == "mpo" else fmt, vendor=None,
                  levels=[level], mpp=UNKNOWN_MPP, associated_images=[], properties=info)
 
@@ -815,6 +911,23 @@ def open_slide(path: str | Path, mpp: float | None = None, *, fast: bool = True,
     if size == 0:
         raise SlideError(f"{shown}: empty file (0 bytes)")
 
+    with _quiet_tifffile():  # its complaints about a damaged file would break the one-line error
+        return _open_checked(path, shown, size, mpp, fast, tile_cache_bytes)
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _open_checked(path: Path, shown: str, size: int, mpp: float | None, fast: bool,
+                  tile_cache_bytes: int) -> Slide:
     cache = _TileCache(tile_cache_bytes)
     reasons: list[str] = []
     slide: Slide | None = None
@@ -838,6 +951,16 @@ def open_slide(path: str | Path, mpp: float | None = None, *, fast: bool = True,
             reasons.append(f"pillow: {_short_reason(exc, str(path))}")
     if slide is None:
         raise SlideError(f"{shown}: not a readable slide ({'; '.join(reasons)})")
+    dims = slide.dimensions
+    pixels = dims[0] * dims[1]
+    if max(max(d) for d in slide.level_dimensions) > MAX_LEVEL_SIDE or min(dims) < 1:
+        slide.close()
+        raise SlideError(f"{shown}: header claims a {dims[0]} x {dims[1]} px image, beyond any scanner "
+                         f"(max {MAX_LEVEL_SIDE} px a side): damaged or hostile file")
+    if pixels > 1e9 and path.suffix.lower() not in MULTI_FILE_SUFFIXES and size < pixels * MIN_BYTES_PER_PIXEL:
+        slide.close()
+        raise SlideError(f"{shown}: header claims a {dims[0]} x {dims[1]} px image ({pixels / 1e9:.0f} Gpx) stored "
+                         f"in {size / 1e6:.1f} MB: damaged or hostile file")
     if mpp is not None:
         slide.mpp = PixelSize(float(mpp), float(mpp), "user")
     return slide
