@@ -270,3 +270,35 @@ def test_cells_store_is_aggregated_by_object(cells_scored, tmp_path):
     assert heat[int(cy / ds), int(cx / ds)] == pytest.approx(per_object.max(), abs=1e-5)
     assert np.isnan(heat).mean() > 0.3  # nothing painted far from the objects
     assert Image.open(result.paths["gallery"]).size[0] > 0
+
+
+def test_demo_student_score_is_calibrated_and_a_checkpoint_may_carry_its_own():
+    import math
+
+    from wsi_pipeline.checkpoint import read_checkpoint_info
+    from wsi_pipeline.object_outputs import calibrated, calibration_for
+
+    demo = read_checkpoint_info(None).sha256
+    cells = calibration_for(demo, {}, "cells", "topk_mean", 3)
+    grid = calibration_for(demo, {}, "grid", "topk_mean", 3)
+    assert cells and grid
+    # 0.5 is the decision point: the raw score where the logistic crosses it maps to 0.5, monotone around it
+    mid = -cells["intercept"] / cells["slope"]
+    assert calibrated(mid, cells) == pytest.approx(0.5)
+    assert calibrated(mid - 0.05, cells) < 0.5 < calibrated(mid + 0.05, cells)
+    # a calibration applies only to the statistic it was fitted on
+    assert calibration_for(demo, {}, "cells", "topk_mean", 5) is None
+    assert calibration_for(demo, {}, "cells", "quantile", 3) is None
+    assert calibration_for("0" * 64, {}, "cells", "topk_mean", 3) is None
+    own = {"calibration": json.dumps({"grid": {"slope": 2.0, "intercept": -1.0, "method": "topk_mean", "top_k": 3}})}
+    entry = calibration_for("0" * 64, own, "grid", "topk_mean", 3)
+    assert calibrated(0.25, entry) == pytest.approx(1 / (1 + math.exp(0.5)))
+
+
+def test_cells_summary_reports_the_calibrated_score(cells_scored, tmp_path):
+    from wsi_pipeline.object_outputs import calibrated
+
+    summary = aggregate_store(cells_scored["store"], tmp_path / "agg").summary
+    score = summary["score"]
+    assert score["calibration"] is not None  # the demo student's fit for the cells placement
+    assert score["value"] == pytest.approx(calibrated(score["raw"], score["calibration"]), abs=1e-4)  # raw is rounded

@@ -27,7 +27,15 @@ __all__ = ["object_suspicion", "object_best_tile", "object_counts", "object_heat
 #: intercept))), per checkpoint sha256 and placement, for the statistic they were fitted on. Fitted on
 #: tuning smears (training-pool cells, never the held-out ones) by ``benchmarks/eval_triage.py
 #: --calibrate``, so that 0.5 is the decision point; see README "What the score means".
-CALIBRATION: dict[str, dict[str, dict[str, Any]]] = {}
+CALIBRATION: dict[str, dict[str, dict[str, Any]]] = {
+    # the bundled demo student (wsi_pipeline/data/demo_student.safetensors); printed by
+    # python benchmarks/eval_triage.py --pool tuning --seed 5000 --n 10 --size 2048x2048 --calibrate
+    # (20 smears of training-pool cells; 0.5 <=> raw 0.761 on the grid, 0.728 over objects)
+    "cf263b4e4d2f286943a4e9c136499363ab742aa6e979ab870d610f5ec345668a": {
+        "grid": {"slope": 10.6729, "intercept": -8.1196, "method": "topk_mean", "top_k": 3},
+        "cells": {"slope": 11.7323, "intercept": -8.5394, "method": "topk_mean", "top_k": 3},
+    },
+}
 
 
 def object_suspicion(suspicion: np.ndarray, tile_object: np.ndarray, n_objects: int) -> np.ndarray:
