@@ -267,3 +267,41 @@ def test_hostile_checkpoint_stops_a_batch_in_one_line_before_any_slide(scored, t
     sha = file_sha256(bad)
     assert not any(a.get("checkpoint_sha256") == sha and a.get("complete")
                    for a in list_scores(tile_store.open_store(store)).values())
+
+
+# --------------------------------------------------------------------------- full disk, leftovers (issue 12 #6, #8)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 300 KiB tmpfs (needs mount rights: root in CI containers; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill: {proc.stderr.decode().strip()[:80]}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_one_line_and_a_rerun_after_freeing_space_finishes(scored, small_disk):
+    import subprocess
+
+    out = small_disk / "o"
+    args = ("run", scored["slide"], "--out", out, "--checkpoint", scored["a"], "--mpp", "0.5", "--quiet")
+    res = _cli(*args, code=2)
+    assert_one_line_error(res, "No space left on device", "rerun the same command")
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    _cli(*args, code=0)
+    assert json.loads((out / "field" / "summary.json").read_text())["score"]["value"] == pytest.approx(
+        scored["run"].score, abs=1e-6)
+
+
+def test_a_rerun_removes_temporaries_a_killed_writer_left(scored, tmp_path):
+    out = _copy(scored, tmp_path)
+    stale = out / "field" / ".summary.json.tmp99999"
+    stale.write_bytes(b"half")
+    run_slide(scored["slide"], out, _options(scored["a"]))
+    assert not stale.exists()

@@ -13,7 +13,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import WsiTriageError
+from .errors import WsiTriageError, environment_error
 from .names import printable
 
 
@@ -27,6 +27,12 @@ def user_errors(func):
         except WsiTriageError as exc:
             click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever a file name holds
             sys.exit(exc.exit_code)
+        except OSError as exc:  # a full disk or read-only device is the environment, not a bug
+            error = environment_error(exc)
+            if error is None:
+                raise
+            click.echo(f"error: {printable(str(error))}", err=True)
+            sys.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume", err=True)
             sys.exit(130)

@@ -6,6 +6,8 @@ with the error's ``exit_code``; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class WsiTriageError(Exception):
     """An error caused by the user's input or environment (never a bug)."""
@@ -39,6 +41,20 @@ class CheckpointError(WsiTriageError):
 
 class OutputError(WsiTriageError):
     """The output location cannot be written."""
+
+
+#: OS errors caused by the machine, not by a bug: a full disk, a quota, a read-only or failing device
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENAMETOOLONG)
+
+
+def environment_error(exc: OSError) -> WsiTriageError | None:
+    """The one-line error for an OS error the user's environment caused (full disk, ...), else None."""
+    if exc.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = "; free some space and rerun the same command (finished work is reused)" \
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return OutputError(f"{where}{exc.strerror or exc}{hint}")
 
 
 class OptionError(WsiTriageError):

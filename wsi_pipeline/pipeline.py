@@ -9,6 +9,7 @@ A batch keeps its state in ``batch.json`` and writes ``triage.csv`` and ``report
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as _dt
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable
 from . import store as tile_store
 from .aggregate import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
 from .checkpoint import CheckpointInfo, check_weights, read_checkpoint_info
-from .errors import OptionError, OutputError, SlideError, WsiTriageError
+from .errors import OptionError, OutputError, SlideError, WsiTriageError, environment_error
 from .lock import store_lock
 from .names import csv_cell, printable
 from .slide import read_budget
@@ -165,6 +166,16 @@ def _make_out_dir(out: Path) -> None:
         raise OutputError(f"{out}: cannot create output directory ({exc.strerror or exc})") from None
 
 
+def _remove_temporaries(out_dir: Path) -> None:
+    """Drop half-written ``.<name>.tmp<pid>`` files a killed run left in a slide's output folder.
+
+    Called with the slide's lock held, so no live writer owns any of them."""
+    if out_dir.is_dir():
+        for tmp in out_dir.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
               progress: ProgressFactory | None = None, info: CheckpointInfo | None = None,
               on_wait: Callable[[str], None] | None = None) -> SlideRun:
@@ -183,6 +194,7 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     _make_out_dir(out)
     with store_lock(tile_store.store_path(out, slide), wait=options.lock_wait, on_wait=on_wait), \
             read_budget(options.slide_timeout):
+        _remove_temporaries(out / slide.stem)
         update, on_plan, close = progress("tiling", "tile")
         try:
             tiled = tile_slide(slide, out, config, mpp=options.mpp, workers=options.tile_workers,
@@ -371,15 +383,18 @@ def run_batch(
                 if (record and record.get("seconds") is not None and run.status != "error"
                         and all(run.steps.get(s, {}).get("reused") for s in ("tile", "score", "aggregate"))):
                     run.seconds = float(record["seconds"])  # nothing redone: keep the time the work took
-            except WsiTriageError as exc:
-                run = SlideRun(slide=slide, stem=stem, status="error", error=str(exc), error_type=type(exc).__name__,
-                               seconds=time.perf_counter() - t0)
             except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-                last = traceback.extract_tb(exc.__traceback__)[-1]
-                run = SlideRun(slide=slide, stem=stem, status="error", error_type=type(exc).__name__,
-                               error=f"{slide}: unexpected {type(exc).__name__}: {exc} "
-                                     f"(at {Path(last.filename).name}:{last.lineno})",
-                               seconds=time.perf_counter() - t0)
+                error = exc if isinstance(exc, WsiTriageError) else (
+                    environment_error(exc) if isinstance(exc, OSError) else None)  # a full disk is no bug
+                if error is not None:
+                    run = SlideRun(slide=slide, stem=stem, status="error", error=str(error),
+                                   error_type=type(error).__name__, seconds=time.perf_counter() - t0)
+                else:
+                    last = traceback.extract_tb(exc.__traceback__)[-1]
+                    run = SlideRun(slide=slide, stem=stem, status="error", error_type=type(exc).__name__,
+                                   error=f"{slide}: unexpected {type(exc).__name__}: {exc} "
+                                         f"(at {Path(last.filename).name}:{last.lineno})",
+                                   seconds=time.perf_counter() - t0)
         if stem not in seen:
             seen[stem] = slide
             records[stem] = {"status": run.status, "score": run.score, "n_tiles": run.n_tiles,
