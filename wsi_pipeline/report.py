@@ -14,8 +14,8 @@ import io
 import os
 import shlex
 from pathlib import Path
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from . import __version__
 from . import store as tile_store
 from .aggregate import AggregateConfig, write_atomic
 from .checkpoint import CheckpointInfo
+
+__all__ = ["STATUS_COLOURS", "render_report", "write_report"]
 
 THUMB_SIDE = 220
 OVERLAY_SIDE = 900  # overlay.png is lettered to stay legible at about half its 1,600-2,400 px

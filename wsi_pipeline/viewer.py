@@ -17,7 +17,6 @@ import mimetypes
 import re
 import threading
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -196,8 +195,9 @@ class SlideDeepZoom:
 
 
 def _viridis_hex(values: np.ndarray) -> list[str]:
-    from .outputs import COLORMAP
     import matplotlib
+
+    from .outputs import COLORMAP
 
     rgb = (matplotlib.colormaps[COLORMAP](np.clip(values, 0, 1))[..., :3] * 255).round().astype(int)
     return ["#%02x%02x%02x" % tuple(c) for c in rgb]
