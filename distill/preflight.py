@@ -32,6 +32,8 @@ def check_data(cfg: TrainConfig) -> DataPlan:
     if cfg.tile_store:
         if not cfg.labels_csv:
             raise DistillError("a tile_store needs labels_csv (CSV of tile_index,label)")
+        if cfg.group_pattern:
+            raise DistillError("group_pattern applies to ImageFolder data (class/file paths), not to a tile_store")
         if not Path(cfg.tile_store).exists():
             raise DistillError(f"{cfg.tile_store}: tile store not found")
         p = Path(cfg.labels_csv)
