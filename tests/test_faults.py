@@ -305,3 +305,18 @@ def test_a_rerun_removes_temporaries_a_killed_writer_left(scored, tmp_path):
     stale.write_bytes(b"half")
     run_slide(scored["slide"], out, _options(scored["a"]))
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("node", ["coords", "mask", "scores"])
+def test_flipped_byte_in_a_small_array_is_caught_never_a_changed_result(scored, tmp_path, node):
+    out = _copy(scored, tmp_path)
+    store = out / "field.zarr"
+    chunk = sorted(p for p in (store / node).rglob("*") if p.is_file() and p.name != "zarr.json"
+                   and (node != "scores" or "probs" in str(p)))[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    res = _cli("aggregate", store, "--out", tmp_path / "agg", code=2)
+    assert_one_line_error(res, "fails its checksum")
+    again = run_slide(scored["slide"], out, _options(scored["a"]))  # re-tiles, or rescores the damaged shard
+    assert again.score == scored["run"].score

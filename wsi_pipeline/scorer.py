@@ -302,6 +302,30 @@ def list_scores(group) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _unflag_damaged_scores(store_path: Path, key: str) -> list[int]:
+    """Shards whose ``probs`` chunk fails its checksum, or whose done flag is unreadable: marked pending
+    again (and the scores incomplete) so that scoring redoes exactly those."""
+    group = tile_store.open_store(store_path)
+    sg = group[key]
+    bad = set()
+    for name in ("probs", "shard_done"):
+        try:
+            array = sg[name]
+        except KeyError:
+            return []
+        for chunk in tile_store.damaged_chunks(array):
+            bad.add(int(Path(chunk).parts[1]))  # chunk key c/<shard>[/0]
+    if not bad:
+        return []
+    sg = tile_store.open_store(store_path, mode="r+")[key]
+    n_shards = int(tile_store.read_meta(group)["n_shards"])
+    for i in sorted(bad):
+        if i < max(n_shards, 1):
+            sg["shard_done"][i] = False
+    sg.attrs["complete"] = False
+    return sorted(bad)
+
+
 def read_scores(group, sha256: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Complete probabilities (N, K) and their attributes; ``sha256=None`` picks the only (or latest) one."""
     available = {k: a for k, a in list_scores(group).items() if a.get("complete")}
@@ -313,6 +337,9 @@ def read_scores(group, sha256: str | None = None) -> tuple[np.ndarray, dict[str,
         if not available:
             raise StoreError(f"{group.store}: store has no complete scores; run `wsi-triage score` first")
         key = max(available, key=lambda k: available[k].get("scored", ""))
+    if tile_store.damaged_chunks(group[key]["probs"]):
+        raise StoreError(f"{tile_store._store_root(group)}: {key}/probs has a chunk that fails its checksum "
+                         "(damaged); rerun `wsi-triage score` (or `run`) to rescore the damaged shards")
     return np.asarray(group[key]["probs"][:]), available[key]
 
 
@@ -326,9 +353,10 @@ def _prepare_group(group, key: str, info: CheckpointInfo, n_tiles: int, per_shar
     if name in sub:
         del sub[name]
     sg = sub.create_group(name)
+    crc = tile_store.checked_codecs()  # a flipped byte in a score is a checksum error, never a changed score
     sg.create_array("probs", shape=(n_tiles, info.num_classes), chunks=(max(1, per_shard), info.num_classes),
-                    dtype="float32", fill_value=np.nan, dimension_names=("tile", "class"))
-    sg.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False)
+                    dtype="float32", fill_value=np.nan, dimension_names=("tile", "class"), **crc)
+    sg.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False, **crc)
     sg.attrs.update({
         "class_names": list(info.class_names),
         "suspicious_classes": list(info.suspicious_classes),
@@ -428,6 +456,8 @@ def _score_store(
     key = scores_key(info.sha256)
     n_tiles, per_shard, n_shards = int(meta["n_tiles"]), int(meta["tiles_per_shard"]), int(meta["n_shards"])
     existing = list_scores(group).get(key)
+    if existing and existing.get("checkpoint_sha256") == info.sha256 and _unflag_damaged_scores(store_path, key):
+        existing = list_scores(tile_store.open_store(store_path)).get(key)  # rescore only the damaged shards
 
     if existing and existing.get("checkpoint_sha256") == info.sha256 and existing.get("complete"):
         if on_plan:

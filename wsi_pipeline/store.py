@@ -19,7 +19,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
@@ -62,6 +62,11 @@ def _tile_serializer(codec: str, quality: int):
     raise StoreError(f"unknown tile codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
+def checked_codecs() -> dict[str, Any]:
+    """zarr ``compressors`` for a small array: zstd, then a CRC32C that every read of a chunk checks."""
+    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
+
+
 def create_store(
     path: str | Path,
     *,
@@ -94,26 +99,31 @@ def create_store(
         dimension_names=("tile", "y", "x", "c"),
         **_tile_serializer(codec, jpeg_quality),
     )
-    group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 4), chunks=(min(s, chunk_n), 4))
-    group.create_array("grid", data=np.asarray(grid, dtype=np.int32).reshape(n, 2), chunks=(min(s, chunk_n), 2))
+    crc = checked_codecs()  # small arrays: a flipped byte is a checksum error, never a wrong coordinate
+    group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 4), chunks=(min(s, chunk_n), 4),
+                       **crc)
+    group.create_array("grid", data=np.asarray(grid, dtype=np.int32).reshape(n, 2), chunks=(min(s, chunk_n), 2),
+                       **crc)
     qc = group.create_group("qc")
-    qc.create_array("foreground", data=np.asarray(foreground, dtype=np.float32).reshape(n), chunks=(min(s, chunk_n),))
-    qc.create_array("blur", shape=(n,), chunks=(min(s, chunk_n),), dtype="float32", fill_value=np.nan)
+    qc.create_array("foreground", data=np.asarray(foreground, dtype=np.float32).reshape(n), chunks=(min(s, chunk_n),),
+                    **crc)
+    qc.create_array("blur", shape=(n,), chunks=(min(s, chunk_n),), dtype="float32", fill_value=np.nan, **crc)
     if nuclei is not None:  # nuclei found in each tile on the overview (foreground stage)
         qc.create_array("nuclei", data=np.asarray(nuclei, dtype=np.int32).reshape(n), chunks=(min(s, chunk_n),))
     n_shards = n_shards_for(n, s)
-    group.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False)
+    group.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False, **crc)
     # (crc32c, size) of each shard file, -1 until written; beside shard_done, one chunk per shard
-    group.create_array("shard_digest", shape=(max(n_shards, 1), 2), chunks=(1, 2), dtype="int64", fill_value=-1)
+    group.create_array("shard_digest", shape=(max(n_shards, 1), 2), chunks=(1, 2), dtype="int64", fill_value=-1,
+                       **crc)
     image_attrs = {"mpp": float(thumbnail_mpp), "downsample": float(thumbnail_downsample)}
     thumbnail = np.ascontiguousarray(thumbnail, dtype=np.uint8)
     side = int(min(THUMBNAIL_CHUNK, max(thumbnail.shape[:2])))
     with zarr.config.set({"array.write_empty_chunks": True}):
         # an overview, so JPEG q90 (5x smaller and 5x faster to write than the default zstd)
         group.create_array("thumbnail", data=thumbnail, chunks=(side, side, 3), serializer=JpegTileCodec(level=90),
-                           compressors=None).attrs.update(image_attrs)
+                           compressors=[Crc32cCodec()]).attrs.update(image_attrs)
         group.create_array("mask", data=np.ascontiguousarray(mask, dtype=bool),
-                           chunks=(side, side)).attrs.update(image_attrs)
+                           chunks=(side, side), **crc).attrs.update(image_attrs)
     full_meta = {
         "format": STORE_FORMAT,
         "format_version": STORE_FORMAT_VERSION,
@@ -338,6 +348,26 @@ def check_layout(group: zarr.Group) -> None:
         if isinstance(group.store, LocalStore) and node.nchunks_initialized != node.nchunks:
             raise StoreError(f"{root}: tile store array '{name}' lacks {node.nchunks - node.nchunks_initialized} "
                              "of its chunks (damaged); delete it and rerun `wsi-triage run` on the slide")
+    for name in nodes:
+        if name != "tiles" and damaged_chunks(group[name]):
+            raise StoreError(f"{root}: tile store array '{name}' has a chunk that fails its checksum (damaged); "
+                             "delete the store and rerun `wsi-triage run` on the slide")
+
+
+def damaged_chunks(array: zarr.Array) -> list[str]:
+    """Chunk files of ``array`` whose trailing CRC32C (arrays written with :func:`checked_codecs`) does not
+    match; checked on the raw bytes, without decoding. Empty for arrays without a CRC codec."""
+    if not isinstance(array.store, LocalStore) or not isinstance(array.metadata.codecs[-1], Crc32cCodec):
+        return []
+    folder = Path(array.store.root) / array.path
+    bad = []
+    for path in folder.rglob("*"):
+        if path.name == "zarr.json" or not path.is_file() or path.name.startswith("."):
+            continue
+        data = path.read_bytes()
+        if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            bad.append(str(path.relative_to(folder)))
+    return bad
 
 
 def unflag_damaged_shards(path: str | Path) -> list[int]:
