@@ -29,8 +29,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import WsiTriageError
-from .nuclei import Nuclei, label_nuclei, nuclear_density, nucleus_pixels, tophat_halo
-from .stain import StainDecision, classify_stain
+from .nuclei import NUCLEUS_MAX_UM, Nuclei, label_nuclei, nucleus_pixels, tophat_halo
+from .stain import CELL_RADIUS_UM, StainDecision, classify_stain
 
 # 2 um/px: the smallest cells that matter (lymphocytes, red cells, ~7-8 um) still span ~4 px, so
 # they survive denoising and the dust filter, while a 20 x 20 mm smear area is a 10k x 10k px
@@ -208,11 +208,11 @@ def _colour_rules(rgb: np.ndarray) -> np.ndarray:
     scarlet = (h >= 348.0) | (h <= 12.0)
     # where red is overdrawn: dark, greyer purple; hematoxylin this dark is far more saturated
     dark_ink = (v < 0.55) & (s >= 0.12) & ((h >= 315.0) | (h <= 12.0) | ((h >= 280.0) & (s < 0.3) & (v < 0.5)))
-    cyan_blue = (h >= 140.0) & (h <= 250.0) & (rgb[..., 1] >= rgb[..., 0])
+    cyan_blue = (h >= 90.0) & (h <= 250.0) & (rgb[..., 1] >= rgb[..., 0])  # green to blue
     rules = (
         (_SEED[0], scarlet & (s >= 0.6) & (v >= 0.3)),
         (_SEED[1], cyan_blue & (s >= 0.4)),
-        (_SEED[2], (v < 0.2) & (s < 0.25)),
+        (_SEED[2], (v < 0.3) & (s < 0.25)),
         (_LOOSE[0], (scarlet & (s >= 0.12)) | dark_ink),
         (_LOOSE[1], cyan_blue & (s >= 0.12)),
         (_LOOSE[2], (v < 0.35) & (s < 0.25)),
@@ -367,7 +367,6 @@ def _ink_at_unknown_scale(rgb: np.ndarray) -> np.ndarray:
     h = rgb.shape[0]
     sigma = 0.5 / mpp
     codes = np.empty(rgb.shape[:2], dtype=np.uint8)
-    density = np.empty(rgb.shape[:2], dtype=np.float32)
     stained = np.empty(rgb.shape[:2], dtype=bool)
     index = _code_index(bg.log_global)
     halo = max(_smoothing_halo(sigma), tophat_halo(mpp))
@@ -375,10 +374,9 @@ def _ink_at_unknown_scale(rgb: np.ndarray) -> np.ndarray:
     for lo, hi, plo, phi in _bands(h, halo):
         codes[lo:hi] = _codes(rgb[lo:hi], index)
         stained[lo:hi] = _stain_test(rgb[plo:phi], lambda c: bg.rows(plo, phi, c), get_preset("pap"), sigma)[lo - plo:hi - plo]
-        d = _nuclear_band(rgb, bg, plo, phi, sigma)
-        density[lo:hi] = d[lo - plo:hi - plo]
-        pixels[lo:hi] = nucleus_pixels(d, mpp)[lo - plo:hi - plo]
-    nuclei = label_nuclei(pixels & stained, mpp)
+        od_r, od_g = _nuclear_band(rgb, bg, plo, phi, sigma)
+        pixels[lo:hi] = nucleus_pixels(od_r, od_g, mpp)[lo - plo:hi - plo]
+    nuclei = label_nuclei(pixels & stained & ((codes & _DARK) == 0), mpp)
     return _ink_regions(codes, nuclei, mpp, size_filter=False)[0]
 
 
@@ -574,7 +572,7 @@ class ForegroundResult:
     """Everything the foreground stage decides on one image (all on the input grid).
 
     ``nuclei``: (n, 2) row, col centres of the nuclei found (see :mod:`wsi_pipeline.nuclei`);
-    ``ink``: pixels removed as marker ink (the margin around a stroke not included);
+    ``ink``: pixels removed as marker ink, with the margin around each stroke;
     ``ink_spared``: ink-coloured pixels kept because their region holds nuclei or texture (Pap
     cytoplasm, not ink); ``nuclei_in_ink``: nuclei lying in an ink-coloured region that was
     removed as ink (the cell around each is kept, but a user should know).
@@ -670,7 +668,13 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
     sub = np.ascontiguousarray(rgb[::step, ::step])
     bg = _fit_background(sub)
     od = np.stack([bg.rows(0, sub.shape[0], c) - _LOG10_U8[sub[..., c]] for c in range(3)], axis=-1)
-    decision = classify_stain(od, first.mask[::step, ::step], float(mpp) * step)
+    cells = np.zeros(sub.shape[:2], dtype=bool)
+    if len(first.nuclei):
+        cy = np.clip(np.round(first.nuclei[:, 0] / step).astype(int), 0, sub.shape[0] - 1)
+        cx = np.clip(np.round(first.nuclei[:, 1] / step).astype(int), 0, sub.shape[1] - 1)
+        cells[cy, cx] = True
+        cells = _dilate_local(cells, max(1, int(round(CELL_RADIUS_UM / (float(mpp) * step)))))
+    decision = classify_stain(od, first.mask[::step, ::step], float(mpp) * step, cells)
     if decision.stain == "pap":
         return decision, first
     return decision, detect_foreground(rgb, mpp, decision.stain, workers, pen_filter=pen_filter)
@@ -764,7 +768,7 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     halo = _smoothing_halo(sigma)
     stained = np.empty((h, w), dtype=bool)
     codes = np.empty((h, w), dtype=np.uint8)
-    density = np.empty((h, w), dtype=np.float32)
+    od_rg = np.empty((2, h, w), dtype=np.float32)  # red and green OD above the glass (nuclear signal)
     index = _code_index(bg.log_global)  # colour rules relative to the glass
     _lookup(np.zeros(1, dtype=np.int32))  # create the shared table before threads use it
 
@@ -773,7 +777,9 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         test = _stain_test(img[plo:phi], lambda c: bg.rows(plo, phi, c), preset, sigma)
         stained[lo:hi] = test[lo - plo:hi - plo]
         codes[lo:hi] = _codes(img[lo:hi], index)
-        density[lo:hi] = _nuclear_band(img, bg, plo, phi, sigma)[lo - plo:hi - plo]
+        od_r, od_g = _nuclear_band(img, bg, plo, phi, sigma)
+        od_rg[0, lo:hi] = od_r[lo - plo:hi - plo]
+        od_rg[1, lo:hi] = od_g[lo - plo:hi - plo]
 
     for _ in (pool or _Serial()).map(band_work, list(_bands(h, halo))):
         pass
@@ -782,30 +788,39 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
 
     def nucleus_band(b) -> None:
         lo, hi, plo, phi = b
-        pixels[lo:hi] = nucleus_pixels(density[plo:phi], mpp)[lo - plo:hi - plo]
+        pixels[lo:hi] = nucleus_pixels(od_rg[0, plo:phi], od_rg[1, plo:phi], mpp)[lo - plo:hi - plo]
 
     for _ in (pool or _Serial()).map(nucleus_band, list(_bands(h, th))):
         pass
-    nuclei = label_nuclei(pixels & stained, mpp)
-    artefact = (codes & _DARK) != 0
-    if artefact.any():  # the blurred grey fringe of a glass edge / border is not stain either
-        artefact = _dilate_local(artefact, max(1, int(np.ceil(_DARK_MARGIN_UM / mpp))))
+    dark = (codes & _DARK) != 0  # dark and colourless: glass edges, borders, dust
+    artefact = dark
+    veto = dark
+    if dark.any():  # the blurred grey fringe of a glass edge / border is not stain either
+        r_dark = max(1, int(np.ceil(_DARK_MARGIN_UM / mpp)))
+        artefact = _dilate_local(dark, r_dark)
+        # next to an edge or border (a dark region larger than any nucleus) nothing is a nucleus;
+        # next to a dark speck (JPEG noise in a very dark nucleus) a nucleus may be
+        edges = _remove_small(dark, np.pi / 4.0 * (NUCLEUS_MAX_UM / mpp) ** 2)
+        veto = _dilate_local(edges, r_dark) | dark if edges.any() else dark
+    nuclei = label_nuclei(pixels & stained & ~veto, mpp)
+    if len(nuclei):  # a nucleus is foreground even where a dark speck's margin reaches it
+        artefact &= ~nuclei.mask
     ink = spared = np.zeros((h, w), dtype=bool)
     if preset.reject_pen and pen_filter:
         ink, spared = _ink_regions(codes, nuclei, mpp)
         if ink.any():
             grown = _grow(ink, preset.pen_margin_um / mpp) if preset.pen_margin_um > 0 else ink
-            artefact |= grown & ~_near_nuclei(nuclei, mpp)
-    if len(nuclei):  # a nucleus is never an artefact (a dark edge's margin can reach one)
-        artefact &= ~nuclei.mask
+            # the margin (a stroke's blurred fringe) never reaches into the cells around nuclei
+            margin = grown & ~ink & ~_near_nuclei(nuclei, mpp, _FAR_FROM_NUCLEI_UM)
+            ink = ink | margin
+            artefact |= ink
     return _PixelStage(stained, artefact, nuclei, ink, spared)
 
 
-def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float) -> np.ndarray:
-    """min(OD red, OD green) above the glass on rows plo..phi, smoothed like the stain test."""
+def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float):
+    """(OD red, OD green) above the glass on rows plo..phi, smoothed like the stain test."""
     od = [bg.rows(plo, phi, c) - _LOG10_U8[img[plo:phi, ..., c]] for c in (0, 1)]
-    d = nuclear_density(od[0], od[1])
-    return ndi.gaussian_filter(d, sigma) if sigma >= 0.5 else d
+    return tuple(ndi.gaussian_filter(d, sigma) if sigma >= 0.5 else d for d in od)
 
 
 # Ink versus stain (see _ink_regions): an ink-coloured region is Pap cytoplasm, not ink, when
@@ -817,14 +832,17 @@ _INK_MAX_NUCLEI_PER_MM2 = 600.0
 # Parts of a nucleated ink-coloured region farther than this (um) from any nucleus are ink when
 # they form a stroke-sized blob (see _ink_regions).
 _FAR_FROM_NUCLEI_UM = 15.0
+# ... and at least this large (diameter of the equivalent disc, um): Pap cytoplasm that far from a
+# nucleus comes in pieces far smaller (0 px of ink on the 80 Pap LBC fields), a stroke does not.
+_FAR_INK_MIN_UM = 40.0
 # Nothing within this distance (um) of a nucleus is ink: the cell around it stays.
 _CELL_RADIUS_UM = 8.0
 
 
-def _near_nuclei(nuclei: Nuclei, mpp: float) -> np.ndarray:
+def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = _CELL_RADIUS_UM) -> np.ndarray:
     if not len(nuclei):
         return np.zeros(nuclei.labels.shape, dtype=bool)
-    return _dilate_local(nuclei.mask, max(1, int(round(_CELL_RADIUS_UM / mpp))))
+    return _dilate_local(nuclei.mask, max(1, int(round(radius_um / mpp))))
 
 
 def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float,
@@ -861,10 +879,21 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float,
     region_ink.ravel()[where] = is_ink[labels]
     if len(nuclei) and not is_ink[1:].all():
         # a stroke that crosses some tissue or cells: its parts far from every nucleus are
-        # still ink when they alone are as large as a stroke (Pap cytoplasm never is)
+        # still ink when they alone are as large as a stroke and mostly of confident ink colour
+        # (the far cytoplasm of a large pale squamous cell is neither)
         far = cand & ~region_ink & ~_dilate_local(nuclei.mask, max(1, int(round(_FAR_FROM_NUCLEI_UM / mpp))))
         if far.any():
-            region_ink |= _remove_small(far, np.pi / 4.0 * (_PEN_MIN_UM / mpp) ** 2 if size_filter else 1.0)
+            far = _remove_small(far, np.pi / 4.0 * (_FAR_INK_MIN_UM / mpp) ** 2 if size_filter else 1.0)
+            flab, fn = ndi.label(far, structure=np.ones((3, 3), bool))
+            if fn:
+                seed = (codes & (_SEED[0] | _SEED[1] | _SEED[2])) != 0
+                fw = np.flatnonzero(far)
+                fl = flab.ravel()[fw]
+                share = (np.bincount(fl, weights=seed.ravel()[fw], minlength=fn + 1)
+                         / np.maximum(np.bincount(fl, minlength=fn + 1), 1))
+                ok = share >= _PEN_MIN_SEED_FRACTION  # as for a whole ink region
+                ok[0] = False
+                region_ink.ravel()[fw] |= ok[fl]
     ink = region_ink & ~_near_nuclei(nuclei, mpp)
     return ink, cand & ~ink
 

@@ -7,7 +7,8 @@ Decided from the low-resolution overview the tiler already has, in two steps wit
    (``SHEET_MIN_MM2`` or more each): tissue sections fill the glass, cytology preparations are
    cells and cell groups on it. This needs a slide-scale view; a single camera field is too
    small to show it and is judged by colour alone.
-2. **Pap** versus **Romanowsky** by the colour of the stained pixels in optical density (OD):
+2. **Pap** versus **Romanowsky** by the colour of the nucleated cells (the stained pixels within
+   ``CELL_RADIUS_UM`` of a nucleus; all stained pixels when there are too few) in optical density (OD):
    the share of red in the mean OD direction. Pap's Light Green SF (cyanophilic cytoplasm) and
    hematoxylin absorb red strongly; Romanowsky stains and eosin make pink-purple cells and red
    cells that absorb green and blue and let red through. Threshold set on tuning fields (every
@@ -39,6 +40,10 @@ SHEET_SHARE_HE = 0.5
 RED_SHARE_PAP = 0.26
 #: pixels whose summed OD (R+G+B) is below this carry too little colour to judge
 MIN_OD_SUM = 0.15
+#: the colour is judged on the nucleated cells when they cover at least this many pixels
+MIN_CELL_PX = 200
+#: radius (um) around a nucleus taken as its cell
+CELL_RADIUS_UM = 8.0
 
 
 @dataclass(frozen=True)
@@ -53,15 +58,20 @@ class StainDecision:
         return {"stain": self.stain, "reason": self.reason, "evidence": dict(self.evidence)}
 
 
-def stain_evidence(od: np.ndarray, mask: np.ndarray, mpp: float) -> dict:
+def stain_evidence(od: np.ndarray, mask: np.ndarray, mpp: float, cells: np.ndarray | None = None) -> dict:
     """The figures :func:`classify_stain` decides on.
 
     ``od``: (H, W, 3) optical density above the glass; ``mask``: the foreground; ``mpp``: pixel
-    size (um). Returns the mean OD direction (red, green, blue shares) of the coloured foreground
-    pixels, the share of the foreground in sheets, and the pixel counts behind them.
+    size (um); ``cells``: where the nucleated cells are (the colour is judged there when it holds
+    at least ``MIN_CELL_PX`` coloured pixels, so that red cells and blood, common in any
+    preparation, do not outvote the cells). Returns the mean OD direction (red, green, blue
+    shares), the share of the foreground in sheets, and the pixel counts behind them.
     """
     mask = np.asarray(mask, dtype=bool)
-    v = np.maximum(np.asarray(od, dtype=np.float32)[mask], 0.0)
+    judged = mask
+    if cells is not None and np.count_nonzero(mask & cells) >= MIN_CELL_PX:
+        judged = mask & cells
+    v = np.maximum(np.asarray(od, dtype=np.float32)[judged], 0.0)
     total = v.sum(axis=1)
     coloured = total >= MIN_OD_SUM
     if coloured.any():
@@ -78,13 +88,15 @@ def stain_evidence(od: np.ndarray, mask: np.ndarray, mpp: float) -> dict:
         "sheet_share": round(sheet_share, 4),
         "foreground_share": round(float(mask.mean()) if mask.size else 0.0, 4),
         "coloured_px": int(coloured.sum()),
+        "judged_on": "cells" if judged is not mask else "foreground",
         "mpp": round(float(mpp), 4),
     }
 
 
-def classify_stain(od: np.ndarray, mask: np.ndarray, mpp: float) -> StainDecision:
-    """Pap, Romanowsky or H&E for an overview with OD ``od`` and foreground ``mask`` (see module doc)."""
-    ev = stain_evidence(od, mask, mpp)
+def classify_stain(od: np.ndarray, mask: np.ndarray, mpp: float, cells: np.ndarray | None = None) -> StainDecision:
+    """Pap, Romanowsky or H&E for an overview with OD ``od``, foreground ``mask`` and nucleated
+    cells ``cells`` (see module doc and :func:`stain_evidence`)."""
+    ev = stain_evidence(od, mask, mpp, cells)
     if ev["coloured_px"] == 0:
         return StainDecision("pap", "no stained pixels to judge; default pap", ev)
     if ev["sheet_share"] >= SHEET_SHARE_HE:

@@ -32,8 +32,10 @@ NOISE_SIZE = 509  # prime, so the noise texture never lines up with tiles or blo
 _BLOOD_FREQ = {"neutrophil": 0.40, "lymphocyte": 0.22, "platelet": 0.20, "monocyte": 0.08,
                "eosinophil": 0.06, "basophil": 0.04}
 # Marker ink over the coverslip, as transmittance. Red: scarlet permanent marker (absorbs green and
-# blue alike, passes red), as in the red strokes on scanned slides.
-_PEN_INKS = {"blue": (0.42, 0.52, 0.86), "green": (0.45, 0.74, 0.52), "black": (0.22, 0.22, 0.26),
+# blue alike, passes red), as in the red strokes on scanned slides. Green: as saturated as the green
+# marker strokes of the shared histolab pen tiles (median HSV saturation 0.46-0.54, hue 169-203 deg);
+# it was (0.45, 0.74, 0.52), saturation 0.29, paler than any real marker and than Pap cytoplasm.
+_PEN_INKS = {"blue": (0.42, 0.52, 0.86), "green": (0.30, 0.66, 0.55), "black": (0.22, 0.22, 0.26),
              "red": (0.85, 0.30, 0.33)}
 _RANDOM_INKS = ("blue", "green", "black")  # what --pen-ink random draws from (red came later)
 # Pen stroke ground truth: grid cells whose ink cover (0..1) reaches this count as the stroke.
