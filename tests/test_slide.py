@@ -396,3 +396,17 @@ def test_read_budget_stops_endless_reading(tmp_path):
             slide.read_region(0, 0, 0, 64, 64)
     with open_slide(path) as slide:
         slide.read_region(0, 0, 0, 64, 64)  # outside the block: no budget
+
+
+def test_info_on_a_huge_png_reads_only_its_header(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((9000, 9000, 4), np.uint8)).save(path)  # 81 Mpx, a few hundred KB
+    code = ("import resource, json; from wsi_pipeline.slide import open_slide, slide_info\n"
+            f"s = open_slide({str(path)!r}); print(json.dumps(slide_info(s)['dimensions']))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0].startswith("[9000") and int(out[-1]) < 200_000  # KiB: far below the 324 MB of its RGBA pixels

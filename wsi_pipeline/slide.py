@@ -840,6 +840,9 @@ def _check_whole_image(path: Path, width: int, height: int) -> None:
                          "convert it to a tiled pyramidal TIFF")
 
 
+EXIF_ORIENTED_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP")
+
+
 def _try_pillow(path: Path) -> Slide:
     """A camera field or screenshot (PNG, JPEG, ...): the header is read now, the pixels on first use,
     so ``info`` and a missing pixel size cost nothing and a huge image is refused before decoding."""
@@ -853,7 +856,9 @@ def _try_pillow(path: Path) -> Slide:
         info = {f"pillow.{k}": str(v) for k, v in image.info.items()
                 if isinstance(v, (str, int, float, tuple)) and len(str(v)) < 200}
         width, height = image.size
-        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: shown rotated by 90 degrees
+        # EXIF orientation of camera JPEGs (PNG's getexif would decode the whole image to look for it)
+        oriented = image.format in EXIF_ORIENTED_FORMATS
+        if oriented and image.getexif().get(0x0112) in (5, 6, 7, 8):
             width, height = height, width
 
     def load() -> np.ndarray:
@@ -861,7 +866,8 @@ def _try_pillow(path: Path) -> Slide:
         with warnings.catch_warnings(), Image.open(path) as image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            image = ImageOps.exif_transpose(image)  # camera JPEGs: show them upright
+            if oriented:
+                image = ImageOps.exif_transpose(image)  # camera JPEGs: show them upright
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = _to_rgb8(np.asarray(image).astype(np.uint16 if image.mode != "I" else np.int32))
             elif "A" in image.getbands() or "transparency" in image.info:
