@@ -111,7 +111,7 @@ def store_lock(store: str | Path, *, wait: float | None = None,
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise OutputError(f"{path.parent}: cannot create output directory ({exc.strerror or exc})") from None
+                raise OutputError(f"{path.parent}: cannot write output ({exc.strerror or exc})") from None
             deadline = None if wait is None else time.monotonic() + wait
             told = False
             while (fd := _try_lock(path)) is None:
