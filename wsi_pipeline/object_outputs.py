@@ -187,7 +187,9 @@ def aggregate_objects(group, suspicion: np.ndarray, probs: np.ndarray, class_nam
         "raw_score": slide_score(obj_s, config),
         "summary": {**object_counts(obj_s, config.threshold, config.top_k),
                     "singles": int(np.sum(objects.n_nuclei <= 1)), "groups": int(np.sum(objects.n_nuclei > 1)),
-                    "top_objects": top},
+                    "top_objects": top,
+                    # heatmap.npy of a cells store is on the thumbnail grid, not the tile grid
+                    "heatmap_grid": heat_meta},
         "heat": heat, "heat_grid_meta": heat_meta,
         "geojson": object_geojson(objects.bbox, objects.centre, objects.area, objects.n_nuclei, obj_s, best_probs,
                                   n_tiles, class_names, provenance),
