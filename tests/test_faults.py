@@ -320,3 +320,25 @@ def test_flipped_byte_in_a_small_array_is_caught_never_a_changed_result(scored, 
     assert_one_line_error(res, "fails its checksum")
     again = run_slide(scored["slide"], out, _options(scored["a"]))  # re-tiles, or rescores the damaged shard
     assert again.score == scored["run"].score
+
+
+# --------------------------------------------------------------------------- kill -9 (issue 12: keep what holds)
+
+
+@pytest.mark.parametrize("delay", [3.5, 6.0])
+def test_kill_9_mid_run_then_rerun_gives_the_same_result(scored, tmp_path, delay):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_pipeline", "run", str(scored["slide"]), "--out", str(out), "--checkpoint",
+           str(scored["a"]), "--mpp", "0.5", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    again = run_slide(scored["slide"], out, _options(scored["a"]))
+    assert again.score == scored["run"].score
+    assert tile_store.damaged_shards(tile_store.open_store(again.store)) == {}
+    assert not list(out.rglob("*.tmp*"))
