@@ -132,13 +132,14 @@ def ink_mask(rgb: np.ndarray, glass_rgb: np.ndarray, config: ObjectConfig = Obje
 
 
 def _window_share(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int) -> np.ndarray:
-    """Share of ``mask`` pixels in the (2 * half + 1)^2 window around each (row, col), clipped to the image."""
-    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    ii[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
-    r0, r1 = np.clip(rows - half, 0, mask.shape[0]), np.clip(rows + half + 1, 0, mask.shape[0])
-    c0, c1 = np.clip(cols - half, 0, mask.shape[1]), np.clip(cols + half + 1, 0, mask.shape[1])
-    area = np.maximum((r1 - r0) * (c1 - c0), 1)
-    return (ii[r1, c1] - ii[r0, c1] - ii[r1, c0] + ii[r0, c0]) / area
+    """Share of ``mask`` pixels in the (2 * half + 1)^2 window around each (row, col), clipped to the image
+    (one small slice per point: no integral image of a whole large overview)."""
+    h, w = mask.shape
+    out = np.zeros(len(rows), np.float64)
+    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+        window = mask[max(r - half, 0):min(r + half + 1, h), max(c - half, 0):min(c + half + 1, w)]
+        out[i] = window.mean() if window.size else 0.0
+    return out
 
 
 #: a nuclear-coloured region longer than this (um, major axis) and this many times longer than wide
