@@ -69,6 +69,11 @@ def test_finetune_adds_background_and_writes_a_contract_checkpoint(tmp_path):
     metrics = run_finetune(cfg)
     assert metrics["steps"] == 4
     model, meta = load_model_file(tmp_path / "run" / "model.safetensors")
+    # the one training loop makes a fine-tune resumable: started again it trains nothing more
+    again = run_finetune(cfg)
+    assert again["steps"] == 4 and [h["epoch"] for h in again["history"]] == [1, 2]
+    resumed, _ = load_model_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
     assert meta["class_names"] == OLD + ["background"]
     assert meta["architecture"]["num_classes"] == 3
     assert meta["suspicious_classes"] == ["blast"]
