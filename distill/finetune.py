@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .data import AugConfig, load_imagefolder, read_exclude, scan_imagefolder
 from .errors import DistillError
 from .export import build_metadata, extra_metadata, load_model_file, sha256_file, write_checkpoint
-from .loop import LoopSettings, Progress, fit
+from .loop import LoopSettings, Progress, claim_run_folder, fit
 from .metrics import accuracy, predict
 from .preflight import split_record
 from .runtime import resolve_runtime
@@ -45,6 +45,7 @@ __all__ = ["FinetuneConfig", "export_fp16", "extend_head", "extra_metadata", "fr
 log = logging.getLogger("distill")
 
 SUSPICION_THRESHOLD = 0.5
+RUNTIME = ("device", "threads", "bf16", "cache_dir")  # may change when a fine-tune resumes
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = True, on_epoch: Callable[[d
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    claim_run_folder(out, cfg_json, resume, lambda d: {k: v for k, v in d.items() if k not in RUNTIME})
     init_sha = sha256_file(cfg.init)
     suspicious = list(meta["suspicious_classes"])
     mean, std = tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"])
@@ -244,14 +246,6 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = True, on_epoch: Callable[[d
 
     settings = LoopSettings(cfg.epochs, steps_per_epoch, cfg.batch_size, cfg.lr, cfg.min_lr, cfg.warmup_steps,
                             cfg.grad_clip, cfg.seed, cfg.aug, mean, std)
-    cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    cfg_path = out / "config.json"
-    if resume and (out / "state.pt").exists() and cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if {k: v for k, v in old.items() if k not in ("device", "threads", "bf16", "cache_dir")} != \
-                {k: v for k, v in cfg_json.items() if k not in ("device", "threads", "bf16", "cache_dir")}:
-            raise DistillError(f"{out}: holds a fine-tune with a different config; use a new --out or --no-resume")
-    cfg_path.write_text(json.dumps(cfg_json, indent=1))
     history = fit(model, batch_loss, X, Y, epoch_order, settings, rt, out, score, weight_decay=cfg.weight_decay,
                   head_lr_mult=cfg.head_lr_mult, decay_embeddings=False, resume=resume, on_epoch=on_epoch, progress=progress)
 

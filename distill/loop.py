@@ -21,9 +21,10 @@ from typing import Any, Callable
 import torch
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, AugConfig, augment
+from .errors import DistillError
 from .runtime import Runtime
 
-__all__ = ["LoopSettings", "Progress", "fit", "lr_at", "param_groups"]
+__all__ = ["LoopSettings", "Progress", "claim_run_folder", "fit", "lr_at", "param_groups"]
 
 log = logging.getLogger("distill")
 
@@ -70,6 +71,30 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: floa
         groups.setdefault((head, decay), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_mult": head_lr_mult if head else 1.0}
             for (head, decay), ps in groups.items()]
+
+
+def claim_run_folder(out: Path, cfg_json: dict[str, Any], resume: bool,
+                     identity: Callable[[dict[str, Any]], dict[str, Any]], defaults: dict[str, Any] | None = None,
+                     export_fields: tuple[str, ...] = ()) -> None:
+    """Write ``out/config.json``, refusing to continue a run whose ``identity`` (the settings
+    that define the trained weights) differs; other changes (export settings, device, threads)
+    are allowed, export ones logged. ``defaults`` fill fields an older run did not record."""
+    cfg_path, state_path = out / "config.json", out / "state.pt"
+    if state_path.exists() and resume:
+        old = (defaults or {}) | (json.loads(cfg_path.read_text()) if cfg_path.exists() else {})
+        new_id, old_id = identity(cfg_json), identity(old)
+        if new_id != old_id:
+            diff = sorted(k for k in set(new_id) | set(old_id) if new_id.get(k) != old_id.get(k))
+            raise DistillError(f"{out}: holds a run with a different config ({', '.join(diff)} differ); "
+                               f"use a new out folder or start over (no resume)")
+        changed = [k for k in export_fields if old.get(k) != cfg_json.get(k)]
+        if changed:
+            log.info("export settings changed since the run started (%s): resuming with the new ones",
+                     ", ".join(changed))
+    out.mkdir(parents=True, exist_ok=True)
+    if not (state_path.exists() and resume):
+        (out / "result.json").unlink(missing_ok=True)
+    cfg_path.write_text(json.dumps(cfg_json, indent=1))
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, PatchSet, balanced_epoch_indices,
     load_tilestore, stratified_split
 from .errors import DistillError
 from .export import build_metadata, load_model_file, sha256_file, write_checkpoint
-from .loop import LoopSettings, Progress, fit, lr_at
+from .loop import LoopSettings, Progress, claim_run_folder, fit, lr_at
 from .losses import MDKDLoss, response_loss
 from .metrics import accuracy, predict
 from .models import architecture, block_features, count_params, init_from_timm_weights, init_student_from_teacher
@@ -57,28 +57,6 @@ def _cfg_json(cfg: TrainConfig, role: str) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg))) | {"role": role}
 
 
-def _claim_run_folder(out: Path, cfg_json: dict[str, Any], resume: bool) -> None:
-    """Refuse to continue a run trained with other settings; a change of export or runtime
-    settings alone is allowed (and logged)."""
-    cfg_path, state_path = out / "config.json", out / "state.pt"
-    if state_path.exists() and resume:
-        old = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        old = _cfg_json(TrainConfig(), cfg_json["role"]) | old  # fields added since: their defaults
-        new_id, old_id = training_identity(cfg_json), training_identity(old)
-        if new_id != old_id:
-            diff = sorted(k for k in set(new_id) | set(old_id) if new_id.get(k) != old_id.get(k))
-            raise DistillError(f"{out}: holds a run with a different config ({', '.join(diff)} differ); "
-                               f"use a new --out or --no-resume")
-        changed = [k for k in EXPORT_FIELDS if old.get(k) != cfg_json.get(k)]
-        if changed:
-            log.info("export settings changed since the run started (%s): resuming with the new ones",
-                     ", ".join(changed))
-    out.mkdir(parents=True, exist_ok=True)
-    if not (state_path.exists() and resume):
-        (out / "result.json").unlink(missing_ok=True)
-    cfg_path.write_text(json.dumps(cfg_json, indent=1))
-
-
 def run_training(cfg: TrainConfig, role: str, resume: bool = True,
                  on_epoch: Callable[[dict[str, Any]], None] | None = None,
                  progress: Progress | None = None) -> dict[str, Any]:
@@ -103,7 +81,7 @@ def run_training(cfg: TrainConfig, role: str, resume: bool = True,
         torch.set_num_threads(cfg.threads)
     out = run_folder(cfg, role)
     cfg_json = _cfg_json(cfg, role)
-    _claim_run_folder(out, cfg_json, resume)
+    claim_run_folder(out, cfg_json, resume, training_identity, _cfg_json(TrainConfig(), role), EXPORT_FIELDS)
     log.info("%s: %d classes %s", out, len(plan.class_names), plan.counts)
 
     if teacher is not None:
