@@ -44,7 +44,8 @@ tr.error td{background:#fff3f3} tr.empty td{background:#f7f7f7}
 img{max-width:100%;height:auto;display:block} details summary{cursor:pointer;color:#2456a6}
 .links{font-size:.85em;margin-top:.4em} .links a{margin-right:.6em;white-space:nowrap}
 .links code,.viewcmd code{background:#f3f3f3;padding:0 .3em;font-size:.9em;word-break:break-all}
-h3{font-size:.95em;margin:.8em 0 .3em} td.pictures{min-width:420px}
+h3{font-size:.95em;margin:.8em 0 .3em} td.slide{max-width:22em}
+td.pictures{min-width:820px} img.overlay{width:100%;max-width:900px}
 """.replace("@ok", STATUS_COLOURS["ok"]).replace("@empty", STATUS_COLOURS["empty"]).replace(
     "@error", STATUS_COLOURS["error"])
 
@@ -95,8 +96,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def _img(uri: str | None, alt: str) -> str:
-    return f'<img src="{uri}" alt="{html.escape(alt)}">' if uri else '<span class="status-empty">–</span>'
+def _img(uri: str | None, alt: str, cls: str = "") -> str:
+    if not uri:
+        return '<span class="status-empty">–</span>'
+    return f'<img src="{uri}" alt="{html.escape(alt)}"' + (f' class="{cls}"' if cls else "") + ">"
 
 
 def _href(path: Path, base: Path | None) -> str:
@@ -182,7 +185,7 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
                   f'<td class="num">{_fmt(r.get("above_threshold"))}</td>',
                   f"<td>{status_cell}</td>",
                   f"<td>{_img(thumb, r['slide'] + ' thumbnail')}</td>"]
-        overlay_cell = _img(overlay, r["slide"] + " overlay")
+        overlay_cell = _img(overlay, r["slide"] + " overlay", "overlay")
         if gallery:
             overlay_cell += f'<h3>Top tiles</h3><div class="gallery">{_img(gallery, r["slide"] + " top tiles")}</div>'
         cells.append(f'<td class="pictures">{overlay_cell}</td>')
