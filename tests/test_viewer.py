@@ -27,6 +27,7 @@ from wsi_pipeline.slide import open_slide
 from wsi_pipeline.viewer import SlideDeepZoom, find_view_slides, make_server
 
 DZI_NS = "{http://schemas.microsoft.com/deepzoom/2008}"
+POS_SIZE, NEG_SIZE = 1280, 1024
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def batch(tmp_path_factory):
     if cells == Path("__missing__"):
         pytest.skip("no cell images for synthetic smears (shipped cells missing and ../shared/data absent)")
     root = tmp_path_factory.mktemp("viewer")
-    smear(root / "slides" / "pos.tiff", cells, fraction=0.6, size=1536, seed=3)
-    smear(root / "slides" / "neg.tiff", cells, fraction=0.0, size=1280, seed=4)
+    smear(root / "slides" / "pos.tiff", cells, fraction=0.6, size=POS_SIZE, seed=3)
+    smear(root / "slides" / "neg.tiff", cells, fraction=0.0, size=NEG_SIZE, seed=4)
     result = run_batch(root / "slides", root / "out", RunOptions())
     assert result.n_failed == 0
     return root / "out"
@@ -122,11 +123,12 @@ def test_http_serves_the_page_dzi_tiles_at_several_levels_and_the_overlay(served
     status, ctype, body = served.get("/slide/0.dzi")
     d = _dzi(body)
     with open_slide(find_view_slides(batch)[0].slide_path) as slide:
-        assert (d["width"], d["height"]) == slide.dimensions == (1536, 1536)
-        full = slide.read_region(0, 0, 0, 1536, 1536)
-    max_level = math.ceil(math.log2(1536))
-    for level, col, row in ((0, 0, 0), (5, 0, 0), (9, 1, 1), (max_level - 1, 2, 1), (max_level, 0, 0),
-                            (max_level, 6, 6), (max_level, 3, 2)):
+        assert (d["width"], d["height"]) == slide.dimensions == (POS_SIZE, POS_SIZE)
+        full = slide.read_region(0, 0, 0, POS_SIZE, POS_SIZE)
+    max_level = math.ceil(math.log2(POS_SIZE))
+    last = (POS_SIZE - 1) // d["tile"]  # the last column and row at full resolution
+    for level, col, row in ((0, 0, 0), (5, 0, 0), (max_level - 2, 1, 1), (max_level - 1, 2, 1), (max_level, 0, 0),
+                            (max_level, last, last), (max_level, 3, 2)):
         status, ctype, body = served.get(f"/slide/0_files/{level}/{col}_{row}.jpeg")
         assert status == 200 and ctype == "image/jpeg", (level, col, row, body[:100])
         with Image.open(io.BytesIO(body)) as im:
@@ -256,7 +258,7 @@ def test_browser_shows_the_slide_overlay_outlines_and_flies_to_a_top_k_place(ser
         b.click("#slides li:nth-child(2)")
         b.wait_for("window.wsiViewer.ready && window.wsiViewer.data.name === 'neg'")
         b.wait_for("window.wsiViewer.viewer.world.getItemAt(0).getFullyLoaded()")
-        assert b.evaluate("window.wsiViewer.data.width") == 1280
+        assert b.evaluate("window.wsiViewer.data.width") == NEG_SIZE
         b.pump(0.5)
         assert b.console_errors() == []
     for name in ("viewer-home.png", "viewer-top3.png"):
