@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import socket
 import subprocess
 import sys
 import threading
@@ -201,6 +202,12 @@ def test_cli_serves_and_prints_the_url_and_bad_input_is_one_line(batch, tmp_path
     result = CliRunner().invoke(main, ["view", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0
     assert result.output.startswith("error: ") and "no such file" in result.output
+    with socket.socket() as busy:  # a port already taken: one line, not a traceback
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = CliRunner().invoke(main, ["view", str(batch), "--port", str(busy.getsockname()[1])])
+        assert result.exit_code == 2 and result.output.startswith("error: 127.0.0.1:")
+        assert "cannot listen" in result.output and result.output.strip().count("\n") == 0
     proc = subprocess.Popen([sys.executable, "-m", "wsi_pipeline", "view", str(batch), "--port", "0", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

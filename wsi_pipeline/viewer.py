@@ -238,10 +238,14 @@ class _SlideData:
         return self._slide.dimensions
 
     def close(self) -> None:
-        for closer in getattr(self, "_closers", []):
+        """Close the slide (idempotent: the server closes its app, and so does a failed start)."""
+        with self.lock:
+            closers, self._closers = getattr(self, "_closers", []), []
+            slide, self._slide, self._dz = self._slide, None, None
+        for closer in closers:
             closer()
-        if self._slide is not None:
-            self._slide.close()
+        if slide is not None:
+            slide.close()
 
     def _scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, dict]:
         """(coords, grid, suspicion, grid meta, summary) from the store and summary.json."""
