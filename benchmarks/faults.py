@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import struct
@@ -41,10 +40,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 SHARED = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def cli(*args: str, timeout: float) -> tuple[int | None, str, str, float]:
-    """(exit code or None on timeout, stdout, stderr, seconds) of one ``wsi-triage`` process."""
+def cli(*args: str, timeout: float, measure: bool = False) -> tuple[int | None, str, str, float]:
+    """(exit code or None on timeout, stdout, stderr, seconds) of one ``wsi-triage`` process.
+
+    ``measure``: run it under GNU time, whose last stderr line is then ``PEAK_KB <max RSS>``
+    (getrusage in this process would also count the forked copy of this process)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "wsi_pipeline", *map(str, args)], stdout=subprocess.PIPE,
+    timer = ["/usr/bin/time", "-f", "PEAK_KB %M"] if measure and Path("/usr/bin/time").exists() else []
+    proc = subprocess.Popen([*timer, sys.executable, "-m", "wsi_pipeline", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -202,10 +205,11 @@ def family_slides(work: Path, ckpt: Path, inputs: list[Path], timeout: float, ta
     out = work / "bad-out"
     shutil.rmtree(out, ignore_errors=True)
     rc, stdout, err, secs = cli("batch", folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--json",
-                                "--quiet", "--slide-timeout", str(timeout / 2), timeout=timeout * len(inputs) / 4)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the batch is the first child
-    print(f"  batch over {len(inputs)} corrupted inputs: exit {rc}, {secs:.0f} s, peak RSS {peak:.0f} MB",
-          flush=True)
+                                "--quiet", "--slide-timeout", str(timeout / 2), timeout=timeout * len(inputs) / 4,
+                                measure=True)
+    peak = next((int(line.split()[1]) / 1024 for line in err.splitlines() if line.startswith("PEAK_KB")), None)
+    peak_text = f"{peak:.0f} MB" if peak is not None else "n/a"
+    print(f"  batch over {len(inputs)} corrupted inputs: exit {rc}, {secs:.0f} s, peak RSS {peak_text}", flush=True)
     if rc is None or "Traceback" in err or not stdout.strip():
         for path in inputs:  # name the culprit
             rc1, _, err1, _ = cli("run", path, "--out", work / "single", "--checkpoint", ckpt, "--mpp", "0.5",
