@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,6 +105,10 @@ def test_find_view_slides_for_a_batch_an_output_folder_and_a_slide(batch, tmp_pa
     assert len(one) == 1 and one[0].slide_path == slides[1].slide_path and one[0].out_dir == batch / "neg"
     alone = find_view_slides(slides[0].slide_path)
     assert alone[0].out_dir is None and alone[0].slide_path == slides[0].slide_path
+    run_out = tmp_path / "run-out"  # `run`'s folders (no triage.csv): ranked by score
+    for name in ("neg", "pos"):
+        shutil.copytree(batch / name, run_out / name)
+    assert [(s.name, s.rank) for s in find_view_slides(run_out)] == [("pos", 1), ("neg", 2)]
     with pytest.raises(SlideError, match="no such file"):
         find_view_slides(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
