@@ -30,7 +30,7 @@ from scipy import ndimage as ndi
 
 from .errors import WsiTriageError
 from .nuclei import NUCLEUS_MAX_UM, Nuclei, label_nuclei, nucleus_pixels, tophat_halo
-from .stain import CELL_RADIUS_UM, StainDecision, classify_stain
+from .stain import CELL_RADIUS_UM, StainDecision, classify_stain, sheet_share
 
 # 2 um/px: the smallest cells that matter (lymphocytes, red cells, ~7-8 um) still span ~4 px, so
 # they survive denoising and the dust filter, while a 20 x 20 mm smear area is a 10k x 10k px
@@ -210,7 +210,7 @@ def _colour_rules(rgb: np.ndarray) -> np.ndarray:
     dark_ink = (v < 0.55) & (s >= 0.12) & ((h >= 315.0) | (h <= 12.0) | ((h >= 280.0) & (s < 0.3) & (v < 0.5)))
     cyan_blue = (h >= 90.0) & (h <= 250.0) & (rgb[..., 1] >= rgb[..., 0])  # green to blue
     rules = (
-        (_SEED[0], scarlet & (s >= 0.6) & (v >= 0.3)),
+        (_SEED[0], scarlet & (s >= 0.45) & (v >= 0.3)),
         (_SEED[1], cyan_blue & (s >= 0.4)),
         (_SEED[2], (v < 0.3) & (s < 0.25)),
         (_LOOSE[0], (scarlet & (s >= 0.12)) | dark_ink),
@@ -663,7 +663,7 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
     rgb = _as_rgb(rgb)
     H, W = rgb.shape[:2]
     if H == 0 or W == 0:
-        return classify_stain(np.zeros((0, 0, 3), np.float32), first.mask, float(mpp)), first
+        return classify_stain(np.zeros((0, 0, 3), np.float32), first.mask, 0.0), first
     step = _subsample_step(H, W)
     sub = np.ascontiguousarray(rgb[::step, ::step])
     bg = _fit_background(sub)
@@ -674,7 +674,7 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
         cx = np.clip(np.round(first.nuclei[:, 1] / step).astype(int), 0, sub.shape[1] - 1)
         cells[cy, cx] = True
         cells = _dilate_local(cells, max(1, int(round(CELL_RADIUS_UM / (float(mpp) * step)))))
-    decision = classify_stain(od, first.mask[::step, ::step], float(mpp) * step, cells)
+    decision = classify_stain(od, first.mask[::step, ::step], sheet_share(first.mask, float(mpp)), cells)
     if decision.stain == "pap":
         return decision, first
     return decision, detect_foreground(rgb, mpp, decision.stain, workers, pen_filter=pen_filter)
@@ -777,9 +777,8 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         test = _stain_test(img[plo:phi], lambda c: bg.rows(plo, phi, c), preset, sigma)
         stained[lo:hi] = test[lo - plo:hi - plo]
         codes[lo:hi] = _codes(img[lo:hi], index)
-        od_r, od_g = _nuclear_band(img, bg, plo, phi, sigma)
-        od_rg[0, lo:hi] = od_r[lo - plo:hi - plo]
-        od_rg[1, lo:hi] = od_g[lo - plo:hi - plo]
+        for c, d in enumerate(_nuclear_band(img, bg, plo, phi, sigma)):
+            od_rg[c, lo:hi] = d[lo - plo:hi - plo]
 
     for _ in (pool or _Serial()).map(band_work, list(_bands(h, halo))):
         pass
@@ -817,9 +816,11 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     return _PixelStage(stained, artefact, nuclei, ink, spared)
 
 
-def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float):
-    """(OD red, OD green) above the glass on rows plo..phi, smoothed like the stain test."""
-    od = [bg.rows(plo, phi, c) - _LOG10_U8[img[plo:phi, ..., c]] for c in (0, 1)]
+def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float,
+                  channels: tuple[int, ...] = (0, 1)):
+    """OD above the glass of ``channels`` (red, green by default) on rows plo..phi, smoothed like
+    the stain test."""
+    od = [bg.rows(plo, phi, c) - _LOG10_U8[img[plo:phi, ..., c]] for c in channels]
     return tuple(ndi.gaussian_filter(d, sigma) if sigma >= 0.5 else d for d in od)
 
 
@@ -846,7 +847,7 @@ def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = _CELL_RADIUS_UM)
 
 
 def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float,
-                 size_filter: bool = True):
+                 size_filter: bool = True, cand: np.ndarray | None = None):
     """(ink, spared): ink-coloured regions that are marker ink, and those that are not.
 
     Colour alone cannot tell ink from Pap stain: Light Green SF colours cyanophilic cytoplasm
@@ -857,7 +858,8 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float,
     nuclei.
     Within an accepted stroke, the cell around any nucleus it crosses is still not ink.
     """
-    cand = _pen_from_codes(codes, mpp if size_filter else None)
+    if cand is None:
+        cand = _pen_from_codes(codes, mpp if size_filter else None)
     if not cand.any():
         return cand, cand
     lab, n = ndi.label(cand, structure=np.ones((3, 3), bool))

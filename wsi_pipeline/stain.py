@@ -7,16 +7,17 @@ Decided from the low-resolution overview the tiler already has, in two steps wit
    (``SHEET_MIN_MM2`` or more each): tissue sections fill the glass, cytology preparations are
    cells and cell groups on it. This needs a slide-scale view; a single camera field is too
    small to show it and is judged by colour alone.
-2. **Pap** versus **Romanowsky** by the colour of the nucleated cells (the stained pixels within
-   ``CELL_RADIUS_UM`` of a nucleus; all stained pixels when there are too few) in optical density (OD):
-   the share of red in the mean OD direction. Pap's Light Green SF (cyanophilic cytoplasm) and
-   hematoxylin absorb red strongly; Romanowsky stains and eosin make pink-purple cells and red
-   cells that absorb green and blue and let red through. Threshold set on tuning fields (every
-   even-numbered Pap LBC field and BCCD smear field, see ``benchmarks/eval_foreground.py``),
-   measured on the others.
+2. **Pap** versus **Romanowsky** by colour in optical density (OD). Pap's Light Green SF
+   (cyanophilic cytoplasm) and hematoxylin absorb red strongly; Romanowsky stains make
+   pink-purple cells and red cells that absorb green and blue and let red through. Pap when the
+   mean OD direction of the stained pixels has a red share of at least ``RED_SHARE_PAP`` and not
+   much less red than blue (``RED_MINUS_BLUE_PAP``), or when the nucleated cells themselves
+   (within ``CELL_RADIUS_UM`` of a nucleus) pass green (``CELL_GREEN_SHARE_PAP``), which keeps a
+   blood-rich Pap smear Pap. Thresholds set on tuning material (even-numbered Pap LBC fields,
+   every 8th BCCD field, three synthetic smears of each stain), measured on the rest by
+   ``benchmarks/eval_foreground.py``.
 
-Ambiguous colour (close to the threshold) keeps ``pap``, the stain this tool is meant for and
-the preset whose ink rule is the most careful.
+Every figure behind a decision is recorded with it (``StainDecision.evidence``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["StainDecision", "STAINS", "SHEET_MIN_MM2", "RED_SHARE_PAP", "classify_stain", "stain_evidence"]
+__all__ = ["StainDecision", "STAINS", "SHEET_MIN_MM2", "RED_SHARE_PAP", "RED_MINUS_BLUE_PAP", "CELL_GREEN_SHARE_PAP",
+           "classify_stain",
+           "sheet_share", "stain_evidence"]
 
 STAINS = ("pap", "romanowsky", "he")
 #: a connected foreground component at least this large (mm^2) is a tissue sheet
@@ -38,9 +41,20 @@ SHEET_SHARE_HE = 0.5
 #: 0.27 errs 1 + 1 but misses Pap sooner, and a missed Pap is the costlier error.
 #: ``benchmarks/eval_foreground.py`` prints the figures on the other half.
 RED_SHARE_PAP = 0.26
+#: ... and when the red share is not below the blue share by more than this: May-Gruenwald-Giemsa
+#: smears (the synthetic ones, made of PBC cells) reach a red share of 0.26-0.29 but a blue share
+#: of 0.34-0.36; Pap fields -0.01 to +0.37 (red - blue). With both rules: tuning halves Pap 1/40,
+#: BCCD 0/46 (every 4th field), synthetic Romanowsky 0/3, Pap 0/3 wrong; held-out halves 0 wrong.
+#: Single PBC cell crops (one MGG cell filling the picture, no red cells) all read as Pap: the
+#: rule is for slides and fields, not for one-cell images.
+RED_MINUS_BLUE_PAP = -0.02
 #: pixels whose summed OD (R+G+B) is below this carry too little colour to judge
 MIN_OD_SUM = 0.15
-#: the colour is judged on the nucleated cells when they cover at least this many pixels
+#: ... or when the nucleated cells' own OD has at most this green share (cyanophilic cells pass
+#: green; tuning fields: Romanowsky cells 0.43-0.65, Pap cells 0.32-0.50), judged when they cover
+#: at least ``MIN_CELL_PX`` coloured pixels: a blood-rich Pap smear is mostly orange-red cells
+#: overall, its nucleated cells are not
+CELL_GREEN_SHARE_PAP = 0.40
 MIN_CELL_PX = 200
 #: radius (um) around a nucleus taken as its cell
 CELL_RADIUS_UM = 8.0
@@ -58,53 +72,69 @@ class StainDecision:
         return {"stain": self.stain, "reason": self.reason, "evidence": dict(self.evidence)}
 
 
-def stain_evidence(od: np.ndarray, mask: np.ndarray, mpp: float, cells: np.ndarray | None = None) -> dict:
+def sheet_share(mask: np.ndarray, mpp: float) -> float:
+    """Share of the foreground ``mask`` (pixel size ``mpp`` um) in connected sheets of at least
+    ``SHEET_MIN_MM2``. Measure it on the mask itself, not on a subsampled copy (subsampling
+    joins the cells of a dense smear into false sheets)."""
+    lab, n = ndi.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3), bool))
+    if n == 0:
+        return 0.0
+    area_mm2 = np.bincount(lab.ravel())[1:] * float(mpp) ** 2 * 1e-6
+    return float(area_mm2[area_mm2 >= SHEET_MIN_MM2].sum() / max(area_mm2.sum(), 1e-12))
+
+
+def stain_evidence(od: np.ndarray, mask: np.ndarray, sheets: float, cells: np.ndarray | None = None) -> dict:
     """The figures :func:`classify_stain` decides on.
 
-    ``od``: (H, W, 3) optical density above the glass; ``mask``: the foreground; ``mpp``: pixel
-    size (um); ``cells``: where the nucleated cells are (the colour is judged there when it holds
-    at least ``MIN_CELL_PX`` coloured pixels, so that red cells and blood, common in any
-    preparation, do not outvote the cells). Returns the mean OD direction (red, green, blue
-    shares), the share of the foreground in sheets, and the pixel counts behind them.
+    ``od``: (H, W, 3) optical density above the glass; ``mask``: the foreground on the same grid;
+    ``sheets``: :func:`sheet_share` of the foreground; ``cells``: where the nucleated cells are.
+    Returns the mean OD direction (red, green, blue shares) of the coloured foreground and of the
+    coloured nucleated cells (None when they hold fewer than ``MIN_CELL_PX`` such pixels), the
+    share of the foreground in sheets, and the pixel counts behind them.
     """
     mask = np.asarray(mask, dtype=bool)
-    judged = mask
-    if cells is not None and np.count_nonzero(mask & cells) >= MIN_CELL_PX:
-        judged = mask & cells
-    v = np.maximum(np.asarray(od, dtype=np.float32)[judged], 0.0)
-    total = v.sum(axis=1)
-    coloured = total >= MIN_OD_SUM
-    if coloured.any():
-        direction = (v[coloured] / total[coloured, None]).mean(axis=0)
-    else:
-        direction = np.full(3, 1.0 / 3.0)
-    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    sheet_share = 0.0
-    if n:
-        area_mm2 = np.bincount(lab.ravel())[1:] * float(mpp) ** 2 * 1e-6
-        sheet_share = float(area_mm2[area_mm2 >= SHEET_MIN_MM2].sum() / max(area_mm2.sum(), 1e-12))
+    direction, n_coloured = _mean_direction(od, mask)
+    cell_direction, n_cell = None, 0
+    if cells is not None:
+        cell_direction, n_cell = _mean_direction(od, mask & cells)
     return {
         "od_direction": [round(float(x), 4) for x in direction],
-        "sheet_share": round(sheet_share, 4),
+        "sheet_share": round(float(sheets), 4),
         "foreground_share": round(float(mask.mean()) if mask.size else 0.0, 4),
-        "coloured_px": int(coloured.sum()),
-        "judged_on": "cells" if judged is not mask else "foreground",
-        "mpp": round(float(mpp), 4),
+        "coloured_px": n_coloured,
+        "cell_od_direction": ([round(float(x), 4) for x in cell_direction]
+                              if cell_direction is not None and n_cell >= MIN_CELL_PX else None),
+        "cell_px": n_cell,
     }
 
 
-def classify_stain(od: np.ndarray, mask: np.ndarray, mpp: float, cells: np.ndarray | None = None) -> StainDecision:
-    """Pap, Romanowsky or H&E for an overview with OD ``od``, foreground ``mask`` and nucleated
-    cells ``cells`` (see module doc and :func:`stain_evidence`)."""
-    ev = stain_evidence(od, mask, mpp, cells)
+def _mean_direction(od: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, int]:
+    v = np.maximum(np.asarray(od, dtype=np.float32)[where], 0.0)
+    total = v.sum(axis=1)
+    coloured = total >= MIN_OD_SUM
+    if not coloured.any():
+        return np.full(3, 1.0 / 3.0), 0
+    return (v[coloured] / total[coloured, None]).mean(axis=0), int(coloured.sum())
+
+
+def classify_stain(od: np.ndarray, mask: np.ndarray, sheets: float, cells: np.ndarray | None = None) -> StainDecision:
+    """Pap, Romanowsky or H&E for an overview with OD ``od``, foreground ``mask``, sheet share
+    ``sheets`` and nucleated cells ``cells`` (see module doc and :func:`stain_evidence`)."""
+    ev = stain_evidence(od, mask, sheets, cells)
     if ev["coloured_px"] == 0:
         return StainDecision("pap", "no stained pixels to judge; default pap", ev)
     if ev["sheet_share"] >= SHEET_SHARE_HE:
         return StainDecision("he", f"{100 * ev['sheet_share']:.0f} % of the foreground lies in sheets of "
                                    f">= {SHEET_MIN_MM2:g} mm^2 (tissue)", ev)
-    red = ev["od_direction"][0]
-    if red >= RED_SHARE_PAP:
-        return StainDecision("pap", f"red share of the stain's optical density {red:.2f} >= {RED_SHARE_PAP} "
+    red, _, blue = ev["od_direction"]
+    if red >= RED_SHARE_PAP and red - blue >= RED_MINUS_BLUE_PAP:
+        return StainDecision("pap", f"red share of the stain's optical density {red:.2f} >= {RED_SHARE_PAP} and "
+                                    f"not below its blue share by more than {-RED_MINUS_BLUE_PAP} "
                                     "(hematoxylin / Light Green absorb red)", ev)
-    return StainDecision("romanowsky", f"red share of the stain's optical density {red:.2f} < {RED_SHARE_PAP} "
-                                       "(pink-purple cells let red through)", ev)
+    cell = ev["cell_od_direction"]
+    if cell is not None and cell[1] <= CELL_GREEN_SHARE_PAP:
+        return StainDecision("pap", f"green share of the nucleated cells' optical density {cell[1]:.2f} <= "
+                                    f"{CELL_GREEN_SHARE_PAP} (cyanophilic cytoplasm passes green; a blood-rich "
+                                    "field's red cells outweigh it overall)", ev)
+    return StainDecision("romanowsky", f"red share of the stain's optical density {red:.2f} (blue {blue:.2f}): "
+                                       "pink-purple cells and red cells let red through", ev)
