@@ -68,8 +68,10 @@ def build_metadata(
     }
 
 
-def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], fp16: bool = False) -> str:
-    """Write atomically; returns the file's sha256 (the model's identity)."""
+def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], fp16: bool = False,
+                     extra_tensors: dict[str, torch.Tensor] | None = None) -> str:
+    """Write atomically; returns the file's sha256 (the model's identity). ``extra_tensors`` (e.g. the
+    ``ood.*`` statistics) are written as they are, never cast to fp16."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -82,6 +84,7 @@ def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta
         elif v.is_floating_point():
             v = v.to(torch.float32)
         tensors[k] = v.contiguous()
+    tensors.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     umask = os.umask(0)
@@ -157,7 +160,9 @@ def load_model_file(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     path = Path(path)
     meta = read_metadata(path)
     model = build_vit(meta["architecture"])
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    # ``ood.*``: out-of-domain statistics (distill.ood_stats), not model weights
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()
+          if not k.startswith("ood.")}
     res = model.load_state_dict(sd, strict=False)
     if res.missing_keys or res.unexpected_keys:
         key = (res.missing_keys or res.unexpected_keys)[0]
@@ -220,4 +225,9 @@ def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list
         md["stain"] = str(stain)
     if placement:
         md["placement"] = placement
-    return write_checkpoint(out, model.state_dict(), md, fp16=fp16)
+    ood = {}
+    if "ood" in md:  # carry the out-of-domain statistics (distill.ood_stats) over unchanged (fp32)
+        from safetensors.torch import load_file
+
+        ood = {k: v for k, v in load_file(str(src)).items() if k.startswith("ood.")}
+    return write_checkpoint(out, model.state_dict(), md, fp16=fp16, extra_tensors=ood)

@@ -30,7 +30,8 @@ from .names import printable
 from .object_outputs import CALIBRATION, aggregate_objects, calibrated, calibration_for
 from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_picture, heatmap_rgba,  # noqa: F401
                       overlay_image, overlay_picture, overlay_png, png_bytes)
-from .scorer import read_scores, scores_key
+from .ood import ood_summary
+from .scorer import read_ood, read_scores, scores_key
 
 METHODS = ("topk_mean", "quantile", "fraction_above")
 SUMMARY_NAME = "summary.json"
@@ -214,6 +215,11 @@ def aggregate_store(
     if probs.shape != (n, len(class_names)) or (n and not np.isfinite(probs).all()):
         raise StoreError(f"{store_path}: scores {scores_key(attrs['checkpoint_sha256'])} are incomplete or "
                          "inconsistent with the tiles; run `wsi-triage score` again")
+    ood = read_ood(group, attrs)  # (distances, threshold) or None: no OOD statistics in the checkpoint
+    if ood is not None and (ood[0].shape != (n,) or (n and not np.isfinite(ood[0]).all())):
+        raise StoreError(f"{store_path}: scores {scores_key(attrs['checkpoint_sha256'])}/ood are incomplete or "
+                         "inconsistent with the tiles; run `wsi-triage score` again")
+    ood_entry = ood_summary(*ood) if ood is not None else None
     coords = np.asarray(group["coords"][:]) if n else np.zeros((0, 4), dtype=np.int64)
     grid = np.asarray(group["grid"][:]) if n else np.zeros((0, 2), dtype=np.int32)
     suspicion = tile_suspicion(probs, class_names, suspicious)
@@ -256,6 +262,9 @@ def aggregate_store(
         order = by_object["gallery_tiles"]
     summary = {
         "slide": stem,
+        # ok | empty (no tile) | out_of_domain (most tiles unlike the checkpoint's training data: the score
+        # is recorded but is no suspicion; wsi_pipeline.ood)
+        "status": "empty" if not n else ("out_of_domain" if ood_entry and ood_entry["out_of_domain"] else "ok"),
         "score": {"value": None if score is None else round(score, 6), "method": config.method,
                   "settings": config.score_settings(), "over": "objects" if by_object else "tiles",
                   "raw": None if raw is None else round(raw, 6), "calibration": calibration},
@@ -263,6 +272,7 @@ def aggregate_store(
                   "above_threshold": int(np.sum(suspicion > config.threshold)),
                   "threshold": config.threshold, "mean_suspicion": round(float(suspicion.mean()), 6) if n else None},
         "empty_reason": meta.get("empty_reason"),
+        "ood": ood_entry,
         "class_names": class_names,
         "suspicious_classes": suspicious,
         "class_fractions": {c: round(float(np.mean(argmax == j)), 6) if n else 0.0 for j, c in enumerate(class_names)},

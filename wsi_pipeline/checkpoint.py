@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .ood import OOD_KEY, OOD_PREFIX, OodStats, parse_ood_metadata
 
 CHECKPOINT_FORMAT = "wsi-triage-student"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -51,6 +52,7 @@ class CheckpointInfo:
     tile_mpp: float
     architecture: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)  # every metadata field, JSON-decoded
+    ood: dict[str, Any] | None = None  # the optional out-of-domain entry (wsi_pipeline.ood); None: no OOD score
 
     @property
     def sha12(self) -> str:
@@ -65,6 +67,7 @@ class CheckpointInfo:
 class LoadedCheckpoint:
     model: Any  # timm VisionTransformer in eval mode, on CPU, fp32
     info: CheckpointInfo
+    ood: OodStats | None = None  # out-of-domain statistics, when the checkpoint carries them
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -180,11 +183,38 @@ def _info_from_header(path: Path, header: dict[str, Any], sha256: str) -> Checkp
     if not (math.isfinite(tile_mpp) and 0 < tile_mpp <= MAX_TILE_MPP):
         raise bad("tile_mpp", f"must be a finite pixel size in (0, {MAX_TILE_MPP:g}] um/px, got {meta['tile_mpp']!r}")
     arch = _check_architecture(path, meta["architecture"], len(classes), ints["input_size"], header)
+    ood = _check_ood(path, meta, header, arch)
     return CheckpointInfo(
         path=path, sha256=sha256, class_names=tuple(classes), suspicious_classes=tuple(suspicious),
         mean=mean, std=std, input_size=ints["input_size"], tile_size=ints["tile_size"], tile_mpp=tile_mpp,
-        architecture=dict(arch), metadata=meta,
+        architecture=dict(arch), metadata=meta, ood=ood,
     )
+
+
+def _check_ood(path: Path, meta: dict[str, Any], header: dict[str, Any], arch: dict[str, Any]) -> dict[str, Any] | None:
+    """The optional out-of-domain statistics: metadata and tensor shapes checked from the header."""
+    names = sorted(k for k in header if k.startswith(OOD_PREFIX))
+    if OOD_KEY not in meta:
+        if names:
+            raise CheckpointError(f"{path}: tensor {names[0]} without the metadata field {OOD_KEY}")
+        return None
+    try:
+        entry = parse_ood_metadata(meta[OOD_KEY])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: metadata field {OOD_KEY} {exc}") from None
+    shapes = _tensor_shapes(path, {k: header[k] for k in names})
+    dim = arch["embed_dim"]
+    means, prec = shapes.get("ood.class_means"), shapes.get("ood.precision")
+    if means is None or prec is None:
+        raise CheckpointError(f"{path}: metadata field {OOD_KEY} needs tensors ood.class_means and ood.precision")
+    if len(means) != 2 or not 1 <= means[0] <= arch["num_classes"] or means[1] != dim:
+        raise CheckpointError(f"{path}: tensor ood.class_means has shape {means}, needs (1..{arch['num_classes']}, {dim})")
+    if prec != (dim, dim):
+        raise CheckpointError(f"{path}: tensor ood.precision has shape {prec}, needs ({dim}, {dim})")
+    extra = sorted(set(names) - {"ood.class_means", "ood.precision"})
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]}")
+    return entry
 
 
 #: bounds that no student of this project comes near; they stop a hostile header before any allocation
@@ -333,6 +363,7 @@ def load_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
         state = load_file(str(info.path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{info.path}: unreadable safetensors tensors ({str(exc).splitlines()[0]})") from None
+    ood_state = {k: state.pop(k) for k in [k for k in state if k.startswith(OOD_PREFIX)]}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -347,10 +378,15 @@ def load_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
                                   f"{tuple(state[k].shape)}, architecture needs {tuple(v.shape)})")
         if not state[k].is_floating_point():
             raise CheckpointError(f"{info.path}: tensor {k} is {state[k].dtype}, expected floating point")
-    _check_finite(info.path, state)
+    _check_finite(info.path, state | ood_state)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     model.eval()
-    return LoadedCheckpoint(model=model, info=info)
+    ood = None
+    if info.ood is not None:
+        ood = OodStats(class_means=ood_state["ood.class_means"].to(torch.float32).numpy(),
+                       precision=ood_state["ood.precision"].to(torch.float32).numpy(),
+                       threshold=float(info.ood["threshold"]), info=info.ood)
+    return LoadedCheckpoint(model=model, info=info, ood=ood)
 
 
 def _check_finite(path: Path, state: dict) -> None:

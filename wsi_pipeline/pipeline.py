@@ -66,7 +66,8 @@ class RunOptions:
 
 @dataclass
 class SlideRun:
-    """The outcome of one slide; ``status`` is ok, empty (no tissue tile) or error."""
+    """The outcome of one slide; ``status`` is ok, out_of_domain (most tiles unlike the checkpoint's training
+    data, see wsi_pipeline.ood), empty (no tissue tile) or error."""
 
     slide: Path
     stem: str
@@ -110,6 +111,13 @@ def foreground_warnings(meta: dict[str, Any], info: CheckpointInfo) -> list[str]
         warnings.append(f"the slide looks {slide_stain}-stained but the checkpoint was trained on {model_stain}; "
                         "its scores may not mean what they do on its own stain")
     return warnings
+
+
+def slide_status(summary: dict[str, Any] | None, n_tiles: int) -> str:
+    """ok, empty or out_of_domain, as the aggregator decided it (summary.json ``status``)."""
+    if not n_tiles:
+        return "empty"
+    return "out_of_domain" if ((summary or {}).get("ood") or {}).get("out_of_domain") else "ok"
 
 
 def _no_progress(desc: str, unit: str):
@@ -206,7 +214,7 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     summary = aggregated.summary
     score = summary["score"]["value"]
     return SlideRun(
-        slide=slide, stem=slide.stem, status="ok" if tiled.n_tiles else "empty", store=tiled.path, out_dir=out_dir,
+        slide=slide, stem=slide.stem, status=slide_status(summary, tiled.n_tiles), store=tiled.path, out_dir=out_dir,
         score=score, n_tiles=tiled.n_tiles, seconds=time.perf_counter() - start,
         steps={"tile": _tile_step(tiled), "score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
         summary=summary, warnings=foreground_warnings(tiled.meta, info),
@@ -228,7 +236,7 @@ def run_store(store: str | Path, out_dir: str | Path | None, options: RunOptions
     meta = tile_store.read_meta(tile_store.open_store(store))
     n = int(meta["n_tiles"])
     return SlideRun(
-        slide=Path(meta.get("slide_path") or stem), stem=stem, status="ok" if n else "empty", store=store,
+        slide=Path(meta.get("slide_path") or stem), stem=stem, status=slide_status(aggregated.summary, n), store=store,
         out_dir=out_dir, score=aggregated.summary["score"]["value"], n_tiles=n, seconds=time.perf_counter() - start,
         steps={"score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
         summary=aggregated.summary,
@@ -290,6 +298,7 @@ def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
         "slide": printable(run.stem), "status": run.status, "score": run.score,
         "method": (summary.get("score") or {}).get("method"),
         "n_tiles": run.n_tiles, "above_threshold": tiles.get("above_threshold"),
+        "ood_fraction": (summary.get("ood") or {}).get("fraction"),
         "top_suspicion": top["suspicion"] if top else None, "top_x": top["x"] if top else None,
         "top_y": top["y"] if top else None, "checkpoint_sha12": sha256[:12],
         "seconds": round(run.seconds, 3), "error": printable(run.error) if run.error else None,
@@ -299,9 +308,10 @@ def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
 
 
 def rank_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Scored slides by descending suspicion, then slides without tissue, then failures; rank numbers set."""
-    order = {"ok": 0, "empty": 1, "error": 2}
-    ranked = sorted(rows, key=lambda r: (order.get(r["status"], 3), -(r["score"] if r["score"] is not None else -1),
+    """Scored slides by descending suspicion, then out-of-domain slides (their score is no suspicion), then
+    slides without tissue, then failures; rank numbers set."""
+    order = {"ok": 0, "out_of_domain": 1, "empty": 2, "error": 3}
+    ranked = sorted(rows, key=lambda r: (order.get(r["status"], 4), -(r["score"] if r["score"] is not None else -1),
                                          r["slide"]))
     for i, r in enumerate(ranked, 1):
         r["rank"] = i
@@ -310,7 +320,7 @@ def rank_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 CSV_FIELDS = ["rank", "slide", "status", "score", "method", "previous_score", "score_change", "n_tiles",
               "above_threshold", "top_suspicion", "top_x", "top_y", "checkpoint_sha12", "seconds", "error",
-              "slide_path", "out_dir"]
+              "slide_path", "out_dir", "ood_fraction"]
 
 
 def triage_csv_bytes(rows: list[dict[str, Any]]) -> bytes:
@@ -374,7 +384,7 @@ def run_batch(
         if stem in seen:
             run = SlideRun(slide=slide, stem=stem, status="error", error_type="SlideError",
                            error=f"{slide}: another slide ({seen[stem]}) has the same name; outputs would collide")
-        elif only_failed and same_checkpoint and record and record.get("status") in ("ok", "empty"):
+        elif only_failed and same_checkpoint and record and record.get("status") in ("ok", "out_of_domain", "empty"):
             run = _carried_over(stem, record, out)
         else:
             t0 = time.perf_counter()

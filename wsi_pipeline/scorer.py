@@ -12,6 +12,7 @@ the same for local threads, local processes and dask.distributed workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import datetime as _dt
@@ -27,6 +28,7 @@ import numpy as np
 from . import store as tile_store
 from .checkpoint import CheckpointInfo, LoadedCheckpoint, load_checkpoint, read_checkpoint_info
 from .errors import CheckpointError, OptionError, StoreError
+from .ood import OodStats, features_and_logits, ood_distance
 
 #: relative difference between the store's tile mpp and the checkpoint's that is still accepted
 MPP_TOLERANCE = 0.02
@@ -130,6 +132,14 @@ class ScoringModel:
         return predict_probs(self.pixel_model if folded else self.loaded.model, self.loaded.info, tiles,
                              device=device, precision=precision, batch_size=batch_size, pixel_input=folded)
 
+    def predict_with_ood(self, tiles: np.ndarray, *, device: str, precision: str,
+                         batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, when the checkpoint carries OOD statistics, each tile's OOD distance."""
+        folded = self.pixel_model is not None
+        return predict_probs_ood(self.pixel_model if folded else self.loaded.model, self.loaded.info, tiles,
+                                 device=device, precision=precision, batch_size=batch_size, pixel_input=folded,
+                                 ood=self.loaded.ood)
+
 
 _SCORING: dict[tuple[str, str], ScoringModel] = {}
 
@@ -200,16 +210,24 @@ def predict_probs(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str
     """Class probabilities (n, K) float32 for uint8 RGB tiles (n, T, T, 3).
 
     ``pixel_input``: ``model`` came from :func:`fold_normalization` and takes 0..255 values."""
+    return predict_probs_ood(model, info, tiles, device=device, precision=precision, batch_size=batch_size,
+                             pixel_input=pixel_input)[0]
+
+
+def predict_probs_ood(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str = "cpu",
+                      precision: str = "fp32", batch_size: int = 64, pixel_input: bool = False,
+                      ood: OodStats | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`predict_probs`, plus the OOD distance (n,) float32 of each tile when ``ood`` is given."""
     import torch
     import torch.nn.functional as F
 
     n = int(tiles.shape[0])
     if n == 0:
-        return np.zeros((0, info.num_classes), dtype=np.float32)
+        return np.zeros((0, info.num_classes), dtype=np.float32), (None if ood is None else np.zeros(0, np.float32))
     dev = torch.device(device)
     mean = torch.tensor(info.mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(info.std, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
-    out = []
+    out, dist = [], []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             x = torch.from_numpy(np.ascontiguousarray(tiles[start:start + batch_size])).to(dev)
@@ -219,13 +237,16 @@ def predict_probs(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str
                                   antialias=True, align_corners=False)
             if not pixel_input:
                 x = (x / 255.0 - mean) / std
-            if precision == "bf16":
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16):
+            bf16 = precision == "bf16"
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                if ood is None:
                     logits = model(x)
-            else:
-                logits = model(x)
+                else:
+                    feats, logits = features_and_logits(model, x)
+                    dist.append(ood_distance(feats.float().cpu().numpy(), ood))
             out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    return np.concatenate(out).astype(np.float32, copy=False)
+    probs = np.concatenate(out).astype(np.float32, copy=False)
+    return probs, (np.concatenate(dist) if ood is not None else None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -267,12 +288,14 @@ def score_shard(store_path: str, key: str, index: int, checkpoint_path: str, sha
     meta = tile_store.read_meta(group)
     sl = tile_store.shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
     tiles = tile_store.read_shard(group, index)
-    probs = scoring.predict(tiles, device=device, precision=precision, batch_size=batch_size)
-    if not np.isfinite(probs).all():  # never flag a shard done with NaN scores ("run score again" would not help)
+    probs, ood = scoring.predict_with_ood(tiles, device=device, precision=precision, batch_size=batch_size)
+    if not np.isfinite(probs).all() or (ood is not None and not np.isfinite(ood).all()):  # never flag a shard done with NaN scores ("run score again" would not help)
         raise CheckpointError(f"{checkpoint_path}: the model produced NaN or infinite probabilities for tiles of "
                               f"shard {index} of {store_path}; the checkpoint is unusable (export it again)")
     scores = group[key]
     scores["probs"][sl] = probs
+    if ood is not None and "ood" in scores:
+        scores["ood"][sl] = ood
     scores["shard_done"][index] = True
     return index, len(probs)
 
@@ -308,7 +331,7 @@ def _unflag_damaged_scores(store_path: Path, key: str) -> list[int]:
     group = tile_store.open_store(store_path)
     sg = group[key]
     bad = set()
-    for name in ("probs", "shard_done"):
+    for name in ("probs", "shard_done", *(("ood",) if "ood" in sg else ())):
         try:
             array = sg[name]
         except KeyError:
@@ -343,6 +366,19 @@ def read_scores(group, sha256: str | None = None) -> tuple[np.ndarray, dict[str,
     return np.asarray(group[key]["probs"][:]), available[key]
 
 
+def read_ood(group, attrs: dict[str, Any]) -> tuple[np.ndarray, float] | None:
+    """The per-tile OOD distances of complete scores and their threshold; None when the checkpoint had no
+    OOD statistics (or the scores predate them)."""
+    entry = attrs.get("ood")
+    key = scores_key(attrs["checkpoint_sha256"])
+    if not entry or "ood" not in group[key]:
+        return None
+    if tile_store.damaged_chunks(group[key]["ood"]):
+        raise StoreError(f"{tile_store._store_root(group)}: {key}/ood has a chunk that fails its checksum "
+                         "(damaged); rerun `wsi-triage score` (or `run`) to rescore the damaged shards")
+    return np.asarray(group[key]["ood"][:]), float(entry["threshold"])
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -357,6 +393,9 @@ def _prepare_group(group, key: str, info: CheckpointInfo, n_tiles: int, per_shar
     sg.create_array("probs", shape=(n_tiles, info.num_classes), chunks=(max(1, per_shard), info.num_classes),
                     dtype="float32", fill_value=np.nan, dimension_names=("tile", "class"), **crc)
     sg.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False, **crc)
+    if info.ood is not None:  # out-of-domain distance per tile (wsi_pipeline.ood), same shards and markers
+        sg.create_array("ood", shape=(n_tiles,), chunks=(max(1, per_shard),), dtype="float32", fill_value=np.nan,
+                        dimension_names=("tile",), **crc)
     sg.attrs.update({
         "class_names": list(info.class_names),
         "suspicious_classes": list(info.suspicious_classes),
@@ -365,6 +404,7 @@ def _prepare_group(group, key: str, info: CheckpointInfo, n_tiles: int, per_shar
         "checkpoint_metadata": info.metadata,
         "precision": precision,
         "bf16_max_abs_diff": diff,
+        "ood": info.ood,
         "device": device,
         "complete": False,
         "scored": None,
@@ -479,8 +519,8 @@ def _score_store(
             # a sample of the first shard is scored both ways; the whole shard only when it is small
             sample = tile_store.read_shard(group, 0)[:config.precision_check_tiles]
             precision, diff, first_probs = choose_precision(scoring, sample, config, device)
-            if first_probs is not None and len(first_probs) != first.stop - first.start:
-                first_probs = None
+            if first_probs is not None and (len(first_probs) != first.stop - first.start or info.ood is not None):
+                first_probs = None  # (with OOD statistics shard 0 is scored again, for its distances)
         sg = _prepare_group(group, key, info, n_tiles, per_shard, n_shards, device, precision, diff)
         if first_probs is not None and not np.isfinite(first_probs).all():
             raise CheckpointError(f"{info.path}: the model produced NaN or infinite probabilities on {store_path}; "

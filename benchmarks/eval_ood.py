@@ -1,0 +1,139 @@
+"""Out-of-domain flag of a checkpoint (default: the bundled blood-cell demo student), measured.
+
+Prints, per source, the share of tiles whose OOD distance is above the checkpoint's threshold and
+whether the slide / image is flagged (more than half of its tiles: ``wsi_pipeline.ood``):
+
+- in domain, must NOT be flagged: synthetic smears (``wsi_pipeline.synth``, default cells = the
+  shipped held-out PBC cells no model was trained on), run through the pipeline (tile, score,
+  aggregate) -> tile false-flag rate and slide status;
+- out of domain, must be flagged: the shared H&E slides (CMU-1-Small-Region.svs; TCGA with
+  ``--mpp 0.5``) through the pipeline, and the non-blood images of ../shared/data/tiles and
+  ../shared/data/pap_fields (each cut into a grid of checkpoint-size tiles, at its own pixels).
+
+    python benchmarks/eval_ood.py [--smears 2] [--size 3072] [--no-tcga] [--json FILE|-]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wsi_pipeline import store as tile_store  # noqa: E402
+from wsi_pipeline.checkpoint import load_checkpoint  # noqa: E402
+from wsi_pipeline.ood import SLIDE_FRACTION  # noqa: E402
+from wsi_pipeline.pipeline import RunOptions, run_slide  # noqa: E402
+from wsi_pipeline.scorer import predict_probs_ood, read_ood, read_scores  # noqa: E402
+from wsi_pipeline.synth import SynthConfig, synthesize  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def image_tiles(path: Path, size: int) -> np.ndarray:
+    """Non-overlapping size x size tiles of an image (at least one: a smaller image is padded white)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB"))
+    h, w = a.shape[:2]
+    if h < size or w < size:
+        pad = np.full((max(h, size), max(w, size), 3), 255, np.uint8)
+        pad[:h, :w] = a
+        a, h, w = pad, pad.shape[0], pad.shape[1]
+    return np.stack([a[y:y + size, x:x + size] for y in range(0, h - size + 1, size)
+                     for x in range(0, w - size + 1, size)])
+
+
+def slide_row(name: str, run, expect_ood: bool) -> dict:
+    group = tile_store.open_store(run.store)
+    _, attrs = read_scores(group, None)
+    ood = read_ood(group, attrs)
+    d = ood[0] if ood else np.zeros(0)
+    return {"source": name, "kind": "slide", "expect_ood": expect_ood, "tiles": int(d.size),
+            "flagged_tiles": round(float(np.mean(d > ood[1])), 4) if d.size else None,
+            "status": run.status, "flagged": run.status == "out_of_domain", "score": run.score,
+            "seconds": round(run.seconds, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--smears", type=int, default=2, help="synthetic held-out smears (alternating 0.3 / 0 suspicious)")
+    p.add_argument("--size", type=int, default=3072, help="synthetic smear side, px")
+    p.add_argument("--no-tcga", action="store_true", help="skip the TCGA slide (the slowest source)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    loaded = load_checkpoint(a.checkpoint)
+    if loaded.ood is None:
+        print(f"error: {loaded.info.path}: checkpoint carries no OOD statistics", file=sys.stderr)
+        return 2
+    info, size = loaded.info, loaded.info.tile_size
+    print(f"checkpoint {info.sha12}: threshold {loaded.ood.threshold:g} ({loaded.ood.info.get('threshold_rule')}); "
+          f"a slide is out_of_domain when > {SLIDE_FRACTION:.0%} of its tiles are above it")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="eval_ood_") as tmp:
+        tmp = Path(tmp)
+        opts = RunOptions(checkpoint=a.checkpoint)
+        for i in range(a.smears):
+            frac = 0.3 if i % 2 == 0 else 0.0
+            slide = tmp / f"heldout_{i}.tiff"
+            synthesize(slide, SynthConfig(width=a.size, height=a.size, seed=700 + i, fraction=frac))
+            rows.append(slide_row(f"synth held-out seed {700 + i} fraction {frac}", run_slide(slide, tmp / "out", opts),
+                                  False))
+            print(rows[-1], flush=True)
+        slides = SHARED / "slides"
+        for name, mpp in (("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.5)):
+            if (name.startswith("TCGA") and a.no_tcga) or not (slides / name).is_file():
+                continue
+            o = RunOptions(checkpoint=a.checkpoint, mpp=mpp)
+            rows.append(slide_row(f"H&E {name}" + (f" --mpp {mpp}" if mpp else ""),
+                                  run_slide(slides / name, tmp / "out", o), True))
+            print(rows[-1], flush=True)
+    for folder in (SHARED / "tiles", SHARED / "pap_fields"):
+        if not folder.is_dir():
+            continue
+        files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+        t0 = time.perf_counter()
+        flagged_tiles, n_tiles, flagged_images = 0, 0, 0
+        for f in files:
+            tiles = image_tiles(f, size)
+            _, d = predict_probs_ood(loaded.model, info, tiles, ood=loaded.ood)
+            flagged_tiles += int(np.sum(d > loaded.ood.threshold))
+            n_tiles += len(d)
+            flagged_images += int(np.mean(d > loaded.ood.threshold) > SLIDE_FRACTION)
+        rows.append({"source": f"images {folder.name}/ ({len(files)} files)", "kind": "images", "expect_ood": True,
+                     "tiles": n_tiles, "flagged_tiles": round(flagged_tiles / max(n_tiles, 1), 4),
+                     "images": len(files), "flagged_images": flagged_images,
+                     "flagged": flagged_images == len(files), "seconds": round(time.perf_counter() - t0, 1)})
+        print(rows[-1], flush=True)
+
+    print("\nsource | expected | tiles | tiles flagged | flagged (slide / images)")
+    for r in rows:
+        what = (f"{r['flagged_images']}/{r['images']} images" if r["kind"] == "images" else r["status"])
+        print(f"{r['source']} | {'OOD' if r['expect_ood'] else 'in domain'} | {r['tiles']} | "
+              f"{100 * (r['flagged_tiles'] or 0):.1f} % | {what}")
+    ind = [r for r in rows if not r["expect_ood"]]
+    if ind:
+        tiles = sum(r["tiles"] for r in ind)
+        false_tiles = sum(r["tiles"] * (r["flagged_tiles"] or 0) for r in ind)
+        print(f"in-domain (held-out synthetic smears): tile false-flag rate {100 * false_tiles / max(tiles, 1):.2f} % "
+              f"of {tiles} tiles; slides flagged {sum(r['flagged'] for r in ind)}/{len(ind)}")
+    ood = [r for r in rows if r["expect_ood"]]
+    if ood:
+        print(f"out of domain: flagged {sum(r['flagged'] for r in ood)}/{len(ood)} sources")
+    if a.json:
+        text = json.dumps(rows, indent=2)
+        print(text) if a.json == "-" else Path(a.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Out-of-domain statistics of a checkpoint's training features, added to its safetensors file.
+
+Tied-covariance Mahalanobis (Lee et al. 2018) on the penultimate features (the normalised class
+token the head reads): class means and one shared covariance from the TRAINING split, the
+threshold the ``quantile`` (default 95 %) of the smallest class distance on the held-in
+VALIDATION split (same split as training: stratified, ``val_frac`` 0.15, seed 0), so about 5 % of
+in-domain tiles are flagged by design. 95 % and not 99 %: a slide is flagged only when more than
+half of its tiles are, so a 5 % tile false-flag rate costs no slide, while at the 99 % threshold
+the blood-cell demo student let 60 % of Pap-stained cervical tiles through (benchmarks/eval_ood.py). Written as tensors ``ood.class_means`` (C, D) and
+``ood.precision`` (D, D) (fp32) and metadata ``ood`` (JSON); the model's own tensors are copied
+bit for bit, so its probabilities do not change. The contract is ``docs/contracts.md`` §2; the
+reader is ``wsi_pipeline.checkpoint`` / ``wsi_pipeline.ood``.
+
+    python -m distill.ood_stats CHECKPOINT --data ../shared/data/pbc --exclude configs/pbc_heldout.txt \
+        [--data runs/tiles/train] [--out OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import load_imagefolder, stratified_split
+from .errors import DistillError
+
+__all__ = ["METHOD", "LAYER", "add_ood_stats", "fit_ood", "model_features", "ood_distances"]
+
+METHOD = "mahalanobis_tied"
+LAYER = "pre_logits"
+#: ridge added to the covariance's diagonal, relative to its mean variance (keeps it invertible)
+SHRINK = 1e-3
+
+
+@torch.inference_mode()
+def model_features(model: torch.nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256) -> np.ndarray:
+    """Pre-logit features (N, D) float64 of uint8 images (N, S, S, 3) already at the model's input size."""
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = (images[i:i + batch_size].permute(0, 3, 1, 2).float() / 255.0 - m) / s
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def fit_ood(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class means (C, D), precision (D, D)) of the tied-covariance Gaussian; classes absent from
+    ``labels`` are left out of the means."""
+    f = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    present = [c for c in range(num_classes) if np.any(labels == c)]
+    means = np.stack([f[labels == c].mean(axis=0) for c in present])
+    centred = f - means[np.searchsorted(present, labels)]
+    cov = centred.T @ centred / max(len(f) - len(present), 1)
+    cov += SHRINK * np.trace(cov) / len(cov) * np.eye(len(cov))
+    return means, np.linalg.inv(cov)
+
+
+def ood_distances(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Smallest Mahalanobis distance to a class mean (the same formula as ``wsi_pipeline.ood``)."""
+    f = np.asarray(features, dtype=np.float64)
+    fp = f @ precision
+    d2 = np.einsum("nd,nd->n", fp, f)[:, None] - 2 * fp @ means.T + np.einsum("cd,cd->c", means @ precision, means)
+    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+
+
+def add_ood_stats(checkpoint: str | Path, data: list[str | Path], out: str | Path | None = None, *,
+                  exclude: str | Path | None = None, val_frac: float = 0.15, split_seed: int = 0,
+                  quantile: float = 0.95, max_train_per_source: int | None = None,
+                  cache_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+    """Fit the statistics on ``data`` (ImageFolders with a subset of the checkpoint's classes) and
+    write ``out`` (default: the checkpoint itself, replaced atomically). Returns the ``ood`` entry."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from .export import load_model_file
+
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out else checkpoint
+    model, meta = load_model_file(checkpoint)
+    classes = list(meta["class_names"])
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    train_f, train_y, val_f, sources = [], [], [], []
+    for i, root in enumerate(data):
+        ps = load_imagefolder(root, int(meta["input_size"]), exclude=exclude if i == 0 else None,
+                              class_names=classes, cache_dir=cache_dir)
+        tr, va = stratified_split(ps.labels, val_frac, split_seed)
+        if max_train_per_source is not None and len(tr) > max_train_per_source:
+            g = torch.Generator().manual_seed(split_seed)
+            tr = tr[torch.randperm(len(tr), generator=g)[:max_train_per_source]]
+        log(f"{root}: {len(tr)} train / {len(va)} validation images")
+        train_f.append(model_features(model, ps.images[tr], mean, std))
+        train_y.append(ps.labels[tr].numpy())
+        val_f.append(model_features(model, ps.images[va], mean, std))
+        sources.append({"data": Path(root).name, "fingerprint": ps.fingerprint, "train": len(tr), "validation": len(va)})
+    feats, labels = np.concatenate(train_f), np.concatenate(train_y)
+    means, precision = fit_ood(feats, labels, len(classes))
+    val_d = ood_distances(np.concatenate(val_f), means, precision)
+    train_d = ood_distances(feats, means, precision)
+    threshold = float(np.quantile(val_d, quantile))
+    entry = {
+        "method": METHOD, "layer": LAYER, "threshold": round(threshold, 4),
+        "threshold_rule": f"{quantile:g} quantile of the held-in validation distances",
+        "distance": "smallest Mahalanobis distance (not squared) to a class mean, tied covariance",
+        "classes": [classes[c] for c in sorted(set(labels.tolist()))],
+        "n_train": int(len(feats)), "n_validation": int(len(val_d)),
+        "validation_flagged": round(float(np.mean(val_d > threshold)), 4),
+        "train_flagged": round(float(np.mean(train_d > threshold)), 4),
+        "validation_quantiles": {str(q): round(float(np.quantile(val_d, q)), 4) for q in (0.5, 0.9, 0.95, 0.99)},
+        "sources": sources, "split": {"val_frac": val_frac, "seed": split_seed}, "shrinkage": SHRINK,
+    }
+    tensors = {k: v for k, v in load_file(str(checkpoint)).items() if not k.startswith("ood.")}  # bit for bit
+    tensors["ood.class_means"] = torch.from_numpy(means.astype(np.float32))
+    tensors["ood.precision"] = torch.from_numpy(precision.astype(np.float32))
+    with safe_open(str(checkpoint), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    metadata["ood"] = json.dumps(entry)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distill.ood_stats", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="ImageFolder of training data (repeatable); --exclude applies to the first")
+    p.add_argument("--exclude", type=Path)
+    p.add_argument("--out", type=Path, help="default: replace the checkpoint")
+    p.add_argument("--quantile", type=float, default=0.95)
+    p.add_argument("--cache-dir", type=Path, help="cache decoded images here (.npy)")
+    p.add_argument("--max-train", type=int, default=None, help="train images used per data folder (random)")
+    a = p.parse_args(argv)
+    try:
+        if not 0.5 <= a.quantile < 1:
+            raise DistillError(f"--quantile {a.quantile}: choose a value in [0.5, 1)")
+        entry = add_ood_stats(a.checkpoint, a.data, a.out, exclude=a.exclude, quantile=a.quantile,
+                              max_train_per_source=a.max_train, cache_dir=a.cache_dir, log=lambda m: print(m, file=sys.stderr))
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Out-of-domain score of a tile: how far its features lie from what the checkpoint was trained on.
+
+The checkpoint may carry (``docs/contracts.md`` §2) the class means and the shared (tied)
+covariance's inverse of its penultimate features (the normalised class token that the head reads)
+on its training data, and a threshold. A tile's score is the smallest Mahalanobis distance
+(not squared) to a class mean; a tile above the threshold is out of domain, and a slide whose
+share of such tiles exceeds ``SLIDE_FRACTION`` is reported as ``out_of_domain``.
+
+Mahalanobis on the features and not the softmax (max-probability or energy) because the failure
+it is meant to catch is a confident answer: on H&E stroma the blood-cell demo model says
+"erythroblast" at p ~ 0.9, which no logit statistic distinguishes from a real erythroblast,
+while its features lie far from every class mean (measured: ``benchmarks/eval_ood.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["OOD_KEY", "OOD_PREFIX", "SLIDE_FRACTION", "TENSORS", "OodStats", "features_and_logits", "ood_distance",
+           "ood_summary", "parse_ood_metadata"]
+
+#: metadata key holding the method, threshold and feature layer (JSON)
+OOD_KEY = "ood"
+#: prefix of the extra tensors in the safetensors file; the model never sees them
+OOD_PREFIX = "ood."
+TENSORS = ("ood.class_means", "ood.precision")
+METHOD = "mahalanobis_tied"
+LAYER = "pre_logits"  # timm forward_head(..., pre_logits=True): the normalised class token
+#: a slide with more than this share of out-of-domain tiles is reported as out_of_domain
+SLIDE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class OodStats:
+    """What a checkpoint says about its training features (see the module docstring)."""
+
+    class_means: np.ndarray  # (C, D) float32
+    precision: np.ndarray  # (D, D) float32, inverse of the tied covariance
+    threshold: float  # a distance above this is out of domain
+    method: str = METHOD
+    layer: str = LAYER
+    info: dict[str, Any] | None = None  # the full metadata entry (how the threshold was chosen, ...)
+
+    @property
+    def dim(self) -> int:
+        return int(self.precision.shape[0])
+
+
+def parse_ood_metadata(value: Any) -> dict[str, Any]:
+    """The checked ``ood`` metadata entry; raises ValueError with the reason."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("is not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    if value.get("method") != METHOD:
+        raise ValueError(f"method must be {METHOD!r}, got {value.get('method')!r}")
+    if value.get("layer", LAYER) != LAYER:
+        raise ValueError(f"layer must be {LAYER!r}, got {value.get('layer')!r}")
+    t = value.get("threshold")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+        raise ValueError(f"threshold must be a positive finite number, got {t!r}")
+    return value
+
+
+def ood_distance(features: np.ndarray, stats: OodStats) -> np.ndarray:
+    """Smallest Mahalanobis distance of each feature row (n, D) to a class mean, (n,) float32."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[1] != stats.dim:
+        raise ValueError(f"features of shape {f.shape} for OOD statistics of dimension {stats.dim}")
+    if len(f) == 0:
+        return np.zeros(0, dtype=np.float32)
+    p = stats.precision.astype(np.float64)
+    mu = stats.class_means.astype(np.float64)
+    # (f - mu)^T P (f - mu) = f P f - 2 f P mu + mu P mu, for every class at once
+    fp = f @ p
+    d2 = (np.einsum("nd,nd->n", fp, f)[:, None] - 2.0 * fp @ mu.T
+          + np.einsum("cd,cd->c", mu @ p, mu)[None, :])
+    return np.sqrt(np.maximum(d2.min(axis=1), 0.0)).astype(np.float32)
+
+
+def features_and_logits(model, x):
+    """(pre-logit features, logits) of a timm VisionTransformer for a normalised batch ``x``."""
+    feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    return feats, model.head(feats)
+
+
+def ood_summary(distance: np.ndarray | None, threshold: float | None) -> dict[str, Any] | None:
+    """The summary.json ``ood`` entry for a slide's tile distances (None: no OOD statistics)."""
+    if distance is None or threshold is None:
+        return None
+    d = np.asarray(distance, dtype=np.float64)
+    n = int(d.size)
+    flagged = int(np.sum(d > threshold))
+    fraction = flagged / n if n else 0.0
+    return {
+        "method": METHOD, "threshold": round(float(threshold), 6), "n_flagged": flagged,
+        "fraction": round(fraction, 6), "median_distance": round(float(np.median(d)), 6) if n else None,
+        "slide_rule": f"out_of_domain when more than {SLIDE_FRACTION:.0%} of tiles are above the threshold",
+        "slide_fraction": SLIDE_FRACTION, "out_of_domain": bool(n and fraction > SLIDE_FRACTION),
+    }
