@@ -204,6 +204,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--only", choices=("blood", "pap", "ink"), default=None)
+    ap.add_argument("--size", type=int, default=8192, help="side of the synthetic ink smears (px)")
+    ap.add_argument("--mpp", type=float, default=1.0,
+                    help="their pixel size; 8192 px at 1 um/px draws a 245-um stroke, two tiles wide")
     args = ap.parse_args()
     if args.only in (None, "blood"):
         smear_fields(args.shared / "smear_fields")
@@ -212,7 +215,7 @@ def main() -> None:
         pap_fields(args.shared / "pap_fields" / "mendeley_lbc_512")
         stain_decisions(args.shared)
     if args.only in (None, "ink"):
-        ink_strokes()
+        ink_strokes(args.size, args.mpp)
 
 
 if __name__ == "__main__":
