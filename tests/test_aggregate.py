@@ -264,10 +264,13 @@ def test_cells_store_is_aggregated_by_object(cells_scored, tmp_path):
     assert m["n_tiles"] == int(np.sum(tile_object == top["object"])) and m["area_um2"] > 0
     # heatmap: object suspicion on the thumbnail grid, highest at the top object's centre
     heat = np.load(result.paths["heatmap_npy"])
-    assert heat.shape == group["thumbnail"].shape[:2]
-    ds = float(group["thumbnail"].attrs["downsample"])
+    grid = obj["heatmap_grid"]
+    assert list(heat.shape) == grid["shape"]
+    step = grid["stride"][0]
+    assert step >= float(group["thumbnail"].attrs["downsample"])
+    assert heat.shape[1] * step >= group["thumbnail"].shape[1] * float(group["thumbnail"].attrs["downsample"])
     cx, cy = objects.centre[top["object"]]
-    assert heat[int(cy / ds), int(cx / ds)] == pytest.approx(per_object.max(), abs=1e-5)
+    assert heat[int(cy / step), int(cx / step)] == pytest.approx(per_object.max(), abs=1e-5)
     assert np.isnan(heat).mean() > 0.3  # nothing painted far from the objects
     assert Image.open(result.paths["gallery"]).size[0] > 0
 

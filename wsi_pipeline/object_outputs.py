@@ -174,8 +174,12 @@ def aggregate_objects(group, suspicion: np.ndarray, probs: np.ndarray, class_nam
     thumb = group["thumbnail"]
     downsample = float(thumb.attrs.get("downsample", 1.0))
     tile0 = float(np.median(np.asarray(group["coords"][:, 2]))) if len(suspicion) else downsample
-    heat = object_heatmap(objects.centre, obj_s, thumb.shape[:2], downsample, tile0 / 2.0)
-    heat_meta = {"origin": [0, 0], "stride": [downsample, downsample], "shape": list(heat.shape)}
+    # the thumbnail grid, or a quarter tile (about a cell) where that is coarser: a 60k-px slide's
+    # 7,500 px thumbnail grid would cost gigabytes in the colour-mapped pictures
+    step = max(downsample, tile0 / 4.0)
+    shape = (math.ceil(thumb.shape[0] * downsample / step), math.ceil(thumb.shape[1] * downsample / step))
+    heat = object_heatmap(objects.centre, obj_s, shape, step, tile0 / 2.0)
+    heat_meta = {"origin": [0, 0], "stride": [step, step], "shape": list(heat.shape)}
     best_probs = probs[np.maximum(best, 0)] if m else np.zeros((0, len(class_names)), np.float32)
     order = np.argsort(-obj_s, kind="stable")[: config.gallery_k]
     top = [{"rank": r + 1, "object": int(i), "suspicion": round(float(obj_s[i]), 6), "tile": int(best[i]),
@@ -188,7 +192,7 @@ def aggregate_objects(group, suspicion: np.ndarray, probs: np.ndarray, class_nam
         "summary": {**object_counts(obj_s, config.threshold, config.top_k),
                     "singles": int(np.sum(objects.n_nuclei <= 1)), "groups": int(np.sum(objects.n_nuclei > 1)),
                     "top_objects": top,
-                    # heatmap.npy of a cells store is on the thumbnail grid, not the tile grid
+                    # heatmap.npy of a cells store: cells of `stride` level-0 px (thumbnail px or a quarter tile)
                     "heatmap_grid": heat_meta},
         "heat": heat, "heat_grid_meta": heat_meta,
         "geojson": object_geojson(objects.bbox, objects.centre, objects.area, objects.n_nuclei, obj_s, best_probs,
