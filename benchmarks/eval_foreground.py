@@ -157,13 +157,15 @@ def ink_strokes(size: int = 4096, mpp: float = 0.5, seeds: tuple[int, ...] = (1,
                                                  fraction=0.0, regions=0))
                     rows.append((stain, ink, seed, *_stroke_figures(path, size, mpp)))
     print("synthetic smears (%d px at %.2f um/px), tiler defaults (224-px tiles at 0.5 um/px, --stain auto):" % (size, mpp))
-    print("  stain       ink    seed  auto-stain  stroke-found  stroke-tiles-kept  nuclei-in-kept-tiles (groups)")
-    for stain, ink, seed, decided, found, kept, n_stroke, nuc, grp in rows:
+    print("  stain       ink    seed  auto-stain  stroke-found  stroke-tiles-kept  glass-tiles-kept  "
+          "nuclei-in-kept-tiles (groups)")
+    for stain, ink, seed, decided, found, kept, n_stroke, nuc, grp, g_kept, n_glass in rows:
         print(f"  {stain:<11} {ink:<6} {seed:>4}  {decided:<10}  {100 * found:11.1f} %  {kept:>7}/{n_stroke:<9}  "
-              f"{100 * nuc:6.1f} % ({100 * grp:.1f} %)")
+              f"{g_kept:>7}/{n_glass:<8}  {100 * nuc:6.1f} % ({100 * grp:.1f} %)")
     found = np.array([r[4] for r in rows])
     print(f"  stroke found: min {100 * found.min():.1f} %, mean {100 * found.mean():.1f} %; stroke tiles kept: "
-          f"{sum(r[5] for r in rows)}/{sum(r[6] for r in rows)}; nuclei in kept tiles: min {100 * min(r[7] for r in rows):.1f} %")
+          f"{sum(r[5] for r in rows)}/{sum(r[6] for r in rows)}; glass tiles kept: {sum(r[9] for r in rows)}/"
+          f"{sum(r[10] for r in rows)}; nuclei in kept tiles: min {100 * min(r[7] for r in rows):.1f} %")
 
 
 def _stroke_figures(path: Path, size: int, mpp: float):
@@ -197,7 +199,13 @@ def _stroke_figures(path: Path, size: int, mpp: float):
     in_group = np.array([c["group"] is not None for c in truth["cells"] if c["nucleus"] is not None])
     ok = _in_kept_tiles(nuclei, plan.coords) if len(nuclei) else np.ones(0, bool)
     grp = float(ok[in_group].mean()) if in_group.any() else float("nan")
-    return decision.stain, found, n_kept, int(stroke_tiles.sum()), float(ok.mean()), grp
+    # grid tiles wholly inside the bare-glass blocks of the truth: should not be kept
+    glass = np.zeros(len(boxes), bool)
+    for x, y, w, h in truth["empty_fields"]:
+        glass |= ((boxes[:, 0] >= x) & (boxes[:, 0] + boxes[:, 2] <= x + w) & (boxes[:, 1] >= y)
+                  & (boxes[:, 1] + boxes[:, 3] <= y + h))
+    n_glass_kept = sum((int(r), int(c)) in kept for r, c in zip(rr.ravel()[glass], cc.ravel()[glass]))
+    return decision.stain, found, n_kept, int(stroke_tiles.sum()), float(ok.mean()), grp, n_glass_kept, int(glass.sum())
 
 
 def main() -> None:
