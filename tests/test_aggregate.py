@@ -281,17 +281,18 @@ def test_demo_student_score_is_calibrated_and_a_checkpoint_may_carry_its_own():
     from wsi_pipeline.checkpoint import read_checkpoint_info
     from wsi_pipeline.object_outputs import calibrated, calibration_for
 
-    demo = read_checkpoint_info(None).sha256
-    cells = calibration_for(demo, {}, "cells", "topk_mean", 3)
-    grid = calibration_for(demo, {}, "grid", "topk_mean", 3)
+    info = read_checkpoint_info(None)
+    demo, meta = info.sha256, info.metadata  # the demo student carries its calibration in its metadata
+    cells = calibration_for(demo, meta, "cells", "topk_mean", 3)
+    grid = calibration_for(demo, meta, "grid", "topk_mean", 3)
     assert cells and grid
     # 0.5 is the decision point: the raw score where the logistic crosses it maps to 0.5, monotone around it
     mid = -cells["intercept"] / cells["slope"]
     assert calibrated(mid, cells) == pytest.approx(0.5)
     assert calibrated(mid - 0.05, cells) < 0.5 < calibrated(mid + 0.05, cells)
     # a calibration applies only to the statistic it was fitted on
-    assert calibration_for(demo, {}, "cells", "topk_mean", 5) is None
-    assert calibration_for(demo, {}, "cells", "quantile", 3) is None
+    assert calibration_for(demo, meta, "cells", "topk_mean", 5) is None
+    assert calibration_for(demo, meta, "cells", "quantile", 3) is None
     assert calibration_for("0" * 64, {}, "cells", "topk_mean", 3) is None
     own = {"calibration": json.dumps({"grid": {"slope": 2.0, "intercept": -1.0, "method": "topk_mean", "top_k": 3}})}
     entry = calibration_for("0" * 64, own, "grid", "topk_mean", 3)
