@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from wsi_pipeline import store as tile_store  # noqa: E402
 from wsi_pipeline.checkpoint import load_checkpoint  # noqa: E402
+from wsi_pipeline.errors import WsiTriageError  # noqa: E402
 from wsi_pipeline.ood import SLIDE_FRACTION  # noqa: E402
 from wsi_pipeline.pipeline import RunOptions, run_slide  # noqa: E402
 from wsi_pipeline.scorer import predict_probs_ood, read_ood, read_scores  # noqa: E402
@@ -75,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tcga", action="store_true", help="skip the TCGA slide (the slowest source)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    loaded = load_checkpoint(a.checkpoint)
+    try:
+        loaded = load_checkpoint(a.checkpoint)
+    except WsiTriageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if loaded.ood is None:
         print(f"error: {loaded.info.path}: checkpoint carries no OOD statistics", file=sys.stderr)
         return 2
