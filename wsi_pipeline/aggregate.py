@@ -8,6 +8,7 @@ and an unchanged aggregation (same scores, same settings) is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import gzip
@@ -136,7 +137,8 @@ def write_atomic(path: Path, data: bytes) -> Path:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only or vanished folder: the one-line error wins
+            tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write output ({exc.strerror or exc})") from None
     return path
 

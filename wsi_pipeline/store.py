@@ -109,7 +109,8 @@ def create_store(
                     **crc)
     qc.create_array("blur", shape=(n,), chunks=(min(s, chunk_n),), dtype="float32", fill_value=np.nan, **crc)
     if nuclei is not None:  # nuclei found in each tile on the overview (foreground stage)
-        qc.create_array("nuclei", data=np.asarray(nuclei, dtype=np.int32).reshape(n), chunks=(min(s, chunk_n),))
+        qc.create_array("nuclei", data=np.asarray(nuclei, dtype=np.int32).reshape(n), chunks=(min(s, chunk_n),),
+                        **checked_codecs())
     n_shards = n_shards_for(n, s)
     group.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False, **crc)
     # (crc32c, size) of each shard file, -1 until written; beside shard_done, one chunk per shard
