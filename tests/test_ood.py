@@ -71,7 +71,7 @@ def test_held_out_cells_are_in_domain_and_noise_is_not(demo):
     assert len(files) >= 50
     tiles = np.stack([np.asarray(Image.open(f).convert("RGB").resize((128, 128), Image.BILINEAR)) for f in files])
     _, d = predict_probs_ood(demo.model, demo.info, tiles, ood=demo.ood)
-    assert np.mean(d > demo.ood.threshold) < 0.10
+    assert np.mean(d > demo.ood.threshold) < 0.15  # about the 10 % design rate (90th percentile of validation)
     noise = np.random.default_rng(1).integers(0, 256, (16, 128, 128, 3), dtype=np.uint8)
     _, dn = predict_probs_ood(demo.model, demo.info, noise, ood=demo.ood)
     assert np.mean(dn > demo.ood.threshold) > SLIDE_FRACTION
@@ -149,7 +149,7 @@ def test_distill_adds_statistics_without_changing_weights_and_export_keeps_them(
     out = tmp_path / "with_ood.safetensors"
     entry = add_ood_stats(src, [cells], out, log=lambda m: None)
     assert weights_digest(out) == before
-    assert entry["n_train"] > entry["n_validation"] > 0 and 0 < entry["validation_flagged"] <= 0.1  # 95 % quantile of 49 images
+    assert entry["n_train"] > entry["n_validation"] > 0 and 0 < entry["validation_flagged"] <= 0.15  # 90 % quantile of 49 images
     loaded = load_checkpoint(out)
     assert loaded.ood.class_means.shape == (8, 48) and loaded.ood.threshold == entry["threshold"]
     again = tmp_path / "exported.safetensors"
@@ -237,4 +237,4 @@ def test_pbc_held_out_cells_are_in_domain(shared_data, demo):
         pytest.skip(f"{pbc} lacks the held-out PBC images")
     tiles = np.stack([np.asarray(Image.open(pbc / r).convert("RGB").resize((128, 128), Image.BILINEAR)) for r in held])
     _, d = predict_probs_ood(demo.model, demo.info, tiles, ood=demo.ood)
-    assert np.mean(d > demo.ood.threshold) < 0.05
+    assert np.mean(d > demo.ood.threshold) < 0.15  # about the 10 % design rate (90th percentile of validation)
