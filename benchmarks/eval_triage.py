@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="tile placement(s) to evaluate on the same smears, side by side")
     ap.add_argument("--calibrate", action="store_true",
                     help="fit the logistic calibration of each placement's raw slide score (Platt) on these smears "
-                         "and print it (for wsi_pipeline/object_outputs.CALIBRATION; use --pool tuning)")
+                         "and print it (for a checkpoint's `calibration` metadata; use --pool tuning)")
     ap.add_argument("--fields", action="store_true",
                     help="only the real BCCD smear fields (../shared/data/smear_fields): white cells with their own "
                          "centred tile and tiles per field, grid vs cells")

@@ -28,7 +28,7 @@ from . import __version__
 from . import store as tile_store
 from .errors import OutputError, StoreError
 from .names import printable
-from .object_outputs import CALIBRATION, aggregate_objects, calibrated, calibration_for
+from .object_outputs import aggregate_objects, calibrated, calibration_for
 from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_picture, heatmap_rgba,  # noqa: F401
                       overlay_image, overlay_picture, overlay_png, png_bytes)
 from .ood import ood_summary
@@ -166,7 +166,6 @@ def _aggregation_key(store_meta: dict, score_attrs: dict, config: AggregateConfi
         "scored": score_attrs.get("scored"),
         "config": dataclasses.asdict(config),
         "version": __version__,
-        "calibration": CALIBRATION.get(str(score_attrs.get("checkpoint_sha256"))),  # a new fit rewrites the outputs
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

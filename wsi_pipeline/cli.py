@@ -259,6 +259,11 @@ def _run_text(run) -> str:
     if run.status == "empty":
         return f"{run.stem}: no tissue tile (score n/a){reuse}"
     method = (run.summary or {}).get("score", {}).get("method", "")
+    if run.status == "out_of_domain":
+        fraction = ((run.summary or {}).get("ood") or {}).get("fraction")
+        share = f"{100 * fraction:.0f} % of" if isinstance(fraction, (int, float)) else "most"
+        return (f"{run.stem}: out of domain ({share} tiles unlike the model's training data; its score "
+                f"{run.score:.3f} is no suspicion) over {run.n_tiles} tiles in {run.seconds:.1f} s{reuse}")
     return f"{run.stem}: suspicion {run.score:.3f} ({method}) over {run.n_tiles} tiles in {run.seconds:.1f} s{reuse}"
 
 

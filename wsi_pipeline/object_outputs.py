@@ -21,21 +21,8 @@ from scipy import ndimage as ndi
 from .outputs import class_colour
 
 __all__ = ["object_suspicion", "object_best_tile", "object_counts", "object_heatmap", "object_geojson",
-           "calibrated", "calibration_for", "aggregate_objects", "CALIBRATION"]
+           "calibrated", "calibration_for", "aggregate_objects"]
 
-#: Logistic maps of the raw slide score to a calibrated one, p = 1 / (1 + exp(-(slope * raw +
-#: intercept))), per checkpoint sha256 and placement, for the statistic they were fitted on. Fitted on
-#: tuning smears (training-pool cells, never the held-out ones) by ``benchmarks/eval_triage.py
-#: --calibrate``, so that 0.5 is the decision point; see README "What the score means".
-CALIBRATION: dict[str, dict[str, dict[str, Any]]] = {
-    # the bundled demo student (wsi_pipeline/data/demo_student.safetensors); printed by
-    # python benchmarks/eval_triage.py --pool tuning --seed 5000 --n 10 --size 2048x2048 --calibrate
-    # (20 smears of training-pool cells; 0.5 <=> raw 0.761 on the grid, 0.728 over objects)
-    "cf263b4e4d2f286943a4e9c136499363ab742aa6e979ab870d610f5ec345668a": {
-        "grid": {"slope": 10.6729, "intercept": -8.1196, "method": "topk_mean", "top_k": 3},
-        "cells": {"slope": 11.7515, "intercept": -8.5496, "method": "topk_mean", "top_k": 3},
-    },
-}
 
 
 def object_suspicion(suspicion: np.ndarray, tile_object: np.ndarray, n_objects: int) -> np.ndarray:
@@ -136,8 +123,9 @@ def calibration_for(checkpoint_sha256: str | None, checkpoint_metadata: dict | N
     """The calibration that applies to this slide score, or None (then the score is reported raw).
 
     A checkpoint may carry its own under metadata ``calibration`` (``{placement: {"slope", "intercept",
-    "method", "top_k"}}``); the bundled demo student's is :data:`CALIBRATION`. It applies only to
-    the statistic it was fitted for."""
+    "method", "top_k"}}``, fitted by ``benchmarks/eval_triage.py --calibrate`` on tuning smears so
+    that 0.5 is the decision point; the bundled demo student carries one). It applies only to the
+    statistic it was fitted for."""
     table = None
     meta = checkpoint_metadata or {}
     own = meta.get("calibration")
@@ -148,8 +136,6 @@ def calibration_for(checkpoint_sha256: str | None, checkpoint_metadata: dict | N
             own = None
     if isinstance(own, dict):
         table = own
-    elif checkpoint_sha256 and checkpoint_sha256 in CALIBRATION:
-        table = CALIBRATION[checkpoint_sha256]
     entry = (table or {}).get(placement)
     if not isinstance(entry, dict) or entry.get("method") != method or int(entry.get("top_k", -1)) != int(top_k):
         return None
