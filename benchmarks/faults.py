@@ -290,23 +290,21 @@ def family_stores(work: Path, ckpt: Path, slide: Path, timeout: float, tally: Ta
         shutil.rmtree(out / stem)  # outputs go: aggregate must run again on the damaged store
         damage(out / f"{stem}.zarr")
         # the store alone (no slide): score and aggregate must refuse or be right
-        rc, _, err, _ = cli("aggregate", out / f"{stem}.zarr", "--out", out / stem, "--quiet" if False else "--json",
-                            timeout=timeout)
-        outcome = "hang" if rc is None else "traceback" if "Traceback" in err else "ok"
-        if outcome == "ok" and rc == 0 and _score(out, stem) != ref:
-            outcome = "wrong"
-        elif outcome == "ok" and rc != 0 and not one_line_error(rc, err):
-            outcome = "traceback"
-        tally.add(outcome, f"aggregate after {label}", err)
+        rc, _, err, _ = cli("aggregate", out / f"{stem}.zarr", "--out", out / stem, "--json", timeout=timeout)
+        tally.add(_judged(rc, err, out, stem, ref), f"aggregate after {label}", err)
         # then `run` with the slide: repaired to the reference, or a one-line error
         rc, _, err, _ = cli("run", slide, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--quiet",
                             timeout=timeout)
-        outcome = "hang" if rc is None else "traceback" if "Traceback" in err else "ok"
-        if outcome == "ok" and rc == 0 and _score(out, stem) != ref:
-            outcome = "wrong"
-        elif outcome == "ok" and rc != 0 and not one_line_error(rc, err):
-            outcome = "traceback"
-        tally.add(outcome, f"run after {label}", err)
+        tally.add(_judged(rc, err, out, stem, ref), f"run after {label}", err)
+
+
+def _judged(rc, err: str, out: Path, stem: str, ref) -> str:
+    """hang, traceback, wrong (exit 0 with another score than the reference) or ok."""
+    if rc is None:
+        return "hang"
+    if "Traceback" in err or (rc != 0 and not one_line_error(rc, err)):
+        return "traceback"
+    return "wrong" if rc == 0 and _score(out, stem) != ref else "ok"
 
 
 def family_kills(work: Path, ckpt: Path, slide: Path, timeout: float, tally: Tally, kills: int, seed: int) -> None:

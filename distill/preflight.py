@@ -27,6 +27,19 @@ class DataPlan:
     n_groups: int | None = None
 
 
+
+def class_counts(root: Path, labels, classes: list[str]) -> dict[str, int]:
+    """Images per class of an ImageFolder scan; refuses empty class folders and a single class."""
+    counts = {c: 0 for c in classes}
+    for i in labels:
+        counts[classes[i]] += 1
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise DistillError(f"{root}: class folders {empty} hold no images (png, jpg, tif)")
+    if len(classes) < 2:
+        raise DistillError(f"{root}: only one class folder ({classes}); a classifier needs two or more")
+    return counts
+
 def check_data(cfg: TrainConfig) -> DataPlan:
     """Scan the ImageFolder (or the tile store's label table) named by ``cfg``."""
     if cfg.tile_store:
@@ -50,14 +63,7 @@ def check_data(cfg: TrainConfig) -> DataPlan:
         raise DistillError("no training data: set data (ImageFolder root) or tile_store + labels_csv")
     root = Path(cfg.data)
     rels, labels, classes = scan_imagefolder(root, read_exclude(cfg.exclude))
-    counts = {c: 0 for c in classes}
-    for i in labels:
-        counts[classes[i]] += 1
-    empty = [c for c, n in counts.items() if n == 0]
-    if empty:
-        raise DistillError(f"{root}: class folders {empty} hold no images (png, jpg, tif)")
-    if len(classes) < 2:
-        raise DistillError(f"{root}: only one class folder ({classes}); a classifier needs two or more")
+    counts = class_counts(root, labels, classes)
     fp = fingerprint([f"{r}:{(root / r).stat().st_size}" for r in rels])
     n_groups = None
     if cfg.group_pattern:

@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import STAINS
 from .data import scan_imagefolder
 from .errors import DistillError
+from .preflight import class_counts
 
 __all__ = ["starter_config", "write_starter_config"]
 
@@ -44,14 +45,7 @@ def starter_config(data: str | Path, suspicious: list[str], config_path: str | P
     """The YAML text of a starter config for ``data`` to be written at ``config_path``."""
     data, config_path = Path(data), Path(config_path)
     rels, labels, classes = scan_imagefolder(data)
-    counts = {c: 0 for c in classes}
-    for i in labels:
-        counts[classes[i]] += 1
-    empty = [c for c, n in counts.items() if n == 0]
-    if empty:
-        raise DistillError(f"{data}: class folders {empty} hold no images (png, jpg, tif)")
-    if len(classes) < 2:
-        raise DistillError(f"{data}: only one class folder ({classes}); a classifier needs two or more")
+    counts = class_counts(data, labels, classes)
     if not suspicious:
         raise DistillError("name at least one suspicious class (--suspicious CLASS)")
     unknown = [s for s in suspicious if s not in classes]
