@@ -29,8 +29,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import WsiTriageError
-from .nuclei import NUCLEUS_MAX_UM, Nuclei, label_nuclei, nucleus_pixels, tophat_halo
-from .stain import CELL_RADIUS_UM, StainDecision, classify_stain, sheet_share
+from .nuclei import (CELL_RADIUS_UM, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels,
+                     tophat_halo)
+from .stain import StainDecision, classify_stain, sheet_share
 
 # 2 um/px: the smallest cells that matter (lymphocytes, red cells, ~7-8 um) still span ~4 px, so
 # they survive denoising and the dust filter, while a 20 x 20 mm smear area is a 10k x 10k px
@@ -363,19 +364,7 @@ def pen_mask(rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
 def _ink_at_unknown_scale(rgb: np.ndarray) -> np.ndarray:
     """Ink of an image of unknown pixel size: no stroke-size test, nuclei sized at 0.5 um/px."""
     mpp = _FINEST_MPP
-    bg = _fit_background(rgb)
-    h = rgb.shape[0]
-    sigma = 0.5 / mpp
-    codes = np.empty(rgb.shape[:2], dtype=np.uint8)
-    stained = np.empty(rgb.shape[:2], dtype=bool)
-    index = _code_index(bg.log_global)
-    halo = max(_smoothing_halo(sigma), tophat_halo(mpp))
-    pixels = np.empty(rgb.shape[:2], dtype=bool)
-    for lo, hi, plo, phi in _bands(h, halo):
-        codes[lo:hi] = _codes(rgb[lo:hi], index)
-        stained[lo:hi] = _stain_test(rgb[plo:phi], lambda c: bg.rows(plo, phi, c), get_preset("pap"), sigma)[lo - plo:hi - plo]
-        od_r, od_g = _nuclear_band(rgb, bg, plo, phi, sigma)
-        pixels[lo:hi] = nucleus_pixels(od_r, od_g, mpp)[lo - plo:hi - plo]
+    stained, codes, pixels = _pixel_pass(rgb, mpp, get_preset("pap"), _fit_background(rgb))
     nuclei = label_nuclei(pixels & stained & ((codes & _DARK) == 0), mpp)
     return _ink_regions(codes, nuclei, mpp, size_filter=False)[0]
 
@@ -632,9 +621,7 @@ def detect_foreground(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "p
     if len(nuc) and st.ink.any():
         lab, _ = ndi.label(st.ink | _near_nuclei(nuc, wmpp) & _dilate_local(st.ink, 1),
                            structure=np.ones((3, 3), bool))
-        cy = np.clip(np.round(nuc.centres[:, 0]).astype(int), 0, img.shape[0] - 1)
-        cx = np.clip(np.round(nuc.centres[:, 1]).astype(int), 0, img.shape[1] - 1)
-        in_ink = int(np.count_nonzero(lab[cy, cx] > 0))
+        in_ink = int(np.count_nonzero(lab[centre_pixels(nuc.centres, lab.shape)] > 0))
     ink, spared = st.ink, st.ink_spared
     if f > 1:
         fg = _refine_edges(rgb, fg, f, bg, preset, float(mpp))
@@ -670,19 +657,12 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
     od = np.stack([bg.rows(0, sub.shape[0], c) - _LOG10_U8[sub[..., c]] for c in range(3)], axis=-1)
     cells = np.zeros(sub.shape[:2], dtype=bool)
     if len(first.nuclei):
-        cy = np.clip(np.round(first.nuclei[:, 0] / step).astype(int), 0, sub.shape[0] - 1)
-        cx = np.clip(np.round(first.nuclei[:, 1] / step).astype(int), 0, sub.shape[1] - 1)
-        cells[cy, cx] = True
+        cells[centre_pixels(first.nuclei, cells.shape, step)] = True
         cells = _dilate_local(cells, max(1, int(round(CELL_RADIUS_UM / (float(mpp) * step)))))
     decision = classify_stain(od, first.mask[::step, ::step], sheet_share(first.mask, float(mpp)), cells)
     if decision.stain == "pap":
         return decision, first
     return decision, detect_foreground(rgb, mpp, decision.stain, workers, pen_filter=pen_filter)
-
-
-def detect_nuclei(rgb: np.ndarray, mpp: float) -> np.ndarray:
-    """(n, 2) row, col centres of the nuclei in an RGB image of pixel size ``mpp`` (um)."""
-    return detect_foreground(rgb, mpp, "pap", pen_filter=False).nuclei
 
 
 def _upsample(mask: np.ndarray, f: int, H: int, W: int) -> np.ndarray:
@@ -751,7 +731,7 @@ class _PixelStage:
     stained: np.ndarray  # bool
     artefact: np.ndarray  # bool: ink (with its margin), dark edges
     nuclei: Nuclei
-    ink: np.ndarray  # bool: ink regions without the margin
+    ink: np.ndarray  # bool: ink regions with their margin (part of artefact)
     ink_spared: np.ndarray  # bool: ink-coloured regions kept because they hold nuclei or texture
 
 
@@ -764,33 +744,7 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     """
     h, w = img.shape[:2]
     bg = _fit_background(img) if bg is None else bg
-    sigma = 0.5 / mpp  # 0.5 um denoising; only worth it at fine pixel sizes
-    halo = _smoothing_halo(sigma)
-    stained = np.empty((h, w), dtype=bool)
-    codes = np.empty((h, w), dtype=np.uint8)
-    od_rg = np.empty((2, h, w), dtype=np.float32)  # red and green OD above the glass (nuclear signal)
-    index = _code_index(bg.log_global)  # colour rules relative to the glass
-    _lookup(np.zeros(1, dtype=np.int32))  # create the shared table before threads use it
-
-    def band_work(b) -> None:
-        lo, hi, plo, phi = b
-        test = _stain_test(img[plo:phi], lambda c: bg.rows(plo, phi, c), preset, sigma)
-        stained[lo:hi] = test[lo - plo:hi - plo]
-        codes[lo:hi] = _codes(img[lo:hi], index)
-        for c, d in enumerate(_nuclear_band(img, bg, plo, phi, sigma)):
-            od_rg[c, lo:hi] = d[lo - plo:hi - plo]
-
-    for _ in (pool or _Serial()).map(band_work, list(_bands(h, halo))):
-        pass
-    pixels = np.empty((h, w), dtype=bool)
-    th = tophat_halo(mpp)
-
-    def nucleus_band(b) -> None:
-        lo, hi, plo, phi = b
-        pixels[lo:hi] = nucleus_pixels(od_rg[0, plo:phi], od_rg[1, plo:phi], mpp)[lo - plo:hi - plo]
-
-    for _ in (pool or _Serial()).map(nucleus_band, list(_bands(h, th))):
-        pass
+    stained, codes, pixels = _pixel_pass(img, mpp, preset, bg, pool)
     dark = (codes & _DARK) != 0  # dark and colourless: glass edges, borders, dust
     artefact = dark
     veto = dark
@@ -816,11 +770,44 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     return _PixelStage(stained, artefact, nuclei, ink, spared)
 
 
-def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float,
-                  channels: tuple[int, ...] = (0, 1)):
-    """OD above the glass of ``channels`` (red, green by default) on rows plo..phi, smoothed like
-    the stain test."""
-    od = [bg.rows(plo, phi, c) - _LOG10_U8[img[plo:phi, ..., c]] for c in channels]
+def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Background", pool=None):
+    """(stained, colour codes, nucleus pixels) of the working image, in row bands on ``pool``.
+
+    Stained as :func:`_stain_test` decides after 0.5 um of smoothing; nucleus pixels as
+    :func:`wsi_pipeline.nuclei.nucleus_pixels` decides on the red and green OD smoothed alike
+    (a second band pass, whose context rows are the top-hat's)."""
+    h, w = img.shape[:2]
+    sigma = 0.5 / mpp  # 0.5 um denoising; only worth it at fine pixel sizes
+    stained = np.empty((h, w), dtype=bool)
+    codes = np.empty((h, w), dtype=np.uint8)
+    od_rg = np.empty((2, h, w), dtype=np.float32)  # red and green OD above the glass (nuclear signal)
+    index = _code_index(bg.log_global)  # colour rules relative to the glass
+    _lookup(np.zeros(1, dtype=np.int32))  # create the shared table before threads use it
+
+    def band_work(b) -> None:
+        lo, hi, plo, phi = b
+        test = _stain_test(img[plo:phi], lambda c: bg.rows(plo, phi, c), preset, sigma)
+        stained[lo:hi] = test[lo - plo:hi - plo]
+        codes[lo:hi] = _codes(img[lo:hi], index)
+        for c, d in enumerate(_nuclear_band(img, bg, plo, phi, sigma)):
+            od_rg[c, lo:hi] = d[lo - plo:hi - plo]
+
+    for _ in (pool or _Serial()).map(band_work, list(_bands(h, _smoothing_halo(sigma)))):
+        pass
+    pixels = np.empty((h, w), dtype=bool)
+
+    def nucleus_band(b) -> None:
+        lo, hi, plo, phi = b
+        pixels[lo:hi] = nucleus_pixels(od_rg[0, plo:phi], od_rg[1, plo:phi], mpp)[lo - plo:hi - plo]
+
+    for _ in (pool or _Serial()).map(nucleus_band, list(_bands(h, tophat_halo(mpp)))):
+        pass
+    return stained, codes, pixels
+
+
+def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float):
+    """(OD red, OD green) above the glass on rows plo..phi, smoothed like the stain test."""
+    od = [bg.rows(plo, phi, c) - _LOG10_U8[img[plo:phi, ..., c]] for c in (0, 1)]
     return tuple(ndi.gaussian_filter(d, sigma) if sigma >= 0.5 else d for d in od)
 
 
@@ -836,18 +823,16 @@ _FAR_FROM_NUCLEI_UM = 15.0
 # ... and at least this large (diameter of the equivalent disc, um): Pap cytoplasm that far from a
 # nucleus comes in pieces far smaller (0 px of ink on the 80 Pap LBC fields), a stroke does not.
 _FAR_INK_MIN_UM = 40.0
-# Nothing within this distance (um) of a nucleus is ink: the cell around it stays.
-_CELL_RADIUS_UM = 8.0
 
 
-def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = _CELL_RADIUS_UM) -> np.ndarray:
+def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = CELL_RADIUS_UM) -> np.ndarray:
+    """Within ``radius_um`` of a nucleus (by default its cell: never ink)."""
     if not len(nuclei):
         return np.zeros(nuclei.labels.shape, dtype=bool)
     return _dilate_local(nuclei.mask, max(1, int(round(radius_um / mpp))))
 
 
-def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float,
-                 size_filter: bool = True, cand: np.ndarray | None = None):
+def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: bool = True):
     """(ink, spared): ink-coloured regions that are marker ink, and those that are not.
 
     Colour alone cannot tell ink from Pap stain: Light Green SF colours cyanophilic cytoplasm
@@ -858,8 +843,7 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float,
     nuclei.
     Within an accepted stroke, the cell around any nucleus it crosses is still not ink.
     """
-    if cand is None:
-        cand = _pen_from_codes(codes, mpp if size_filter else None)
+    cand = _pen_from_codes(codes, mpp if size_filter else None)
     if not cand.any():
         return cand, cand
     lab, n = ndi.label(cand, structure=np.ones((3, 3), bool))
@@ -868,9 +852,7 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float,
     area = np.bincount(labels, minlength=n + 1).astype(np.float64)
     nuc_px = np.bincount(labels, weights=nuclei.mask.ravel()[where], minlength=n + 1)
     if len(nuclei):
-        cy = np.clip(np.round(nuclei.centres[:, 0]).astype(int), 0, lab.shape[0] - 1)
-        cx = np.clip(np.round(nuclei.centres[:, 1]).astype(int), 0, lab.shape[1] - 1)
-        n_nuc = np.bincount(lab[cy, cx], minlength=n + 1)
+        n_nuc = np.bincount(lab[centre_pixels(nuclei.centres, lab.shape)], minlength=n + 1)
     else:
         n_nuc = np.zeros(n + 1, np.int64)
     area_mm2 = area * (float(mpp) ** 2) * 1e-6

@@ -27,7 +27,8 @@ from scipy import ndimage as ndi
 
 __all__ = [
     "NUCLEUS_MIN_UM", "NUCLEUS_MAX_UM", "TOPHAT_RADIUS_UM", "MIN_CONTRAST", "MIN_DENSITY", "MIN_RELATIVE_CONTRAST",
-    "Nuclei", "nuclear_density", "tophat_halo", "nucleus_pixels", "label_nuclei", "count_in_boxes",
+    "CELL_RADIUS_UM", "Nuclei", "nuclear_density", "tophat_halo", "nucleus_pixels", "label_nuclei",
+    "centre_pixels", "count_in_boxes",
 ]
 
 #: smallest and largest nucleus kept (diameter of the equivalent disc, um): a lymphocyte or bare
@@ -36,6 +37,8 @@ NUCLEUS_MIN_UM = 3.5
 NUCLEUS_MAX_UM = 24.0
 #: radius (um) of the background estimate around a nucleus (the top-hat's opening)
 TOPHAT_RADIUS_UM = 11.0
+#: radius (um) around a nucleus taken as its cell (never ink; the cells the stain is judged on)
+CELL_RADIUS_UM = 8.0
 #: OD by which a nucleus exceeds its surroundings, and its smallest absolute OD (min of R, G);
 #: set on the labelled Pap LBC nuclei (tests/data/pap_nuclei.json: 0.18 finds 75 % of them, 0.25 71 %)
 #: and the synthetic Pap fields (76 %, 1.0 detection per true nucleus)
@@ -146,6 +149,14 @@ def _relabel(lab: np.ndarray) -> tuple[np.ndarray, int]:
     if ids[0] != 0:
         return (inv + 1).astype(np.int64), len(ids)
     return inv.astype(np.int64), len(ids) - 1
+
+
+def centre_pixels(centres: np.ndarray, shape: tuple[int, ...], step: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the pixels holding nucleus ``centres`` on a grid ``step`` times coarser
+    than theirs, clipped to ``shape``."""
+    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2) / step
+    return (np.clip(np.round(c[:, 0]).astype(int), 0, shape[0] - 1),
+            np.clip(np.round(c[:, 1]).astype(int), 0, shape[1] - 1))
 
 
 def count_in_boxes(centres: np.ndarray, downsample: float, boxes: np.ndarray) -> np.ndarray:
