@@ -90,10 +90,7 @@ class TilerConfig:
 
     def hash(self, slide_mpp: float) -> str:
         """Hash of the resolved configuration plus the slide mpp it was applied with."""
-        fields = dataclasses.asdict(self.resolved())
-        if fields["tiling"] == "grid":
-            del fields["tiling"]  # grid stores made before placements existed keep their hash
-        payload = json.dumps({**fields, "slide_mpp": round(slide_mpp, 6),
+        payload = json.dumps({**dataclasses.asdict(self.resolved()), "slide_mpp": round(slide_mpp, 6),
                               "foreground_version": FOREGROUND_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -332,13 +329,13 @@ def tile_slide(
             plan = plan_tiles(slide, config, slide_mpp, workers)
             n = len(plan.coords)
             empty_reason = None
+            stain, min_fg = plan.foreground_info["stain"]["stain"], plan.foreground_info["preset"]["min_foreground"]
             if n == 0 and config.tiling == "cells":
-                empty_reason = (f"no nucleated object found (stain preset '{plan.foreground_info['stain']['stain']}'; "
+                empty_reason = (f"no nucleated object found (stain preset '{stain}'; "
                                 f"{plan.n_grid} grid tiles' area examined)")
             elif n == 0:
-                empty_reason = (f"no tile reached the minimum foreground fraction {plan.foreground_info['preset']['min_foreground']:g} "
-                                f"(stain preset '{plan.foreground_info['stain']['stain']}'; "
-                                f"{plan.n_grid} grid tiles examined)")
+                empty_reason = (f"no tile reached the minimum foreground fraction {min_fg:g} "
+                                f"(stain preset '{stain}'; {plan.n_grid} grid tiles examined)")
             meta = {
                 "slide_path": str(slide_path.resolve()),
                 "slide_fingerprint": slide_fp,
