@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline import store as tile_store
-from wsi_pipeline.tiler import TilerConfig, tile_slide
+from wsi_contracts import tilestore as tile_store
+from wsi_pipeline.tiling import TilerConfig, tile_slide
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 

@@ -48,7 +48,7 @@ def child(slide: str, ckpt: str, out: str, scheduler: str, tiling: str | None = 
     import torch  # noqa: F401
 
     from wsi_pipeline.pipeline import RunOptions, run_slide
-    from wsi_pipeline.scorer import ScoreConfig
+    from wsi_pipeline.scoring import ScoreConfig
 
     t_import = time.perf_counter() - t0
     run = run_slide(slide, out, RunOptions(checkpoint=ckpt, score=ScoreConfig(scheduler=scheduler), tiling=tiling or None))
@@ -72,7 +72,7 @@ def model_throughput(ckpt: Path, n: int = 256, batch: int = 64) -> float:
     import numpy as np
 
     from wsi_pipeline.checkpoint import load_checkpoint
-    from wsi_pipeline.scorer import predict_probs
+    from wsi_pipeline.scoring import predict_probs
 
     loaded = load_checkpoint(ckpt)
     tiles = np.random.default_rng(0).integers(0, 255, (n, loaded.info.tile_size, loaded.info.tile_size, 3), np.uint8)

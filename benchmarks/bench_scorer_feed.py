@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 def make_store(work: Path, size: int, info, tile_workers: int) -> Path:
     from wsi_pipeline.pipeline import RunOptions, tiler_config_for
     from wsi_pipeline.synth import SynthConfig, synthesize
-    from wsi_pipeline.tiler import tile_slide
+    from wsi_pipeline.tiling import tile_slide
 
     slide = work / f"feed-smear-{size}.tiff"
     if not slide.exists():
@@ -52,8 +52,8 @@ def bare_throughput(store: Path, info, device: str, precision: str, batch: int) 
     import numpy as np
     import torch
 
-    from wsi_pipeline import store as tile_store
-    from wsi_pipeline.scorer import scoring_model
+    from wsi_contracts import tilestore as tile_store
+    from wsi_pipeline.scoring import scoring_model
 
     group = tile_store.open_store(store)
     n_shards = int(tile_store.read_meta(group)["n_shards"])
@@ -88,7 +88,7 @@ def bare_throughput(store: Path, info, device: str, precision: str, batch: int) 
 def scorer_throughput(store: Path, info, device: str, workers: int, batch: int) -> tuple[float, str]:
     import zarr
 
-    from wsi_pipeline.scorer import ScoreConfig, score_store
+    from wsi_pipeline.scoring import ScoreConfig, score_store
 
     group = zarr.open_group(str(store), mode="r+")
     if "scores" in group:
@@ -111,7 +111,7 @@ def main() -> None:
     import torch
 
     from wsi_pipeline.checkpoint import read_checkpoint_info
-    from wsi_pipeline.scorer import resolve_device
+    from wsi_pipeline.scoring import resolve_device
 
     device = resolve_device(args.device)
     info = read_checkpoint_info(args.checkpoint)

@@ -41,7 +41,7 @@ def peak_rss_mb() -> float:
 
 
 def run_tiler(slide: str, out: str, workers: int) -> dict:
-    from wsi_pipeline.tiler import TilerConfig, tile_slide
+    from wsi_pipeline.tiling import TilerConfig, tile_slide
 
     start = time.perf_counter()
     result = tile_slide(slide, out, TilerConfig(target_mpp=TARGET_MPP, tile_size=TILE, stain="romanowsky"), workers=workers)
@@ -54,8 +54,8 @@ def run_bare(slide: str, store: str, workers: int) -> dict:
     import numpy as np
     import openslide
 
-    from wsi_pipeline import store as tile_store
-    from wsi_pipeline.slide import open_slide
+    from wsi_contracts import tilestore as tile_store
+    from wsi_pipeline.slides import open_slide
 
     coords = np.asarray(tile_store.open_store(store)["coords"][:])
     with open_slide(slide) as ours:

@@ -1,7 +1,7 @@
 """Viewer tile latency: how long `wsi-triage view` takes to answer one deep-zoom tile request.
 
 Writes a 40,000 x 40,000 px synthetic smear (`wsi-triage synth --size 40000x40000`, kept in the work
-folder for the next run), serves it with ``wsi_pipeline.viewer.make_server`` on a local port and
+folder for the next run), serves it with ``wsi_pipeline.review.make_server`` on a local port and
 requests tiles over HTTP the way OpenSeadragon does while a user zooms and pans: random views at
 random zoom levels, each view's tiles in one burst over 6 connections (a browser's per-host limit,
 so a request's latency includes waiting behind the others), then the same views one request at a
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.viewer import TILE_SIZE, make_server
+from wsi_pipeline.review import TILE_SIZE, make_server
 
 
 

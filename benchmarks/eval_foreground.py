@@ -31,10 +31,10 @@ from scipy import ndimage as ndi
 from skimage import io
 
 from wsi_pipeline.foreground import decide_stain, detect_foreground, foreground_mask, get_preset, tile_fractions
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slides import open_slide
 from wsi_pipeline.synth import SynthConfig, synthesize
-from wsi_pipeline.synth_layout import pen_stroke_mask
-from wsi_pipeline.tiler import TilerConfig, plan_tiles, tile_slide
+from wsi_pipeline.synth import pen_stroke_mask
+from wsi_pipeline.tiling import TilerConfig, plan_tiles, tile_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 SMEAR_MPP, TILE = 0.07, 64

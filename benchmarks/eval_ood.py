@@ -1,7 +1,7 @@
 """Out-of-domain flag of a checkpoint (default: the bundled blood-cell demo student), measured.
 
 Prints, per source, the share of tiles whose OOD distance is above the checkpoint's threshold and
-whether the slide / image is flagged (more than half of its tiles: ``wsi_pipeline.ood``):
+whether the slide / image is flagged (more than half of its tiles: ``wsi_pipeline.scoring.ood``):
 
 - in domain, must NOT be flagged: synthetic smears (``wsi_pipeline.synth``, default cells = the
   shipped held-out PBC cells no model was trained on), run through the pipeline (tile, score,
@@ -28,12 +28,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsi_pipeline import store as tile_store  # noqa: E402
+from wsi_contracts import tilestore as tile_store  # noqa: E402
 from wsi_pipeline.checkpoint import load_checkpoint  # noqa: E402
-from wsi_pipeline.errors import WsiTriageError  # noqa: E402
-from wsi_pipeline.ood import SLIDE_FRACTION  # noqa: E402
+from wsi_pipeline.errors import UserError  # noqa: E402
+from wsi_pipeline.scoring import SLIDE_FRACTION  # noqa: E402
 from wsi_pipeline.pipeline import RunOptions, run_slide  # noqa: E402
-from wsi_pipeline.scorer import predict_probs_ood, read_ood, read_scores  # noqa: E402
+from wsi_pipeline.scoring import predict_probs_ood, read_ood, read_scores  # noqa: E402
 from wsi_pipeline.synth import SynthConfig, synthesize  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         loaded = load_checkpoint(a.checkpoint)
-    except WsiTriageError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if loaded.ood is None:

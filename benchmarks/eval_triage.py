@@ -56,14 +56,13 @@ from scipy.stats import bootstrap, mannwhitneyu
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsi_pipeline import store as tile_store  # noqa: E402
-from wsi_pipeline.aggregate import AggregateConfig, tile_suspicion  # noqa: E402
+from wsi_contracts import tilestore as tile_store  # noqa: E402
+from wsi_pipeline.aggregation import AggregateConfig, tile_suspicion  # noqa: E402
 from wsi_pipeline.checkpoint import CheckpointInfo, read_checkpoint_info  # noqa: E402
-from wsi_pipeline.errors import WsiTriageError  # noqa: E402
+from wsi_pipeline.errors import UserError, WsiTriageError  # noqa: E402
 from wsi_pipeline.pipeline import RunOptions, run_slide  # noqa: E402
-from wsi_pipeline.scorer import ScoreConfig, read_scores, scores_key  # noqa: E402
-from wsi_pipeline.synth import (SynthConfig, list_cells, parse_size, read_cell_list, synthesize,  # noqa: E402
-                                truth_paths)
+from wsi_pipeline.scoring import ScoreConfig, read_scores, scores_key  # noqa: E402
+from wsi_pipeline.synth import SynthConfig, list_cells, parse_size, read_cell_list, synthesize, truth_paths
 
 HELDOUT_LIST = ROOT / "configs" / "pbc_heldout.txt"
 
@@ -287,8 +286,8 @@ def fields_eval(folder: Path, info: CheckpointInfo, centred: float = 0.15) -> di
     (a field is about 1.3 x 1 tile, so a cell near its edge cannot be centred exactly)."""
     import xml.etree.ElementTree as ET
 
-    from wsi_pipeline.slide import open_slide
-    from wsi_pipeline.tiler import TilerConfig, plan_tiles
+    from wsi_pipeline.slides import open_slide
+    from wsi_pipeline.tiling import TilerConfig, plan_tiles
 
     out: dict[str, Any] = {"fields": 0, "wbc": 0}
     for placement in ("grid", "cells"):
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"tiles {r.n_tiles:>5}  flagged {r.n_tiles_flagged:>4}  planted {r.planted:>3}  "
                           f"detected {r.detected:>3}  missed {r.foreground_missed:>2}  run {r.run_seconds:5.1f}s",
                           file=sys.stderr, flush=True)
-    except WsiTriageError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -482,7 +481,7 @@ def _evaluate_slide(slide: Path, truth: dict, label: str, seed: int, placement: 
                          score=ScoreConfig(scheduler="threads", workers=args.workers))
     try:
         run = run_slide(slide, out / f"triage-{placement}", options, info=info)
-    except WsiTriageError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return SlideEval(slide.name, label, seed, "error", None, 0, 0, 0, 0,
                          sum(c["suspicious"] for c in truth["cells"]), 0, 0, 0.0, 0.0)

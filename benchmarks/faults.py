@@ -239,7 +239,7 @@ def _score(out: Path, stem: str) -> float | None:
 
 def store_damages(store: Path, rng: random.Random):
     """(label, function damaging a copy of ``store``) pairs."""
-    from wsi_pipeline import store as tile_store
+    from wsi_contracts import tilestore as tile_store
 
     group = tile_store.open_store(store)
     n_shards = int(tile_store.read_meta(group)["n_shards"])

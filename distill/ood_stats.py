@@ -11,7 +11,7 @@ held-out blood smears / Pap fields flagged: 99 % -> 4 % / 13 of 80 fields; 95 % 
 90 % -> 18 % / 71 of 80; benchmarks/eval_ood.py). Written as tensors ``ood.class_means`` (C, D) and
 ``ood.precision`` (D, D) (fp32) and metadata ``ood`` (JSON); the model's own tensors are copied
 bit for bit, so its probabilities do not change. The contract is ``docs/contracts.md`` §2; the
-reader is ``wsi_pipeline.checkpoint`` / ``wsi_pipeline.ood``.
+reader is ``wsi_pipeline.checkpoint`` / ``wsi_pipeline.scoring.ood``.
 
     python -m distill.ood_stats CHECKPOINT --data ../shared/data/pbc --exclude configs/pbc_heldout.txt \
         [--data runs/tiles/train] [--out OUT]
@@ -66,7 +66,7 @@ def fit_ood(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple
 
 
 def ood_distances(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """Smallest Mahalanobis distance to a class mean (the same formula as ``wsi_pipeline.ood``)."""
+    """Smallest Mahalanobis distance to a class mean (the same formula as ``wsi_pipeline.scoring.ood``)."""
     f = np.asarray(features, dtype=np.float64)
     fp = f @ precision
     d2 = np.einsum("nd,nd->n", fp, f)[:, None] - 2 * fp @ means.T + np.einsum("cd,cd->c", means @ precision, means)

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from distill.data import read_exclude, scan_imagefolder, stratified_split
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slides import open_slide
 from wsi_pipeline.synth import SynthConfig, synthesize, truth_paths
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from wsi_pipeline.checkpoint import read_checkpoint_info
-from wsi_pipeline.errors import WsiTriageError
+from wsi_pipeline.errors import UserError, WsiTriageError
 from wsi_pipeline.pipeline import RunOptions, run_slide
-from wsi_pipeline.scorer import ScoreConfig
+from wsi_pipeline.scoring import ScoreConfig
 from wsi_pipeline.synth import SynthConfig, list_cells, parse_size, synthesize
 
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         size = parse_size(args.size)
         rows = demo(out, size, args.seed, args.checkpoint, args.fraction, args.mpp)
         info = read_checkpoint_info(args.checkpoint)
-    except WsiTriageError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_pipeline.synth import SHIPPED_CELLS, SynthConfig, synthesize
-from wsi_pipeline.tiler import TilerConfig, tile_slide
+from wsi_pipeline.tiling import TilerConfig, tile_slide
 
 
 def blob_field(path: Path, seed: int = 0, size: tuple[int, int] = (384, 256), n: int = 14) -> Path:

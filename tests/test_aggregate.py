@@ -12,13 +12,13 @@ from ckpt_util import random_checkpoint
 from pipeline_util import blob_field, tiled_store
 from PIL import Image
 
-from wsi_pipeline import store as tile_store
-from wsi_pipeline.aggregate import (AggregateConfig, aggregate_store, heatmap_grid, overlay_image, slide_score,
-                                    tile_suspicion)
+from wsi_contracts import tilestore as tile_store
+from wsi_pipeline.aggregation.aggregate import (AggregateConfig, aggregate_store, heatmap_grid, overlay_image,
+    slide_score, tile_suspicion)
 from wsi_pipeline.errors import StoreError
-from wsi_pipeline.outputs import class_colour, geojson_collection, mask_outline
-from wsi_pipeline.scorer import read_scores, score_store
-from wsi_pipeline.tiler import TilerConfig, tile_slide
+from wsi_pipeline.aggregation import class_colour, geojson_collection, mask_outline
+from wsi_pipeline.scoring import read_scores, score_store
+from wsi_pipeline.tiling import TilerConfig, tile_slide
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_overlay_tints_scored_tiles_by_suspicion_above_the_floor_and_outlines_th
 
 
 def test_overlay_picture_is_large_bounded_and_heatmap_has_a_legend():
-    from wsi_pipeline.outputs import OVERLAY_MAX_SIDE, OVERLAY_MIN_SIDE, heatmap_picture, overlay_picture
+    from wsi_pipeline.aggregation.outputs import OVERLAY_MAX_SIDE, OVERLAY_MIN_SIDE, heatmap_picture, overlay_picture
 
     heat = np.array([[1.0, 0.5], [0.1, np.nan]], dtype=np.float32)
     for side in (64, 5000):  # a small thumbnail is enlarged, a large one reduced
@@ -187,7 +187,7 @@ def test_geojson_features_are_clipped_to_the_image_bounds():
 
 
 def test_results_and_synthetic_truth_share_class_colours():
-    from wsi_pipeline.synth_truth import _geojson_features
+    from wsi_pipeline.synth.truth import _geojson_features
 
     doc = {"cells_source": {"classes": ["ig", "neutrophil", "thyroid-follicular"]},
            "cells": [{"bbox": [0, 0, 5, 5], "class": c, "suspicious": False, "source": "x"}
@@ -225,7 +225,7 @@ def cells_scored(tmp_path_factory):
 
 
 def test_object_suspicion_is_the_max_over_its_tiles():
-    from wsi_pipeline.object_outputs import object_best_tile, object_suspicion
+    from wsi_pipeline.aggregation import object_best_tile, object_suspicion
 
     s = np.array([0.1, 0.7, 0.3, 0.2, 0.9], np.float32)
     owner = np.array([0, 0, 1, 1, 2])
@@ -234,7 +234,7 @@ def test_object_suspicion_is_the_max_over_its_tiles():
 
 
 def test_cells_store_is_aggregated_by_object(cells_scored, tmp_path):
-    from wsi_pipeline.objects import read_objects
+    from wsi_pipeline.tiling import read_objects
 
     group = tile_store.open_store(cells_scored["store"])
     objects, tile_object = read_objects(group)
@@ -279,7 +279,7 @@ def test_demo_student_score_is_calibrated_and_a_checkpoint_may_carry_its_own():
     import math
 
     from wsi_pipeline.checkpoint import read_checkpoint_info
-    from wsi_pipeline.object_outputs import calibrated, calibration_for
+    from wsi_pipeline.aggregation import calibrated, calibration_for
 
     info = read_checkpoint_info(None)
     demo, meta = info.sha256, info.metadata  # the demo student carries its calibration in its metadata
@@ -300,7 +300,7 @@ def test_demo_student_score_is_calibrated_and_a_checkpoint_may_carry_its_own():
 
 
 def test_cells_summary_reports_the_calibrated_score(cells_scored, tmp_path):
-    from wsi_pipeline.object_outputs import calibrated
+    from wsi_pipeline.aggregation import calibrated
 
     summary = aggregate_store(cells_scored["store"], tmp_path / "agg").summary
     score = summary["score"]

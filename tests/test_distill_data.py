@@ -108,7 +108,7 @@ def test_real_jpeg_tile_store_reads_without_importing_wsi_pipeline(tmp_path):
     import subprocess
     import sys
 
-    from wsi_pipeline import store as tile_store
+    from wsi_contracts import tilestore as tile_store
 
     n = 5
     group = tile_store.create_store(
@@ -120,7 +120,7 @@ def test_real_jpeg_tile_store_reads_without_importing_wsi_pipeline(tmp_path):
     (tmp_path / "labels.csv").write_text("tile_index,label\n3,ig\n1,neutrophil\n")
     code = ("import sys; from distill.data import load_tilestore; "
             f"ps = load_tilestore({str(tmp_path / 's.zarr')!r}, {str(tmp_path / 'labels.csv')!r}, 16); "
-            "print([int(ps.images[i, 8, 8, 0]) for i in range(2)], 'wsi_pipeline.store' in sys.modules)")
+            "print([int(ps.images[i, 8, 8, 0]) for i in range(2)], 'wsi_contracts.tilestore' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     values = [int(v.strip("[],")) for v in out[:2]]
     assert abs(values[0] - 120) <= 2 and abs(values[1] - 40) <= 2

@@ -18,12 +18,12 @@ from ckpt_util import architecture, random_checkpoint
 from click.testing import CliRunner
 from pipeline_util import blob_field
 
-from wsi_pipeline import store as tile_store
+from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.cli import main
 from wsi_pipeline.checkpoint import file_sha256
 from wsi_pipeline.errors import CheckpointError, ShardError, StoreError
 from wsi_pipeline.pipeline import RunOptions, run_slide
-from wsi_pipeline.scorer import ScoreConfig, list_scores, read_scores, score_store
+from wsi_pipeline.scoring import ScoreConfig, list_scores, read_scores, score_store
 
 
 def _cli(*args, code: int):
@@ -125,7 +125,7 @@ def test_gallery_never_shows_fill_tiles(scored, tmp_path):
     for i in range(int(tile_store.read_meta(group)["n_shards"])):
         _shard(store, i).unlink()
     with pytest.raises(ShardError, match="is missing"):
-        from wsi_pipeline.aggregate import aggregate_store
+        from wsi_pipeline.aggregation import aggregate_store
         aggregate_store(store, out / "again", checkpoint_sha256=read_scores(group)[1]["checkpoint_sha256"])
     assert probs.shape[0] > 0
 

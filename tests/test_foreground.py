@@ -17,19 +17,9 @@ from scipy import ndimage as ndi
 from skimage import filters, io, transform
 
 from wsi_pipeline.errors import WsiTriageError
-from wsi_pipeline.foreground import (
-    PRESETS,
-    WORKING_MPP,
-    StainPreset,
-    blur_score,
-    blur_scores,
-    foreground_mask,
-    get_preset,
-    otsu_baseline_mask,
-    pen_mask,
-    tile_fractions,
-)
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.foreground import (PRESETS, WORKING_MPP, StainPreset, blur_score, blur_scores,
+    foreground_mask, get_preset, otsu_baseline_mask, pen_mask, tile_fractions)
+from wsi_pipeline.slides import open_slide
 from wsi_pipeline.synth import SynthConfig, synthesize
 
 # Pen-only tiles (a marker stroke on bare glass, no tissue), checked by eye:
@@ -423,7 +413,7 @@ def test_blur_score_lower_when_blurred_and_batch_consistent(shared_data):
 
 def test_band_parallel_mask_equals_single_band(shared_data, monkeypatch):
     # threads work on row bands with context rows; the result must not depend on the split
-    import wsi_pipeline.foreground as fg
+    import wsi_pipeline.foreground.mask as fg
 
     monkeypatch.setattr(fg, "_PARALLEL_MIN_PX", 0)  # small test images take the threaded path too
     field = _rgb(sorted((shared_data / "smear_fields").rglob("*.jpg"))[0])
@@ -435,7 +425,7 @@ def test_band_parallel_mask_equals_single_band(shared_data, monkeypatch):
 
 
 def test_dilation_of_scattered_and_dense_masks_matches_scipy():
-    from wsi_pipeline.foreground import _dilate_local
+    from wsi_pipeline.foreground.mask import _dilate_local
 
     rng = np.random.default_rng(4)
     for shape, p in (((1500, 1000), 1e-4), ((1500, 1000), 0.02), ((60, 40), 0.01)):
@@ -450,7 +440,7 @@ def test_shipped_colour_table_matches_the_colour_rules():
     # rules, regenerate it with wsi_pipeline.foreground.write_colour_table()
     import zlib
 
-    from wsi_pipeline.foreground import _TABLE_FILE, colour_table
+    from wsi_pipeline.foreground.mask import _TABLE_FILE, colour_table
 
     shipped = np.frombuffer(zlib.decompress(_TABLE_FILE.read_bytes()), dtype=np.uint8)
     np.testing.assert_array_equal(shipped, colour_table())
@@ -496,7 +486,7 @@ def test_native_resolution_mask_edges_follow_the_cells():
 def test_no_ink_found_on_an_inkless_he_slide(shared_data):
     # pink H&E regions meet some red-ink colour rules; on a slide without ink none may become a
     # pen region (a change that merged nearby pink specks into 'strokes' removed real tissue)
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slides import open_slide
 
     with open_slide(shared_data / "slides" / "CMU-1-Small-Region.svs") as slide:
         thumb, ds = slide.thumbnail(WORKING_MPP)

@@ -12,12 +12,12 @@ import zarr
 from PIL import Image
 from pipeline_util import cells_dir, smear
 
-from wsi_pipeline import store as tile_store
+from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.errors import StoreError
 from wsi_pipeline.foreground import foreground_mask
-from wsi_pipeline.objects import (ObjectTable, detect_objects, merge_near_duplicates, place_tiles, read_objects)
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.tiler import TilerConfig, tile_slide
+from wsi_pipeline.tiling import ObjectTable, detect_objects, merge_near_duplicates, place_tiles, read_objects
+from wsi_pipeline.slides import open_slide
+from wsi_pipeline.tiling import TilerConfig, tile_slide
 
 SMEAR_MPP = 0.07  # smear_fields: see tests/test_foreground.py
 TILE_UM = 128 * 0.27  # the demo student's tile: 128 px at 0.27 um/px

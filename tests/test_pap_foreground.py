@@ -21,9 +21,9 @@ from skimage import io
 
 from wsi_pipeline.foreground import decide_stain, detect_foreground, pen_mask
 from wsi_pipeline.pipeline import RunOptions, run_slide
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slides import open_slide
 from wsi_pipeline.synth import SynthConfig, pap_field, synthesize
-from wsi_pipeline.tiler import TilerConfig, tile_slide
+from wsi_pipeline.tiling import TilerConfig, tile_slide
 
 HERE = Path(__file__).parent
 LABELS = json.loads((HERE / "data" / "pap_nuclei.json").read_text())

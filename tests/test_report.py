@@ -14,7 +14,7 @@ from pipeline_util import blob_field
 from PIL import Image
 
 from wsi_pipeline.pipeline import RunOptions, run_batch
-from wsi_pipeline.report import STATUS_COLOURS
+from wsi_pipeline.review import STATUS_COLOURS
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from ckpt_util import random_checkpoint
 from click.testing import CliRunner
 from pipeline_util import cells_dir, smear
 
-from wsi_pipeline import store as tile_store
+from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.checkpoint import DEFAULT_CHECKPOINT
 from wsi_pipeline.cli import main
 

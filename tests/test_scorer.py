@@ -8,10 +8,10 @@ import torch
 from ckpt_util import random_checkpoint
 from pipeline_util import blob_field, tiled_store
 
-from wsi_pipeline import store as tile_store
+from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.checkpoint import load_checkpoint
 from wsi_pipeline.errors import CheckpointError, StoreError
-from wsi_pipeline.scorer import ScoreConfig, list_scores, read_scores, score_store, scores_key
+from wsi_pipeline.scoring import ScoreConfig, list_scores, read_scores, score_store, scores_key
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_unknown_scheduler_is_refused(work):
 
 def test_auto_precision_measures_bf16_against_fp32_on_a_native_bf16_cpu(work, tmp_path):
     """auto keeps fp32 unless bf16 is native here and its probabilities match fp32 within tolerance."""
-    from wsi_pipeline.scorer import cpu_has_native_bf16
+    from wsi_pipeline.scoring import cpu_has_native_bf16
 
     store = tiled_store(work["slide"], tmp_path / "out")
     result = score_store(store, work["a"], ScoreConfig(scheduler="sync"))
@@ -164,7 +164,7 @@ def test_auto_precision_measures_bf16_against_fp32_on_a_native_bf16_cpu(work, tm
 
 def test_folded_normalization_gives_the_same_probabilities(work, tmp_path):
     # the scorer folds (x / 255 - mean) / std into the patch embedding; with and without resizing
-    from wsi_pipeline.scorer import fold_normalization, predict_probs
+    from wsi_pipeline.scoring import fold_normalization, predict_probs
 
     tiles = tile_store.read_shard(tile_store.open_store(work["store"]), 0)
     for ckpt in (work["a"], random_checkpoint(tmp_path / "resize.safetensors", seed=3, img_size=48)):

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from wsi_pipeline.errors import SlideError, UnknownMppError
-from wsi_pipeline.slide import PixelSize, fingerprint, open_slide, slide_info
+from wsi_pipeline.slides import PixelSize, fingerprint, open_slide, slide_info
 
 TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
 CMU = "CMU-1-Small-Region.svs"
@@ -372,7 +372,7 @@ def test_hostile_header_is_refused_before_any_decoding(tmp_path, width, height, 
 
 
 def test_png_pixels_are_decoded_only_when_read_and_huge_ones_are_refused(tmp_path, monkeypatch):
-    import wsi_pipeline.slide as slide_module
+    import wsi_pipeline.slides.reader as slide_module
 
     path = tmp_path / "big.png"
     Image.fromarray(np.zeros((3000, 2000, 4), np.uint8)).save(path)
@@ -388,7 +388,7 @@ def test_png_pixels_are_decoded_only_when_read_and_huge_ones_are_refused(tmp_pat
 
 
 def test_read_budget_stops_endless_reading(tmp_path):
-    from wsi_pipeline.slide import read_budget
+    from wsi_pipeline.slides import read_budget
 
     path = _tiled_jpeg_tiff(tmp_path / "s.tiff")
     with open_slide(path) as slide, read_budget(0.0):
@@ -405,7 +405,7 @@ def test_info_on_a_huge_png_reads_only_its_header(tmp_path):
     path = tmp_path / "huge.png"
     Image.fromarray(np.zeros((9000, 9000, 4), np.uint8)).save(path)  # 81 Mpx, a few hundred KB
     # peak RSS from VmHWM (ru_maxrss would carry the forking pytest's peak across exec)
-    code = ("import json, re; from pathlib import Path; from wsi_pipeline.slide import open_slide, slide_info\n"
+    code = ("import json, re; from pathlib import Path; from wsi_pipeline.slides import open_slide, slide_info\n"
             f"s = open_slide({str(path)!r}); print(json.dumps(slide_info(s)['dimensions']))\n"
             "print(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_pipeline import store as tile_store
+from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.errors import ShardError, StoreError
 
 

@@ -18,8 +18,8 @@ from wsi_pipeline.cli import main
 from wsi_pipeline.errors import WsiTriageError
 from PIL import Image
 
-from wsi_pipeline.synth import (PBC_MPP, SHIPPED_CELLS, SynthConfig, _transmittance, cut_out_cell,
-                                cut_out_red_cells, list_cells, read_cell_list, synthesize)
+from wsi_pipeline.synth.smear import (PBC_MPP, SHIPPED_CELLS, SynthConfig, _transmittance, cut_out_cell,
+    cut_out_red_cells, list_cells, read_cell_list, synthesize)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def test_empty_fields_are_bare_glass(tmp_path):
 def test_openslide_opens_it_as_a_generic_tiff_pyramid_with_the_pixel_size(positive):
     import openslide
 
-    from wsi_pipeline.slide import open_slide, slide_info
+    from wsi_pipeline.slides import open_slide, slide_info
 
     result, truth = positive
     with openslide.OpenSlide(str(result.slide)) as s:

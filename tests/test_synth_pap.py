@@ -10,12 +10,11 @@ import tifffile
 from click.testing import CliRunner
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.synth import (SHIPPED_CELLS, SynthConfig, list_cells, pap_field, pen_stroke_mask,
-                                synthesize)
-from wsi_pipeline.synth_layout import Layout
-from wsi_pipeline.synth_pap import EOSIN_Y, HEMATOXYLIN, LIGHT_GREEN, ORANGE_G, RED_CELL_DYE
-from wsi_pipeline.synth_render import Renderer
-from wsi_pipeline.synth_sprites import SpriteBank
+from wsi_pipeline.synth import SHIPPED_CELLS, SynthConfig, list_cells, pap_field, pen_stroke_mask, synthesize
+from wsi_pipeline.synth.layout import Layout
+from wsi_pipeline.synth.pap import EOSIN_Y, HEMATOXYLIN, LIGHT_GREEN, ORANGE_G, RED_CELL_DYE
+from wsi_pipeline.synth.render import Renderer
+from wsi_pipeline.synth.sprites import SpriteBank
 
 
 def _angle(a, b) -> float:

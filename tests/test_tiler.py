@@ -10,9 +10,9 @@ import pytest
 import tifffile
 import zarr
 
-from wsi_pipeline import store as tile_store
+from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.errors import OutputError, UnknownMppError
-from wsi_pipeline.tiler import TilerConfig, tile_slide
+from wsi_pipeline.tiling import TilerConfig, tile_slide
 
 
 class Interrupt(Exception):

@@ -25,8 +25,8 @@ from PIL import Image
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import OutputError, SlideError
 from wsi_pipeline.pipeline import RunOptions, run_batch
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.viewer import SlideDeepZoom, find_view_slides, make_server
+from wsi_pipeline.slides import open_slide
+from wsi_pipeline.review import SlideDeepZoom, find_view_slides, make_server
 
 DZI_NS = "{http://schemas.microsoft.com/deepzoom/2008}"
 POS_SIZE, NEG_SIZE = 1280, 1024

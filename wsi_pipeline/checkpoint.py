@@ -18,8 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .ood import OOD_KEY, OOD_PREFIX, OodStats, parse_ood_metadata
+from wsi_contracts.errors import CheckpointError
+from wsi_contracts.ood import OOD_KEY, OOD_PREFIX, OodStats, parse_ood_metadata
+
+__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_VERSION', 'MAX_HEADER_BYTES', 'REQUIRED_FIELDS', 'DEFAULT_CHECKPOINT', 'CheckpointInfo', 'LoadedCheckpoint', 'file_sha256', 'MAX_IMAGE_SIZE', 'MAX_TILE_MPP', 'ARCH_INT_FIELDS', 'ARCH_REQUIRED', 'ARCH_BOOL_FIELDS', 'ARCH_RATE_FIELDS', 'GLOBAL_POOLS', 'FLOAT_DTYPES', 'read_checkpoint_info', 'build_model', 'load_checkpoint', 'check_weights', 'write_checkpoint']
 
 CHECKPOINT_FORMAT = "wsi-triage-student"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -52,7 +54,7 @@ class CheckpointInfo:
     tile_mpp: float
     architecture: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)  # every metadata field, JSON-decoded
-    ood: dict[str, Any] | None = None  # the optional out-of-domain entry (wsi_pipeline.ood); None: no OOD score
+    ood: dict[str, Any] | None = None  # the optional out-of-domain entry (wsi_pipeline.scoring.ood); None: no OOD score
 
     @property
     def sha12(self) -> str:
@@ -143,10 +145,11 @@ def _info_from_header(path: Path, header: dict[str, Any], sha256: str) -> Checkp
         raise CheckpointError(f"{path}: metadata format is {meta['format']!r}, expected {CHECKPOINT_FORMAT!r}")
     version = meta.get("format_version", 1)
     try:
-        if int(version) > CHECKPOINT_FORMAT_VERSION:
-            raise CheckpointError(f"{path}: checkpoint format_version {version} is newer than this wsi-triage")
+        newer = int(version) > CHECKPOINT_FORMAT_VERSION
     except (TypeError, ValueError):
         raise CheckpointError(f"{path}: metadata field format_version is not an integer: {version!r}") from None
+    if newer:
+        raise CheckpointError(f"{path}: checkpoint format_version {version} is newer than this wsi-triage")
 
     def bad(name: str, why: str) -> CheckpointError:
         return CheckpointError(f"{path}: metadata field {name} {why}")

@@ -1,6 +1,6 @@
 """The ``wsi-triage`` command line: thin click commands over library functions.
 
-Every command turns a :class:`~wsi_pipeline.errors.WsiTriageError` into one line on stderr and
+Every command turns a :class:`~wsi_contracts.errors.UserError` into one line on stderr and
 a non-zero exit code; anything else is a bug and keeps its traceback.
 """
 
@@ -13,7 +13,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import WsiTriageError, environment_error
+from .errors import UserError, environment_error
 from .names import printable
 
 
@@ -24,7 +24,7 @@ def user_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except WsiTriageError as exc:
+        except UserError as exc:
             click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever a file name holds
             sys.exit(exc.exit_code)
         except OSError as exc:  # a full disk or read-only device is the environment, not a bug
@@ -65,7 +65,7 @@ def main() -> None:
 @user_errors
 def info_command(slide: str, mpp: float | None, as_json: bool) -> None:
     """Describe SLIDE: format, backend, vendor, levels, dimensions, pixel size and its source."""
-    from .slide import open_slide, slide_info
+    from .slides import open_slide, slide_info
 
     with open_slide(slide, mpp=mpp) as s:
         info = slide_info(s)
@@ -161,12 +161,12 @@ def make_progress(total_desc: str, quiet: bool, unit: str = "tile"):
 def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground, stain, pen_filter, codec, tiling, mpp,
                  workers, quiet, as_json):
     """Tile SLIDE into a zarr v3 tile store (foreground tiles only; resumable)."""
-    from .tiler import TilerConfig, tile_slide
+    from .tiling import TilerConfig, tile_slide
 
     config = TilerConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap,
                          min_foreground=min_foreground, stain=stain, codec=codec, tiling=tiling, pen_filter=pen_filter)
     from .lock import store_lock
-    from .store import store_path
+    from wsi_contracts.tilestore import store_path
 
     bar, on_plan = make_progress("tiling", quiet or as_json)
     with bar, store_lock(store_path(out_dir, slide), on_wait=_say):
@@ -233,14 +233,14 @@ def aggregate_options(func):
 
 
 def _score_config(scheduler, score_workers, batch_size, device, precision):
-    from .scorer import ScoreConfig
+    from .scoring import ScoreConfig
 
     return ScoreConfig(scheduler=scheduler, workers=score_workers, batch_size=batch_size, device=device,
                        precision=precision)
 
 
 def _aggregate_config(method, top_k, quantile, threshold, gallery_k, gzip_geojson):
-    from .aggregate import AggregateConfig
+    from .aggregation import AggregateConfig
 
     return AggregateConfig(method=method, top_k=top_k, quantile=quantile, threshold=threshold,
                            gallery_k=gallery_k, geojson_gzip=gzip_geojson)
@@ -366,7 +366,7 @@ def batch_command(slides, out_dir, only_failed, quiet, as_json, **kwargs):
 @user_errors
 def score_command(stores, checkpoint, scheduler, score_workers, batch_size, device, precision, quiet, as_json):
     """Score every tile of existing tile STORES (<stem>.zarr) with a checkpoint; never reads the slide."""
-    from .scorer import score_store
+    from .scoring import score_store
 
     config = _score_config(scheduler, score_workers, batch_size, device, precision)
     results = []
@@ -397,7 +397,7 @@ def aggregate_command(stores, checkpoint, out_dir, method, top_k, quantile, thre
     """Slide score, heatmap, overlay, gallery, GeoJSON and summary.json from scored STORES."""
     from pathlib import Path
 
-    from .aggregate import aggregate_store
+    from .aggregation import aggregate_store
     from .checkpoint import read_checkpoint_info
     from .lock import store_lock
 
@@ -516,7 +516,7 @@ def view_command(target, port, host, quiet):
     Shows the slide with the suspicion overlay, tile outlines and the most suspicious places; for a
     batch, the ranked slide list. Stop with Ctrl-C.
     """
-    from .viewer import serve
+    from .review import serve
 
     def ready(url: str) -> None:
         click.echo(f"wsi-triage viewer: open {url} in a browser (Ctrl-C stops)")

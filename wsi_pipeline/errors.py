@@ -8,39 +8,39 @@ from __future__ import annotations
 
 import errno
 
+from wsi_contracts.errors import CheckpointError, ShardError, StoreError, UserError
 
-class WsiTriageError(Exception):
-    """An error caused by the user's input or environment (never a bug)."""
+__all__ = ["WsiTriageError", "UserError", "SlideError", "UnknownMppError", "StoreError", "ShardError",
+           "StoreBusyError", "CheckpointError", "OutputError", "OptionError", "ENVIRONMENT_ERRNOS",
+           "environment_error"]
 
-    exit_code = 2
+
+class WsiTriageError(UserError):
+    """An error of the pipeline caused by the user's input or environment (never a bug).
+
+    The store and checkpoint errors come from :mod:`wsi_contracts.errors` (re-exported here); the
+    CLI catches their common base :class:`~wsi_contracts.errors.UserError`.
+    """
 
 
-class SlideError(WsiTriageError):
+class SlideError(WsiTriageError, OSError):
     """A slide file is missing, unreadable, unsupported or lacks what the step needs."""
 
 
 class UnknownMppError(SlideError):
-    """The slide's pixel size is unknown and no ``--mpp`` was given."""
-
-
-class StoreError(WsiTriageError):
-    """A tile store is missing, incomplete, or inconsistent with the request."""
-
-
-class ShardError(StoreError):
-    """A tile shard of a store is missing, damaged or replaced (its recorded digest does not match)."""
+    """The slide's pixel size is unknown and no ``mpp`` was given."""
 
 
 class StoreBusyError(StoreError):
     """Another process is writing the same tile store (its lock is held)."""
 
 
-class CheckpointError(WsiTriageError):
-    """A model checkpoint is missing, not safetensors, or lacks a required field."""
-
-
-class OutputError(WsiTriageError):
+class OutputError(WsiTriageError, OSError):
     """The output location cannot be written."""
+
+
+class OptionError(WsiTriageError, ValueError):
+    """A parameter or configuration value is invalid (found before any work starts)."""
 
 
 #: OS errors caused by the machine, not by a bug: a full disk, a quota, a read-only or failing device
@@ -56,6 +56,3 @@ def environment_error(exc: OSError) -> WsiTriageError | None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     return OutputError(f"{where}{exc.strerror or exc}{hint}")
 
-
-class OptionError(WsiTriageError):
-    """A command-line option or configuration value is invalid (found before any work starts)."""

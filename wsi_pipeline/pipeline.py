@@ -22,15 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import store as tile_store
-from .aggregate import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
+from wsi_contracts import tilestore as tile_store
+from .aggregation import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
 from .checkpoint import CheckpointInfo, check_weights, read_checkpoint_info
-from .errors import OptionError, OutputError, SlideError, WsiTriageError, environment_error
+from .errors import OptionError, OutputError, SlideError, UserError, WsiTriageError, environment_error
 from .lock import store_lock
 from .names import csv_cell, printable
-from .slide import read_budget
-from .scorer import ScoreConfig, ScoreResult, score_store
-from .tiler import TileResult, TilerConfig, tile_slide
+from .slides import read_budget
+from .scoring import ScoreConfig, ScoreResult, score_store
+from .tiling import TileResult, TilerConfig, tile_slide
+
+__all__ = ['BATCH_STATE', 'TRIAGE_CSV', 'REPORT_HTML', 'BATCH_SLIDE_TIMEOUT', 'SLIDE_SUFFIXES', 'DEFAULT_STAIN', 'ProgressFactory', 'RunOptions', 'SlideRun', 'tiler_config_for', 'foreground_warnings', 'slide_status', 'score_and_aggregate', 'validate_options', 'run_slide', 'run_store', 'find_slides', 'BatchResult', 'load_batch_state', 'rank_rows', 'CSV_FIELDS', 'triage_csv_bytes', 'run_batch']
 
 BATCH_STATE = "batch.json"
 TRIAGE_CSV = "triage.csv"
@@ -39,7 +41,7 @@ REPORT_HTML = "report.html"
 BATCH_SLIDE_TIMEOUT = 900.0
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
                   ".dcm", ".ome.tif", ".ome.tiff", ".jpg", ".jpeg", ".png")
-DEFAULT_STAIN = "auto"  # decided per slide from its overview (wsi_pipeline.stain)
+DEFAULT_STAIN = "auto"  # decided per slide from its overview (wsi_pipeline.foreground.stain)
 
 #: ``factory(description, unit) -> (update(n), on_plan(total, done), close())`` for progress bars
 ProgressFactory = Callable[[str, str], tuple[Callable[[int], None], Callable[[int, int], None], Callable[[], None]]]
@@ -67,7 +69,7 @@ class RunOptions:
 @dataclass
 class SlideRun:
     """The outcome of one slide; ``status`` is ok, out_of_domain (most tiles unlike the checkpoint's training
-    data, see wsi_pipeline.ood), empty (no tissue tile) or error."""
+    data, see wsi_pipeline.scoring.ood), empty (no tissue tile) or error."""
 
     slide: Path
     stem: str
@@ -354,7 +356,7 @@ def run_batch(
     With ``only_failed``, slides that succeeded with the same checkpoint last time are carried over.
     When the checkpoint differs from the previous batch's, each row gets the previous score and the change.
     """
-    from .report import write_report
+    from .review import write_report
 
     start = time.perf_counter()
     out = Path(out)
@@ -394,7 +396,7 @@ def run_batch(
                         and all(run.steps.get(s, {}).get("reused") for s in ("tile", "score", "aggregate"))):
                     run.seconds = float(record["seconds"])  # nothing redone: keep the time the work took
             except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-                error = exc if isinstance(exc, WsiTriageError) else (
+                error = exc if isinstance(exc, UserError) else (
                     environment_error(exc) if isinstance(exc, OSError) else None)  # a full disk is no bug
                 if error is not None:
                     run = SlideRun(slide=slide, stem=stem, status="error", error=str(error),

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store as tile_store
-from .errors import SlideError, StoreError, WsiTriageError
+from wsi_contracts import tilestore as tile_store
+from .errors import SlideError, StoreError, UserError
 from .lock import store_lock
 
 __all__ = ["VerifyReport", "verify_store"]
@@ -42,7 +42,7 @@ class VerifyReport:
 
 
 def _score_problems(group, store: Path) -> list[str]:
-    from .scorer import list_scores
+    from .scoring import list_scores
 
     meta = tile_store.read_meta(group)
     n, n_shards = int(meta["n_tiles"]), int(meta["n_shards"])
@@ -83,8 +83,8 @@ def _check(store: Path) -> tuple[list[str], dict[int, str], bool]:
 
 def _repair(store: Path) -> tuple[list[int], bool, list[str]]:
     """Re-tile what is damaged from the store's slide; returns (shards, whole store?, notes)."""
-    from .slide import fingerprint
-    from .tiler import TilerConfig, tile_slide
+    from .slides import fingerprint
+    from .tiling import TilerConfig, tile_slide
 
     group = tile_store.open_store(store)
     meta = tile_store.read_meta(group)
@@ -129,7 +129,7 @@ def verify_store(store: str | Path, *, repair: bool = False) -> VerifyReport:
     with store_lock(store):
         try:
             shards, whole, notes = _repair(store)
-        except WsiTriageError as exc:
+        except UserError as exc:
             return VerifyReport(store, tuple(problems) + (str(exc),))
         problems, _, _ = _check(store)
     return VerifyReport(store, tuple(problems), tuple(shards), whole, tuple(notes))

@@ -42,7 +42,7 @@ def wsi_triage(*args: str, cwd: Path) -> None:
 def viewer_screenshot(out: Path, path: Path) -> None:
     from browser_util import Browser
 
-    from wsi_pipeline.viewer import make_server
+    from wsi_pipeline.review import make_server
 
     server = make_server(out, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -70,8 +70,8 @@ def viewer_screenshot(out: Path, path: Path) -> None:
 def qupath_picture(slide: Path, run_dir: Path, truth: Path, path: Path) -> None:
     from PIL import ImageFont
 
-    from wsi_pipeline.outputs import class_colour
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.aggregation import class_colour
+    from wsi_pipeline.slides import open_slide
 
     summary = json.loads((run_dir / "summary.json").read_text())
     top = summary["top_tiles"][0]

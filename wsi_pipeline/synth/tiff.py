@@ -22,8 +22,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import OutputError
-from .synth_config import SynthConfig
+from ..errors import OutputError
+from .config import SynthConfig
+
+__all__ = ['pyramid_sizes', 'write_slide']
 
 
 def _half(rows: np.ndarray, step: int = 4096) -> np.ndarray:

@@ -18,11 +18,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import WsiTriageError
-from .synth_cells import CellPool
-from .synth_config import (S_CANDIDATES, S_DEBRIS, S_GLASS, S_GLOBAL, S_PLANT, S_RBC, S_REGIONS, SynthConfig,
-                           seeded_rng)
-from .synth_sprites import NON_EPITHELIAL, SpriteBank, oriented
+from ..errors import WsiTriageError
+from .cells import CellPool
+from .config import S_CANDIDATES, S_DEBRIS, S_GLASS, S_GLOBAL, S_PLANT, S_RBC, S_REGIONS, SynthConfig, seeded_rng
+from .sprites import NON_EPITHELIAL, SpriteBank, oriented
+
+__all__ = ['BLOCK', 'NOISE_SIZE', 'PEN_TRUTH_ALPHA', 'glass_colour', 'oriented_point', 'pen_stroke_mask', 'overlap', 'bilinear_patch', 'Layout']
 
 BLOCK = 512  # layout block side, level-0 px
 NOISE_SIZE = 509  # prime, so the noise texture never lines up with tiles or blocks

@@ -25,12 +25,14 @@ from typing import Callable
 import numpy as np
 
 from . import objects as cell_objects
-from . import store as tile_store
-from .errors import OutputError, SlideError, StoreError
-from .foreground import (WORKING_MPP, ForegroundResult, blur_scores, decide_stain, detect_foreground, get_preset,
-                         tile_fractions)
-from .nuclei import count_in_boxes
-from .slide import Slide, fingerprint, open_slide
+from wsi_contracts import tilestore as tile_store
+from ..errors import OutputError, SlideError, StoreError
+from ..foreground import (WORKING_MPP, ForegroundResult, blur_scores, decide_stain, detect_foreground,
+    get_preset, tile_fractions)
+from ..foreground import count_in_boxes
+from ..slides import Slide, fingerprint, open_slide
+
+__all__ = ['log', 'MASK_PX_PER_TILE', 'MAX_MASK_SIDE', 'MPP_TOLERANCE', 'TILINGS', 'FOREGROUND_VERSION', 'INK_WARN_SHARE', 'TilerConfig', 'TilePlan', 'TileResult', 'mask_mpp_for', 'plan_tiles', 'shard_size_for', 'read_tile', 'tile_slide']
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ def _foreground_info(fg: ForegroundResult, stain_info: dict, config: TilerConfig
 
 def _cells_plan(thumbnail, mask, downsample, thumb_mpp, dimensions, config, tile0, stride0, grid_meta,
                 n_grid) -> TilePlan:
-    """Tiles on the nucleated objects (wsi_pipeline.objects); ``grid`` holds each tile's grid cell (by its centre)."""
+    """Tiles on the nucleated objects (wsi_pipeline.tiling.objects); ``grid`` holds each tile's grid cell (by its centre)."""
     placement = cell_objects.plan_cells(thumbnail, mask, thumb_mpp, downsample, dimensions, tile0,
                                         config.tile_size * config.target_mpp)
     coords = placement.coords

@@ -19,10 +19,10 @@ from urllib.parse import quote
 
 import numpy as np
 
-from . import __version__
-from . import store as tile_store
-from .aggregate import AggregateConfig, write_atomic
-from .checkpoint import CheckpointInfo
+from .. import __version__
+from wsi_contracts import tilestore as tile_store
+from ..aggregation import AggregateConfig, write_atomic
+from ..checkpoint import CheckpointInfo
 
 __all__ = ["STATUS_COLOURS", "render_report", "write_report"]
 

@@ -46,15 +46,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import OutputError, WsiTriageError
-from .synth_cells import (IMAGE_SUFFIXES, PBC_MPP, SHIPPED_CELLS, CellPool, cut_out_cell, cut_out_red_cells,
-                          list_cells, read_cell_list, segment_cells, transmittance)
-from .synth_config import DEFAULT_SUSPICIOUS, PEN_INKS, STAINS, SynthConfig, parse_size, validate
-from .synth_layout import BLOCK, NOISE_SIZE, Layout, glass_colour, pen_stroke_mask
-from .synth_render import CHUNK, Renderer
-from .synth_sprites import SpriteBank
-from .synth_tiff import pyramid_sizes, write_slide
-from .synth_truth import TRUTH_FORMAT, truth_document, truth_paths, write_truth
+from ..errors import OutputError, WsiTriageError
+from .cells import (IMAGE_SUFFIXES, PBC_MPP, SHIPPED_CELLS, CellPool, cut_out_cell, cut_out_red_cells,
+    list_cells, read_cell_list, segment_cells, transmittance)
+from .config import DEFAULT_SUSPICIOUS, PEN_INKS, STAINS, SynthConfig, parse_size, validate
+from .layout import BLOCK, NOISE_SIZE, Layout, glass_colour, pen_stroke_mask
+from .render import CHUNK, Renderer
+from .sprites import SpriteBank
+from .tiff import pyramid_sizes, write_slide
+from .truth import TRUTH_FORMAT, truth_document, truth_paths, write_truth
 
 __all__ = [
     "BLOCK", "CHUNK", "DEFAULT_SUSPICIOUS", "IMAGE_SUFFIXES", "NOISE_SIZE", "PBC_MPP", "SHIPPED_CELLS",

@@ -3,7 +3,7 @@
 Tile stores written with ``codec="jpeg"`` name this codec (``wsi_triage.jpeg``) in their array
 metadata, so it must be registered before such a store is read. The package declares it as a
 ``zarr.codecs`` entry point, so zarr finds it in any process where wsi-triage is installed;
-importing :mod:`wsi_pipeline.store` (or this module) registers it too.
+importing :mod:`wsi_contracts.tilestore` (or this module) registers it too.
 
 The chunk must be ``(1, H, W, 3)`` or ``(H, W, 3)`` uint8 (one tile per inner chunk).
 """
@@ -19,6 +19,8 @@ import numpy as np
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.registry import register_codec
+
+__all__ = ['CODEC_NAME', 'JpegTileCodec']
 
 CODEC_NAME = "wsi_triage.jpeg"
 

@@ -16,11 +16,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import OutputError
-from .outputs import class_colour
-from .synth_cells import CellPool
-from .synth_config import SynthConfig
-from .synth_layout import BLOCK, Layout
+from ..errors import OutputError
+from ..aggregation import class_colour
+from .cells import CellPool
+from .config import SynthConfig
+from .layout import BLOCK, Layout
+
+__all__ = ['TRUTH_FORMAT', 'truth_paths', 'write_truth', 'truth_document']
 
 TRUTH_FORMAT = "wsi-triage-synth-truth"
 

@@ -25,10 +25,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import store as tile_store
-from .checkpoint import CheckpointInfo, LoadedCheckpoint, load_checkpoint, read_checkpoint_info
-from .errors import CheckpointError, OptionError, StoreError
+from wsi_contracts import tilestore as tile_store
+from ..checkpoint import CheckpointInfo, LoadedCheckpoint, load_checkpoint, read_checkpoint_info
+from ..errors import CheckpointError, OptionError, StoreError
 from .ood import OodStats, features_and_logits, ood_distance
+
+__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'cached_model', 'clear_model_cache', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'check_store_matches', 'list_scores', 'read_scores', 'read_ood', 'score_store', 'score_config_dict']
 
 #: relative difference between the store's tile mpp and the checkpoint's that is still accepted
 MPP_TOLERANCE = 0.02
@@ -393,7 +395,7 @@ def _prepare_group(group, key: str, info: CheckpointInfo, n_tiles: int, per_shar
     sg.create_array("probs", shape=(n_tiles, info.num_classes), chunks=(max(1, per_shard), info.num_classes),
                     dtype="float32", fill_value=np.nan, dimension_names=("tile", "class"), **crc)
     sg.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False, **crc)
-    if info.ood is not None:  # out-of-domain distance per tile (wsi_pipeline.ood), same shards and markers
+    if info.ood is not None:  # out-of-domain distance per tile (wsi_pipeline.scoring.ood), same shards and markers
         sg.create_array("ood", shape=(n_tiles,), chunks=(max(1, per_shard),), dtype="float32", fill_value=np.nan,
                         dimension_names=("tile",), **crc)
     sg.attrs.update({
@@ -465,7 +467,7 @@ def score_store(store_path: str | Path, checkpoint: str | Path | None = None, co
     ``checkpoint=None`` uses the bundled demo student. Reads only the store, never the slide.
     Holds the store's writer lock (:mod:`wsi_pipeline.lock`) while it works.
     """
-    from .lock import store_lock
+    from ..lock import store_lock
 
     config = config.validated()
     with store_lock(store_path):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .synth_layout import BLOCK, NOISE_SIZE, Layout, bilinear_patch, overlap
-from .synth_sprites import LUT
+from .layout import BLOCK, NOISE_SIZE, Layout, bilinear_patch, overlap
+from .sprites import LUT
+
+__all__ = ['CHUNK', 'Renderer']
 
 CHUNK = 2048  # render width per call, level-0 px (a multiple of the tile)
 

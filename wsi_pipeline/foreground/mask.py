@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import WsiTriageError
-from .nuclei import (CELL_RADIUS_UM, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels,
-                     tophat_halo)
+from ..errors import WsiTriageError
+from .nuclei import CELL_RADIUS_UM, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels, tophat_halo
 from .stain import StainDecision, classify_stain, sheet_share
+
+__all__ = ['WORKING_MPP', 'StainPreset', 'PRESETS', 'get_preset', 'colour_table', 'write_colour_table', 'pen_mask', 'ForegroundResult', 'detect_foreground', 'foreground_mask', 'decide_stain', 'tile_fractions', 'blur_score', 'blur_scores', 'otsu_baseline_mask']
 
 # 2 um/px: the smallest cells that matter (lymphocytes, red cells, ~7-8 um) still span ~4 px, so
 # they survive denoising and the dust filter, while a 20 x 20 mm smear area is a 10k x 10k px
@@ -226,7 +227,7 @@ def _colour_rules(rgb: np.ndarray) -> np.ndarray:
 
 
 #: the whole table, precomputed (20 KB zlib); tests check it against _colour_rules
-_TABLE_FILE = Path(__file__).parent / "data" / "colour_codes.zlib"
+_TABLE_FILE = Path(__file__).parents[1] / "data" / "colour_codes.zlib"
 
 
 def colour_table() -> np.ndarray:
@@ -560,7 +561,7 @@ def _fit_background(img: np.ndarray) -> _Background:
 class ForegroundResult:
     """Everything the foreground stage decides on one image (all on the input grid).
 
-    ``nuclei``: (n, 2) row, col centres of the nuclei found (see :mod:`wsi_pipeline.nuclei`);
+    ``nuclei``: (n, 2) row, col centres of the nuclei found (see :mod:`wsi_pipeline.foreground.nuclei`);
     ``ink``: pixels removed as marker ink, with the margin around each stroke;
     ``ink_spared``: ink-coloured pixels kept because their region holds nuclei or texture (Pap
     cytoplasm, not ink); ``nuclei_in_ink``: nuclei lying in an ink-coloured region that was
@@ -639,7 +640,7 @@ def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap
 
 def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
                  pen_filter: bool = True) -> tuple[StainDecision, ForegroundResult]:
-    """Choose the stain preset for an overview (:func:`wsi_pipeline.stain.classify_stain`) and
+    """Choose the stain preset for an overview (:func:`wsi_pipeline.foreground.stain.classify_stain`) and
     return the decision with the foreground found with that preset.
 
     The decision is made on the ``pap`` preset's foreground (the most inclusive stain test) and
@@ -774,7 +775,7 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
     """(stained, colour codes, nucleus pixels) of the working image, in row bands on ``pool``.
 
     Stained as :func:`_stain_test` decides after 0.5 um of smoothing; nucleus pixels as
-    :func:`wsi_pipeline.nuclei.nucleus_pixels` decides on the red and green OD smoothed alike
+    :func:`wsi_pipeline.foreground.nuclei.nucleus_pixels` decides on the red and green OD smoothed alike
     (a second band pass, whose context rows are the top-hat's)."""
     h, w = img.shape[:2]
     sigma = 0.5 / mpp  # 0.5 um denoising; only worth it at fine pixel sizes

@@ -27,6 +27,8 @@ from . import __version__
 from .codecs import JpegTileCodec
 from .errors import ShardError, StoreError
 
+__all__ = ['STORE_FORMAT', 'STORE_FORMAT_VERSION', 'META_KEY', 'CODECS', 'DIGEST_ALGORITHM', 'REQUIRED_NODES', 'THUMBNAIL_CHUNK', 'store_path', 'shard_slice', 'n_shards_for', 'checked_codecs', 'create_store', 'open_store', 'read_meta', 'update_meta', 'pending_shards', 'write_shard', 'record_shard_digest', 'read_shard', 'read_tiles', 'shard_problem', 'damaged_shards', 'check_layout', 'damaged_chunks', 'unflag_damaged_shards', 'is_complete', 'require_complete']
+
 STORE_FORMAT = "wsi-triage-tilestore"
 STORE_FORMAT_VERSION = 1
 META_KEY = "wsi_triage"

@@ -33,7 +33,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import SlideError, UnknownMppError
+from ..errors import SlideError, UnknownMppError
+
+__all__ = ['MPP_SOURCES', 'MAX_PLAUSIBLE_TIFF_MPP', 'DEFAULT_TILE_CACHE_BYTES', 'MAX_LEVEL_SIDE', 'MAX_SLIDE_MM', 'MAX_WHOLE_IMAGE_PIXELS', 'MIN_BYTES_PER_PIXEL', 'MULTI_FILE_SUFFIXES', 'PixelSize', 'UNKNOWN_MPP', 'read_budget', 'Slide', 'EXIF_ORIENTED_FORMATS', 'open_slide', 'slide_info', 'fingerprint']
 
 MPP_SOURCES = ("metadata", "tiff-resolution", "objective-power", "user", "unknown")
 # A TIFF resolution coarser than this is a print/screen DPI (72, 96, 300 dpi ...), not the

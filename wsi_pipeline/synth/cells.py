@@ -16,9 +16,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import WsiTriageError
+from ..errors import WsiTriageError
 
-SHIPPED_CELLS = Path(__file__).resolve().parent / "data" / "cells"
+__all__ = ['SHIPPED_CELLS', 'PBC_MPP', 'IMAGE_SUFFIXES', 'CellPool', 'list_cells', 'read_cell_list', 'disk', 'transmittance', 'segment_cells', 'cut_out_cell', 'cut_out_red_cells', 'read_rgb']
+
+SHIPPED_CELLS = Path(__file__).resolve().parents[1] / "data" / "cells"
 PBC_MPP = 0.27
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 

@@ -220,7 +220,7 @@ def png_bytes(rgba: np.ndarray) -> bytes:
 
 
 #: QuPath classification colours by class name, shared by the results' GeoJSON and the synthetic
-#: ground truth (wsi_pipeline.synth_truth), so a class looks the same in both. Other names get a
+#: ground truth (wsi_pipeline.synth.truth), so a class looks the same in both. Other names get a
 #: colour from PALETTE picked by a hash of the name (stable across runs and machines).
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "basophil": (145, 30, 180), "eosinophil": (245, 130, 48), "erythroblast": (230, 25, 75),

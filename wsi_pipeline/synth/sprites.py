@@ -15,9 +15,11 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .synth_cells import CellPool, cut_out_cell, cut_out_red_cells, disk, read_rgb, transmittance
-from .synth_config import S_BANK, S_PAP, S_PAP_RED, seeded_rng
-from .synth_pap import nuclear_weight, nucleus_centre, pap_cell, pap_red_cell
+from .cells import CellPool, cut_out_cell, cut_out_red_cells, disk, read_rgb, transmittance
+from .config import S_BANK, S_PAP, S_PAP_RED, seeded_rng
+from .pap import nuclear_weight, nucleus_centre, pap_cell, pap_red_cell
+
+__all__ = ['NON_EPITHELIAL', 'LUT', 'oriented', 'SpriteBank']
 
 # Classes that stay as small as they are under the Pap stain (no epithelial cytoplasm body).
 NON_EPITHELIAL = ("lymphocyte", "platelet")

@@ -12,7 +12,7 @@ Decided from the low-resolution overview the tiler already has, in two steps wit
    pink-purple cells and red cells that absorb green and blue and let red through. Pap when the
    mean OD direction of the stained pixels has a red share of at least ``RED_SHARE_PAP`` and not
    much less red than blue (``RED_MINUS_BLUE_PAP``), or when the nucleated cells themselves
-   (within ``wsi_pipeline.nuclei.CELL_RADIUS_UM`` of a nucleus) pass green (``CELL_GREEN_SHARE_PAP``), which keeps a
+   (within ``wsi_pipeline.foreground.nuclei.CELL_RADIUS_UM`` of a nucleus) pass green (``CELL_GREEN_SHARE_PAP``), which keeps a
    blood-rich Pap smear Pap. Thresholds set on tuning material (even-numbered Pap LBC fields,
    every 8th BCCD field, three synthetic smears of each stain), measured on the rest by
    ``benchmarks/eval_foreground.py``.

@@ -147,7 +147,7 @@ def aggregate_objects(group, suspicion: np.ndarray, probs: np.ndarray, class_nam
     """Everything aggregate_store needs for a ``cells`` store (None for a grid store): object
     suspicions, the raw slide score over objects, the summary block, the object heatmap on the
     thumbnail grid (with its grid description), the GeoJSON collection and the gallery tiles."""
-    from .objects import read_objects
+    from ..tiling import read_objects
 
     found = read_objects(group)
     if found is None:

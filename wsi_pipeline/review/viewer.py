@@ -24,12 +24,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .errors import OutputError, SlideError, StoreError
+from ..errors import OutputError, SlideError, StoreError
 
 __all__ = ["ViewerSlide", "SlideDeepZoom", "ViewerApp", "ViewerServer", "find_view_slides", "make_server", "serve",
            "ASSETS", "DEFAULT_PORT", "TILE_SIZE", "TILE_OVERLAP"]
 
-ASSETS = Path(__file__).parent / "data" / "viewer"
+ASSETS = Path(__file__).parents[1] / "data" / "viewer"
 DEFAULT_PORT = 8765
 TILE_SIZE = 254
 TILE_OVERLAP = 1
@@ -141,7 +141,7 @@ def find_view_slides(target: str | Path) -> list[ViewerSlide]:
 
 
 class SlideDeepZoom:
-    """Deep Zoom tiles (the DZI layout OpenSeadragon reads) from a :class:`~wsi_pipeline.slide.Slide`.
+    """Deep Zoom tiles (the DZI layout OpenSeadragon reads) from a :class:`~wsi_pipeline.slides.Slide`.
 
     Same interface as ``openslide.deepzoom.DeepZoomGenerator`` (``level_count``, ``get_dzi``,
     ``get_tile``) for the backends OpenSlide does not read. Each tile is read from the coarsest slide
@@ -197,7 +197,7 @@ class SlideDeepZoom:
 def _viridis_hex(values: np.ndarray) -> list[str]:
     import matplotlib
 
-    from .outputs import COLORMAP
+    from ..aggregation import COLORMAP
 
     rgb = (matplotlib.colormaps[COLORMAP](np.clip(values, 0, 1))[..., :3] * 255).round().astype(int)
     return ["#%02x%02x%02x" % tuple(c) for c in rgb]
@@ -217,7 +217,7 @@ class _SlideData:
     def deepzoom(self):
         with self.lock:
             if self._dz is None:
-                from .slide import open_slide
+                from ..slides import open_slide
 
                 if self.entry.error:
                     raise SlideError(self.entry.error)
@@ -249,9 +249,9 @@ class _SlideData:
 
     def _scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, dict]:
         """(coords, grid, suspicion, grid meta, summary) from the store and summary.json."""
-        from . import store as tile_store
-        from .aggregate import tile_suspicion
-        from .scorer import read_scores
+        from wsi_contracts import tilestore as tile_store
+        from ..aggregation import tile_suspicion
+        from ..scoring import read_scores
 
         summary = _read_json(self.entry.out_dir / "summary.json") if self.entry.out_dir else None
         if summary is None or self.entry.store is None:
@@ -277,7 +277,7 @@ class _SlideData:
         colours = _viridis_hex(suspicion) if len(suspicion) else []
         overlay = None
         if grid_meta and len(suspicion):
-            from .aggregate import heatmap_grid
+            from ..aggregation import heatmap_grid
 
             rows, cols = (int(v) for v in grid_meta["shape"])
             sx, sy = (float(v) for v in grid_meta["stride"])
@@ -303,7 +303,7 @@ class _SlideData:
         """The tile grid on the fixed 0-1 viridis scale, enlarged (nearest); transparent below ``floor``."""
         from PIL import Image
 
-        from .outputs import heatmap_rgba
+        from ..aggregation import heatmap_rgba
 
         self.layers()
         if self._heat is None:

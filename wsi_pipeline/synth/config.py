@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import WsiTriageError
-from .synth_cells import PBC_MPP
+from ..errors import WsiTriageError
+from .cells import PBC_MPP
+
+__all__ = ['DEFAULT_SUSPICIOUS', 'STAINS', 'PEN_INKS', 'SynthConfig', 'seeded_rng', 'parse_size', 'validate']
 
 DEFAULT_SUSPICIOUS = ("erythroblast", "ig")
 STAINS = ("romanowsky", "pap")  # romanowsky: the cells as imaged (MGG); pap: recoloured (synth_pap)

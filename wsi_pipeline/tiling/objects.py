@@ -20,7 +20,7 @@ found on the tiler's overview image (about 1-2 um/px) inside its foreground mask
    marker stroke (blue/violet ink, stain deposit) are not objects, and an object whose centred tile would be more than ``max_ink_share`` dark and colourless (black
    or grey marker ink, dark artefacts) is skipped.
 
-No separate nucleus detector is used here (``wsi_pipeline.nuclei`` did not exist when this was
+No separate nucleus detector is used here (``wsi_pipeline.foreground.nuclei`` did not exist when this was
 written); the nuclear-stain test above is this module's own.
 """
 

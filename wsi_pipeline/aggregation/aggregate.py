@@ -24,15 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from . import store as tile_store
-from .errors import OutputError, StoreError
-from .names import printable
-from .object_outputs import aggregate_objects, calibrated, calibration_for
-from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_picture, heatmap_rgba,  # noqa: F401
-                      overlay_image, overlay_picture, overlay_png, png_bytes)
-from .ood import ood_summary
-from .scorer import read_ood, read_scores, scores_key
+from .. import __version__
+from wsi_contracts import tilestore as tile_store
+from ..errors import OutputError, StoreError
+from ..names import printable
+from .objects import aggregate_objects, calibrated, calibration_for
+from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_picture, heatmap_rgba, overlay_image,
+    overlay_picture, overlay_png, png_bytes)
+from ..scoring import ood_summary
+from ..scoring import read_ood, read_scores, scores_key
+
+__all__ = ['METHODS', 'SUMMARY_NAME', 'VERSION_PACKAGES', 'AggregateConfig', 'AggregateResult', 'tile_suspicion', 'slide_score', 'heatmap_grid', 'package_versions', 'write_atomic', 'output_names', 'read_summary', 'aggregate_store']
 
 METHODS = ("topk_mean", "quantile", "fraction_above")
 SUMMARY_NAME = "summary.json"
@@ -264,7 +266,7 @@ def aggregate_store(
     summary = {
         "slide": stem,
         # ok | empty (no tile) | out_of_domain (most tiles unlike the checkpoint's training data: the score
-        # is recorded but is no suspicion; wsi_pipeline.ood)
+        # is recorded but is no suspicion; wsi_pipeline.scoring.ood)
         "status": "empty" if not n else ("out_of_domain" if ood_entry and ood_entry["out_of_domain"] else "ok"),
         "score": {"value": None if score is None else round(score, 6), "method": config.method,
                   "settings": config.score_settings(), "over": "objects" if by_object else "tiles",

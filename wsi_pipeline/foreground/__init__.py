@@ -1,0 +1,20 @@
+"""Cytology foreground at low resolution: glass versus cells, nuclei, stain decision, pen ink."""
+
+from __future__ import annotations
+
+from .mask import (WORKING_MPP, StainPreset, PRESETS, get_preset, colour_table, write_colour_table, pen_mask,
+    ForegroundResult, detect_foreground, foreground_mask, decide_stain, tile_fractions, blur_score,
+    blur_scores, otsu_baseline_mask)
+from .stain import (StainDecision, STAINS, SHEET_MIN_MM2, RED_SHARE_PAP, RED_MINUS_BLUE_PAP,
+    CELL_GREEN_SHARE_PAP, classify_stain, sheet_share, stain_evidence)
+from .nuclei import (NUCLEUS_MIN_UM, NUCLEUS_MAX_UM, TOPHAT_RADIUS_UM, MIN_CONTRAST, MIN_DENSITY,
+    MIN_RELATIVE_CONTRAST, CELL_RADIUS_UM, Nuclei, nuclear_density, tophat_halo, nucleus_pixels,
+    label_nuclei, centre_pixels, count_in_boxes)
+
+__all__ = ['WORKING_MPP', 'StainPreset', 'PRESETS', 'get_preset', 'colour_table', 'write_colour_table',
+    'pen_mask', 'ForegroundResult', 'detect_foreground', 'foreground_mask', 'decide_stain', 'tile_fractions',
+    'blur_score', 'blur_scores', 'otsu_baseline_mask', 'StainDecision', 'STAINS', 'SHEET_MIN_MM2',
+    'RED_SHARE_PAP', 'RED_MINUS_BLUE_PAP', 'CELL_GREEN_SHARE_PAP', 'classify_stain', 'sheet_share',
+    'stain_evidence', 'NUCLEUS_MIN_UM', 'NUCLEUS_MAX_UM', 'TOPHAT_RADIUS_UM', 'MIN_CONTRAST', 'MIN_DENSITY',
+    'MIN_RELATIVE_CONTRAST', 'CELL_RADIUS_UM', 'Nuclei', 'nuclear_density', 'tophat_halo', 'nucleus_pixels',
+    'label_nuclei', 'centre_pixels', 'count_in_boxes']
