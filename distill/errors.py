@@ -1,13 +1,18 @@
-"""User-facing errors of ``distill`` (kept separate from wsi_pipeline on purpose: the two
-packages share only file formats)."""
+"""User-facing errors of ``distill``.
+
+``distill`` shares only the file formats with the pipeline (``wsi_contracts``); its errors derive from
+the same :class:`~wsi_contracts.errors.UserError`, so every tool prints them the same way.
+"""
 
 from __future__ import annotations
 
+from wsi_contracts.errors import UserError
 
-class DistillError(Exception):
+__all__ = ["DistillError"]
+
+
+class DistillError(UserError, ValueError):
     """An error caused by the user's input (bad config, missing file, bad checkpoint).
 
-    The CLI prints ``error: <message>`` on one line and exits with ``exit_code``.
+    The CLI prints ``error: <message>`` on one line and exits with ``exit_code`` (2).
     """
-
-    exit_code = 2

@@ -20,6 +20,8 @@ import click
 
 from .errors import DistillError
 
+__all__ = ["cli", "collect", "grid", "table"]
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "none": ("none", []),
     "kd": ("kd", []),

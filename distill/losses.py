@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["MDKDConfig", "MDKDLoss", "channel_loss", "cls_token_loss", "kd_kl", "normalize_tokens", "response_loss",
+           "spatial_loss"]
+
 
 def normalize_tokens(x: torch.Tensor) -> torch.Tensor:
     """Non-affine LayerNorm over channels: ``(x - mean_c) / sqrt(var_c + 1e-5)``.

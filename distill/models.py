@@ -15,6 +15,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .errors import DistillError
 
+__all__ = ["architecture", "build_vit", "block_features", "count_params", "init_from_timm_weights", "init_student_from_teacher", "DEFAULT_IMG"]
+
 # width, heads, teacher depth, student depth
 PRESETS: dict[str, dict[str, int]] = {
     "paper": {"embed_dim": 768, "num_heads": 12, "teacher_depth": 12, "student_depth": 3},
