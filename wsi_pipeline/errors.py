@@ -40,7 +40,28 @@ class OutputError(WsiTriageError, OSError):
 
 
 class OptionError(WsiTriageError, ValueError):
-    """A parameter or configuration value is invalid (found before any work starts)."""
+    """A parameter or configuration value is invalid (found before any work starts).
+
+    ``OptionError(param, problem)`` reads ``"<param> <problem>"`` (e.g. ``top_k must be >= 1, got 0``):
+    the library names its own parameter, and a command-line tool that knows which flag set it
+    shows the flag instead (``flag_message``). ``OptionError(message)`` is a message without a
+    parameter.
+    """
+
+    def __init__(self, param: str, problem: str | None = None) -> None:
+        if problem is None:
+            self.param, self.problem = None, param
+            super().__init__(param)
+        else:
+            self.param, self.problem = param, problem
+            super().__init__(f"{param} {problem}")
+
+    def __reduce__(self):  # raised in a dask worker process, it is pickled back to the caller
+        return (type(self), (self.param, self.problem) if self.param else (self.problem,))
+
+    def flag_message(self, flag: str) -> str:
+        """The message with ``flag`` (e.g. ``--top-k``) in place of the parameter's name."""
+        return f"{flag} {self.problem}" if self.param else str(self)
 
 
 #: OS errors caused by the machine, not by a bug: a full disk, a quota, a read-only or failing device
