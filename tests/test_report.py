@@ -8,13 +8,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from browser_util import Browser, chromium_path
 from ckpt_util import random_checkpoint
 from pipeline_util import blob_field
 from PIL import Image
 
 from wsi_pipeline.pipeline import RunOptions, run_batch
 from wsi_pipeline.review import STATUS_COLOURS
+from wsi_pipeline.review.browser import Browser, chromium_path
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_util import Browser, chromium_path
 from click.testing import CliRunner
 from pipeline_util import blob_field, cells_dir, smear
 from PIL import Image
 
 from wsi_pipeline.cli import main
+from wsi_pipeline.review.browser import Browser, chromium_path
 from wsi_pipeline.errors import OutputError, SlideError
 from wsi_pipeline.pipeline import RunOptions, run_batch
 from wsi_pipeline.slides import open_slide

@@ -10,11 +10,13 @@ Runs the README's quick start (``wsi-triage synth demo-smear.tiff --seed 1 --fra
   smear's ground-truth GeoJSON cells of the same classes, drawn over the slide around the most
   suspicious tile, as QuPath shows them after File > Import objects (drawn here with Pillow).
 
-Usage: python docs/img/make_images.py [WORK]   (default /tmp/wsi-triage-readme-images)
+Usage: python docs/img/make_images.py [WORK] [--out DIR]
+(WORK default /tmp/wsi-triage-readme-images; DIR default docs/img, the folder of this script)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -24,7 +26,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "tests"))
+
+
+class MakeError(Exception):
+    """A step the pictures need failed for a reason the user can fix (reported in one line)."""
 
 
 def small_png(image: Image.Image, path: Path, width: int) -> None:
@@ -36,13 +41,18 @@ def small_png(image: Image.Image, path: Path, width: int) -> None:
 
 
 def wsi_triage(*args: str, cwd: Path) -> None:
-    subprocess.run([sys.executable, "-m", "wsi_pipeline", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+    """Run one ``wsi-triage`` command as the README does; its own one-line error is on stderr already."""
+    done = subprocess.run([sys.executable, "-m", "wsi_pipeline", *args], cwd=cwd, stdout=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise MakeError(f"{cwd}: wsi-triage {' '.join(args)} exited with status {done.returncode}")
 
 
 def viewer_screenshot(out: Path, path: Path) -> None:
-    from browser_util import Browser
-
     from wsi_pipeline.review import make_server
+    from wsi_pipeline.review.browser import Browser, chromium_path
+
+    if chromium_path() is None:
+        raise MakeError(f"{path}: chromium is not installed (apt-get install chromium), needed for the screenshot")
 
     server = make_server(out, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -118,18 +128,36 @@ def qupath_picture(slide: Path, run_dir: Path, truth: Path, path: Path) -> None:
     small_png(crop, path, out_side)
 
 
-def main() -> None:
-    work = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/wsi-triage-readme-images")
-    work.mkdir(parents=True, exist_ok=True)
+def make_images(work: Path, out: Path) -> None:
+    """The README quick start in ``work``, then overlay.png, viewer.png and qupath.png in ``out``."""
+    for folder in (work, out):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MakeError(f"{folder}: cannot create the folder ({exc.strerror})") from None
     slide = work / "demo-smear.tiff"
     if not slide.exists():
         wsi_triage("synth", "demo-smear.tiff", "--seed", "1", "--fraction", "0.3", "--quiet", cwd=work)
     wsi_triage("run", "demo-smear.tiff", "--out", "triage-out", "--quiet", cwd=work)
     run_dir = work / "triage-out" / "demo-smear"
-    small_png(Image.open(run_dir / "overlay.png"), HERE / "overlay.png", 760)
-    viewer_screenshot(work / "triage-out", HERE / "viewer.png")
-    qupath_picture(slide, run_dir, work / "demo-smear.truth.geojson", HERE / "qupath.png")
+    small_png(Image.open(run_dir / "overlay.png"), out / "overlay.png", 760)
+    viewer_screenshot(work / "triage-out", out / "viewer.png")
+    qupath_picture(slide, run_dir, work / "demo-smear.truth.geojson", out / "qupath.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("work", nargs="?", type=Path, default=Path("/tmp/wsi-triage-readme-images"),
+                    help="folder for the demo smear and its run (reused) [default: %(default)s]")
+    ap.add_argument("--out", type=Path, default=HERE, help="where the pictures go [default: docs/img]")
+    args = ap.parse_args(argv)
+    try:
+        make_images(args.work, args.out)
+    except MakeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

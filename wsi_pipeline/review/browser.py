@@ -1,5 +1,10 @@
 """Drive headless Chromium over the DevTools protocol (``--remote-debugging-pipe``: JSON messages
-separated by NUL bytes on file descriptors 3 and 4), so the browser tests need no extra package."""
+separated by NUL bytes on file descriptors 3 and 4), so no extra package is needed.
+
+Renders the viewer and the report the way a person sees them: the browser tests and
+``docs/img/make_images.py`` (the README's screenshot) both drive the page through :class:`Browser`.
+Nothing in the pipeline itself imports it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+__all__ = ["Browser", "chromium_path", "CHROMIUM_FLAGS"]
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
