@@ -16,7 +16,6 @@ import logging
 import sys
 import typing
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -58,24 +57,35 @@ def _user_errors(fn):
     return wrapper
 
 
-def _progress(quiet: bool):
-    """A ``progress(done, total)`` callback drawing one tqdm bar per epoch (none when quiet or
-    not on a terminal)."""
-    if quiet:
-        return None
-    from tqdm import tqdm
+class _StageBar:
+    """The progress protocol (``bar(stage, done, total)``, see ``distill.loop.Progress``) drawn as one tqdm
+    bar per stage (per epoch); a bar closes when its stage is done or the next one starts. Nothing
+    is drawn when stderr is not a terminal."""
 
-    state: dict[str, Any] = {"bar": None}
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar = None
 
-    def cb(done: int, total: int) -> None:
-        if state["bar"] is None:
-            state["bar"] = tqdm(total=total, unit="step", leave=False, file=sys.stderr, disable=None)
-        state["bar"].update(1)
-        if done >= total:
-            state["bar"].close()
-            state["bar"] = None
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
 
-    return cb
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="step", leave=False, file=sys.stderr, disable=None)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None
+
+
+def _progress(quiet: bool) -> _StageBar | None:
+    return None if quiet else _StageBar()
 
 
 def _epoch_printer(quiet: bool):
@@ -152,8 +162,13 @@ def _train(role: str, config, sets, no_resume, quiet, opts) -> None:
 
     _setup_logging(quiet)
     cfg = _build_cfg(config, sets, **opts)
-    res = _in_config(config, run_training, cfg, role, resume=not no_resume, on_epoch=_epoch_printer(quiet),
-                     progress=_progress(quiet))
+    bar = _progress(quiet)
+    try:
+        res = _in_config(config, run_training, cfg, role, resume=not no_resume, on_epoch=_epoch_printer(quiet),
+                         progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     click.echo(json.dumps({"final": res}))
 
 
@@ -237,7 +252,12 @@ def finetune_cmd(export_fp16, no_resume, quiet, **kw):
             raise DistillError(f"--mix {kw['mix']!r}: expected comma-separated numbers") from None
     kw["bf16"] = {"auto": "auto", "true": True, "false": False}[kw["bf16"]]
     cfg = dataclass_from_dict(FinetuneConfig, kw, "finetune option")
-    metrics = run_finetune(cfg, resume=not no_resume, on_epoch=_epoch_printer(quiet), progress=_progress(quiet))
+    bar = _progress(quiet)
+    try:
+        metrics = run_finetune(cfg, resume=not no_resume, on_epoch=_epoch_printer(quiet), progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     if export_fp16:
         sha = _export_fp16(Path(cfg.out) / "model.safetensors", export_fp16)
         log.info("exported %s (fp16) sha256 %s", export_fp16, sha[:12])

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -28,8 +28,16 @@ __all__ = ["LoopSettings", "Progress", "claim_run_folder", "fit", "lr_at", "para
 
 log = logging.getLogger("distill")
 
-Progress = Callable[[int, int], None]
-"""``progress(done, total)``: optimiser steps done in this epoch out of ``total``."""
+
+
+class Progress(Protocol):
+    """``progress(stage, done, total)``, the progress protocol of ``wsi_pipeline.progress`` (which distill may
+    not import): stage ``"epoch 3/10"``, optimiser steps done in that epoch out of ``total``; called
+    with 0 when the epoch starts and after each step."""
+
+    def __call__(self, stage: str, done: int, total: int) -> None: ...
+
+
 BatchLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float], torch.Tensor]]
 """``loss(x, y) -> (loss, {term: value}, logits)`` for one augmented batch on the device."""
 
@@ -159,6 +167,9 @@ def fit(
         model.train()
         sums: dict[str, float] = {}
         correct = seen = 0
+        stage = f"epoch {epoch + 1}/{s.epochs}"
+        if progress is not None:
+            progress(stage, 0, s.steps_per_epoch)
         for i in range(s.steps_per_epoch):
             idx = order[i * s.batch_size:(i + 1) * s.batch_size]
             if not len(idx):
@@ -181,7 +192,7 @@ def fit(
             correct += int((logits.detach().argmax(-1) == y).sum())
             seen += len(idx)
             if progress is not None:
-                progress(i + 1, s.steps_per_epoch)
+                progress(stage, i + 1, s.steps_per_epoch)
         steps = max(1, -(-seen // s.batch_size))
         rec: dict[str, Any] = {"epoch": epoch + 1, "steps": steps, "lr": round(lr, 8),
                                **{f"train_{k}": round(v / steps, 5) for k, v in sums.items()}}

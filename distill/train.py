@@ -9,11 +9,12 @@ classes, tile size / mpp, stain) and runtime settings (device, threads, bf16, ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from .preflight import check_training, split_record
 from .runtime import resolve_runtime
 
 __all__ = ["MODES", "TrainConfig", "config_from_dict", "load_patches", "lr_at", "predict", "run_training",
-           "split_of"]
+           "split_of", "torch_threads"]
 
 log = logging.getLogger("distill")
 
@@ -67,7 +68,7 @@ def run_training(cfg: TrainConfig, role: str, resume: bool = True,
     """
     if role not in ("teacher", "student"):
         raise DistillError(f"unknown role {role!r}; choose teacher or student")
-    teacher = teacher_meta = teacher_sha = None
+    teacher = teacher_meta = None
     needs_teacher = role == "student" and (cfg.mode != "none" or cfg.student_init_blocks)
     if needs_teacher:
         if not cfg.teacher:
@@ -77,8 +78,28 @@ def run_training(cfg: TrainConfig, role: str, resume: bool = True,
         teacher, teacher_meta = load_model_file(cfg.teacher)
     plan = check_training(cfg, role, teacher_meta)
     rt = resolve_runtime(cfg.device, cfg.bf16)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):
+        return _train(cfg, role, resume, on_epoch, progress, teacher, teacher_meta, plan, rt)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (when given) for the block, and restored after it:
+    a library call leaves the process-wide setting as it found it."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _train(cfg: TrainConfig, role: str, resume: bool, on_epoch: Callable[[dict[str, Any]], None] | None,
+           progress: Progress | None, teacher, teacher_meta, plan, rt) -> dict[str, Any]:
+    """:func:`run_training` once its checks have passed: decode, train, export."""
+    teacher_sha = None
     out = run_folder(cfg, role)
     cfg_json = _cfg_json(cfg, role)
     claim_run_folder(out, cfg_json, resume, training_identity, _cfg_json(TrainConfig(), role), EXPORT_FIELDS)
