@@ -372,16 +372,16 @@ def test_hostile_header_is_refused_before_any_decoding(tmp_path, width, height, 
 
 
 def test_png_pixels_are_decoded_only_when_read_and_huge_ones_are_refused(tmp_path, monkeypatch):
-    import wsi_pipeline.slides.reader as slide_module
+    import wsi_pipeline.slides.limits as limits
 
     path = tmp_path / "big.png"
     Image.fromarray(np.zeros((3000, 2000, 4), np.uint8)).save(path)
     with open_slide(path) as slide:  # header only: no pixels decoded yet
         assert slide.dimensions == (2000, 3000)
-        assert slide._levels[0]._array is None
+        assert not slide._levels[0].loaded
         with pytest.raises(UnknownMppError):
             slide.require_mpp()
-    monkeypatch.setattr(slide_module, "MAX_WHOLE_IMAGE_PIXELS", 5_000_000)
+    monkeypatch.setattr(limits, "MAX_WHOLE_IMAGE_PIXELS", 5_000_000)
     with open_slide(path, mpp=0.5) as slide:
         with pytest.raises(SlideError, match="would be decoded whole"):
             slide.thumbnail(4.0)
@@ -410,3 +410,75 @@ def test_info_on_a_huge_png_reads_only_its_header(tmp_path):
             "print(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0].startswith("[9000") and int(out[-1]) < 200_000  # KiB: far below the 324 MB of its RGBA pixels
+
+
+# --------------------------------------------------------------------------- pixels unchanged (issue 10)
+
+# sha256 over 80 random region reads (any level, hanging off the image, sub-pixel positions),
+# five reads at a pixel size (0.3 - 2 um/px) and a 4 um/px thumbnail, as the reader gave them
+# before it was split into modules (commit 17c5c1f; tifffile 2026.3.3, imagecodecs 2026.3.6,
+# OpenSlide 4.0.1). The synthetic slides are byte-identical for a seed; their sha256 is checked
+# first so that a change of the generator is told apart from a change of the reader.
+REGION_DIGESTS = {
+    ("cmu", True): "160ac70c8be21bd761ddff607f8b0f089aa0c5cbf18cd6b40d84d9190d81204d",
+    ("cmu", False): "160ac70c8be21bd761ddff607f8b0f089aa0c5cbf18cd6b40d84d9190d81204d",
+    ("synth", True): "d792962e7975d4c848e9942ee4d69de428ff9cf6cdd8d8c8f620540937b77d44",
+    ("synth", False): "1210dd01975963a7e2a0965803adfee0d678a33313d1a1261cb493215b408138",
+    ("synth-ome", True): "d792962e7975d4c848e9942ee4d69de428ff9cf6cdd8d8c8f620540937b77d44",
+}
+SYNTH_FILE_DIGESTS = {"synth": "c2359f3df7837b2fd3a79dee96c1dec2f2494d945e39794e61a97061dae3e3df",
+                      "synth-ome": "8a6f4a63b89bb65b6e97f719990cd8994faafadf6f3755eb5469f491e0cfc3d3"}
+
+
+@pytest.fixture(scope="module")
+def synth_slides(tmp_path_factory) -> dict[str, Path]:
+    """A 3000 x 2600 synthetic smear as generic pyramidal JPEG TIFF (OpenSlide, direct tiles) and as
+    OME-TIFF with SubIFDs (tifffile)."""
+    from wsi_pipeline.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    paths = {"synth": root / "synth.tiff", "synth-ome": root / "synth-ome.tiff"}
+    for name, path in paths.items():
+        synthesize(path, SynthConfig(width=3000, height=2600, mpp=0.25, seed=5, ome=name == "synth-ome"))
+    return paths
+
+
+def region_digest(path: Path, fast: bool) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open_slide(path, fast=fast) as s:
+        for r in random_regions(s, 80, seed=11, size=(1, 400)):
+            digest.update(s.read_region(*r).tobytes())
+        rng = np.random.default_rng(12)
+        w0, h0 = s.dimensions
+        for target in (0.3, 0.5, 0.7, 1.0, 2.0):
+            x, y = int(rng.integers(0, w0 - 600)), int(rng.integers(0, h0 - 600))
+            digest.update(s.read_region_mpp(x, y, 600, 500, target).tobytes())
+        digest.update(s.thumbnail(4.0)[0].tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name, fast", list(REGION_DIGESTS))
+def test_region_reads_are_those_of_the_reader_before_the_split(shared_data, synth_slides, name, fast):
+    import hashlib
+
+    if name == "cmu":
+        path = slide_path(shared_data, CMU)
+    else:
+        path = synth_slides[name]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == SYNTH_FILE_DIGESTS[name], \
+            "the synthetic slide generator's output changed: re-record the digests with the previous reader"
+    assert region_digest(path, fast) == REGION_DIGESTS[name, fast]
+
+
+def test_direct_tiles_are_tifffiles_own_decoding(shared_data, synth_slides):
+    """Every level read through the tiled-TIFF reader equals tifffile's public whole-level decoding."""
+    for path, backend in ((slide_path(shared_data, CMU), "openslide"), (synth_slides["synth"], "openslide"),
+                          (synth_slides["synth-ome"], "tifffile")):
+        with open_slide(path) as s, tifffile.TiffFile(path) as tif:
+            assert s.backend == backend
+            assert backend == "tifffile" or s.fast_levels == list(range(s.level_count))
+            for level, (w, h) in enumerate(s.level_dimensions):
+                np.testing.assert_array_equal(s.read_region(level, 0, 0, w, h),
+                                              tif.series[0].levels[level].asarray())
