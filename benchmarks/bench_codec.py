@@ -26,12 +26,12 @@ def store_bytes(path: Path) -> int:
 
 def read_all(path: Path) -> tuple[float, np.ndarray]:
     group = tile_store.require_complete(path)
-    meta = tile_store.read_meta(group)
+    meta = tile_store.read_store_meta(group)
     start = time.perf_counter()
-    for i in range(meta["n_shards"]):
+    for i in range(meta.n_shards):
         tile_store.read_shard(group, i)
     seconds = time.perf_counter() - start
-    return meta["n_tiles"] / seconds, np.asarray(group["tiles"][:])
+    return meta.n_tiles / seconds, np.asarray(group["tiles"][:])
 
 
 def main(slides: list[Path]) -> None:

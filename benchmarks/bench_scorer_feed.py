@@ -56,7 +56,7 @@ def bare_throughput(store: Path, info, device: str, precision: str, batch: int) 
     from wsi_pipeline.scoring import scoring_model
 
     group = tile_store.open_store(store)
-    n_shards = int(tile_store.read_meta(group)["n_shards"])
+    n_shards = tile_store.read_store_meta(group).n_shards
     tiles = np.concatenate([tile_store.read_shard(group, i) for i in range(n_shards)])
     scoring = scoring_model(info.path, info.sha256, device)
     model = scoring.pixel_model or scoring.loaded.model
@@ -110,7 +110,7 @@ def main() -> None:
 
     import torch
 
-    from wsi_pipeline.checkpoint import read_checkpoint_info
+    from wsi_pipeline.scoring import read_checkpoint_info
     from wsi_pipeline.scoring import resolve_device
 
     device = resolve_device(args.device)

@@ -39,6 +39,7 @@ smears and stores, and a new ``--checkpoint`` re-scores the stored tiles without
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -53,17 +54,18 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import bootstrap, mannwhitneyu
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from wsi_contracts import tilestore as tile_store  # noqa: E402
-from wsi_pipeline.aggregation import AggregateConfig, tile_suspicion  # noqa: E402
-from wsi_pipeline.checkpoint import CheckpointInfo, read_checkpoint_info  # noqa: E402
-from wsi_pipeline.errors import UserError, WsiTriageError  # noqa: E402
-from wsi_pipeline.pipeline import RunOptions, run_slide  # noqa: E402
-from wsi_pipeline.scoring import ScoreConfig, read_scores, scores_key  # noqa: E402
+from wsi_contracts import tilestore as tile_store
+from wsi_pipeline.aggregation import AggregateConfig, tile_suspicion, write_atomic
+from wsi_contracts.checkpoint import CheckpointInfo
+from wsi_pipeline.scoring import read_checkpoint_info
+from wsi_pipeline.errors import UserError, WsiTriageError
+from wsi_pipeline.names import printable
+from wsi_pipeline.pipeline import RunOptions, run_slide
+from wsi_pipeline.scoring import ScoreConfig, read_scores, scores_key
 from wsi_pipeline.synth import SynthConfig, list_cells, parse_size, read_cell_list, synthesize, truth_paths
 
+#: the repository checkout this script belongs to (configs/, and ../shared/data beside it)
+ROOT = Path(__file__).resolve().parents[1]
 HELDOUT_LIST = ROOT / "configs" / "pbc_heldout.txt"
 
 
@@ -152,7 +154,7 @@ class SlideEval:
 def evaluate_store(store: Path, truth: dict, info: CheckpointInfo, threshold: float) -> dict[str, int]:
     """Tile counts and planted-cell detection for one scored store."""
     group = tile_store.open_store(store)
-    n = int(tile_store.read_meta(group)["n_tiles"])
+    n = tile_store.read_store_meta(group).n_tiles
     if n == 0:
         planted = sum(1 for c in truth["cells"] if c["suspicious"])
         return {"n_tiles": 0, "n_tiles_flagged": 0, "n_tiles_flagged_clean": 0, "n_tiles_clean": 0,
@@ -370,30 +372,62 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON ('-' = stdout)")
     ap.add_argument("--verbose", action="store_true", help="print one line per slide")
     args = ap.parse_args(argv)
-    if args.n < 1:
-        ap.error("--n must be >= 1")
-    placements = ["grid", "cells"] if args.tiling == "both" else [args.tiling]
-    if args.fields:
-        folder = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "smear_fields"
-        if not folder.is_dir():
-            print(f"error: {folder}: not found (the BCCD smear fields)", file=sys.stderr)
-            return 2
-        doc = fields_eval(folder, read_checkpoint_info(args.checkpoint))
-        print_fields(doc)
+    try:
+        check_json_target(args.json)
+        # with --json - stdout carries the JSON alone; the tables go to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
+            doc = evaluate_fields(args) if args.fields else evaluate_smears(args)
         if args.json:
-            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n") if args.json != "-" else print(json.dumps(doc))
-        return 0
+            write_json(doc, args.json)
+    except UserError as exc:
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    return 0
 
+
+def check_json_target(target: str | None) -> None:
+    """Refuse a --json file whose folder does not exist before any work starts, not after it."""
+    if target and target != "-" and not Path(target).absolute().parent.is_dir():
+        raise WsiTriageError(f"{target}: its folder does not exist (--json)")
+
+
+def write_json(doc: dict[str, Any], target: str) -> None:
+    """The results as JSON on stdout ('-') or in a file, written atomically."""
+    text = json.dumps(doc, indent=2)
+    if target == "-":
+        print(text)
+    else:
+        write_atomic(Path(target), (text + "\n").encode())
+
+
+def evaluate_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """--fields: the tiler's plans on the real BCCD fields, printed."""
+    folder = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "smear_fields"
+    if not folder.is_dir():
+        raise WsiTriageError(f"{folder}: not found (the BCCD smear fields)")
+    doc = fields_eval(folder, read_checkpoint_info(args.checkpoint))
+    print_fields(doc)
+    return doc
+
+
+def evaluate_smears(args: argparse.Namespace) -> dict[str, Any]:
+    """N positive and N negative smears through the pipeline per placement; the summary printed."""
+    if args.n < 1:
+        raise WsiTriageError(f"--n {args.n}: must be >= 1")
+    placements = ["grid", "cells"] if args.tiling == "both" else [args.tiling]
+    width, height = parse_size(args.size)
+    # Score every slide with one frozen copy: a checkpoint file replaced during the run
+    # (e.g. a new export) would otherwise split the slides between two models.
+    source = read_checkpoint_info(args.checkpoint)
     t_all = time.perf_counter()
-    out = args.out or Path(tempfile.mkdtemp(prefix="wsi-triage-eval-"))
+    try:
+        out = args.out or Path(tempfile.mkdtemp(prefix="wsi-triage-eval-"))
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WsiTriageError(f"{args.out}: cannot create the folder ({exc.strerror or exc})") from None
     results: dict[str, list[SlideEval]] = {p: [] for p in placements}
     synth_total = 0.0
     try:
-        width, height = parse_size(args.size)
-        # Score every slide with one frozen copy: a checkpoint file replaced during the run
-        # (e.g. a new export) would otherwise split the slides between two models.
-        source = read_checkpoint_info(args.checkpoint)
-        out.mkdir(parents=True, exist_ok=True)
         frozen = out / f"checkpoint-{source.sha12}.safetensors"
         shutil.copyfile(source.path, frozen)
         info = read_checkpoint_info(frozen)
@@ -438,9 +472,6 @@ def main(argv: list[str] | None = None) -> int:
                           f"tiles {r.n_tiles:>5}  flagged {r.n_tiles_flagged:>4}  planted {r.planted:>3}  "
                           f"detected {r.detected:>3}  missed {r.foreground_missed:>2}  run {r.run_seconds:5.1f}s",
                           file=sys.stderr, flush=True)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
@@ -465,13 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "fitted_on": f"{len(rs)} smears, {cells_desc}, seeds from {args.seed}, "
                                                   f"{width}x{height} px at {args.mpp} um/px"}
     print_summary(doc)
-    if args.json:
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    return 0
+    return doc
 
 
 def _evaluate_slide(slide: Path, truth: dict, label: str, seed: int, placement: str, out: Path,

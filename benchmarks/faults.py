@@ -242,7 +242,7 @@ def store_damages(store: Path, rng: random.Random):
     from wsi_contracts import tilestore as tile_store
 
     group = tile_store.open_store(store)
-    n_shards = int(tile_store.read_meta(group)["n_shards"])
+    n_shards = tile_store.read_store_meta(group).n_shards
 
     def shard(root: Path, i: int) -> Path:
         return tile_store._shard_file(tile_store.open_store(root)["tiles"], i)

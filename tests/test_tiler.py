@@ -137,8 +137,8 @@ def test_jpeg2000_slide_needs_mpp_and_reads_level_one(shared_data, tmp_path):
     # At mpp 0.25 and target 0.5 the 2x level is used directly.
     result = tile_slide(slide, tmp_path, TilerConfig(stain="he", tile_size=128), mpp=0.25)
     meta = result.meta
-    assert meta["slide_mpp"]["source"] == "user" and result.n_tiles > 0
-    assert meta["grid"]["tile_level0"] == [256, 256]
+    assert meta.slide_mpp.source == "user" and result.n_tiles > 0
+    assert meta.grid.tile_level0 == (256, 256)
 
 
 def test_sparse_smear_stores_only_cells(shared_data, tmp_path):
@@ -146,7 +146,7 @@ def test_sparse_smear_stores_only_cells(shared_data, tmp_path):
     path = tmp_path / "sparse.tiff"
     write_pyramid(path, field, mpp=0.27, levels=3)
     result = tile_slide(path, tmp_path / "out", TilerConfig(target_mpp=0.27, tile_size=128, stain="romanowsky"))
-    assert result.meta["slide_mpp"]["source"] == "tiff-resolution"
+    assert result.meta.slide_mpp.source == "tiff-resolution"
     assert 0 < result.n_tiles <= 4 * 12  # each pasted 64-px cell touches at most 4 tiles
     assert result.n_grid == 16 * 16
     size = sum(p.stat().st_size for p in (result.path / "tiles").rglob("*") if p.is_file())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from . import __version__
 from .codecs import JpegTileCodec
 from .errors import ShardError, StoreError
 
-__all__ = ['STORE_FORMAT', 'STORE_FORMAT_VERSION', 'META_KEY', 'CODECS', 'DIGEST_ALGORITHM', 'REQUIRED_NODES', 'THUMBNAIL_CHUNK', 'store_path', 'shard_slice', 'n_shards_for', 'checked_codecs', 'create_store', 'open_store', 'read_meta', 'update_meta', 'pending_shards', 'write_shard', 'record_shard_digest', 'read_shard', 'read_tiles', 'shard_problem', 'damaged_shards', 'check_layout', 'damaged_chunks', 'unflag_damaged_shards', 'is_complete', 'require_complete']
+__all__ = ['STORE_FORMAT', 'STORE_FORMAT_VERSION', 'META_KEY', 'CODECS', 'DIGEST_ALGORITHM', 'REQUIRED_NODES', 'THUMBNAIL_CHUNK', 'SlideMpp', 'GridMeta', 'StoreMeta', 'store_path', 'shard_slice', 'n_shards_for', 'checked_codecs', 'create_store', 'open_store', 'read_meta', 'read_store_meta', 'update_meta', 'pending_shards', 'write_shard', 'record_shard_digest', 'read_shard', 'read_tiles', 'shard_problem', 'damaged_shards', 'check_layout', 'damaged_chunks', 'unflag_damaged_shards', 'is_complete', 'require_complete', 'scores_key', 'list_scores', 'create_scores', 'write_scores', 'unflag_damaged_scores', 'read_scores', 'read_ood']
 
 STORE_FORMAT = "wsi-triage-tilestore"
 STORE_FORMAT_VERSION = 1
@@ -54,6 +55,180 @@ def shard_slice(index: int, n_tiles: int, tiles_per_shard: int) -> slice:
 
 def n_shards_for(n_tiles: int, tiles_per_shard: int) -> int:
     return math.ceil(n_tiles / tiles_per_shard) if n_tiles else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Typed metadata: the group attribute ``wsi_triage`` read once, checked, into frozen objects.
+
+
+@dataclass(frozen=True)
+class SlideMpp:
+    """The slide's level-0 pixel size (um/px) and where it came from (``user``, a file tag, ...)."""
+
+    x: float
+    y: float
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GridMeta:
+    """The tile grid in level-0 px: first cell's corner, step between cells, (rows, cols), tile extent."""
+
+    origin: tuple[float, float]
+    stride: tuple[float, float]
+    shape: tuple[int, int]
+    tile_level0: tuple[float, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """A tile store's attributes (docs/contracts.md section 1). ``tiler_config`` and ``foreground``
+    are the tiler's own records (fresh copies, JSON values)."""
+
+    format_version: int
+    n_tiles: int
+    n_shards: int
+    tiles_per_shard: int
+    tile_size: int
+    codec: str
+    complete: bool
+    empty_reason: str | None
+    shard_digest: str | None  # digest algorithm of the shard files; None in stores written before digests
+    slide_path: str | None
+    slide_fingerprint: str | None
+    slide_mpp: SlideMpp | None
+    slide_dimensions: tuple[int, int] | None
+    tiler_config: dict[str, Any]
+    tiler_config_hash: str | None
+    grid: GridMeta | None
+    n_grid: int
+    foreground: dict[str, Any] | None
+    package_version: str | None
+    created: str | None
+
+    @property
+    def target_mpp(self) -> float | None:
+        """um/px of the stored tiles (the tiler's ``target_mpp``), None when not recorded."""
+        value = self.tiler_config.get("target_mpp")
+        return float(value) if _is_number(value) else None
+
+    @property
+    def placement(self) -> str:
+        """``grid`` or ``cells`` (the tiler's ``tiling``)."""
+        return str(self.tiler_config.get("tiling") or "grid")
+
+
+_MISSING = object()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Fields:
+    """Typed look-ups in one attribute dict; every failure is one StoreError line naming the attribute."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]):
+        self.root, self.meta = root, meta
+
+    def bad(self, key: str, problem: str) -> StoreError:
+        return StoreError(f"{self.root}: tile store attribute '{META_KEY}.{key}' {problem} (damaged store); "
+                          "delete it and rerun `wsi-triage run` (or `wsi-triage tile`) on the slide")
+
+    def get(self, key: str, default: Any) -> Any:
+        value = self.meta.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise self.bad(key, "is missing")
+            return default
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, minimum: int = 0) -> int:
+        value = self.get(key, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.bad(key, f"is {value!r}, not an integer")
+        if value < minimum:
+            raise self.bad(key, f"is {value}, below {minimum}")
+        return value
+
+    def text(self, key: str, default: Any = _MISSING) -> str | None:
+        value = self.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.bad(key, f"is {value!r}, not a string")
+        return value
+
+    def flag(self, key: str, default: Any = _MISSING) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise self.bad(key, f"is {value!r}, not true or false")
+        return value
+
+    def mapping(self, key: str, default: Any = _MISSING) -> dict[str, Any] | None:
+        value = self.get(key, default)
+        if value is not None and not isinstance(value, dict):
+            raise self.bad(key, f"is {value!r}, not an object")
+        return None if value is None else dict(value)
+
+    def pair(self, key: str, value: Any, kind: type) -> tuple:
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+        if not ok or (kind is int and not all(float(v).is_integer() for v in value)):
+            raise self.bad(key, f"is {value!r}, not a pair of {'integers' if kind is int else 'numbers'}")
+        return tuple(kind(v) for v in value)
+
+
+def _store_meta(root: Path, meta: dict[str, Any]) -> StoreMeta:
+    f = _Fields(root, meta)
+    tiler_config = f.mapping("tiler_config", {}) or {}
+    n_tiles = f.integer("n_tiles")
+    per_shard = f.integer("tiles_per_shard", minimum=1)
+    n_shards = f.integer("n_shards")
+    if n_shards != n_shards_for(n_tiles, per_shard):
+        raise f.bad("n_shards", f"is {n_shards} but {n_tiles} tiles in shards of {per_shard} make "
+                                f"{n_shards_for(n_tiles, per_shard)}")
+    mpp = f.mapping("slide_mpp", None)
+    if mpp is not None:
+        x, y = f.pair("slide_mpp", [mpp.get("x"), mpp.get("y")], float)
+        mpp = SlideMpp(x, y, str(mpp.get("source") or "unknown"))
+    grid = f.mapping("grid", None)
+    if grid is not None:
+        if not {"stride", "shape"} <= set(grid):
+            raise f.bad("grid", "lacks its stride or shape")
+        grid = GridMeta(origin=f.pair("grid.origin", grid.get("origin", [0, 0]), float),
+                        stride=f.pair("grid.stride", grid["stride"], float),
+                        shape=f.pair("grid.shape", grid["shape"], int),
+                        tile_level0=f.pair("grid.tile_level0", grid.get("tile_level0", grid["stride"]), float))
+    dims = f.get("slide_dimensions", None)
+    return StoreMeta(
+        format_version=f.integer("format_version", 0),
+        n_tiles=n_tiles,
+        n_shards=n_shards,
+        tiles_per_shard=per_shard,
+        # stores written before ``tile_size`` was recorded carry it in the tiler configuration only
+        tile_size=f.integer("tile_size", tiler_config.get("tile_size", _MISSING), minimum=1),
+        codec=f.text("codec"),
+        complete=f.flag("complete"),
+        empty_reason=f.text("empty_reason", None),
+        shard_digest=f.text("shard_digest", None),
+        slide_path=f.text("slide_path", None),
+        slide_fingerprint=f.text("slide_fingerprint", None),
+        slide_mpp=mpp,
+        slide_dimensions=None if dims is None else f.pair("slide_dimensions", dims, int),
+        tiler_config=tiler_config,
+        tiler_config_hash=f.text("tiler_config_hash", None),
+        grid=grid,
+        n_grid=f.integer("n_grid", 0),
+        foreground=f.mapping("foreground", None),
+        package_version=f.text("package_version", None),
+        created=f.text("created", None),
+    )
 
 
 def _tile_serializer(codec: str, quality: int):
@@ -158,13 +333,24 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     meta = group.attrs.get(META_KEY)
     if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
         raise StoreError(f"{path}: not a wsi-triage tile store (missing '{META_KEY}' attributes)")
-    if int(meta.get("format_version", 0)) > STORE_FORMAT_VERSION:
-        raise StoreError(f"{path}: tile store format {meta['format_version']} is newer than this wsi-triage")
+    version = meta.get("format_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > STORE_FORMAT_VERSION:
+        raise StoreError(f"{path}: tile store format {version} is newer than this wsi-triage")
+    _store_meta(path, meta)  # a missing or ill-typed attribute is a one-line StoreError here, never a KeyError later
     return group
 
 
 def read_meta(group: zarr.Group) -> dict[str, Any]:
+    """The raw ``wsi_triage`` attribute dict (for :func:`update_meta`); readers use :func:`read_store_meta`."""
     return dict(group.attrs[META_KEY])
+
+
+def read_store_meta(group: zarr.Group) -> StoreMeta:
+    """The store's attributes as a checked :class:`StoreMeta`; a missing or ill-typed one is a :class:`StoreError`."""
+    meta = group.attrs.get(META_KEY)
+    if not isinstance(meta, dict):
+        raise StoreError(f"{_store_root(group)}: not a wsi-triage tile store (missing '{META_KEY}' attributes)")
+    return _store_meta(_store_root(group), meta)
 
 
 def update_meta(group: zarr.Group, **fields: Any) -> None:
@@ -174,8 +360,7 @@ def update_meta(group: zarr.Group, **fields: Any) -> None:
 
 
 def pending_shards(group: zarr.Group) -> list[int]:
-    meta = read_meta(group)
-    n_shards = int(meta["n_shards"])
+    n_shards = read_store_meta(group).n_shards
     if n_shards == 0:
         return []
     done = np.asarray(group["shard_done"][:n_shards])
@@ -189,8 +374,8 @@ def write_shard(group: zarr.Group, index: int, tiles: np.ndarray, blur: np.ndarr
     encodes the tiles and writes the shard file in one atomic rename, so several writer threads
     encode in parallel. Other stores go through zarr's own codec pipeline.
     """
-    meta = read_meta(group)
-    sl = shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
+    meta = read_store_meta(group)
+    sl = shard_slice(index, meta.n_tiles, meta.tiles_per_shard)
     if tiles.shape[0] != sl.stop - sl.start:
         raise ValueError(f"shard {index} needs {sl.stop - sl.start} tiles, got {tiles.shape[0]}")
     array = group["tiles"]
@@ -225,8 +410,8 @@ def read_shard(group: zarr.Group, index: int, rows: np.ndarray | None = None) ->
     The shard file is checked first (present, digest, index CRC, every tile present), so a
     missing or damaged shard raises :class:`ShardError` instead of returning fill values.
     """
-    meta = read_meta(group)
-    sl = shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
+    meta = read_store_meta(group)
+    sl = shard_slice(index, meta.n_tiles, meta.tiles_per_shard)
     n = sl.stop - sl.start
     wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     array = group["tiles"]
@@ -241,8 +426,7 @@ def read_shard(group: zarr.Group, index: int, rows: np.ndarray | None = None) ->
 
 def read_tiles(group: zarr.Group, indices) -> np.ndarray:
     """Tiles at store ``indices`` (any order), each shard checked as in :func:`read_shard`."""
-    meta = read_meta(group)
-    per_shard = int(meta["tiles_per_shard"])
+    per_shard = read_store_meta(group).tiles_per_shard
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     size = int(group["tiles"].shape[1])
     out = np.empty((len(indices), size, size, 3), dtype=np.uint8)
@@ -258,7 +442,7 @@ def read_tiles(group: zarr.Group, indices) -> np.ndarray:
 
 
 def _records_digests(group: zarr.Group) -> bool:
-    return read_meta(group).get("shard_digest") == DIGEST_ALGORITHM
+    return read_store_meta(group).shard_digest == DIGEST_ALGORITHM
 
 
 def _store_root(group: zarr.Group) -> Path:
@@ -267,7 +451,7 @@ def _store_root(group: zarr.Group) -> Path:
 
 def _fix_hint(group: zarr.Group) -> str:
     root = _store_root(group)
-    slide = read_meta(group).get("slide_path") or "SLIDE"
+    slide = read_store_meta(group).slide_path or "SLIDE"
     return f"rerun `wsi-triage run {slide}` or `wsi-triage verify --repair {root}` to re-tile it from the slide"
 
 
@@ -306,8 +490,8 @@ def _checked_shard(group: zarr.Group, array: zarr.Array, index: int, n: int) -> 
 
 def shard_problem(group: zarr.Group, index: int) -> str | None:
     """Why shard ``index`` cannot be trusted (missing, digest mismatch, ...), or None when it checks out."""
-    meta = read_meta(group)
-    sl = shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
+    meta = read_store_meta(group)
+    sl = shard_slice(index, meta.n_tiles, meta.tiles_per_shard)
     array = group["tiles"]
     if not isinstance(array.store, LocalStore):
         return None
@@ -320,8 +504,7 @@ def shard_problem(group: zarr.Group, index: int) -> str | None:
 
 def damaged_shards(group: zarr.Group) -> dict[int, str]:
     """``{index: problem}`` for every shard flagged done whose file fails its checks (no decoding)."""
-    meta = read_meta(group)
-    n_shards = int(meta["n_shards"])
+    n_shards = read_store_meta(group).n_shards
     if n_shards == 0:
         return {}
     done = np.asarray(group["shard_done"][:n_shards])
@@ -337,7 +520,7 @@ def check_layout(group: zarr.Group) -> None:
     """Every node a tile store needs exists and its small arrays have all their chunks; else StoreError."""
     root = _store_root(group)
     nodes = REQUIRED_NODES + (("shard_digest",) if _records_digests(group) else ())
-    n = int(read_meta(group)["n_tiles"])
+    n = read_store_meta(group).n_tiles
     for name in nodes:
         try:
             node = group[name]
@@ -461,7 +644,7 @@ def _decode_jpeg_tiles(group: zarr.Group, array: zarr.Array, codec: JpegTileCode
 
 
 def is_complete(group: zarr.Group) -> bool:
-    return bool(read_meta(group).get("complete"))
+    return read_store_meta(group).complete
 
 
 def require_complete(path: str | Path) -> zarr.Group:
@@ -471,3 +654,110 @@ def require_complete(path: str | Path) -> zarr.Group:
         raise StoreError(f"{path}: tile store is incomplete (tiling was interrupted); rerun `wsi-triage tile` to resume")
     check_layout(group)
     return group
+
+
+# --------------------------------------------------------------------------------------------
+# Score arrays: ``scores/<sha12>/{probs, ood, shard_done}``, one group per checkpoint, chunked
+# like the tile shards so each scoring task writes its own chunks, then flags its shard.
+
+
+def scores_key(sha256: str) -> str:
+    """``scores/<sha12>``: the group holding one checkpoint's scores."""
+    return f"scores/{sha256[:12]}"
+
+
+def list_scores(group: zarr.Group) -> dict[str, dict[str, Any]]:
+    """``{"scores/<sha12>": attrs}`` for every score group in the store."""
+    if "scores" not in group:
+        return {}
+    out = {}
+    for name, sub in group["scores"].groups():
+        out[f"scores/{name}"] = dict(sub.attrs)
+    return out
+
+
+def create_scores(group: zarr.Group, key: str, n_classes: int, with_ood: bool, attrs: dict[str, Any]) -> zarr.Group:
+    """(Re)create the score group ``key`` with every shard pending: ``probs`` (N, K), ``shard_done``,
+    and ``ood`` (N,) when ``with_ood``; ``attrs`` (checkpoint, precision, ...) plus ``complete = False``."""
+    meta = read_store_meta(group)
+    sub = group.require_group("scores")
+    name = key.split("/", 1)[1]
+    if name in sub:
+        del sub[name]
+    sg = sub.create_group(name)
+    per_shard = max(1, meta.tiles_per_shard)
+    crc = checked_codecs()  # a flipped byte in a score is a checksum error, never a changed score
+    sg.create_array("probs", shape=(meta.n_tiles, n_classes), chunks=(per_shard, n_classes),
+                    dtype="float32", fill_value=np.nan, dimension_names=("tile", "class"), **crc)
+    sg.create_array("shard_done", shape=(max(meta.n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False,
+                    **crc)
+    if with_ood:  # out-of-domain distance per tile, same shards and markers
+        sg.create_array("ood", shape=(meta.n_tiles,), chunks=(per_shard,), dtype="float32", fill_value=np.nan,
+                        dimension_names=("tile",), **crc)
+    sg.attrs.update({**attrs, "complete": False})
+    return sg
+
+
+def write_scores(group: zarr.Group, key: str, index: int, probs: np.ndarray, ood: np.ndarray | None = None) -> None:
+    """Write shard ``index``'s rows of ``probs`` (and ``ood`` when the group has it), then flag the shard done."""
+    meta = read_store_meta(group)
+    sl = shard_slice(index, meta.n_tiles, meta.tiles_per_shard)
+    scores = group[key]
+    scores["probs"][sl] = probs
+    if ood is not None and "ood" in scores:
+        scores["ood"][sl] = ood
+    scores["shard_done"][index] = True
+
+
+def unflag_damaged_scores(path: str | Path, key: str) -> list[int]:
+    """Shards whose ``probs``/``ood``/``shard_done`` chunk fails its checksum: marked pending again (and the
+    scores incomplete) so that scoring redoes exactly those."""
+    group = open_store(path)
+    sg = group[key]
+    bad = set()
+    for name in ("probs", "shard_done", *(("ood",) if "ood" in sg else ())):
+        try:
+            array = sg[name]
+        except KeyError:
+            return []
+        for chunk in damaged_chunks(array):
+            bad.add(int(Path(chunk).parts[1]))  # chunk key c/<shard>[/0]
+    if not bad:
+        return []
+    sg = open_store(path, mode="r+")[key]
+    n_shards = read_store_meta(group).n_shards
+    for i in sorted(bad):
+        if i < max(n_shards, 1):
+            sg["shard_done"][i] = False
+    sg.attrs["complete"] = False
+    return sorted(bad)
+
+
+def read_scores(group: zarr.Group, sha256: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Complete probabilities (N, K) and their attributes; ``sha256=None`` picks the only (or latest) one."""
+    available = {k: a for k, a in list_scores(group).items() if a.get("complete")}
+    if sha256 is not None:
+        key = scores_key(sha256)
+        if key not in available:
+            raise StoreError(f"{group.store}: no complete scores for checkpoint {sha256[:12]}; run `wsi-triage score`")
+    else:
+        if not available:
+            raise StoreError(f"{group.store}: store has no complete scores; run `wsi-triage score` first")
+        key = max(available, key=lambda k: available[k].get("scored", ""))
+    if damaged_chunks(group[key]["probs"]):
+        raise StoreError(f"{_store_root(group)}: {key}/probs has a chunk that fails its checksum "
+                         "(damaged); rerun `wsi-triage score` (or `run`) to rescore the damaged shards")
+    return np.asarray(group[key]["probs"][:]), available[key]
+
+
+def read_ood(group: zarr.Group, attrs: dict[str, Any]) -> tuple[np.ndarray, float] | None:
+    """The per-tile OOD distances of complete scores and their threshold; None when the checkpoint had no
+    OOD statistics (or the scores predate them)."""
+    entry = attrs.get("ood")
+    key = scores_key(attrs["checkpoint_sha256"])
+    if not entry or "ood" not in group[key]:
+        return None
+    if damaged_chunks(group[key]["ood"]):
+        raise StoreError(f"{_store_root(group)}: {key}/ood has a chunk that fails its checksum "
+                         "(damaged); rerun `wsi-triage score` (or `run`) to rescore the damaged shards")
+    return np.asarray(group[key]["ood"][:]), float(entry["threshold"])

@@ -176,9 +176,9 @@ def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground,
         "reused": result.reused, "shards_written": result.shards_written,
         "seconds": round(result.seconds, 3), "tiles_per_second": round(result.tiles_per_second, 1),
         "empty_reason": result.empty_reason,
-        "foreground": result.meta.get("foreground"),
+        "foreground": result.meta.foreground,
     }
-    for line in (result.meta.get("foreground") or {}).get("warnings", []):
+    for line in (result.meta.foreground or {}).get("warnings", []):
         click.echo(f"warning: {printable(str(slide))}: {line}", err=True)
     if result.empty_reason:
         click.echo(f"warning: {slide}: {result.empty_reason}; wrote an empty store", err=True)
@@ -398,7 +398,7 @@ def aggregate_command(stores, checkpoint, out_dir, method, top_k, quantile, thre
     from pathlib import Path
 
     from .aggregation import aggregate_store
-    from .checkpoint import read_checkpoint_info
+    from .scoring import read_checkpoint_info
     from .lock import store_lock
 
     config = _aggregate_config(method, top_k, quantile, threshold, gallery_k, gzip_geojson)

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable
 
 from wsi_contracts import tilestore as tile_store
 from .aggregation import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
-from .checkpoint import CheckpointInfo, check_weights, read_checkpoint_info
+from wsi_contracts.checkpoint import CheckpointInfo
+from .scoring import check_weights, read_checkpoint_info
 from .errors import OptionError, OutputError, SlideError, UserError, WsiTriageError, environment_error
 from .lock import store_lock
 from .names import csv_cell, printable
@@ -103,9 +104,9 @@ def tiler_config_for(info: CheckpointInfo, options: RunOptions) -> TilerConfig:
                        tiling=str(tiling), pen_filter=options.pen_filter)
 
 
-def foreground_warnings(meta: dict[str, Any], info: CheckpointInfo) -> list[str]:
+def foreground_warnings(meta: tile_store.StoreMeta, info: CheckpointInfo) -> list[str]:
     """The tiler's foreground warnings, plus one when the slide's stain is not the checkpoint's."""
-    fg = meta.get("foreground") or {}
+    fg = meta.foreground or {}
     warnings = list(fg.get("warnings") or [])
     slide_stain = (fg.get("stain") or {}).get("stain")
     model_stain = info.metadata.get("stain")
@@ -235,10 +236,10 @@ def run_store(store: str | Path, out_dir: str | Path | None, options: RunOptions
     options.aggregate.validated()
     with store_lock(store, wait=options.lock_wait):
         scored, aggregated, agg_seconds = score_and_aggregate(store, out_dir, options, info, progress or _no_progress)
-    meta = tile_store.read_meta(tile_store.open_store(store))
-    n = int(meta["n_tiles"])
+    meta = tile_store.read_store_meta(tile_store.open_store(store))
+    n = meta.n_tiles
     return SlideRun(
-        slide=Path(meta.get("slide_path") or stem), stem=stem, status=slide_status(aggregated.summary, n), store=store,
+        slide=Path(meta.slide_path or stem), stem=stem, status=slide_status(aggregated.summary, n), store=store,
         out_dir=out_dir, score=aggregated.summary["score"]["value"], n_tiles=n, seconds=time.perf_counter() - start,
         steps={"score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
         summary=aggregated.summary,

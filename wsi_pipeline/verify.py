@@ -44,8 +44,8 @@ class VerifyReport:
 def _score_problems(group, store: Path) -> list[str]:
     from .scoring import list_scores
 
-    meta = tile_store.read_meta(group)
-    n, n_shards = int(meta["n_tiles"]), int(meta["n_shards"])
+    meta = tile_store.read_store_meta(group)
+    n, n_shards = meta.n_tiles, meta.n_shards
     problems = []
     for key, attrs in list_scores(group).items():
         if not attrs.get("complete"):
@@ -87,19 +87,18 @@ def _repair(store: Path) -> tuple[list[int], bool, list[str]]:
     from .tiling import TilerConfig, tile_slide
 
     group = tile_store.open_store(store)
-    meta = tile_store.read_meta(group)
-    slide = Path(meta.get("slide_path") or "")
-    if not meta.get("slide_path") or not slide.is_file():
+    meta = tile_store.read_store_meta(group)
+    slide = Path(meta.slide_path or "")
+    if not meta.slide_path or not slide.is_file():
         raise SlideError(f"{store}: cannot repair: its slide {slide} is not there; re-tile with `wsi-triage run SLIDE`")
-    if fingerprint(slide) != meta.get("slide_fingerprint"):
+    if fingerprint(slide) != meta.slide_fingerprint:
         raise SlideError(f"{store}: cannot repair: {slide} changed since the store was tiled (fingerprint "
                          "differs); re-tile with `wsi-triage run SLIDE`")
     if tile_store.store_path(store.parent, slide) != store:
         raise StoreError(f"{store}: cannot repair: the store was renamed (its slide is {slide.name})")
     fields = {f.name for f in dataclasses.fields(TilerConfig)}
-    config = TilerConfig(**{k: v for k, v in (meta.get("tiler_config") or {}).items() if k in fields})
-    pixel = meta.get("slide_mpp") or {}
-    mpp = float(pixel["x"]) if pixel.get("source") == "user" else None
+    config = TilerConfig(**{k: v for k, v in meta.tiler_config.items() if k in fields})
+    mpp = meta.slide_mpp.x if meta.slide_mpp and meta.slide_mpp.source == "user" else None
     before = tile_store.damaged_shards(group) if _layout_ok(group) else None
     tile_slide(slide, store.parent, config, mpp=mpp)  # re-tiles only what tiling finds damaged or missing
     if before is None:

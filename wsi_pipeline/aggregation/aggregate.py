@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import __version__
 from wsi_contracts import tilestore as tile_store
+from wsi_contracts.tilestore import StoreMeta
 from ..errors import OutputError, StoreError
 from ..names import printable
 from .objects import aggregate_objects, calibrated, calibration_for
@@ -159,11 +160,11 @@ def output_names(stem: str, config: AggregateConfig) -> dict[str, str]:
     }
 
 
-def _aggregation_key(store_meta: dict, score_attrs: dict, config: AggregateConfig) -> str:
+def _aggregation_key(store_meta: StoreMeta, score_attrs: dict, config: AggregateConfig) -> str:
     payload = {
-        "slide_fingerprint": store_meta.get("slide_fingerprint"),
-        "tiler_config_hash": store_meta.get("tiler_config_hash"),
-        "store_created": store_meta.get("created"),
+        "slide_fingerprint": store_meta.slide_fingerprint,
+        "tiler_config_hash": store_meta.tiler_config_hash,
+        "store_created": store_meta.created,
         "checkpoint_sha256": score_attrs.get("checkpoint_sha256"),
         "scored": score_attrs.get("scored"),
         "config": dataclasses.asdict(config),
@@ -197,7 +198,7 @@ def aggregate_store(
     store_path = Path(store_path)
     out_dir = Path(out_dir)
     group = tile_store.require_complete(store_path)
-    meta = tile_store.read_meta(group)
+    meta = tile_store.read_store_meta(group)
     probs, attrs = read_scores(group, checkpoint_sha256)
     stem = store_path.name[:-5] if store_path.name.endswith(".zarr") else store_path.name
     names = output_names(stem, config)
@@ -214,7 +215,7 @@ def aggregate_store(
 
     class_names = list(attrs["class_names"])
     suspicious = list(attrs["suspicious_classes"])
-    n = int(meta["n_tiles"])
+    n = meta.n_tiles
     if probs.shape != (n, len(class_names)) or (n and not np.isfinite(probs).all()):
         raise StoreError(f"{store_path}: scores {scores_key(attrs['checkpoint_sha256'])} are incomplete or "
                          "inconsistent with the tiles; run `wsi-triage score` again")
@@ -227,8 +228,11 @@ def aggregate_store(
     grid = np.asarray(group["grid"][:]) if n else np.zeros((0, 2), dtype=np.int32)
     suspicion = tile_suspicion(probs, class_names, suspicious)
     score = slide_score(suspicion, config)
-    grid_meta = meta["grid"]
-    heat = heatmap_grid(suspicion, grid, tuple(grid_meta["shape"]))
+    if meta.grid is None:
+        raise StoreError(f"{store_path}: tile store attribute 'grid' is missing (damaged store); delete it and "
+                         "rerun `wsi-triage run` on the slide")
+    grid_meta = meta.grid.as_dict()
+    heat = heatmap_grid(suspicion, grid, meta.grid.shape)
 
     order = np.argsort(-suspicion, kind="stable")[: config.gallery_k]
     argmax = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
@@ -239,11 +243,11 @@ def aggregate_store(
     } for r, i in enumerate(order)]
 
     provenance = {
-        "slide_path": meta.get("slide_path"),
-        "slide_fingerprint": meta.get("slide_fingerprint"),
-        "slide_mpp": meta.get("slide_mpp"),
-        "tiler_config": meta.get("tiler_config"),
-        "tiler_config_hash": meta.get("tiler_config_hash"),
+        "slide_path": meta.slide_path,
+        "slide_fingerprint": meta.slide_fingerprint,
+        "slide_mpp": meta.slide_mpp.as_dict() if meta.slide_mpp else None,
+        "tiler_config": meta.tiler_config,
+        "tiler_config_hash": meta.tiler_config_hash,
         "store": str(store_path.resolve()),
         "scores": scores_key(attrs["checkpoint_sha256"]),
         "checkpoint_sha256": attrs["checkpoint_sha256"],
@@ -271,10 +275,10 @@ def aggregate_store(
         "score": {"value": None if score is None else round(score, 6), "method": config.method,
                   "settings": config.score_settings(), "over": "objects" if by_object else "tiles",
                   "raw": None if raw is None else round(raw, 6), "calibration": calibration},
-        "tiles": {"n_tiles": n, "n_grid": int(meta.get("n_grid", 0)),
+        "tiles": {"n_tiles": n, "n_grid": meta.n_grid,
                   "above_threshold": int(np.sum(suspicion > config.threshold)),
                   "threshold": config.threshold, "mean_suspicion": round(float(suspicion.mean()), 6) if n else None},
-        "empty_reason": meta.get("empty_reason"),
+        "empty_reason": meta.empty_reason,
         "ood": ood_entry,
         "class_names": class_names,
         "suspicious_classes": suspicious,
@@ -301,7 +305,7 @@ def aggregate_store(
     write_atomic(paths["gallery"], gallery_png(tiles, suspicion[top_idx], coords[top_idx],
                                                [class_names[int(argmax[i])] for i in top_idx]))
     collection = by_object["geojson"] if by_object else geojson_collection(
-        coords, probs, suspicion, class_names, provenance, bounds=meta.get("slide_dimensions"))
+        coords, probs, suspicion, class_names, provenance, bounds=meta.slide_dimensions)
     data = json.dumps(collection, separators=(",", ":")).encode()
     write_atomic(paths["geojson"], gzip.compress(data, mtime=0) if config.geojson_gzip else data)
     write_atomic(paths["summary"], json.dumps(summary, indent=2, default=str).encode())  # last: marks completion

@@ -257,15 +257,15 @@ class _SlideData:
         if summary is None or self.entry.store is None:
             return np.zeros((0, 4), int), np.zeros((0, 2), int), np.zeros(0, np.float32), {}, summary or {}
         group = tile_store.open_store(self.entry.store)
-        meta = tile_store.read_meta(group)
-        n = int(meta["n_tiles"])
+        meta = tile_store.read_store_meta(group)
+        n = meta.n_tiles
         sha = (summary.get("provenance") or {}).get("checkpoint_sha256")
         probs, attrs = read_scores(group, sha)
         coords = np.asarray(group["coords"][:]) if n else np.zeros((0, 4), int)
         grid = np.asarray(group["grid"][:]) if n else np.zeros((0, 2), int)
         suspicion = tile_suspicion(probs, list(attrs["class_names"]), list(attrs["suspicious_classes"])) if n \
             else np.zeros(0, np.float32)
-        return coords, grid, suspicion, meta["grid"], summary
+        return coords, grid, suspicion, meta.grid.as_dict() if meta.grid else {}, summary
 
     def layers(self) -> dict[str, Any]:
         """What the page needs: size, score, top tiles, every tile's box/suspicion/colour, overlay placement."""

@@ -26,7 +26,9 @@ from typing import Any, Callable
 import numpy as np
 
 from wsi_contracts import tilestore as tile_store
-from ..checkpoint import CheckpointInfo, LoadedCheckpoint, load_checkpoint, read_checkpoint_info
+from wsi_contracts.tilestore import StoreMeta, list_scores, read_ood, read_scores, scores_key
+from wsi_contracts.checkpoint import CheckpointInfo
+from .model import LoadedCheckpoint, load_checkpoint, read_checkpoint_info
 from ..errors import CheckpointError, OptionError, StoreError
 from .ood import OodStats, features_and_logits, ood_distance
 
@@ -82,10 +84,6 @@ class ScoreResult:
     @property
     def tiles_per_second(self) -> float:
         return self.n_tiles / self.seconds if self.seconds > 0 and not self.reused else float("nan")
-
-
-def scores_key(sha256: str) -> str:
-    return f"scores/{sha256[:12]}"
 
 
 def check_device(device: str) -> None:
@@ -287,29 +285,22 @@ def score_shard(store_path: str, key: str, index: int, checkpoint_path: str, sha
             torch.set_num_threads(torch_threads)
     scoring = scoring_model(checkpoint_path, sha256, device)
     group = tile_store.open_store(store_path, mode="r+")
-    meta = tile_store.read_meta(group)
-    sl = tile_store.shard_slice(index, int(meta["n_tiles"]), int(meta["tiles_per_shard"]))
     tiles = tile_store.read_shard(group, index)
     probs, ood = scoring.predict_with_ood(tiles, device=device, precision=precision, batch_size=batch_size)
     if not np.isfinite(probs).all() or (ood is not None and not np.isfinite(ood).all()):  # never flag a shard done with NaN scores ("run score again" would not help)
         raise CheckpointError(f"{checkpoint_path}: the model produced NaN or infinite probabilities for tiles of "
                               f"shard {index} of {store_path}; the checkpoint is unusable (export it again)")
-    scores = group[key]
-    scores["probs"][sl] = probs
-    if ood is not None and "ood" in scores:
-        scores["ood"][sl] = ood
-    scores["shard_done"][index] = True
+    tile_store.write_scores(group, key, index, probs, ood)
     return index, len(probs)
 
 
 # --------------------------------------------------------------------------- store checks and reads
 
 
-def check_store_matches(store_path: Path, meta: dict[str, Any], info: CheckpointInfo) -> None:
+def check_store_matches(store_path: Path, meta: StoreMeta, info: CheckpointInfo) -> None:
     """Refuse a store whose tiles are not the size and pixel size the checkpoint was trained on."""
-    cfg = meta.get("tiler_config") or {}
-    size = int(meta.get("tile_size", cfg.get("tile_size", -1)))
-    mpp = float(cfg.get("target_mpp", float("nan")))
+    size = meta.tile_size
+    mpp = float("nan") if meta.target_mpp is None else meta.target_mpp
     if size != info.tile_size or not abs(mpp - info.tile_mpp) <= MPP_TOLERANCE * info.tile_mpp:
         raise CheckpointError(
             f"{info.path}: checkpoint expects {info.tile_size} px tiles at {info.tile_mpp:g} um/px but "
@@ -317,88 +308,12 @@ def check_store_matches(store_path: Path, meta: dict[str, Any], info: Checkpoint
             f"--checkpoint {info.path}`")
 
 
-def list_scores(group) -> dict[str, dict[str, Any]]:
-    """``{"scores/<sha12>": attrs}`` for every score group in the store."""
-    if "scores" not in group:
-        return {}
-    out = {}
-    for name, sub in group["scores"].groups():
-        out[f"scores/{name}"] = dict(sub.attrs)
-    return out
-
-
-def _unflag_damaged_scores(store_path: Path, key: str) -> list[int]:
-    """Shards whose ``probs`` chunk fails its checksum, or whose done flag is unreadable: marked pending
-    again (and the scores incomplete) so that scoring redoes exactly those."""
-    group = tile_store.open_store(store_path)
-    sg = group[key]
-    bad = set()
-    for name in ("probs", "shard_done", *(("ood",) if "ood" in sg else ())):
-        try:
-            array = sg[name]
-        except KeyError:
-            return []
-        for chunk in tile_store.damaged_chunks(array):
-            bad.add(int(Path(chunk).parts[1]))  # chunk key c/<shard>[/0]
-    if not bad:
-        return []
-    sg = tile_store.open_store(store_path, mode="r+")[key]
-    n_shards = int(tile_store.read_meta(group)["n_shards"])
-    for i in sorted(bad):
-        if i < max(n_shards, 1):
-            sg["shard_done"][i] = False
-    sg.attrs["complete"] = False
-    return sorted(bad)
-
-
-def read_scores(group, sha256: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Complete probabilities (N, K) and their attributes; ``sha256=None`` picks the only (or latest) one."""
-    available = {k: a for k, a in list_scores(group).items() if a.get("complete")}
-    if sha256 is not None:
-        key = scores_key(sha256)
-        if key not in available:
-            raise StoreError(f"{group.store}: no complete scores for checkpoint {sha256[:12]}; run `wsi-triage score`")
-    else:
-        if not available:
-            raise StoreError(f"{group.store}: store has no complete scores; run `wsi-triage score` first")
-        key = max(available, key=lambda k: available[k].get("scored", ""))
-    if tile_store.damaged_chunks(group[key]["probs"]):
-        raise StoreError(f"{tile_store._store_root(group)}: {key}/probs has a chunk that fails its checksum "
-                         "(damaged); rerun `wsi-triage score` (or `run`) to rescore the damaged shards")
-    return np.asarray(group[key]["probs"][:]), available[key]
-
-
-def read_ood(group, attrs: dict[str, Any]) -> tuple[np.ndarray, float] | None:
-    """The per-tile OOD distances of complete scores and their threshold; None when the checkpoint had no
-    OOD statistics (or the scores predate them)."""
-    entry = attrs.get("ood")
-    key = scores_key(attrs["checkpoint_sha256"])
-    if not entry or "ood" not in group[key]:
-        return None
-    if tile_store.damaged_chunks(group[key]["ood"]):
-        raise StoreError(f"{tile_store._store_root(group)}: {key}/ood has a chunk that fails its checksum "
-                         "(damaged); rerun `wsi-triage score` (or `run`) to rescore the damaged shards")
-    return np.asarray(group[key]["ood"][:]), float(entry["threshold"])
-
-
 # --------------------------------------------------------------------------- driver
 
 
-def _prepare_group(group, key: str, info: CheckpointInfo, n_tiles: int, per_shard: int, n_shards: int,
-                   device: str, precision: str, diff: float | None):
-    sub = group.require_group("scores")
-    name = key.split("/", 1)[1]
-    if name in sub:
-        del sub[name]
-    sg = sub.create_group(name)
-    crc = tile_store.checked_codecs()  # a flipped byte in a score is a checksum error, never a changed score
-    sg.create_array("probs", shape=(n_tiles, info.num_classes), chunks=(max(1, per_shard), info.num_classes),
-                    dtype="float32", fill_value=np.nan, dimension_names=("tile", "class"), **crc)
-    sg.create_array("shard_done", shape=(max(n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False, **crc)
-    if info.ood is not None:  # out-of-domain distance per tile (wsi_pipeline.scoring.ood), same shards and markers
-        sg.create_array("ood", shape=(n_tiles,), chunks=(max(1, per_shard),), dtype="float32", fill_value=np.nan,
-                        dimension_names=("tile",), **crc)
-    sg.attrs.update({
+def _prepare_group(group, key: str, info: CheckpointInfo, device: str, precision: str, diff: float | None):
+    # with OOD statistics an ``ood`` array of out-of-domain distances (wsi_pipeline.scoring.ood) beside ``probs``
+    return tile_store.create_scores(group, key, info.num_classes, info.ood is not None, {
         "class_names": list(info.class_names),
         "suspicious_classes": list(info.suspicious_classes),
         "checkpoint_sha256": info.sha256,
@@ -411,7 +326,6 @@ def _prepare_group(group, key: str, info: CheckpointInfo, n_tiles: int, per_shar
         "complete": False,
         "scored": None,
     })
-    return sg
 
 
 def _local_workers(config: ScoreConfig, n_tasks: int) -> int:
@@ -493,12 +407,12 @@ def _score_store(
     store_path = Path(store_path)
     info = read_checkpoint_info(checkpoint)
     group = tile_store.require_complete(store_path)
-    meta = tile_store.read_meta(group)
+    meta = tile_store.read_store_meta(group)
     check_store_matches(store_path, meta, info)
     key = scores_key(info.sha256)
-    n_tiles, per_shard, n_shards = int(meta["n_tiles"]), int(meta["tiles_per_shard"]), int(meta["n_shards"])
+    n_tiles, per_shard, n_shards = meta.n_tiles, meta.tiles_per_shard, meta.n_shards
     existing = list_scores(group).get(key)
-    if existing and existing.get("checkpoint_sha256") == info.sha256 and _unflag_damaged_scores(store_path, key):
+    if existing and existing.get("checkpoint_sha256") == info.sha256 and tile_store.unflag_damaged_scores(store_path, key):
         existing = list_scores(tile_store.open_store(store_path)).get(key)  # rescore only the damaged shards
 
     if existing and existing.get("checkpoint_sha256") == info.sha256 and existing.get("complete"):
@@ -523,7 +437,7 @@ def _score_store(
             precision, diff, first_probs = choose_precision(scoring, sample, config, device)
             if first_probs is not None and (len(first_probs) != first.stop - first.start or info.ood is not None):
                 first_probs = None  # (with OOD statistics shard 0 is scored again, for its distances)
-        sg = _prepare_group(group, key, info, n_tiles, per_shard, n_shards, device, precision, diff)
+        sg = _prepare_group(group, key, info, device, precision, diff)
         if first_probs is not None and not np.isfinite(first_probs).all():
             raise CheckpointError(f"{info.path}: the model produced NaN or infinite probabilities on {store_path}; "
                                   "the checkpoint is unusable (export it again)")

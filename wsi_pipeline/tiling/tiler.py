@@ -26,6 +26,7 @@ import numpy as np
 
 from . import objects as cell_objects
 from wsi_contracts import tilestore as tile_store
+from wsi_contracts.tilestore import StoreMeta
 from ..errors import OutputError, SlideError, StoreError
 from ..foreground import (WORKING_MPP, ForegroundResult, blur_scores, decide_stain, detect_foreground,
     get_preset, tile_fractions)
@@ -124,7 +125,7 @@ class TileResult:
     shards_written: int
     seconds: float
     empty_reason: str | None = None
-    meta: dict = field(default_factory=dict)
+    meta: StoreMeta | None = None  # the store's attributes
 
     @property
     def tiles_per_second(self) -> float:
@@ -277,8 +278,8 @@ def _existing_store_state(path: Path, slide_fp: str, config_hash: str) -> str:
         group = tile_store.open_store(path)
     except StoreError:
         return "stale"
-    meta = tile_store.read_meta(group)
-    if meta.get("slide_fingerprint") != slide_fp or meta.get("tiler_config_hash") != config_hash:
+    meta = tile_store.read_store_meta(group)
+    if meta.slide_fingerprint != slide_fp or meta.tiler_config_hash != config_hash:
         return "stale"
     try:
         tile_store.check_layout(group)
@@ -286,7 +287,7 @@ def _existing_store_state(path: Path, slide_fp: str, config_hash: str) -> str:
         return "stale"  # a node is missing: tile afresh
     if tile_store.unflag_damaged_shards(path):
         return "resumable"  # repair: re-tile only the damaged shards from the (same) slide
-    return "complete" if meta.get("complete") else "resumable"
+    return "complete" if meta.complete else "resumable"
 
 
 def tile_slide(
@@ -318,11 +319,11 @@ def tile_slide(
         state = _existing_store_state(path, slide_fp, config_hash)
         if state == "complete":
             group = tile_store.open_store(path)
-            meta = tile_store.read_meta(group)
+            meta = tile_store.read_store_meta(group)
             if on_plan:
-                on_plan(int(meta["n_tiles"]), int(meta["n_tiles"]))
-            return TileResult(path, int(meta["n_tiles"]), int(meta.get("n_grid", 0)), True, 0,
-                              time.perf_counter() - start, meta.get("empty_reason"), meta)
+                on_plan(meta.n_tiles, meta.n_tiles)
+            return TileResult(path, meta.n_tiles, meta.n_grid, True, 0,
+                              time.perf_counter() - start, meta.empty_reason, meta)
         if state == "resumable" and config.tiling == "cells" and not cell_objects.has_objects(tile_store.open_store(path)):
             state = "stale"  # killed before its object table was written: plan again
         if state == "resumable":
@@ -366,21 +367,21 @@ def tile_slide(
                 meta=meta,
             )
             if plan.placement is not None:
-                cell_objects.write_objects(group, plan.placement, int(tile_store.read_meta(group)["tiles_per_shard"]))
+                cell_objects.write_objects(group, plan.placement, tile_store.read_store_meta(group).tiles_per_shard)
             if empty_reason:
                 tile_store.update_meta(group, empty_reason=empty_reason)
-        meta = tile_store.read_meta(group)
-        n_tiles = int(meta["n_tiles"])
-        per_shard = int(meta["tiles_per_shard"])
+        meta = tile_store.read_store_meta(group)
+        n_tiles = meta.n_tiles
+        per_shard = meta.tiles_per_shard
         pending = tile_store.pending_shards(group)
         done_tiles = n_tiles - sum(_shard_len(i, n_tiles, per_shard) for i in pending)
         if on_plan:
             on_plan(n_tiles, done_tiles)
         _write_shards(slide, group, config, slide_mpp, pending, workers, progress)
         tile_store.update_meta(group, complete=True)
-        meta = tile_store.read_meta(group)
-    return TileResult(path, n_tiles, int(meta.get("n_grid", 0)), False, len(pending),
-                      time.perf_counter() - start, meta.get("empty_reason"), meta)
+        meta = tile_store.read_store_meta(group)
+    return TileResult(path, n_tiles, meta.n_grid, False, len(pending),
+                      time.perf_counter() - start, meta.empty_reason, meta)
 
 
 def _shard_len(index: int, n_tiles: int, per_shard: int) -> int:
@@ -391,8 +392,8 @@ def _shard_len(index: int, n_tiles: int, per_shard: int) -> int:
 def _write_shards(slide, group, config, slide_mpp, pending, workers, progress) -> None:
     if not pending:
         return
-    meta = tile_store.read_meta(group)
-    n_tiles, per_shard = int(meta["n_tiles"]), int(meta["tiles_per_shard"])
+    meta = tile_store.read_store_meta(group)
+    n_tiles, per_shard = meta.n_tiles, meta.tiles_per_shard
     coords = np.asarray(group["coords"][:])
     level = slide.best_level_for_mpp(config.target_mpp)
     level_scale = slide.level_mpp(level) / config.target_mpp
