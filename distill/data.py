@@ -1,4 +1,4 @@
-"""Patch sets for training: ImageFolder trees or a wsi_pipeline tile store plus a label table.
+"""Patch sets for training: ImageFolder trees or a wsi-triage tile store plus a label table.
 
 Everything is preloaded into one uint8 tensor (N, S, S, 3) at the model's input size, and
 augmentation runs as batched tensor ops (one ``grid_sample`` for flips / 90-degree rotations /
@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from wsi_contracts.errors import StoreError
 
 from .errors import DistillError
 
@@ -142,18 +144,22 @@ def load_imagefolder(
 def load_tilestore(
     store: str | Path, labels_csv: str | Path, size: int, class_names: list[str] | None = None
 ) -> PatchSet:
-    """Patches from a wsi_pipeline tile store (docs/contracts.md section 1) and a CSV label table
-    with columns ``tile_index,label`` (label = class name). Unlabelled tiles are skipped."""
-    import zarr
+    """Patches from a complete wsi-triage tile store (docs/contracts.md section 1) and a CSV label
+    table with columns ``tile_index,label`` (label = class name). Unlabelled tiles are skipped.
+
+    The store is read through :mod:`wsi_contracts.tilestore`, so every shard is checked against its
+    recorded digest before it is decoded: a missing or damaged shard is a one-line error naming it.
+    """
+    from wsi_contracts import tilestore as tile_store  # zarr takes ~0.8 s to import: only when a store is read
 
     store, labels_csv = Path(store), Path(labels_csv)
     if not labels_csv.is_file():
         raise DistillError(f"{labels_csv}: label table not found")
     try:
-        group = zarr.open_group(str(store), mode="r")
-        tiles = group["tiles"]
-    except Exception as e:  # noqa: BLE001 - zarr raises several types
-        raise DistillError(f"{store}: not a readable tile store with a 'tiles' array ({type(e).__name__})") from None
+        group = tile_store.require_complete(store)
+        meta = tile_store.read_store_meta(group)
+    except StoreError as e:
+        raise DistillError(str(e)) from None
     rows: list[tuple[int, str]] = []
     with open(labels_csv, newline="") as f:
         reader = csv.DictReader(f)
@@ -166,7 +172,7 @@ def load_tilestore(
                 raise DistillError(f"{labels_csv}: bad tile_index {r['tile_index']!r}") from None
     if not rows:
         raise DistillError(f"{labels_csv}: no labelled tiles")
-    n = tiles.shape[0]
+    n = meta.n_tiles
     bad = [i for i, _ in rows if not 0 <= i < n]
     if bad:
         raise DistillError(f"{labels_csv}: tile_index {bad[0]} outside the store's {n} tiles")
@@ -174,16 +180,16 @@ def load_tilestore(
     unknown = sorted({lab for _, lab in rows} - set(classes))
     if unknown:
         raise DistillError(f"{labels_csv}: labels {unknown} not in class names {classes}")
-    idx = np.array([i for i, _ in rows])
-    order = np.argsort(idx)
-    data = tiles.get_orthogonal_selection((idx[order],))
-    data = np.asarray(data)[np.argsort(order)]
-    t = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).float()
+    try:
+        data = tile_store.read_tiles(group, np.array([i for i, _ in rows], dtype=np.int64))
+    except StoreError as e:  # a missing, damaged or replaced shard (never fill-value tiles)
+        raise DistillError(str(e)) from None
+    t = torch.from_numpy(data).permute(0, 3, 1, 2).float()
     if t.shape[-1] != size:
         t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     images = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     labels = torch.tensor([classes.index(lab) for _, lab in rows], dtype=torch.int64)
-    attrs = json.dumps(dict(group.attrs).get("wsi_triage", {}).get("slide_fingerprint", ""))
+    attrs = json.dumps(meta.slide_fingerprint or "")
     fp = fingerprint([f"{i}:{lab}" for i, lab in rows], extra=attrs)
     return PatchSet(images, labels, list(classes), fp, str(store))
 

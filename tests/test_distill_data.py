@@ -81,46 +81,93 @@ def test_balanced_epoch_indices_equal_per_class():
     assert sorted(balanced_epoch_indices(labels, None, g).tolist()) == list(range(len(labels)))
 
 
+def _tile_store(path, values, size=8, per_shard=5, codec="lossless"):
+    """A real tile store (as the tiler writes it) whose tile i is filled with ``values[i]``."""
+    from wsi_contracts import tilestore as tile_store
+
+    n = len(values)
+    group = tile_store.create_store(
+        path, coords=np.arange(1, 4 * n + 1).reshape(n, 4), grid=np.arange(1, 2 * n + 1).reshape(n, 2),
+        foreground=np.ones(n), thumbnail=np.zeros((8, 8, 3), np.uint8), mask=np.ones((8, 8), bool),
+        thumbnail_downsample=1.0, thumbnail_mpp=2.0, tile_size=size, tiles_per_shard=per_shard, codec=codec,
+        jpeg_quality=90, meta={"slide_fingerprint": "abc"})
+    tiles = np.stack([np.full((size, size, 3), v, np.uint8) for v in values])
+    meta = tile_store.read_store_meta(group)
+    for i in range(meta.n_shards):
+        sl = tile_store.shard_slice(i, n, meta.tiles_per_shard)
+        tile_store.write_shard(group, i, tiles[sl], np.zeros(sl.stop - sl.start))
+    tile_store.update_meta(group, complete=True)
+    return group
+
+
 def test_tilestore_with_label_table(tmp_path):
-    zarr = pytest.importorskip("zarr")
     store = tmp_path / "s.zarr"
-    g = zarr.open_group(str(store), mode="w")
-    tiles = np.stack([np.full((8, 8, 3), i * 20, np.uint8) for i in range(5)])
-    arr = g.create_array("tiles", shape=tiles.shape, dtype="uint8", chunks=(1, 8, 8, 3))
-    arr[:] = tiles
-    g.attrs["wsi_triage"] = {"format": "wsi-triage-tilestore", "slide_fingerprint": "abc"}
+    _tile_store(store, [i * 20 for i in range(7)], per_shard=3)
     csv = tmp_path / "labels.csv"
-    csv.write_text("tile_index,label\n4,ig\n1,neutrophil\n2,ig\n")
+    csv.write_text("tile_index,label\n4,ig\n1,neutrophil\n6,ig\n2,ig\n")
     ps = load_tilestore(store, csv, 8)
     assert ps.class_names == ["ig", "neutrophil"]
-    assert ps.labels.tolist() == [0, 1, 0]
-    assert [int(ps.images[i, 0, 0, 0]) for i in range(3)] == [80, 20, 40]
+    assert ps.labels.tolist() == [0, 1, 0, 0]
+    assert [int(ps.images[i, 0, 0, 0]) for i in range(4)] == [80, 20, 120, 40]  # label-table order, any shard
     ps16 = load_tilestore(store, csv, 16)
-    assert ps16.images.shape == (3, 16, 16, 3)
+    assert ps16.images.shape == (4, 16, 16, 3)
     csv.write_text("tile_index,label\n9,ig\n")
     with pytest.raises(DistillError, match="outside the store"):
         load_tilestore(store, csv, 8)
 
 
-def test_real_jpeg_tile_store_reads_without_importing_wsi_pipeline(tmp_path):
-    # a store as the tiler writes it (JPEG shards); distill must read it in a process that never
-    # imported wsi_pipeline: zarr finds the codec through the package's entry point
-    import subprocess
-    import sys
+def test_tilestore_shard_damage_is_one_line_naming_the_shard(tmp_path):
+    from wsi_contracts import tilestore as tile_store
+
+    store = tmp_path / "s.zarr"
+    group = _tile_store(store, [10, 20, 30, 40, 50, 60], per_shard=2, codec="jpeg")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("tile_index,label\n0,a\n3,b\n")
+    shard = tile_store._shard_file(group["tiles"], 1)
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 0xFF  # inside tile 2's JPEG: only the recorded digest notices
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DistillError, match=r"tile shard 1 \(.*\) does not match its recorded digest") as info:
+        load_tilestore(store, csv, 8)
+    assert "\n" not in str(info.value)
+    shard.unlink()
+    with pytest.raises(DistillError, match=r"tile shard 1 \(.*\) is missing"):
+        load_tilestore(store, csv, 8)
+    csv.write_text("tile_index,label\n0,a\n4,b\n")  # shards 0 and 2 are intact
+    assert load_tilestore(store, csv, 8).labels.tolist() == [0, 1]
+
+
+def test_tilestore_that_is_not_one_or_incomplete_is_refused(tmp_path):
+    import zarr
 
     from wsi_contracts import tilestore as tile_store
 
-    n = 5
-    group = tile_store.create_store(
-        tmp_path / "s.zarr", coords=np.zeros((n, 4)), grid=np.zeros((n, 2)), foreground=np.ones(n),
-        thumbnail=np.zeros((8, 8, 3), np.uint8), mask=np.ones((8, 8), bool), thumbnail_downsample=1.0,
-        thumbnail_mpp=2.0, tile_size=16, tiles_per_shard=5, codec="jpeg", jpeg_quality=90, meta={})
-    tile_store.write_shard(group, 0, np.stack([np.full((16, 16, 3), 40 * i, np.uint8) for i in range(n)]),
-                           np.zeros(n))
+    csv = tmp_path / "labels.csv"
+    csv.write_text("tile_index,label\n0,a\n")
+    bare = tmp_path / "bare.zarr"  # a zarr group with tiles but no store attributes
+    zarr.open_group(str(bare), mode="w").create_array("tiles", shape=(1, 8, 8, 3), dtype="uint8")
+    with pytest.raises(DistillError, match="not a wsi-triage tile store"):
+        load_tilestore(bare, csv, 8)
+    with pytest.raises(DistillError, match="no such tile store"):
+        load_tilestore(tmp_path / "absent.zarr", csv, 8)
+    group = _tile_store(tmp_path / "s.zarr", [1, 2])
+    tile_store.update_meta(group, complete=False)
+    with pytest.raises(DistillError, match="incomplete"):
+        load_tilestore(tmp_path / "s.zarr", csv, 8)
+
+
+def test_real_jpeg_tile_store_reads_without_importing_wsi_pipeline(tmp_path):
+    # a store as the tiler writes it (JPEG shards); distill reads it through wsi_contracts in a process
+    # that never imports wsi_pipeline
+    import subprocess
+    import sys
+
+    _tile_store(tmp_path / "s.zarr", [40 * i for i in range(5)], size=16, codec="jpeg")
     (tmp_path / "labels.csv").write_text("tile_index,label\n3,ig\n1,neutrophil\n")
     code = ("import sys; from distill.data import load_tilestore; "
             f"ps = load_tilestore({str(tmp_path / 's.zarr')!r}, {str(tmp_path / 'labels.csv')!r}, 16); "
-            "print([int(ps.images[i, 8, 8, 0]) for i in range(2)], 'wsi_contracts.tilestore' in sys.modules)")
+            "print([int(ps.images[i, 8, 8, 0]) for i in range(2)], "
+            "any(m.split('.')[0] == 'wsi_pipeline' for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     values = [int(v.strip("[],")) for v in out[:2]]
     assert abs(values[0] - 120) <= 2 and abs(values[1] - 40) <= 2
