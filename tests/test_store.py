@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from wsi_contracts import tilestore as tile_store
-from wsi_pipeline.errors import ShardError, StoreError
+from wsi_contracts.errors import ShardError, StoreError
 
 
 def _tiles(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -109,3 +109,71 @@ def test_lossless_store_uses_zarr_and_round_trips_exactly(tmp_path):
     tile_store.write_shard(group, 1, tiles[4:], np.zeros(2))
     np.testing.assert_array_equal(tile_store.read_shard(group, 1), tiles[4:])
     np.testing.assert_array_equal(np.asarray(group["tiles"][:]), tiles)
+
+
+def test_typed_metadata_reads_what_create_store_wrote(tmp_path):
+    grid = {"origin": [3, 4], "stride": [224, 224], "shape": [5, 6], "tile_level0": [224, 224]}
+    group = tile_store.create_store(
+        tmp_path / "s.zarr", coords=np.ones((9, 4)), grid=np.ones((9, 2)), foreground=np.ones(9),
+        thumbnail=np.full((40, 30, 3), 200, np.uint8), mask=np.ones((40, 30), bool), thumbnail_downsample=4.0,
+        thumbnail_mpp=2.0, tile_size=64, tiles_per_shard=4, codec="jpeg", jpeg_quality=80,
+        meta={"slide_path": "/x/a.svs", "slide_mpp": {"x": 0.25, "y": 0.26, "source": "user"}, "grid": grid,
+              "slide_dimensions": [1000, 800], "tiler_config": {"target_mpp": 0.5, "tiling": "cells"}, "n_grid": 30})
+    meta = tile_store.read_store_meta(group)
+    assert (meta.n_tiles, meta.n_shards, meta.tiles_per_shard, meta.tile_size) == (9, 3, 4, 64)
+    assert meta.codec == "jpeg-q80-444" and not meta.complete and meta.shard_digest == "crc32c"
+    assert meta.slide_mpp == tile_store.SlideMpp(0.25, 0.26, "user") and meta.slide_dimensions == (1000, 800)
+    assert meta.grid.shape == (5, 6) and meta.grid.origin == (3.0, 4.0) and meta.grid.as_dict()["stride"] == [224, 224]
+    assert meta.target_mpp == 0.5 and meta.placement == "cells" and meta.n_grid == 30
+    with pytest.raises(AttributeError):  # frozen: a stage cannot change what it was handed
+        meta.n_tiles = 3
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("n_tiles", None, "is missing"),
+    ("n_tiles", "9", "not an integer"),
+    ("tiles_per_shard", 0, "below 1"),
+    ("n_shards", 7, "make 3"),
+    ("complete", "yes", "not true or false"),
+    ("codec", 5, "not a string"),
+    ("grid", {"stride": [1, 1], "shape": [2.5, 3]}, "not a pair of integers"),
+    ("slide_mpp", {"x": "a", "y": 1}, "not a pair of numbers"),
+    ("tiler_config", [1], "not an object"),
+])
+def test_missing_or_ill_typed_attribute_is_one_store_error(tmp_path, field, value, problem):
+    group = _store(tmp_path / "s.zarr", 9, 4)
+    raw = tile_store.read_meta(group)
+    if value is None:
+        del raw[field]
+    else:
+        raw[field] = value
+    group.attrs[tile_store.META_KEY] = raw
+    for call in (lambda: tile_store.open_store(tmp_path / "s.zarr"), lambda: tile_store.read_store_meta(group)):
+        with pytest.raises(StoreError, match=rf"s\.zarr: tile store attribute 'wsi_triage\.{field}[.\w]*' .*{problem}") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_score_arrays_round_trip_through_the_store_layout(tmp_path):
+    group = _store(tmp_path / "s.zarr", 6, 4)
+    key = tile_store.scores_key("ab" * 32)
+    assert key == "scores/abababababab"
+    tile_store.create_scores(group, key, 3, True, {"checkpoint_sha256": "ab" * 32, "ood": {"threshold": 2.5}})
+    probs = np.arange(18, dtype=np.float32).reshape(6, 3)
+    tile_store.write_scores(group, key, 1, probs[4:], np.array([1.0, 9.0], np.float32))
+    assert list(group[key]["shard_done"][:]) == [False, True]
+    tile_store.write_scores(group, key, 0, probs[:4], np.zeros(4, np.float32))
+    with pytest.raises(StoreError, match="no complete scores"):
+        tile_store.read_scores(group)
+    group[key].attrs["complete"] = True
+    got, attrs = tile_store.read_scores(group, "ab" * 32)
+    np.testing.assert_array_equal(got, probs)
+    distances, threshold = tile_store.read_ood(group, attrs)
+    assert threshold == 2.5 and distances.tolist() == [0, 0, 0, 0, 1, 9]
+    assert list(tile_store.list_scores(group)) == [key]
+    chunk = tmp_path / "s.zarr" / "scores" / "abababababab" / "probs" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert tile_store.unflag_damaged_scores(tmp_path / "s.zarr", key) == [1]
+    assert list(group[key]["shard_done"][:]) == [True, False] and group[key].attrs["complete"] is False
