@@ -17,7 +17,7 @@ from typing import Any
 import imagecodecs
 import numpy as np
 from zarr.abc.codec import ArrayBytesCodec
-from zarr.core.buffer import Buffer, NDBuffer
+from zarr.abc.buffer import Buffer, NDBuffer
 from zarr.registry import register_codec
 
 __all__ = ['CODEC_NAME', 'JpegTileCodec']

@@ -20,8 +20,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from . import __version__
@@ -235,7 +234,7 @@ def _tile_serializer(codec: str, quality: int):
     if codec == "jpeg":
         return {"serializer": JpegTileCodec(level=quality), "compressors": None}
     if codec == "lossless":
-        return {"compressors": BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)}
+        return {"compressors": BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")}
     raise StoreError(f"unknown tile codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
@@ -580,6 +579,11 @@ def unflag_damaged_shards(path: str | Path) -> list[int]:
 _EMPTY = np.uint64(2**64 - 1)
 
 
+def _literal(value: Any) -> str:
+    """A codec setting as its spec string: zarr < 3.3 holds enums (deprecated in 3.3), later zarr plain strings."""
+    return str(getattr(value, "value", value))
+
+
 def _direct_jpeg_shards(array: zarr.Array) -> JpegTileCodec | None:
     """The array's JPEG codec when its shards have the layout handled directly, else None."""
     codecs = array.metadata.codecs
@@ -588,9 +592,9 @@ def _direct_jpeg_shards(array: zarr.Array) -> JpegTileCodec | None:
     sharding = codecs[0]
     inner, index_codecs = sharding.codecs, sharding.index_codecs
     if (len(inner) != 1 or not isinstance(inner[0], JpegTileCodec)
-            or sharding.index_location != ShardingCodecIndexLocation.end
+            or _literal(sharding.index_location) != "end"
             or len(index_codecs) != 2 or not isinstance(index_codecs[0], BytesCodec)
-            or getattr(index_codecs[0].endian, "value", index_codecs[0].endian) != "little"
+            or _literal(index_codecs[0].endian) != "little"
             or not isinstance(index_codecs[1], Crc32cCodec)
             or tuple(sharding.chunk_shape[1:]) != tuple(array.shape[1:])
             or sharding.chunk_shape[0] != 1):
