@@ -71,7 +71,7 @@ def model_throughput(ckpt: Path, n: int = 256, batch: int = 64) -> float:
     """Forward-only tiles/s of a checkpoint's model on random tiles (context for the run figures)."""
     import numpy as np
 
-    from wsi_pipeline.checkpoint import load_checkpoint
+    from wsi_pipeline.scoring import load_checkpoint
     from wsi_pipeline.scoring import predict_probs
 
     loaded = load_checkpoint(ckpt)
@@ -89,7 +89,8 @@ def teacher_checkpoint(student: Path, work: Path, given: str | None) -> tuple[Pa
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
-    from wsi_pipeline.checkpoint import read_checkpoint_info, write_checkpoint
+    from wsi_contracts.checkpoint import write_checkpoint
+    from wsi_pipeline.scoring import read_checkpoint_info
 
     if given:
         return Path(given), "given"
@@ -108,10 +109,10 @@ def teacher_checkpoint(student: Path, work: Path, given: str | None) -> tuple[Pa
     arch = {**info.architecture, "depth": TEACHER_DEPTH}
     torch.manual_seed(0)
     model = VisionTransformer(**{k: v for k, v in arch.items() if k != "family"})
-    meta = {**info.metadata, "architecture": arch,
+    meta = {**{k: v for k, v in info.metadata.items() if k != "ood"}, "architecture": arch,  # no ood.* tensors here
             "provenance": {"note": "benchmark: teacher-sized ViT with random weights (same cost as the teacher)"}}
     path = work / f"teacher-depth{TEACHER_DEPTH}.safetensors"
-    write_checkpoint(path, model, meta)
+    write_checkpoint(path, model.state_dict(), meta)
     return path, f"random teacher-sized ViT (depth {TEACHER_DEPTH})"
 
 
@@ -150,7 +151,7 @@ def main() -> None:
 
     import torch
 
-    from wsi_pipeline.checkpoint import DEFAULT_CHECKPOINT, read_checkpoint_info
+    from wsi_pipeline.scoring import DEFAULT_CHECKPOINT, read_checkpoint_info
     from wsi_pipeline.synth import SynthConfig, synthesize
 
     work = Path(args.work)
@@ -205,7 +206,7 @@ def main() -> None:
 
 def placements(args) -> None:
     """Whole `run` with the student under each placement on one large smear, each in a fresh process."""
-    from wsi_pipeline.checkpoint import DEFAULT_CHECKPOINT
+    from wsi_pipeline.scoring import DEFAULT_CHECKPOINT
     from wsi_pipeline.synth import SynthConfig, synthesize
 
     work = Path(args.work)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wsi_contracts import tilestore as tile_store  # noqa: E402
-from wsi_pipeline.checkpoint import load_checkpoint  # noqa: E402
+from wsi_pipeline.scoring import load_checkpoint  # noqa: E402
 from wsi_pipeline.errors import UserError  # noqa: E402
 from wsi_pipeline.scoring import SLIDE_FRACTION  # noqa: E402
 from wsi_pipeline.pipeline import RunOptions, run_slide  # noqa: E402

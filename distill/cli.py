@@ -241,7 +241,8 @@ def _finetune_options(fn):
 def finetune_cmd(export_fp16, no_resume, quiet, **kw):
     """Fine-tune a checkpoint on more data, optionally adding classes (e.g. background)."""
     from .config import dataclass_from_dict
-    from .finetune import FinetuneConfig, export_fp16 as _export_fp16, run_finetune
+    from .export import export as _export_fp16  # fp16 is its default
+    from .finetune import FinetuneConfig, run_finetune
 
     _setup_logging(quiet)
     kw["data"], kw["add_class"], kw["eval_data"] = list(kw["data"]), list(kw["add_class"]), list(kw["eval_data"])

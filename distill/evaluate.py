@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
+from wsi_contracts.checkpoint import file_sha256
 
 from .config import TrainConfig
 from .errors import DistillError
-from .export import load_model_file, read_metadata, sha256_file
+from .export import load_model_file, read_metadata
 from .metrics import accuracy, predict
 from .models import count_params
 from .preflight import check_data
@@ -146,7 +147,7 @@ def evaluate_models(checkpoints: list[str], cfg: TrainConfig, out_dir: str | Pat
         name = Path(path).parent.name if Path(path).name == "model.safetensors" else Path(path).stem
         report = {
             "checkpoint": str(path),
-            "sha256": sha256_file(path),
+            "sha256": file_sha256(path),
             "role": prov.get("role"),
             "mode": prov.get("mode"),
             "split": split,

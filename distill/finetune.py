@@ -15,7 +15,8 @@ those it was validated on. ``--eval-data`` roots are scored whole (never trained
 head rows start at zero weight and a bias below every old class, so at step 0 the old classes
 keep their logits and the argmax is unchanged. Training runs on distill's one loop
 (:func:`distill.loop.fit`: resumable, ``DIR/metrics.jsonl``). Writes ``DIR/model.safetensors``
-(contract checkpoint; extra metadata keys of the init checkpoint such as ``stain`` are kept) and
+(contract checkpoint; extra metadata keys of the init checkpoint such as ``stain`` are kept, its
+``ood`` statistics and ``calibration``, fitted on the init model's outputs, are not) and
 ``DIR/metrics.json``.
 """
 
@@ -31,21 +32,26 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from wsi_contracts.checkpoint import file_sha256
+
 from .data import AugConfig, load_imagefolder, read_exclude, scan_imagefolder
 from .errors import DistillError
-from .export import build_metadata, extra_metadata, load_model_file, sha256_file, write_checkpoint
+from .export import build_metadata, load_model_file, write_checkpoint
 from .loop import LoopSettings, Progress, claim_run_folder, fit
 from .metrics import accuracy, predict
 from .preflight import split_record
 from .runtime import resolve_runtime
 from .train import split_of
 
-__all__ = ["FinetuneConfig", "export_fp16", "extend_head", "extra_metadata", "freeze", "run_finetune", "scores"]
+__all__ = ["FinetuneConfig", "extend_head", "freeze", "run_finetune", "scores"]
 
 log = logging.getLogger("distill")
 
 SUSPICION_THRESHOLD = 0.5
 RUNTIME = ("device", "threads", "bf16", "cache_dir")  # may change when a fine-tune resumes
+#: metadata of the init checkpoint that describes its outputs (OOD statistics, score calibration):
+#: stale once the weights change, so never carried over to the fine-tuned checkpoint
+OUTPUT_FITS = ("ood", "calibration")
 
 
 @dataclass(frozen=True)
@@ -174,7 +180,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = True, on_epoch: Callable[[d
     out = Path(cfg.out)
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     claim_run_folder(out, cfg_json, resume, lambda d: {k: v for k, v in d.items() if k not in RUNTIME})
-    init_sha = sha256_file(cfg.init)
+    init_sha = file_sha256(cfg.init)
     suspicious = list(meta["suspicious_classes"])
     mean, std = tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"])
     size = meta["input_size"]
@@ -273,19 +279,12 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = True, on_epoch: Callable[[d
         "metrics": {k: metrics[k] for k in ("val_top1", "val_balanced_acc", "steps", "train_seconds") if k in metrics}
         | {"eval": {k: {m: v.get(m) for m in ("top1", "balanced_acc", "false_suspicious_rate",
                                                "suspicious_hit_rate")} for k, v in after.items()}}}
-    md = build_metadata(arch, class_names, suspicious, mean, std, size, meta["tile_size"], meta["tile_mpp"], prov)
-    md.update(extra_metadata(cfg.init))
+    md = {k: v for k, v in meta.items() if k not in OUTPUT_FITS}  # extra fields such as stain are kept
+    md.update(build_metadata(arch, class_names, suspicious, mean, std, size, meta["tile_size"], meta["tile_mpp"], prov))
     sha = write_checkpoint(out / "model.safetensors", model.state_dict(), md)
     metrics["sha256"] = sha
     log.info("wrote %s sha256 %s", out / "model.safetensors", sha[:12])
     return metrics
-
-
-def export_fp16(src: str | Path, out: str | Path) -> str:
-    """Re-write ``src`` with fp16 weights, keeping every metadata key. Returns the new sha256."""
-    from .export import export
-
-    return export(src, out, fp16=True)
 
 
 if __name__ == "__main__":

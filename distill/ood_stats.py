@@ -10,8 +10,9 @@ thresholds let Pap-stained cervical fields through the blood-cell demo student (
 held-out blood smears / Pap fields flagged: 99 % -> 4 % / 13 of 80 fields; 95 % -> 10 % / 45 of 80;
 90 % -> 18 % / 71 of 80; benchmarks/eval_ood.py). Written as tensors ``ood.class_means`` (C, D) and
 ``ood.precision`` (D, D) (fp32) and metadata ``ood`` (JSON); the model's own tensors are copied
-bit for bit, so its probabilities do not change. The contract is ``docs/contracts.md`` §2; the
-reader is ``wsi_pipeline.checkpoint`` / ``wsi_pipeline.scoring.ood``.
+bit for bit, so its probabilities do not change. The contract is ``docs/contracts.md`` §2
+(:mod:`wsi_contracts.checkpoint`, :mod:`wsi_contracts.ood`); the pipeline's scorer is
+``wsi_pipeline.scoring.ood``.
 
     python -m distill.ood_stats CHECKPOINT --data ../shared/data/pbc --exclude configs/pbc_heldout.txt \
         [--data runs/tiles/train] [--out OUT]
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_contracts import checkpoint as contract
+from wsi_contracts.ood import LAYER, METHOD, OOD_KEY
+
 from .data import load_imagefolder, stratified_split
 from .errors import DistillError
+from .export import contract_errors, load_model, write_checkpoint
 
-__all__ = ["METHOD", "LAYER", "add_ood_stats", "fit_ood", "model_features", "ood_distances"]
+__all__ = ["add_ood_stats", "fit_ood", "model_features", "ood_distances"]
 
-METHOD = "mahalanobis_tied"
-LAYER = "pre_logits"
 #: ridge added to the covariance's diagonal, relative to its mean variance (keeps it invertible)
 SHRINK = 1e-3
 
@@ -79,14 +81,10 @@ def add_ood_stats(checkpoint: str | Path, data: list[str | Path], out: str | Pat
                   cache_dir: str | Path | None = None, log=print) -> dict[str, Any]:
     """Fit the statistics on ``data`` (ImageFolders with a subset of the checkpoint's classes) and
     write ``out`` (default: the checkpoint itself, replaced atomically). Returns the ``ood`` entry."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from .export import load_model_file
-
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint
-    model, meta = load_model_file(checkpoint)
+    model, info, _ = load_model(checkpoint)
+    meta = info.metadata
     classes = list(meta["class_names"])
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     train_f, train_y, val_f, sources = [], [], [], []
@@ -118,16 +116,11 @@ def add_ood_stats(checkpoint: str | Path, data: list[str | Path], out: str | Pat
         "validation_quantiles": {str(q): round(float(np.quantile(val_d, q)), 4) for q in (0.5, 0.9, 0.95, 0.99)},
         "sources": sources, "split": {"val_frac": val_frac, "seed": split_seed}, "shrinkage": SHRINK,
     }
-    tensors = {k: v for k, v in load_file(str(checkpoint)).items() if not k.startswith("ood.")}  # bit for bit
+    with contract_errors():
+        tensors, _ = contract.read_weights(info)  # the model's tensors as stored, bit for bit
     tensors["ood.class_means"] = torch.from_numpy(means.astype(np.float32))
     tensors["ood.precision"] = torch.from_numpy(precision.astype(np.float32))
-    with safe_open(str(checkpoint), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    metadata["ood"] = json.dumps(entry)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    write_checkpoint(out, tensors, {**meta, OOD_KEY: entry})
     return entry
 
 

@@ -23,7 +23,8 @@ from .config import EXPORT_FIELDS, MODES, TrainConfig, config_from_dict, run_fol
 from .data import IMAGENET_MEAN, IMAGENET_STD, PatchSet, balanced_epoch_indices, group_keys, load_imagefolder, \
     load_tilestore, stratified_split
 from .errors import DistillError
-from .export import build_metadata, load_model_file, sha256_file, write_checkpoint
+from wsi_contracts.checkpoint import file_sha256 as sha256_file
+from .export import build_metadata, load_model_file, write_checkpoint
 from .loop import LoopSettings, Progress, claim_run_folder, fit, lr_at
 from .losses import MDKDLoss, response_loss
 from .metrics import accuracy, predict

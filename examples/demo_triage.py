@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wsi_pipeline.checkpoint import read_checkpoint_info
+from wsi_pipeline.scoring import read_checkpoint_info
 from wsi_pipeline.errors import UserError, WsiTriageError
 from wsi_pipeline.pipeline import RunOptions, run_slide
 from wsi_pipeline.scoring import ScoreConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from wsi_pipeline.checkpoint import write_checkpoint
+from wsi_contracts.checkpoint import write_checkpoint
 
 PBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 
@@ -39,4 +39,5 @@ def random_checkpoint(path: Path, seed: int = 0, *, tile_size: int = 32, tile_mp
     # a random ViT head is near-uniform; widen the logits so the class probabilities differ per tile
     with torch.no_grad():
         model.head.weight.mul_(20.0)
-    return write_checkpoint(path, model, metadata(arch, tile_size=tile_size, tile_mpp=tile_mpp, **meta_overrides))
+    write_checkpoint(path, model.state_dict(), metadata(arch, tile_size=tile_size, tile_mpp=tile_mpp, **meta_overrides))
+    return path

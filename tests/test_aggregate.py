@@ -209,7 +209,7 @@ def cells_scored(tmp_path_factory):
     """A synthetic smear of real cells tiled with the cells placement and scored with the demo student."""
     from pipeline_util import cells_dir, smear
 
-    from wsi_pipeline.checkpoint import read_checkpoint_info
+    from wsi_pipeline.scoring import read_checkpoint_info
 
     root = tmp_path_factory.mktemp("aggregate-cells")
     cells = cells_dir(None)
@@ -278,7 +278,7 @@ def test_cells_store_is_aggregated_by_object(cells_scored, tmp_path):
 def test_demo_student_score_is_calibrated_and_a_checkpoint_may_carry_its_own():
     import math
 
-    from wsi_pipeline.checkpoint import read_checkpoint_info
+    from wsi_pipeline.scoring import read_checkpoint_info
     from wsi_pipeline.aggregation import calibrated, calibration_for
 
     info = read_checkpoint_info(None)

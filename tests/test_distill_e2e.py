@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from distill.cli import main
 from distill.errors import DistillError
-from distill.export import load_model_file, read_metadata, sha256_file
+from distill.export import load_model_file, read_metadata
+from wsi_contracts.checkpoint import file_sha256 as sha256_file
 
 CLASSES = ["erythroblast", "ig", "neutrophil"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wsi_pipeline.checkpoint import DEFAULT_CHECKPOINT
+from wsi_pipeline.scoring import DEFAULT_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 

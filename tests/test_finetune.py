@@ -11,13 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.errors import DistillError
-from distill.export import build_metadata, load_model_file, sha256_file, write_checkpoint
 from click.testing import CliRunner
 
 from distill.cli import main
-from distill.finetune import FinetuneConfig, export_fp16, extend_head, run_finetune
+from distill.errors import DistillError
+from distill.export import build_metadata, export, load_model_file, write_checkpoint
+from distill.finetune import FinetuneConfig, extend_head, run_finetune
 from distill.models import build_vit
+from wsi_contracts.checkpoint import file_sha256
+from wsi_pipeline.scoring import read_checkpoint_info
 
 OLD = ["blast", "normal"]
 ARCH = {"family": "timm-vit", "img_size": 32, "patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3,
@@ -25,12 +27,16 @@ ARCH = {"family": "timm-vit", "img_size": 32, "patch_size": 16, "embed_dim": 48,
 
 
 def _init_checkpoint(path: Path) -> Path:
+    """A student like the demo's: a stain preset, out-of-domain statistics and a score calibration."""
     torch.manual_seed(0)
     model = build_vit(ARCH)
     md = build_metadata(ARCH, OLD, ["blast"], (0.5,) * 3, (0.25,) * 3, 32, 128, 0.27,
                         {"role": "student", "data_fingerprint": "x", "metrics": {"val_top1": 0.5}})
     md["stain"] = "romanowsky"
-    write_checkpoint(path, model.state_dict(), md)
+    md["ood"] = {"method": "mahalanobis_tied", "layer": "pre_logits", "threshold": 12.5}
+    md["calibration"] = {"grid": {"slope": 10.0, "intercept": -8.0, "method": "topk_mean", "top_k": 3}}
+    ood = {"ood.class_means": torch.randn(len(OLD), ARCH["embed_dim"]), "ood.precision": torch.eye(ARCH["embed_dim"])}
+    write_checkpoint(path, model.state_dict() | ood, md)
     return path
 
 
@@ -78,16 +84,19 @@ def test_finetune_adds_background_and_writes_a_contract_checkpoint(tmp_path):
     assert meta["architecture"]["num_classes"] == 3
     assert meta["suspicious_classes"] == ["blast"]
     prov = meta["provenance"]
-    assert prov["init_sha256"] == sha256_file(init)
+    assert prov["init_sha256"] == file_sha256(init)
     assert prov["data"][0]["n"] == 34  # the two excluded images are not there
     assert prov["split"] == {"seed": 0, "val_frac": 0.25}
     assert prov["metrics"]["val_top1"] == metrics["val_top1"]
     # the weights changed from the init checkpoint (training really ran), old rows included
     init_model, _ = load_model_file(init)
     assert not torch.equal(model.head.weight[: len(OLD)], init_model.head.weight)
+    # the init's stain is kept; its OOD statistics and calibration, fitted on the old outputs, are not
+    assert meta["stain"] == "romanowsky" and "ood" not in meta and "calibration" not in meta
+    assert read_checkpoint_info(tmp_path / "run" / "model.safetensors").ood is None
     # the fp16 export keeps extra metadata such as the stain
     out = tmp_path / "demo.safetensors"
-    export_fp16(tmp_path / "run" / "model.safetensors", out)
+    export(tmp_path / "run" / "model.safetensors", out, fp16=True)
     from safetensors import safe_open
 
     with safe_open(str(out), framework="pt") as f:
@@ -96,8 +105,6 @@ def test_finetune_adds_background_and_writes_a_contract_checkpoint(tmp_path):
     assert raw["stain"] == "romanowsky"
     assert json.loads(raw["class_names"]) == OLD + ["background"]
     # and the pipeline's loader accepts it
-    from wsi_pipeline.checkpoint import read_checkpoint_info
-
     info = read_checkpoint_info(out)
     assert info.num_classes == 3
 

@@ -18,8 +18,8 @@ import torch
 
 from tests.ckpt_util import random_checkpoint
 from wsi_contracts import tilestore as tile_store
-from wsi_pipeline.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, read_checkpoint_info
-from wsi_pipeline.errors import CheckpointError
+from wsi_contracts.errors import CheckpointError
+from wsi_pipeline.scoring import DEFAULT_CHECKPOINT, load_checkpoint, read_checkpoint_info
 from wsi_pipeline.scoring import SLIDE_FRACTION, OodStats, ood_distance, ood_summary
 from wsi_pipeline.pipeline import RunOptions, rank_rows, run_batch, run_slide
 from wsi_pipeline.scoring import predict_probs, predict_probs_ood, read_ood, read_scores

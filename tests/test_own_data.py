@@ -214,7 +214,7 @@ def test_export_settings_change_without_retraining(tmp_path):
     a, _ = load_model_file(run / "model.safetensors")
     b, _ = load_model_file(out)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    from wsi_pipeline.checkpoint import read_checkpoint_info
+    from wsi_pipeline.scoring import read_checkpoint_info
 
     info = read_checkpoint_info(out)
     assert info.tile_mpp == 0.5 and info.suspicious_classes == ("SCC",)

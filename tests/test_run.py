@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from pipeline_util import cells_dir, smear
 
 from wsi_contracts import tilestore as tile_store
-from wsi_pipeline.checkpoint import DEFAULT_CHECKPOINT
+from wsi_pipeline.scoring import DEFAULT_CHECKPOINT
 from wsi_pipeline.cli import main
 
 OUTPUTS = ("summary.json", "overlay.png", "heatmap.png", "heatmap.npy", "gallery.png")

@@ -9,7 +9,7 @@ from ckpt_util import random_checkpoint
 from pipeline_util import blob_field, tiled_store
 
 from wsi_contracts import tilestore as tile_store
-from wsi_pipeline.checkpoint import load_checkpoint
+from wsi_pipeline.scoring import load_checkpoint
 from wsi_pipeline.errors import CheckpointError, StoreError
 from wsi_pipeline.scoring import ScoreConfig, list_scores, read_scores, score_store, scores_key
 

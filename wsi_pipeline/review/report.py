@@ -22,7 +22,7 @@ import numpy as np
 from .. import __version__
 from wsi_contracts import tilestore as tile_store
 from ..aggregation import AggregateConfig, write_atomic
-from ..checkpoint import CheckpointInfo
+from wsi_contracts.checkpoint import CheckpointInfo
 
 __all__ = ["STATUS_COLOURS", "render_report", "write_report"]
 

@@ -1,8 +1,12 @@
-"""Load a student checkpoint (one ``.safetensors`` file, contract in ``docs/contracts.md`` §2).
+"""The student checkpoint (docs/contracts.md section 2): one reader, one validator, one writer.
 
-Only the safetensors format is accepted: the header is parsed by hand first, so a PyTorch
-pickle/zip file is recognised and refused without any unpickling. Every problem becomes a
-one-line :class:`~wsi_pipeline.errors.CheckpointError` naming the file and the field.
+One ``.safetensors`` file: the state dict of a timm ``VisionTransformer`` plus string metadata.
+``distill`` writes it, ``wsi_pipeline`` reads it; both go through this module, so a file one side
+writes is a file the other side accepts. The header is parsed by hand (no torch needed to read the
+metadata), so a PyTorch pickle/zip file is recognised and refused without any unpickling, and every
+field is type- and range-checked against the tensors' own shapes before anything is allocated.
+Every problem is a one-line :class:`~wsi_contracts.errors.CheckpointError` naming the file and the
+field. Building a model from the file is not the format: each side does that itself.
 """
 
 from __future__ import annotations
@@ -13,38 +17,47 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from wsi_contracts.errors import CheckpointError
-from wsi_contracts.ood import OOD_KEY, OOD_PREFIX, OodStats, parse_ood_metadata
+from .errors import CheckpointError
+from .ood import OOD_KEY, OOD_PREFIX, TENSORS, OodStats, parse_ood_metadata
 
-__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_VERSION', 'MAX_HEADER_BYTES', 'REQUIRED_FIELDS', 'DEFAULT_CHECKPOINT', 'CheckpointInfo', 'LoadedCheckpoint', 'file_sha256', 'MAX_IMAGE_SIZE', 'MAX_TILE_MPP', 'ARCH_INT_FIELDS', 'ARCH_REQUIRED', 'ARCH_BOOL_FIELDS', 'ARCH_RATE_FIELDS', 'GLOBAL_POOLS', 'FLOAT_DTYPES', 'read_checkpoint_info', 'build_model', 'load_checkpoint', 'check_weights', 'write_checkpoint']
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "REQUIRED_FIELDS", "MAX_IMAGE_SIZE", "MAX_TILE_MPP",
+           "ARCH_INT_FIELDS", "ARCH_REQUIRED", "ARCH_BOOL_FIELDS", "ARCH_RATE_FIELDS", "GLOBAL_POOLS", "FLOAT_DTYPES",
+           "CheckpointInfo", "file_sha256", "read_header", "check_format_version", "read_info", "encode_metadata",
+           "write_checkpoint", "read_weights", "load_weights", "ood_stats"]
 
-CHECKPOINT_FORMAT = "wsi-triage-student"
-CHECKPOINT_FORMAT_VERSION = 1
+FORMAT = "wsi-triage-student"
+#: the version this code writes; a reader accepts every version from 1 up to it, nothing newer
+FORMAT_VERSION = 1
 #: a safetensors JSON header larger than this is not a checkpoint we wrote
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-REQUIRED_FIELDS = ("format", "architecture", "class_names", "suspicious_classes", "normalization",
-                   "input_size", "tile_size", "tile_mpp")
+REQUIRED_FIELDS = ("format", "format_version", "architecture", "class_names", "suspicious_classes",
+                   "normalization", "input_size", "tile_size", "tile_mpp", "provenance")
 
-
-def _default_checkpoint() -> Path:
-    return Path(str(resources.files("wsi_pipeline") / "data" / "demo_student.safetensors"))
-
-
-#: the bundled demo student (8 PBC blood-cell classes), used when no checkpoint is given
-DEFAULT_CHECKPOINT: Path = _default_checkpoint()
+#: bounds that no student of this project comes near; they stop a hostile header before any allocation
+MAX_IMAGE_SIZE = 4096
+MAX_TILE_MPP = 100.0
+ARCH_INT_FIELDS = {"img_size": (8, MAX_IMAGE_SIZE), "patch_size": (1, MAX_IMAGE_SIZE), "embed_dim": (1, 8192),
+                   "depth": (1, 64), "num_heads": (1, 256), "num_classes": (1, 100_000), "in_chans": (3, 3),
+                   "reg_tokens": (0, 64)}
+ARCH_REQUIRED = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes")
+ARCH_BOOL_FIELDS = ("class_token", "qkv_bias", "qk_norm", "no_embed_class", "pre_norm", "dynamic_img_size")
+ARCH_RATE_FIELDS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+                    "drop_path_rate")
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a checkpoint declares; everything needed to score without building the model."""
+    """What a checkpoint declares, checked; everything needed to score without building the model."""
 
     path: Path
-    sha256: str
+    sha256: str  # of the whole file: the model's identity
     class_names: tuple[str, ...]
     suspicious_classes: tuple[str, ...]
     mean: tuple[float, float, float]
@@ -52,9 +65,10 @@ class CheckpointInfo:
     input_size: int
     tile_size: int
     tile_mpp: float
-    architecture: dict[str, Any]
+    architecture: dict[str, Any]  # VisionTransformer keyword arguments plus "family", checked
+    format_version: int = FORMAT_VERSION
     metadata: dict[str, Any] = field(default_factory=dict)  # every metadata field, JSON-decoded
-    ood: dict[str, Any] | None = None  # the optional out-of-domain entry (wsi_pipeline.scoring.ood); None: no OOD score
+    ood: dict[str, Any] | None = None  # the optional out-of-domain entry; None: no OOD score
 
     @property
     def sha12(self) -> str:
@@ -64,23 +78,25 @@ class CheckpointInfo:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.metadata["provenance"]
 
-@dataclass
-class LoadedCheckpoint:
-    model: Any  # timm VisionTransformer in eval mode, on CPU, fp32
-    info: CheckpointInfo
-    ood: OodStats | None = None  # out-of-domain statistics, when the checkpoint carries them
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The metadata fields beyond the required ones (``stain``, ``placement``, ``ood``, ...)."""
+        return {k: v for k, v in self.metadata.items() if k not in REQUIRED_FIELDS}
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_CACHE: dict[tuple[str, int, int, int], str] = {}
 _SHA_LOCK = threading.Lock()
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, cached on (path, size, mtime) so repeated calls are free."""
+    """sha256 of a file, cached on (path, inode, size, mtime) so repeated calls are free."""
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     with _SHA_LOCK:
         if key in _SHA_CACHE:
             return _SHA_CACHE[key]
@@ -94,8 +110,9 @@ def file_sha256(path: str | Path) -> str:
     return value
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def read_header(path: str | Path) -> dict[str, Any]:
     """The safetensors JSON header, refusing anything else before it is parsed as a model."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if not path.is_file():
@@ -109,7 +126,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         if not is_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise CheckpointError(
                 f"{path}: unknown checkpoint format (a PyTorch pickle/zip file); only .safetensors "
-                "student checkpoints are accepted (export one with `wsi-distill export`)")
+                "student checkpoints are accepted, pickles are never opened (export one with `wsi-distill export`)")
         if len(head) < 9:
             raise CheckpointError(f"{path}: unknown checkpoint format (file too short for safetensors)")
         (n,) = struct.unpack("<Q", head[:8])
@@ -133,23 +150,39 @@ def _decode(value: str) -> Any:
         return value
 
 
-def _info_from_header(path: Path, header: dict[str, Any], sha256: str) -> CheckpointInfo:
+def check_format_version(path: str | Path, value: Any) -> int:
+    """The one version rule: an integer from 1 up to :data:`FORMAT_VERSION` (older files stay readable)."""
+    if isinstance(value, str):
+        value = _decode(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{path}: metadata field format_version is not an integer: {value!r}")
+    if value > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format_version {value} is newer than this wsi-triage "
+                              f"(reads up to {FORMAT_VERSION})")
+    if value < 1:
+        raise CheckpointError(f"{path}: checkpoint format_version {value} is not supported (versions start at 1)")
+    return value
+
+
+def _validate(path: Path, header: dict[str, Any], sha256: str) -> CheckpointInfo:
+    """Every check of the contract on the JSON header, before a model is built or a weight read."""
     raw = header.get("__metadata__") or {}
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: safetensors metadata is not a string map")
     meta = {k: _decode(v) for k, v in raw.items()}
+    if "format" not in meta:
+        raise CheckpointError(f"{path}: not a wsi-triage student checkpoint (metadata lacks format)")
+    if meta["format"] != FORMAT:
+        raise CheckpointError(f"{path}: metadata format is {meta['format']!r}, expected {FORMAT!r}")
+    # the version before the fields: a newer version may have other fields
+    if "format_version" not in meta:
+        raise CheckpointError(f"{path}: not a wsi-triage student checkpoint (metadata field 'format_version' is missing)")
+    version = check_format_version(path, meta["format_version"])
     missing = [k for k in REQUIRED_FIELDS if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: not a wsi-triage student checkpoint (metadata lacks {', '.join(missing)})")
-    if meta["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: metadata format is {meta['format']!r}, expected {CHECKPOINT_FORMAT!r}")
-    version = meta.get("format_version", 1)
-    try:
-        newer = int(version) > CHECKPOINT_FORMAT_VERSION
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{path}: metadata field format_version is not an integer: {version!r}") from None
-    if newer:
-        raise CheckpointError(f"{path}: checkpoint format_version {version} is newer than this wsi-triage")
 
     def bad(name: str, why: str) -> CheckpointError:
         return CheckpointError(f"{path}: metadata field {name} {why}")
@@ -185,12 +218,14 @@ def _info_from_header(path: Path, header: dict[str, Any], sha256: str) -> Checkp
     tile_mpp = float(tile_mpp)
     if not (math.isfinite(tile_mpp) and 0 < tile_mpp <= MAX_TILE_MPP):
         raise bad("tile_mpp", f"must be a finite pixel size in (0, {MAX_TILE_MPP:g}] um/px, got {meta['tile_mpp']!r}")
+    if not isinstance(meta["provenance"], dict):
+        raise bad("provenance", "must be a JSON object")
     arch = _check_architecture(path, meta["architecture"], len(classes), ints["input_size"], header)
     ood = _check_ood(path, meta, header, arch)
     return CheckpointInfo(
         path=path, sha256=sha256, class_names=tuple(classes), suspicious_classes=tuple(suspicious),
         mean=mean, std=std, input_size=ints["input_size"], tile_size=ints["tile_size"], tile_mpp=tile_mpp,
-        architecture=dict(arch), metadata=meta, ood=ood,
+        architecture=dict(arch), format_version=version, metadata=meta, ood=ood,
     )
 
 
@@ -214,24 +249,10 @@ def _check_ood(path: Path, meta: dict[str, Any], header: dict[str, Any], arch: d
         raise CheckpointError(f"{path}: tensor ood.class_means has shape {means}, needs (1..{arch['num_classes']}, {dim})")
     if prec != (dim, dim):
         raise CheckpointError(f"{path}: tensor ood.precision has shape {prec}, needs ({dim}, {dim})")
-    extra = sorted(set(names) - {"ood.class_means", "ood.precision"})
+    extra = sorted(set(names) - set(TENSORS))
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]}")
     return entry
-
-
-#: bounds that no student of this project comes near; they stop a hostile header before any allocation
-MAX_IMAGE_SIZE = 4096
-MAX_TILE_MPP = 100.0
-ARCH_INT_FIELDS = {"img_size": (8, MAX_IMAGE_SIZE), "patch_size": (1, MAX_IMAGE_SIZE), "embed_dim": (1, 8192),
-                   "depth": (1, 64), "num_heads": (1, 256), "num_classes": (1, 100_000), "in_chans": (3, 3),
-                   "reg_tokens": (0, 64)}
-ARCH_REQUIRED = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes")
-ARCH_BOOL_FIELDS = ("class_token", "qkv_bias", "qk_norm", "no_embed_class", "pre_norm", "dynamic_img_size")
-ARCH_RATE_FIELDS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-                    "drop_path_rate")
-GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "")
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def _int_field(path: Path, name: str, value: Any, low: int, high: int, where: str = "metadata field") -> int:
@@ -333,40 +354,86 @@ def _check_architecture(path: Path, arch: Any, n_classes: int, input_size: int,
     return a
 
 
-def read_checkpoint_info(path: str | Path | None = None) -> CheckpointInfo:
-    """Validate a checkpoint's header and metadata (no weights are read). ``None``: the demo."""
-    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
-    if path == DEFAULT_CHECKPOINT and not path.exists():
-        raise CheckpointError(f"{path}: the bundled demo checkpoint is missing; pass --checkpoint FILE")
-    header = _read_header(path)
-    return _info_from_header(path, header, file_sha256(path))
+def read_info(path: str | Path) -> CheckpointInfo:
+    """Read and validate a checkpoint's header and metadata (no weight is read, torch is not needed)."""
+    path = Path(path)
+    header = read_header(path)
+    return _validate(path, header, file_sha256(path))
 
 
-def build_model(info: CheckpointInfo):
-    """A randomly initialised ``VisionTransformer`` with the checkpoint's architecture (never pretrained)."""
-    from timm.models.vision_transformer import VisionTransformer
+# --------------------------------------------------------------------------- writing
 
-    kwargs = {k: v for k, v in info.architecture.items() if k != "family"}
+
+def encode_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """safetensors metadata is a string map: strings are stored as they are, everything else as JSON."""
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask  # a normal file, not the 0600 that safetensors creates
+
+
+def write_checkpoint(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, Any], *,
+                     fp16: bool = False) -> str:
+    """Write a checkpoint atomically and return its sha256 (the model's identity).
+
+    ``tensors``: the model's state dict (torch tensors), plus the ``ood.*`` statistics if any;
+    ``metadata``: the contract fields (and any extra ones), encoded by :func:`encode_metadata`.
+    ``fp16`` stores the model's floating-point tensors as float16 (``ood.*`` stay as given); otherwise
+    every tensor is stored as given, bit for bit. The file is validated with the reader's own checks
+    before it replaces ``path``, so a checkpoint the pipeline would refuse is never published.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {}
+    for name, value in tensors.items():
+        value = value.detach().to("cpu")
+        if fp16 and value.is_floating_point() and not name.startswith(OOD_PREFIX):
+            value = value.to(torch.float16)
+        state[name] = value.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        return VisionTransformer(**kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{info.path}: architecture cannot build a VisionTransformer ({msg})") from None
+        save_file(state, str(tmp), metadata=encode_metadata(metadata))
+        _validate(path, read_header(tmp), sha256="")
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_sha256(path)
 
 
-def load_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
-    """Validate and load a checkpoint: the model in eval mode, fp32, on CPU. ``None``: the demo."""
+# --------------------------------------------------------------------------- reading the weights
+
+
+def read_weights(info: CheckpointInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's tensors and the ``ood.*`` tensors (torch, on CPU, as stored), every one finite."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    info = read_checkpoint_info(path)
-    model = build_model(info)
     try:
         state = load_file(str(info.path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{info.path}: unreadable safetensors tensors ({str(exc).splitlines()[0]})") from None
-    ood_state = {k: state.pop(k) for k in [k for k in state if k.startswith(OOD_PREFIX)]}
+    for name, value in state.items():
+        if not value.is_floating_point():
+            raise CheckpointError(f"{info.path}: tensor {name} is {value.dtype}, expected floating point")
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{info.path}: tensor {name} holds NaN or infinite values (damaged checkpoint); "
+                                  "export it again")
+    ood = {k: state.pop(k) for k in [k for k in state if k.startswith(OOD_PREFIX)]}
+    return state, ood
+
+
+def load_weights(model: Any, info: CheckpointInfo) -> dict[str, Any]:
+    """Load the checkpoint's weights into ``model`` (a torch module of its architecture, converted to
+    the model's dtype), refusing any missing, extra or misshapen tensor. Returns the ``ood.*`` tensors."""
+    state, ood = read_weights(info)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -379,58 +446,13 @@ def load_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{info.path}: weights do not match the architecture (tensor {k} has shape "
                                   f"{tuple(state[k].shape)}, architecture needs {tuple(v.shape)})")
-        if not state[k].is_floating_point():
-            raise CheckpointError(f"{info.path}: tensor {k} is {state[k].dtype}, expected floating point")
-    _check_finite(info.path, state | ood_state)
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
-    model.eval()
-    ood = None
-    if info.ood is not None:
-        ood = OodStats(class_means=ood_state["ood.class_means"].to(torch.float32).numpy(),
-                       precision=ood_state["ood.precision"].to(torch.float32).numpy(),
-                       threshold=float(info.ood["threshold"]), info=info.ood)
-    return LoadedCheckpoint(model=model, info=info, ood=ood)
+    model.load_state_dict(state, strict=True)
+    return ood
 
 
-def _check_finite(path: Path, state: dict) -> None:
-    import torch
-
-    for k, v in state.items():
-        if not bool(torch.isfinite(v).all()):
-            raise CheckpointError(f"{path}: tensor {k} holds NaN or infinite values (damaged checkpoint); "
-                                  "export it again")
-
-
-_FINITE_OK: set[str] = set()
-
-
-def check_weights(info: CheckpointInfo) -> None:
-    """Refuse weights with NaN/inf before any slide is tiled (once per checkpoint sha256 per process)."""
-    if info.sha256 in _FINITE_OK:
-        return
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(info.path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{info.path}: unreadable safetensors tensors ({str(exc).splitlines()[0]})") from None
-    _check_finite(info.path, state)
-    _FINITE_OK.add(info.sha256)
-
-
-def write_checkpoint(path: str | Path, model, metadata: dict[str, Any]) -> Path:
-    """Write ``model``'s state dict with contract metadata (values JSON-encoded unless strings).
-
-    The exporter in ``distill`` writes the real files; this exists for tests and benchmarks that
-    need a checkpoint of a given architecture.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+def ood_stats(info: CheckpointInfo, ood: Mapping[str, Any]) -> OodStats | None:
+    """The out-of-domain statistics from the ``ood.*`` tensors (:func:`read_weights`); None without them."""
+    if info.ood is None:
+        return None
+    return OodStats(class_means=ood["ood.class_means"].float().numpy(), precision=ood["ood.precision"].float().numpy(),
+                    threshold=float(info.ood["threshold"]), info=info.ood)
