@@ -425,7 +425,7 @@ def test_band_parallel_mask_equals_single_band(shared_data, monkeypatch):
 
 
 def test_dilation_of_scattered_and_dense_masks_matches_scipy():
-    from wsi_pipeline.foreground.mask import _dilate_local
+    from wsi_pipeline.foreground.morphology import _dilate_local
 
     rng = np.random.default_rng(4)
     for shape, p in (((1500, 1000), 1e-4), ((1500, 1000), 0.02), ((60, 40), 0.01)):
@@ -440,7 +440,7 @@ def test_shipped_colour_table_matches_the_colour_rules():
     # rules, regenerate it with wsi_pipeline.foreground.write_colour_table()
     import zlib
 
-    from wsi_pipeline.foreground.mask import _TABLE_FILE, colour_table
+    from wsi_pipeline.foreground.colour_codes import _TABLE_FILE, colour_table
 
     shipped = np.frombuffer(zlib.decompress(_TABLE_FILE.read_bytes()), dtype=np.uint8)
     np.testing.assert_array_equal(shipped, colour_table())

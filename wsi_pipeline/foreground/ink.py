@@ -1,0 +1,113 @@
+"""Pen-ink rules: which coloured regions are marker ink and not stain, decided by shape and by the
+absence of nuclei (docs/foreground.md, issue #9)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .nuclei import CELL_RADIUS_UM, Nuclei, centre_pixels
+from .colour_codes import _LOOSE, _SEED
+from .morphology import _dilate_local, _remove_small
+
+__all__ = []
+
+# Smallest marker stroke (diameter of an equivalent disc, um); see pen_mask.
+_PEN_MIN_UM = 60.0
+# Minimum share of confident ink pixels in an ink region (see _pen_from_codes).
+_PEN_MIN_SEED_FRACTION = 0.1
+
+
+# --------------------------------------------------------------------------- pen marks
+
+def _pen_from_codes(codes: np.ndarray, mpp: float | None) -> np.ndarray:
+    """Ink regions: connected ink-coloured pixels holding a confident seed (one labelling)."""
+    seed = (codes & (_SEED[0] | _SEED[1] | _SEED[2])) != 0
+    if not seed.any():
+        return np.zeros(codes.shape, dtype=bool)
+    allowed = (codes & (_LOOSE[0] | _LOOSE[1] | _LOOSE[2])) != 0  # loose includes seeds
+    lab, n = ndi.label(allowed, structure=np.ones((3, 3), bool))
+    # ink-coloured pixels are few: count and index only those (not every pixel of the image)
+    where = np.flatnonzero(allowed)
+    labels = lab.ravel()[where]
+    area = np.bincount(labels, minlength=n + 1)
+    # a stroke is mostly confidently inked; a stained region reached from a few ink-coloured
+    # pixels (a red cell, a black speck) is not
+    keep = np.bincount(labels[seed.ravel()[where]], minlength=n + 1) >= _PEN_MIN_SEED_FRACTION * area
+    if mpp is not None:  # drop regions smaller than a marker stroke
+        keep &= area >= np.pi / 4.0 * (_PEN_MIN_UM / mpp) ** 2
+    keep[0] = False
+    pen = np.zeros(codes.shape, dtype=bool)
+    pen.ravel()[where] = keep[labels]
+    return pen
+
+
+# Ink versus stain (see _ink_regions): an ink-coloured region is Pap cytoplasm, not ink, when
+# nuclei cover at least this share of it or it holds this many nuclei per mm^2. Measured (nuclei
+# sized at 0.5 um/px): blue-green Pap cell groups of the LBC fields 0.034-0.34 and 510-3700/mm^2;
+# marker strokes on glass < 0.001 and < 30/mm^2, strokes over H&E tissue 0.007-0.029, 130-730/mm^2.
+_INK_MAX_NUCLEUS_SHARE = 0.03
+_INK_MAX_NUCLEI_PER_MM2 = 600.0
+# Parts of a nucleated ink-coloured region farther than this (um) from any nucleus are ink when
+# they form a stroke-sized blob (see _ink_regions).
+_FAR_FROM_NUCLEI_UM = 15.0
+# ... and at least this large (diameter of the equivalent disc, um): Pap cytoplasm that far from a
+# nucleus comes in pieces far smaller (0 px of ink on the 80 Pap LBC fields), a stroke does not.
+_FAR_INK_MIN_UM = 40.0
+
+
+def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = CELL_RADIUS_UM) -> np.ndarray:
+    """Within ``radius_um`` of a nucleus (by default its cell: never ink)."""
+    if not len(nuclei):
+        return np.zeros(nuclei.labels.shape, dtype=bool)
+    return _dilate_local(nuclei.mask, max(1, int(round(radius_um / mpp))))
+
+
+def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: bool = True):
+    """(ink, spared): ink-coloured regions that are marker ink, and those that are not.
+
+    Colour alone cannot tell ink from Pap stain: Light Green SF colours cyanophilic cytoplasm
+    blue-green, the hue of green and blue markers. Marker ink lies on the coverslip as wide,
+    uniform strokes with no nuclei of its own; stained cells come with nuclei and texture. So a
+    region found by the colour rules (:func:`_pen_from_codes`) is ink only when nuclei cover
+    less than ``_INK_MAX_NUCLEUS_SHARE`` of it and it holds fewer than ``_INK_MAX_NUCLEI_PER_MM2``
+    nuclei.
+    Within an accepted stroke, the cell around any nucleus it crosses is still not ink.
+    """
+    cand = _pen_from_codes(codes, mpp if size_filter else None)
+    if not cand.any():
+        return cand, cand
+    lab, n = ndi.label(cand, structure=np.ones((3, 3), bool))
+    where = np.flatnonzero(cand)
+    labels = lab.ravel()[where]
+    area = np.bincount(labels, minlength=n + 1).astype(np.float64)
+    nuc_px = np.bincount(labels, weights=nuclei.mask.ravel()[where], minlength=n + 1)
+    if len(nuclei):
+        n_nuc = np.bincount(lab[centre_pixels(nuclei.centres, lab.shape)], minlength=n + 1)
+    else:
+        n_nuc = np.zeros(n + 1, np.int64)
+    area_mm2 = area * (float(mpp) ** 2) * 1e-6
+    is_ink = ((nuc_px < _INK_MAX_NUCLEUS_SHARE * area)
+              & (n_nuc < _INK_MAX_NUCLEI_PER_MM2 * np.maximum(area_mm2, 1e-12)))
+    is_ink[0] = False
+    region_ink = np.zeros(cand.shape, dtype=bool)
+    region_ink.ravel()[where] = is_ink[labels]
+    if len(nuclei) and not is_ink[1:].all():
+        # a stroke that crosses some tissue or cells: its parts far from every nucleus are
+        # still ink when they alone are as large as a stroke and mostly of confident ink colour
+        # (the far cytoplasm of a large pale squamous cell is neither)
+        far = cand & ~region_ink & ~_dilate_local(nuclei.mask, max(1, int(round(_FAR_FROM_NUCLEI_UM / mpp))))
+        if far.any():
+            far = _remove_small(far, np.pi / 4.0 * (_FAR_INK_MIN_UM / mpp) ** 2 if size_filter else 1.0)
+            flab, fn = ndi.label(far, structure=np.ones((3, 3), bool))
+            if fn:
+                seed = (codes & (_SEED[0] | _SEED[1] | _SEED[2])) != 0
+                fw = np.flatnonzero(far)
+                fl = flab.ravel()[fw]
+                share = (np.bincount(fl, weights=seed.ravel()[fw], minlength=fn + 1)
+                         / np.maximum(np.bincount(fl, minlength=fn + 1), 1))
+                ok = share >= _PEN_MIN_SEED_FRACTION  # as for a whole ink region
+                ok[0] = False
+                region_ink.ravel()[fw] |= ok[fl]
+    ink = region_ink & ~_near_nuclei(nuclei, mpp)
+    return ink, cand & ~ink
