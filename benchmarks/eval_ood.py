@@ -11,13 +11,17 @@ whether the slide / image is flagged (more than half of its tiles: ``wsi_pipelin
   ../shared/data/pap_fields (each cut into a grid of checkpoint-size tiles, at its own pixels; only
   tiles showing something count, an image is flagged when more than half of them are).
 
-    python benchmarks/eval_ood.py [--smears 2] [--size 3072] [--no-tcga] [--json FILE|-]
+    python benchmarks/eval_ood.py [--smears 2] [--size 3072] [--no-tcga] [--shared DIR] [--json FILE|-]
+
+``--json -`` prints the rows as JSON on stdout and everything else on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,18 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from wsi_contracts import tilestore as tile_store
+from wsi_pipeline.scoring import load_checkpoint
+from wsi_pipeline.aggregation import write_atomic
+from wsi_pipeline.errors import UserError, WsiTriageError
+from wsi_pipeline.names import printable
+from wsi_pipeline.scoring import SLIDE_FRACTION
+from wsi_pipeline.pipeline import RunOptions, run_slide
+from wsi_pipeline.scoring import predict_probs_ood, read_ood, read_scores
+from wsi_pipeline.synth import SynthConfig, synthesize
 
-from wsi_contracts import tilestore as tile_store  # noqa: E402
-from wsi_pipeline.scoring import load_checkpoint  # noqa: E402
-from wsi_pipeline.errors import UserError  # noqa: E402
-from wsi_pipeline.scoring import SLIDE_FRACTION  # noqa: E402
-from wsi_pipeline.pipeline import RunOptions, run_slide  # noqa: E402
-from wsi_pipeline.scoring import predict_probs_ood, read_ood, read_scores  # noqa: E402
-from wsi_pipeline.synth import SynthConfig, synthesize  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data"
+#: ../shared/data beside the checkout, or $WSI_TRIAGE_SHARED_DATA (as the tests find it)
+SHARED = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 #: a tile "shows something" when at least this share of its pixels is darker than CONTENT_GREY: blank
@@ -70,43 +74,63 @@ def slide_row(name: str, run, expect_ood: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--checkpoint", type=Path, default=None, help="student checkpoint [default: the bundled demo student]")
     p.add_argument("--smears", type=int, default=2, help="synthetic held-out smears (alternating 0.3 / 0 suspicious)")
     p.add_argument("--size", type=int, default=3072, help="synthetic smear side, px")
     p.add_argument("--no-tcga", action="store_true", help="skip the TCGA slide (the slowest source)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--shared", type=Path, default=None, help=f"the shared data folder [default: {SHARED}]")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON ('-' = stdout)")
     a = p.parse_args(argv)
     try:
-        loaded = load_checkpoint(a.checkpoint)
+        if a.smears < 0:
+            raise WsiTriageError(f"--smears {a.smears}: must be >= 0")
+        if a.shared is not None and not a.shared.is_dir():
+            raise WsiTriageError(f"{a.shared}: not a folder (--shared)")
+        shared = a.shared or SHARED
+        if not shared.is_dir():
+            print(f"note: {shared}: not found; only the synthetic smears are measured", file=sys.stderr)
+        if a.json and a.json != "-" and not Path(a.json).absolute().parent.is_dir():
+            raise WsiTriageError(f"{a.json}: its folder does not exist (--json)")
+        # with --json - stdout carries the JSON alone; the tables go to stderr
+        with contextlib.redirect_stdout(sys.stderr) if a.json == "-" else contextlib.nullcontext():
+            rows = evaluate(a.checkpoint, a.smears, a.size, a.no_tcga, shared)
+        if a.json:
+            text = json.dumps(rows, indent=2)
+            print(text) if a.json == "-" else write_atomic(Path(a.json), (text + "\n").encode())
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def evaluate(checkpoint: Path | None, smears: int, size_px: int, no_tcga: bool, shared: Path) -> list[dict]:
+    """Every source's row (printed as it comes, then the table); see the module docstring."""
+    loaded = load_checkpoint(checkpoint)
     if loaded.ood is None:
-        print(f"error: {loaded.info.path}: checkpoint carries no OOD statistics", file=sys.stderr)
-        return 2
+        raise WsiTriageError(f"{loaded.info.path}: checkpoint carries no OOD statistics")
     info, size = loaded.info, loaded.info.tile_size
     print(f"checkpoint {info.sha12}: threshold {loaded.ood.threshold:g} ({loaded.ood.info.get('threshold_rule')}); "
           f"a slide is out_of_domain when > {SLIDE_FRACTION:.0%} of its tiles are above it")
     rows = []
     with tempfile.TemporaryDirectory(prefix="eval_ood_") as tmp:
         tmp = Path(tmp)
-        opts = RunOptions(checkpoint=a.checkpoint)
-        for i in range(a.smears):
+        opts = RunOptions(checkpoint=checkpoint)
+        for i in range(smears):
             frac = 0.3 if i % 2 == 0 else 0.0
             slide = tmp / f"heldout_{i}.tiff"
-            synthesize(slide, SynthConfig(width=a.size, height=a.size, seed=700 + i, fraction=frac))
+            synthesize(slide, SynthConfig(width=size_px, height=size_px, seed=700 + i, fraction=frac))
             rows.append(slide_row(f"synth held-out seed {700 + i} fraction {frac}", run_slide(slide, tmp / "out", opts),
                                   False))
             print(rows[-1], flush=True)
-        slides = SHARED / "slides"
+        slides = shared / "slides"
         for name, mpp in (("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.5)):
-            if (name.startswith("TCGA") and a.no_tcga) or not (slides / name).is_file():
+            if (name.startswith("TCGA") and no_tcga) or not (slides / name).is_file():
                 continue
-            o = RunOptions(checkpoint=a.checkpoint, mpp=mpp)
+            o = RunOptions(checkpoint=checkpoint, mpp=mpp)
             rows.append(slide_row(f"H&E {name}" + (f" --mpp {mpp}" if mpp else ""),
                                   run_slide(slides / name, tmp / "out", o), True))
             print(rows[-1], flush=True)
-    for folder in (SHARED / "tiles", SHARED / "pap_fields"):
+    for folder in (shared / "tiles", shared / "pap_fields"):
         if not folder.is_dir():
             continue
         files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
@@ -142,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ood = [r for r in rows if r["expect_ood"]]
     if ood:
         print(f"out of domain: flagged {sum(r['flagged'] for r in ood)}/{len(ood)} sources")
-    if a.json:
-        text = json.dumps(rows, indent=2)
-        print(text) if a.json == "-" else Path(a.json).write_text(text)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
