@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -224,3 +225,116 @@ def test_nan_weights_are_refused(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="tensor head.weight holds NaN"):
         check_weights(read_checkpoint_info(bad))
+
+
+# --------------------------------------------------------------------------- one contract, both sides
+
+
+def test_a_checkpoint_exported_by_distill_reads_field_for_field_in_the_pipeline(tmp_path):
+    """distill's export (new settings, fp16) of the demo student; the pipeline's reader sees exactly
+    what was written, the extra fields (stain, placement, calibration, OOD statistics) included."""
+    from distill.export import export, load_model_file, read_metadata
+
+    src = read_checkpoint_info(DEFAULT_CHECKPOINT)
+    out = tmp_path / "exported.safetensors"
+    sha = export(DEFAULT_CHECKPOINT, out, fp16=True, suspicious=["ig"], tile_size=96, tile_mpp=0.3,
+                 stain="pap", placement="cells", metrics={"note": "test"})
+    info = read_checkpoint_info(out)
+    assert info.sha256 == sha == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert info.format_version == 1
+    assert info.class_names == src.class_names and info.suspicious_classes == ("ig",)
+    assert (info.mean, info.std, info.input_size) == (src.mean, src.std, src.input_size)
+    assert (info.tile_size, info.tile_mpp) == (96, 0.3)
+    assert info.architecture == src.architecture
+    assert info.metadata["stain"] == "pap" and info.metadata["placement"] == "cells"
+    assert info.metadata["calibration"] == src.metadata["calibration"]
+    assert info.ood == src.ood
+    prov = info.provenance
+    assert prov["exported_from_sha256"] == src.sha256 and prov["weights_dtype"] == "float16"
+    assert prov["metrics"] == {"note": "test"} and prov["export_overrides"]["tile_mpp"] == 0.3
+    # distill's own view of the file is the pipeline's, field for field
+    assert read_metadata(out) == info.metadata
+    # the same weights on both sides: the demo's fp16 tensors bit for bit, the OOD tensors unchanged
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(DEFAULT_CHECKPOINT)), load_file(str(out))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    pipeline_model = load_checkpoint(out).model
+    distill_model, _ = load_model_file(out)
+    x = torch.rand(2, 3, info.input_size, info.input_size)
+    with torch.no_grad():
+        assert torch.equal(pipeline_model(x), distill_model(x))
+
+
+@pytest.mark.parametrize("version, accepted, match", [
+    ("1", True, None),
+    (1, True, None),
+    ("2", False, "format_version 2 is newer than this wsi-triage"),
+    ("0", False, "format_version 0 is not supported"),
+    ("-1", False, "format_version -1 is not supported"),
+    ("1.5", False, "format_version is not an integer"),
+    ("one", False, "format_version is not an integer"),
+    (None, False, "'format_version' is missing"),
+])
+def test_the_version_rule_is_the_same_for_distill_and_the_pipeline(tmp_path, version, accepted, match):
+    from distill.errors import DistillError
+    from distill.export import export, load_model_file, read_metadata
+
+    src = random_checkpoint(tmp_path / "a.safetensors")
+    path = _rewrite_metadata(src, tmp_path / "v.safetensors", format_version=version)
+    if accepted:
+        assert read_checkpoint_info(path).format_version == 1
+        assert read_metadata(path)["format_version"] == 1
+        load_model_file(path)
+        return
+    with pytest.raises(CheckpointError, match=match) as pipeline_err:
+        read_checkpoint_info(path)
+    for distill_reader in (read_metadata, load_model_file, lambda p: export(p, tmp_path / "out.safetensors")):
+        with pytest.raises(DistillError, match=match) as distill_err:
+            distill_reader(path)
+        assert str(distill_err.value) == str(pipeline_err.value)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"format_version": 2}, "newer than this wsi-triage"),
+    ({"suspicious_classes": ["blast"]}, "'blast', not in class_names"),
+    ({"ood": {"method": "mahalanobis_tied", "layer": "pre_logits", "threshold": 3.0}},
+     "ood needs tensors ood.class_means and ood.precision"),
+    ({"provenance": None}, "lacks provenance"),
+])
+def test_the_writer_never_publishes_a_checkpoint_the_reader_refuses(tmp_path, changes, match):
+    arch = architecture(img_size=32, depth=1)
+    model = VisionTransformer(**{k: v for k, v in arch.items() if k != "family"})
+    meta = metadata(arch)
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k)
+        else:
+            meta[k] = v
+    target = random_checkpoint(tmp_path / "model.safetensors")  # a good file already there stays
+    before = target.read_bytes()
+    with pytest.raises(CheckpointError, match=match) as err:
+        write_checkpoint(target, model.state_dict(), meta)
+    assert str(target) in str(err.value) and "\n" not in str(err.value)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary file left
+
+
+def test_fp16_writes_the_model_in_half_precision_and_the_ood_statistics_as_given(tmp_path):
+    arch = architecture(img_size=32, depth=1)
+    model = VisionTransformer(**{k: v for k, v in arch.items() if k != "family"})
+    ood = {"ood.class_means": torch.randn(8, 48), "ood.precision": torch.eye(48)}
+    meta = metadata(arch, ood={"method": "mahalanobis_tied", "layer": "pre_logits", "threshold": 3.0})
+    path = tmp_path / "half.safetensors"
+    write_checkpoint(path, model.state_dict() | ood, meta, fp16=True)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    assert tensors["head.weight"].dtype == torch.float16
+    assert tensors["ood.precision"].dtype == torch.float32 and torch.equal(tensors["ood.precision"], torch.eye(48))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not safetensors' private 0600
+    assert load_checkpoint(path).ood.threshold == 3.0
