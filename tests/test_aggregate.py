@@ -13,9 +13,9 @@ from pipeline_util import blob_field, tiled_store
 from PIL import Image
 
 from wsi_contracts import tilestore as tile_store
-from wsi_pipeline.aggregation.aggregate import (AggregateConfig, aggregate_store, heatmap_grid, overlay_image,
-    slide_score, tile_suspicion)
-from wsi_pipeline.errors import StoreError
+from wsi_pipeline.aggregation import (AggregateConfig, aggregate_store, heatmap_grid, overlay_image, slide_score,
+    tile_suspicion)
+from wsi_pipeline.errors import OptionError, StoreError
 from wsi_pipeline.aggregation import class_colour, geojson_collection, mask_outline
 from wsi_pipeline.scoring import read_scores, score_store
 from wsi_pipeline.tiling import TilerConfig, tile_slide
@@ -43,8 +43,21 @@ def test_slide_score_methods():
     assert slide_score(s, AggregateConfig(method="quantile", quantile=0.5)) == pytest.approx(0.5)
     assert slide_score(s, AggregateConfig(method="fraction_above", threshold=0.45)) == pytest.approx(0.6)
     assert slide_score(np.zeros(0), AggregateConfig()) is None
-    with pytest.raises(StoreError, match="unknown slide score method 'max'"):
+    with pytest.raises(OptionError, match="method must be one of topk_mean, quantile, fraction_above, got 'max'"):
         AggregateConfig(method="max").validated()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_k", 0, "top_k must be >= 1, got 0"),
+    ("gallery_k", -1, "gallery_k must be >= 0, got -1"),
+    ("quantile", 2.0, r"quantile must be in \[0, 1\], got 2.0"),
+    ("threshold", -0.1, r"threshold must be in \[0, 1\], got -0.1"),
+    ("overlay_alpha", 1.5, r"overlay_alpha must be in \[0, 1\], got 1.5"),
+])
+def test_parameter_errors_name_the_parameter(field, value, message):
+    with pytest.raises(OptionError, match=message) as caught:
+        AggregateConfig(**{field: value}).validated()
+    assert caught.value.param == field and not isinstance(caught.value, StoreError)
 
 
 def test_overlay_tints_scored_tiles_by_suspicion_above_the_floor_and_outlines_the_mask():

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 
 def wsi_triage(*args: str) -> subprocess.CompletedProcess:
@@ -71,3 +73,26 @@ def test_blank_slide_warns_and_writes_empty_store(tmp_path):
     assert proc.returncode == 0
     assert "warning:" in proc.stderr and "empty store" in proc.stderr
     assert (tmp_path / "out" / "blank.zarr" / "zarr.json").is_file()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["run", "{tmp}/none.svs", "--top-k", "0"], "error: --top-k must be >= 1, got 0"),
+    (["run", "{tmp}/none.svs", "--gallery", "-1"], "error: --gallery must be >= 0, got -1"),
+    (["run", "{tmp}/none.svs", "--workers", "0"], "error: --workers must be at least 1, got 0"),
+    (["score", "{tmp}/none.zarr", "--score-workers", "0"], "error: --score-workers must be at least 1, got 0"),
+    (["score", "{tmp}/none.zarr", "--batch-size", "0"], "error: --batch-size must be positive, got 0"),
+    (["score", "{tmp}/none.zarr", "--scheduler", "gpu-farm"], "error: --scheduler must be threads, processes, sync"),
+    (["aggregate", "{tmp}/none.zarr", "--quantile", "2"], "error: --quantile must be in [0, 1], got 2.0"),
+    (["batch", "{tmp}", "--slide-timeout", "0"], "error: --slide-timeout must be a positive number of seconds"),
+    (["synth", "{tmp}/s.tiff", "--size", "100x4000"], "error: --size must be between 256 and"),
+    (["synth", "{tmp}/s.tiff", "--size", "12x"], "error: --size '12x': expected WIDTHxHEIGHT"),
+    (["synth", "{tmp}/s.tiff", "--fraction", "2"], "error: --fraction must be between 0 and 1, got 2.0"),
+], ids=["top-k", "gallery", "workers", "score-workers", "batch-size", "scheduler", "quantile", "slide-timeout",
+        "size", "size-text", "fraction"])
+def test_parameter_errors_name_the_flag(tmp_path, args, line):
+    """The library names its parameter (top_k); the CLI shows the flag that set it (--top-k)."""
+    (tmp_path / "a.tiff").write_bytes(b"not a slide")  # batch finds a slide before it checks the options
+    proc = wsi_triage(*[a.format(tmp=tmp_path) for a in args])
+    assert_one_line_error(proc)
+    assert proc.stderr.strip().startswith(line), proc.stderr
+    assert not (tmp_path / "none").exists() and not (tmp_path / "s.tiff").exists()  # refused before any work

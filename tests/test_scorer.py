@@ -10,7 +10,7 @@ from pipeline_util import blob_field, tiled_store
 
 from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.scoring import load_checkpoint
-from wsi_pipeline.errors import CheckpointError, StoreError
+from wsi_pipeline.errors import CheckpointError, OptionError, StoreError
 from wsi_pipeline.scoring import ScoreConfig, list_scores, read_scores, score_store, scores_key
 
 
@@ -122,9 +122,11 @@ def test_distributed_local_cluster_matches_threads(work, tmp_path):
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
                                   silence_logs=40) as cluster:
         seen = []
-        r = score_store(store2, work["a"], ScoreConfig(scheduler=cluster.scheduler_address, precision="fp32"), progress=seen.append)
+        r = score_store(store2, work["a"], ScoreConfig(scheduler=cluster.scheduler_address, precision="fp32"),
+                        progress=lambda *call: seen.append(call))
     assert r.shards_scored == tile_store.read_meta(tile_store.open_store(store2))["n_shards"]
-    assert sum(seen) == r.n_tiles
+    assert seen[0] == ("scoring", 0, r.n_tiles) and seen[-1] == ("scoring", r.n_tiles, r.n_tiles)
+    assert len(seen) == r.shards_scored + 1 and [c[1] for c in seen] == sorted(c[1] for c in seen)
     got, _ = read_scores(tile_store.open_store(store2), ref.checkpoint_sha256)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -145,8 +147,55 @@ def test_bf16_is_kept_only_within_tolerance(work, tmp_path):
 
 
 def test_unknown_scheduler_is_refused(work):
-    with pytest.raises(StoreError, match="unknown scheduler 'gpu-farm'"):
+    with pytest.raises(OptionError, match="scheduler must be threads, processes, sync or a dask.distributed "
+                                          "address .*, got 'gpu-farm'") as caught:
         score_store(work["store"], work["a"], ScoreConfig(scheduler="gpu-farm"))
+    assert caught.value.param == "scheduler"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size must be positive, got 0"),
+    ("workers", 0, "workers must be at least 1, got 0"),
+    ("precision", "fp8", "precision must be auto, fp32 or bf16, got 'fp8'"),
+    ("precision_check_tiles", 0, "precision_check_tiles must be at least 1, got 0"),
+    ("device", "banana", "device 'banana' is not a torch device"),
+])
+def test_parameter_errors_name_the_parameter(field, value, message):
+    with pytest.raises(OptionError) as caught:
+        ScoreConfig(**{field: value}).validated()
+    assert str(caught.value).startswith(message) and caught.value.param == field
+    assert not isinstance(caught.value, StoreError)  # a wrong parameter is no damaged store
+
+
+@pytest.mark.parametrize("scheduler, workers", [("threads", 2), ("threads", None), ("sync", None)])
+def test_scoring_leaves_torchs_thread_count_as_it_was(work, tmp_path, scheduler, workers):
+    """score_store may narrow torch's intra-op threads while its own threads score (one each per
+    core), but a library call must not leave the process-wide setting changed; nor may a failure."""
+    store = tiled_store(work["slide"], tmp_path / "out")
+    outer = torch.get_num_threads()
+    torch.set_num_threads(3)  # not what scoring would choose on any machine
+    before = torch.get_num_threads()
+    try:
+        _score_twice(work, tmp_path, store, scheduler, workers, before)
+    finally:
+        torch.set_num_threads(outer)
+
+
+def _score_twice(work, tmp_path, store, scheduler, workers, before):
+    calls = []
+    result = score_store(store, work["a"], ScoreConfig(scheduler=scheduler, workers=workers, precision="fp32"),
+                         progress=lambda *call: calls.append(call))
+    assert not result.reused and result.shards_scored > 1 and torch.get_num_threads() == before
+    assert calls[0] == ("scoring", 0, result.n_tiles) and calls[-1] == ("scoring", result.n_tiles, result.n_tiles)
+
+    def stop(stage, done, total):
+        if done:
+            raise KeyboardInterrupt
+    store2 = tiled_store(work["slide"], tmp_path / "out2")
+    with pytest.raises(KeyboardInterrupt):
+        score_store(store2, work["a"], ScoreConfig(scheduler=scheduler, workers=workers, precision="fp32"),
+                    progress=stop)
+    assert torch.get_num_threads() == before
 
 
 def test_auto_precision_measures_bf16_against_fp32_on_a_native_bf16_cpu(work, tmp_path):

@@ -13,8 +13,30 @@ import sys
 import click
 
 from . import __version__
-from .errors import UserError, environment_error
+from .errors import OptionError, UserError, environment_error
 from .names import printable
+
+#: library parameters whose command-line option has another name (``OptionError.param`` -> click's name)
+PARAM_OPTIONS = {"workers": "score_workers", "geojson_gzip": "gzip_geojson", "width": "size", "height": "size"}
+
+
+def option_flag(param: str) -> str | None:
+    """The current command's flag (``--top-k``) for a library parameter (``top_k``), or None."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    option = options.get(param) or options.get(PARAM_OPTIONS.get(param, ""))
+    if option is None:
+        return None
+    return max(option.opts, key=len)  # the long form
+
+
+def error_line(exc: UserError) -> str:
+    """The one ``error:`` line for a user error; a parameter is named by the flag that set it."""
+    flag = option_flag(exc.param) if isinstance(exc, OptionError) and exc.param else None
+    text = exc.flag_message(flag) if flag else str(exc)
+    return f"error: {printable(text)}"  # one line, whatever a file name holds
 
 
 def user_errors(func):
@@ -25,7 +47,7 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever a file name holds
+            click.echo(error_line(exc), err=True)
             sys.exit(exc.exit_code)
         except OSError as exc:  # a full disk or read-only device is the environment, not a bug
             error = environment_error(exc)
@@ -107,48 +129,44 @@ def tiler_options(func):
     return func
 
 
-class _LazyBar:
-    """A tqdm bar (rate and ETA) that appears only once the work is planned.
+class Bars:
+    """The progress protocol (:mod:`wsi_pipeline.progress`) drawn as tqdm bars with rate and ETA: one bar
+    per stage, replaced when the stage changes or starts over (the next slide of a batch).
 
-    Created lazily so that an input error found before any work prints its one line alone.
+    A bar appears only with the first report, so that an input error found before any work prints
+    its one line alone; ``quiet`` draws nothing. ``desc`` replaces the stage's name in the bar.
     """
 
-    def __init__(self, desc: str, quiet: bool, unit: str) -> None:
-        self.desc, self.quiet, self.unit = desc, quiet, unit
-        self._bar = None
+    UNITS = {"synth": "row"}
 
-    def _ensure(self):
-        if self._bar is None:
+    def __init__(self, quiet: bool, desc: str | None = None) -> None:
+        self.quiet, self.desc = quiet, desc
+        self._bar = None
+        self._stage: str | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        bar = self._bar
+        if bar is None or stage != self._stage or done < bar.n or total != bar.total:
+            self.close()
             from tqdm import tqdm
 
-            self._bar = tqdm(total=0, desc=self.desc, unit=self.unit, disable=self.quiet,
-                             dynamic_ncols=True, leave=False)
-        return self._bar
-
-    def on_plan(self, total: int, done: int) -> None:
-        bar = self._ensure()
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    def update(self, n: int = 1) -> None:
-        self._ensure().update(n)
+            self._stage = stage
+            bar = self._bar = tqdm(total=total, desc=self.desc or stage, unit=self.UNITS.get(stage, "tile"),
+                                   dynamic_ncols=True, leave=False)
+        bar.update(done - bar.n)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        self._bar = self._stage = None
 
-    def __enter__(self):
+    def __enter__(self) -> "Bars":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def make_progress(total_desc: str, quiet: bool, unit: str = "tile"):
-    """``(bar, on_plan)``: a progress bar with rate and ETA whose total is set once known; silent with --quiet."""
-    bar = _LazyBar(total_desc, quiet, unit)
-    return bar, bar.on_plan
 
 
 @main.command("tile")
@@ -168,9 +186,8 @@ def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground,
     from .lock import store_lock
     from wsi_contracts.tilestore import store_path
 
-    bar, on_plan = make_progress("tiling", quiet or as_json)
-    with bar, store_lock(store_path(out_dir, slide), on_wait=_say):
-        result = tile_slide(slide, out_dir, config, mpp=mpp, workers=workers, progress=bar.update, on_plan=on_plan)
+    with Bars(quiet or as_json) as bars, store_lock(store_path(out_dir, slide), on_wait=_say):
+        result = tile_slide(slide, out_dir, config, mpp=mpp, workers=workers, progress=bars)
     summary = {
         "store": str(result.path), "tiles": result.n_tiles, "grid_tiles": result.n_grid,
         "reused": result.reused, "shards_written": result.shards_written,
@@ -190,16 +207,6 @@ def tile_command(slide, out_dir, target_mpp, tile_size, overlap, min_foreground,
 
 
 # --- run / batch / score / aggregate -------------------------------------------------------
-
-
-def _progress_factory(quiet: bool):
-    """Adapter from :func:`make_progress` to the pipeline's ``(update, on_plan, close)`` hooks."""
-
-    def factory(desc: str, unit: str):
-        bar, on_plan = make_progress(desc, quiet, unit)
-        return bar.update, on_plan, bar.close
-
-    return factory
 
 
 def score_options(func):
@@ -243,7 +250,7 @@ def _aggregate_config(method, top_k, quantile, threshold, gallery_k, gzip_geojso
     from .aggregation import AggregateConfig
 
     return AggregateConfig(method=method, top_k=top_k, quantile=quantile, threshold=threshold,
-                           gallery_k=gallery_k, geojson_gzip=gzip_geojson)
+                           gallery_k=gallery_k, geojson_gzip=gzip_geojson).validated()  # before any store is locked
 
 
 def _run_line(run) -> str:
@@ -311,7 +318,8 @@ def run_command(slide, out_dir, quiet, as_json, **kwargs):
     """
     from .pipeline import run_slide
 
-    run = run_slide(slide, out_dir, _run_options(**kwargs), progress=_progress_factory(quiet or as_json))
+    with Bars(quiet or as_json) as bars:
+        run = run_slide(slide, out_dir, _run_options(**kwargs), progress=bars)
     for line in run.warnings:
         click.echo(f"warning: {printable(run.stem)}: {line}", err=True)
     if as_json:
@@ -340,12 +348,16 @@ def batch_command(slides, out_dir, only_failed, quiet, as_json, **kwargs):
     """
     from .pipeline import run_batch
 
+    bars = Bars(quiet or as_json)
+
     def on_slide(i, n, run):
+        bars.close()  # the slide's line replaces its bars
         if not (quiet or as_json):
             click.echo(f"[{i}/{n}] {_run_line(run)}", err=run.status == "error")
 
-    result = run_batch(slides, out_dir, _run_options(**kwargs), only_failed=only_failed,
-                       progress=_progress_factory(quiet or as_json), on_slide=on_slide)
+    with bars:
+        result = run_batch(slides, out_dir, _run_options(**kwargs), only_failed=only_failed, progress=bars,
+                           on_slide=on_slide)
     if as_json:
         echo_json({"out": str(result.out), "checkpoint_sha256": result.checkpoint_sha256,
                    "previous_checkpoint_sha256": result.previous_checkpoint_sha256,
@@ -371,9 +383,8 @@ def score_command(stores, checkpoint, scheduler, score_workers, batch_size, devi
     config = _score_config(scheduler, score_workers, batch_size, device, precision)
     results = []
     for store in stores:
-        bar, on_plan = make_progress(f"scoring {store}", quiet or as_json)
-        with bar:
-            r = score_store(store, checkpoint, config, progress=bar.update, on_plan=on_plan)
+        with Bars(quiet or as_json, desc=f"scoring {store}") as bars:
+            r = score_store(store, checkpoint, config, progress=bars)
         results.append({"store": str(r.store), "scores": r.key, "checkpoint_sha256": r.checkpoint_sha256,
                         "tiles": r.n_tiles, "reused": r.reused, "shards_scored": r.shards_scored,
                         "seconds": round(r.seconds, 3), "precision": r.precision, "device": r.device,
@@ -490,17 +501,8 @@ def synth_command(out, size, mpp, seed, cells, cell_list, cells_mpp, suspicious,
         cell_list=read_cell_list(cell_list) if cell_list else None, cell_list_name=cell_list,
         cells_mpp=cells_mpp, suspicious=tuple(suspicious) or DEFAULT_SUSPICIOUS, fraction=fraction,
         regions=regions, quality=quality, ome=ome, stain=stain, pen_ink=pen_ink)
-    bar, on_plan = make_progress("synth", quiet, unit="row")
-    with bar:
-        rows_done = [0]
-
-        def progress(done: int, total: int) -> None:
-            if not rows_done[0]:
-                on_plan(total, 0)
-            bar.update(done - rows_done[0])
-            rows_done[0] = done
-
-        result = synthesize(out, config, progress=progress)
+    with Bars(quiet) as bars:
+        result = synthesize(out, config, progress=bars)
     echo_json(result.as_dict())
 
 

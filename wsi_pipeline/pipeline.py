@@ -28,12 +28,13 @@ from wsi_contracts.checkpoint import CheckpointInfo
 from .scoring import check_weights, read_checkpoint_info
 from .errors import OptionError, OutputError, SlideError, UserError, WsiTriageError, environment_error
 from .lock import store_lock
+from .progress import Progress
 from .names import csv_cell, printable
 from .slides import read_budget
 from .scoring import ScoreConfig, ScoreResult, score_store
 from .tiling import TileResult, TilerConfig, tile_slide
 
-__all__ = ['BATCH_STATE', 'TRIAGE_CSV', 'REPORT_HTML', 'BATCH_SLIDE_TIMEOUT', 'SLIDE_SUFFIXES', 'DEFAULT_STAIN', 'ProgressFactory', 'RunOptions', 'SlideRun', 'tiler_config_for', 'foreground_warnings', 'slide_status', 'score_and_aggregate', 'validate_options', 'run_slide', 'run_store', 'find_slides', 'BatchResult', 'load_batch_state', 'rank_rows', 'CSV_FIELDS', 'triage_csv_bytes', 'run_batch']
+__all__ = ['BATCH_STATE', 'TRIAGE_CSV', 'REPORT_HTML', 'BATCH_SLIDE_TIMEOUT', 'SLIDE_SUFFIXES', 'DEFAULT_STAIN', 'RunOptions', 'SlideRun', 'tiler_config_for', 'foreground_warnings', 'slide_status', 'score_and_aggregate', 'validate_options', 'run_slide', 'find_slides', 'BatchResult', 'load_batch_state', 'rank_rows', 'CSV_FIELDS', 'triage_csv_bytes', 'run_batch']
 
 BATCH_STATE = "batch.json"
 TRIAGE_CSV = "triage.csv"
@@ -44,8 +45,6 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".v
                   ".dcm", ".ome.tif", ".ome.tiff", ".jpg", ".jpeg", ".png")
 DEFAULT_STAIN = "auto"  # decided per slide from its overview (wsi_pipeline.foreground.stain)
 
-#: ``factory(description, unit) -> (update(n), on_plan(total, done), close())`` for progress bars
-ProgressFactory = Callable[[str, str], tuple[Callable[[int], None], Callable[[int, int], None], Callable[[], None]]]
 
 
 @dataclass(frozen=True)
@@ -123,10 +122,6 @@ def slide_status(summary: dict[str, Any] | None, n_tiles: int) -> str:
     return "out_of_domain" if ((summary or {}).get("ood") or {}).get("out_of_domain") else "ok"
 
 
-def _no_progress(desc: str, unit: str):
-    return (lambda n: None), (lambda total, done: None), (lambda: None)
-
-
 def _tile_step(r: TileResult) -> dict[str, Any]:
     return {"reused": r.reused, "tiles": r.n_tiles, "grid_tiles": r.n_grid, "shards_written": r.shards_written,
             "seconds": round(r.seconds, 3), "empty_reason": r.empty_reason}
@@ -142,13 +137,9 @@ def _aggregate_step(r: AggregateResult, seconds: float) -> dict[str, Any]:
 
 
 def score_and_aggregate(store: Path, out_dir: Path, options: RunOptions, info: CheckpointInfo,
-                        progress: ProgressFactory) -> tuple[ScoreResult, AggregateResult, float]:
+                        progress: Progress | None = None) -> tuple[ScoreResult, AggregateResult, float]:
     """Score a complete store with the checkpoint and aggregate those scores (both reused when done)."""
-    update, on_plan, close = progress("scoring", "tile")
-    try:
-        scored = score_store(store, info.path, options.score, progress=update, on_plan=on_plan)
-    finally:
-        close()
+    scored = score_store(store, info.path, options.score, progress=progress)
     t0 = time.perf_counter()
     aggregated = aggregate_store(store, out_dir, options.aggregate, checkpoint_sha256=info.sha256)
     return scored, aggregated, time.perf_counter() - t0
@@ -160,11 +151,11 @@ def validate_options(options: RunOptions, info: CheckpointInfo) -> TilerConfig:
     options.aggregate.validated()
     check_weights(info)
     if options.lock_wait is not None and not options.lock_wait >= 0:
-        raise OptionError(f"lock wait must be >= 0 seconds, got {options.lock_wait}")
+        raise OptionError("lock_wait", f"must be >= 0 seconds, got {options.lock_wait}")
     if options.slide_timeout is not None and not options.slide_timeout > 0:
-        raise OptionError(f"--slide-timeout must be a positive number of seconds, got {options.slide_timeout}")
+        raise OptionError("slide_timeout", f"must be a positive number of seconds, got {options.slide_timeout}")
     if options.tile_workers is not None and options.tile_workers < 1:
-        raise OptionError(f"--workers must be at least 1, got {options.tile_workers}")
+        raise OptionError("tile_workers", f"must be at least 1, got {options.tile_workers}")
     return tiler_config_for(info, options).resolved()
 
 
@@ -188,7 +179,7 @@ def _remove_temporaries(out_dir: Path) -> None:
 
 
 def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
-              progress: ProgressFactory | None = None, info: CheckpointInfo | None = None,
+              progress: Progress | None = None, info: CheckpointInfo | None = None,
               on_wait: Callable[[str], None] | None = None) -> SlideRun:
     """Tile (or reuse the store), score with the checkpoint (or reuse), aggregate (or reuse).
 
@@ -197,7 +188,6 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     Raises one-line :class:`WsiTriageError` subclasses; ``run_batch`` records them per slide.
     """
     start = time.perf_counter()
-    progress = progress or _no_progress
     slide = Path(slide)
     out = Path(out)
     info = info or read_checkpoint_info(options.checkpoint)
@@ -206,12 +196,7 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     with store_lock(tile_store.store_path(out, slide), wait=options.lock_wait, on_wait=on_wait), \
             read_budget(options.slide_timeout):
         _remove_temporaries(out / slide.stem)
-        update, on_plan, close = progress("tiling", "tile")
-        try:
-            tiled = tile_slide(slide, out, config, mpp=options.mpp, workers=options.tile_workers,
-                               progress=update, on_plan=on_plan)
-        finally:
-            close()
+        tiled = tile_slide(slide, out, config, mpp=options.mpp, workers=options.tile_workers, progress=progress)
         out_dir = out / slide.stem
         scored, aggregated, agg_seconds = score_and_aggregate(tiled.path, out_dir, options, info, progress)
     summary = aggregated.summary
@@ -221,28 +206,6 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
         score=score, n_tiles=tiled.n_tiles, seconds=time.perf_counter() - start,
         steps={"tile": _tile_step(tiled), "score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
         summary=summary, warnings=foreground_warnings(tiled.meta, info),
-    )
-
-
-def run_store(store: str | Path, out_dir: str | Path | None, options: RunOptions = RunOptions(), *,
-              progress: ProgressFactory | None = None) -> SlideRun:
-    """Score and aggregate an existing store (never opens the slide). ``out_dir`` defaults to ``<store minus .zarr>/``."""
-    start = time.perf_counter()
-    store = Path(store)
-    stem = store.name[:-5] if store.name.endswith(".zarr") else store.name
-    out_dir = Path(out_dir) if out_dir else store.with_name(stem)
-    info = read_checkpoint_info(options.checkpoint)
-    options.score.validated()
-    options.aggregate.validated()
-    with store_lock(store, wait=options.lock_wait):
-        scored, aggregated, agg_seconds = score_and_aggregate(store, out_dir, options, info, progress or _no_progress)
-    meta = tile_store.read_store_meta(tile_store.open_store(store))
-    n = meta.n_tiles
-    return SlideRun(
-        slide=Path(meta.slide_path or stem), stem=stem, status=slide_status(aggregated.summary, n), store=store,
-        out_dir=out_dir, score=aggregated.summary["score"]["value"], n_tiles=n, seconds=time.perf_counter() - start,
-        steps={"score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
-        summary=aggregated.summary,
     )
 
 
@@ -349,7 +312,7 @@ def run_batch(
     options: RunOptions = RunOptions(),
     *,
     only_failed: bool = False,
-    progress: ProgressFactory | None = None,
+    progress: Progress | None = None,
     on_slide: Callable[[int, int, SlideRun], None] | None = None,
 ) -> BatchResult:
     """Run every slide of ``spec``; a failing slide is recorded (status, error) and never stops the batch.

@@ -27,11 +27,10 @@ import numpy as np
 from .. import __version__
 from wsi_contracts import tilestore as tile_store
 from wsi_contracts.tilestore import StoreMeta
-from ..errors import OutputError, StoreError
+from ..errors import OptionError, OutputError, StoreError
 from ..names import printable
 from .objects import aggregate_objects, calibrated, calibration_for
-from .outputs import (COLORMAP, gallery_png, geojson_collection, heatmap_picture, heatmap_rgba, overlay_image,
-    overlay_picture, overlay_png, png_bytes)
+from .outputs import gallery_png, geojson_collection, heatmap_picture, overlay_picture
 from ..scoring import ood_summary
 from ..scoring import read_ood, read_scores, scores_key
 
@@ -60,13 +59,14 @@ class AggregateConfig:
 
     def validated(self) -> "AggregateConfig":
         if self.method not in METHODS:
-            raise StoreError(f"unknown slide score method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.top_k < 1 or self.gallery_k < 0:
-            raise StoreError(f"top-k must be >= 1 and gallery size >= 0, got {self.top_k}, {self.gallery_k}")
-        if not 0 <= self.quantile <= 1 or not 0 <= self.threshold <= 1:
-            raise StoreError(f"quantile and threshold must be in [0, 1], got {self.quantile}, {self.threshold}")
-        if not 0 <= self.overlay_alpha <= 1:
-            raise StoreError(f"overlay alpha must be in [0, 1], got {self.overlay_alpha}")
+            raise OptionError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.top_k < 1:
+            raise OptionError("top_k", f"must be >= 1, got {self.top_k}")
+        if self.gallery_k < 0:
+            raise OptionError("gallery_k", f"must be >= 0, got {self.gallery_k}")
+        for name in ("quantile", "threshold", "overlay_alpha"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise OptionError(name, f"must be in [0, 1], got {getattr(self, name)}")
         return self
 
     def score_settings(self) -> dict[str, Any]:
@@ -195,45 +195,104 @@ def aggregate_store(
     scores). Reads only the store.
     """
     config = config.validated()
-    store_path = Path(store_path)
-    out_dir = Path(out_dir)
+    plan = _plan_aggregation(Path(store_path), Path(out_dir), config, checkpoint_sha256)
+    previous = None if force else _up_to_date(plan)
+    if previous is not None:
+        return AggregateResult(plan.out_dir, previous, True, plan.paths)
+    _make_out_dir(plan.out_dir)
+    ood_entry = _check_inputs(plan)
+    scored = _score_slide(plan, config)
+    summary = _summary(plan, config, scored, ood_entry)
+    _write_outputs(plan, config, scored, summary)
+    return AggregateResult(plan.out_dir, summary, False, plan.paths)
+
+
+@dataclass(frozen=True)
+class _AggregatePlan:
+    """One aggregation: the store, its scores, and where the outputs go."""
+
+    store: Path
+    out_dir: Path
+    stem: str
+    group: Any  # the store's zarr group
+    meta: StoreMeta
+    probs: np.ndarray  # (N, K)
+    attrs: dict[str, Any]  # the score group's attributes
+    names: dict[str, str]  # output_names
+    paths: dict[str, Path]
+    key: str  # _aggregation_key: same key, same outputs
+
+
+def _plan_aggregation(store_path: Path, out_dir: Path, config: AggregateConfig,
+                      checkpoint_sha256: str | None) -> _AggregatePlan:
     group = tile_store.require_complete(store_path)
     meta = tile_store.read_store_meta(group)
     probs, attrs = read_scores(group, checkpoint_sha256)
     stem = store_path.name[:-5] if store_path.name.endswith(".zarr") else store_path.name
     names = output_names(stem, config)
-    paths = {k: out_dir / v for k, v in names.items()}
-    key = _aggregation_key(meta, attrs, config)
-    previous = read_summary(out_dir)
-    if (not force and previous and previous.get("aggregation_key") == key
-            and all(p.exists() for p in paths.values())):
-        return AggregateResult(out_dir, previous, True, paths)
+    return _AggregatePlan(store_path, out_dir, stem, group, meta, probs, attrs, names,
+                          {k: out_dir / v for k, v in names.items()}, _aggregation_key(meta, attrs, config))
+
+
+def _up_to_date(plan: _AggregatePlan) -> dict[str, Any] | None:
+    """The previous summary when it was made from the same scores and settings and every output is there."""
+    previous = read_summary(plan.out_dir)
+    if previous and previous.get("aggregation_key") == plan.key and all(p.exists() for p in plan.paths.values()):
+        return previous
+    return None
+
+
+def _make_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create output directory ({exc.strerror or exc})") from None
 
-    class_names = list(attrs["class_names"])
-    suspicious = list(attrs["suspicious_classes"])
-    n = meta.n_tiles
-    if probs.shape != (n, len(class_names)) or (n and not np.isfinite(probs).all()):
-        raise StoreError(f"{store_path}: scores {scores_key(attrs['checkpoint_sha256'])} are incomplete or "
+
+def _check_inputs(plan: _AggregatePlan) -> dict[str, Any] | None:
+    """Refuse scores (or OOD distances) that do not cover the tiles, and a store without its grid; the
+    slide's OOD entry for summary.json (None: the checkpoint has no OOD statistics)."""
+    n, sha = plan.meta.n_tiles, plan.attrs["checkpoint_sha256"]
+    if plan.probs.shape != (n, len(plan.attrs["class_names"])) or (n and not np.isfinite(plan.probs).all()):
+        raise StoreError(f"{plan.store}: scores {scores_key(sha)} are incomplete or "
                          "inconsistent with the tiles; run `wsi-triage score` again")
-    ood = read_ood(group, attrs)  # (distances, threshold) or None: no OOD statistics in the checkpoint
+    ood = read_ood(plan.group, plan.attrs)  # (distances, threshold) or None: no OOD statistics in the checkpoint
     if ood is not None and (ood[0].shape != (n,) or (n and not np.isfinite(ood[0]).all())):
-        raise StoreError(f"{store_path}: scores {scores_key(attrs['checkpoint_sha256'])}/ood are incomplete or "
+        raise StoreError(f"{plan.store}: scores {scores_key(sha)}/ood are incomplete or "
                          "inconsistent with the tiles; run `wsi-triage score` again")
-    ood_entry = ood_summary(*ood) if ood is not None else None
+    if plan.meta.grid is None:
+        raise StoreError(f"{plan.store}: tile store attribute 'grid' is missing (damaged store); delete it and "
+                         "rerun `wsi-triage run` on the slide")
+    return ood_summary(*ood) if ood is not None else None
+
+
+@dataclass(frozen=True)
+class _SlideScore:
+    """The numbers and maps of one aggregation, before anything is written."""
+
+    suspicion: np.ndarray  # (N,) per tile
+    argmax: np.ndarray  # (N,) most probable class per tile
+    coords: np.ndarray  # (N, 4)
+    score: float | None  # calibrated when the checkpoint has a calibration
+    raw: float | None
+    calibration: dict[str, Any] | None
+    heat: np.ndarray
+    heat_grid_meta: dict[str, Any]
+    gallery: np.ndarray  # tile indices shown in gallery.png
+    top_tiles: list[dict[str, Any]]
+    by_object: dict[str, Any] | None  # a "cells" store: aggregate_objects' result
+    provenance: dict[str, Any]
+
+
+def _score_slide(plan: _AggregatePlan, config: AggregateConfig) -> _SlideScore:
+    group, meta, probs, attrs = plan.group, plan.meta, plan.probs, plan.attrs
+    class_names = list(attrs["class_names"])
+    n = meta.n_tiles
     coords = np.asarray(group["coords"][:]) if n else np.zeros((0, 4), dtype=np.int64)
     grid = np.asarray(group["grid"][:]) if n else np.zeros((0, 2), dtype=np.int32)
-    suspicion = tile_suspicion(probs, class_names, suspicious)
+    suspicion = tile_suspicion(probs, class_names, list(attrs["suspicious_classes"]))
     score = slide_score(suspicion, config)
-    if meta.grid is None:
-        raise StoreError(f"{store_path}: tile store attribute 'grid' is missing (damaged store); delete it and "
-                         "rerun `wsi-triage run` on the slide")
-    grid_meta = meta.grid.as_dict()
     heat = heatmap_grid(suspicion, grid, meta.grid.shape)
-
     order = np.argsort(-suspicion, kind="stable")[: config.gallery_k]
     argmax = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
     top_tiles = [{
@@ -241,14 +300,30 @@ def aggregate_store(
         "x": int(coords[i][0]), "y": int(coords[i][1]), "w": int(coords[i][2]), "h": int(coords[i][3]),
         "row": int(grid[i][0]), "col": int(grid[i][1]), "argmax": class_names[int(argmax[i])],
     } for r, i in enumerate(order)]
+    provenance = _provenance(plan)
+    # a "cells" store is aggregated by object (aggregation/objects.py): score, map, GeoJSON and gallery
+    by_object = aggregate_objects(group, suspicion, probs, class_names, config, provenance, slide_score) if n else None
+    raw = by_object["raw_score"] if by_object else score
+    calibration = calibration_for(attrs.get("checkpoint_sha256"), attrs.get("checkpoint_metadata"),
+                                  "cells" if by_object else "grid", config.method, config.top_k)
+    score = calibrated(raw, calibration) if calibration else raw
+    heat_grid_meta = meta.grid.as_dict()
+    if by_object:
+        heat, heat_grid_meta = by_object["heat"], by_object["heat_grid_meta"]
+        order = by_object["gallery_tiles"]
+    return _SlideScore(suspicion, argmax, coords, score, raw, calibration, heat, heat_grid_meta,
+                       np.asarray(order, dtype=np.int64), top_tiles, by_object, provenance)
 
-    provenance = {
+
+def _provenance(plan: _AggregatePlan) -> dict[str, Any]:
+    meta, attrs = plan.meta, plan.attrs
+    return {
         "slide_path": meta.slide_path,
         "slide_fingerprint": meta.slide_fingerprint,
         "slide_mpp": meta.slide_mpp.as_dict() if meta.slide_mpp else None,
         "tiler_config": meta.tiler_config,
         "tiler_config_hash": meta.tiler_config_hash,
-        "store": str(store_path.resolve()),
+        "store": str(plan.store.resolve()),
         "scores": scores_key(attrs["checkpoint_sha256"]),
         "checkpoint_sha256": attrs["checkpoint_sha256"],
         "checkpoint_path": attrs.get("checkpoint_path"),
@@ -257,56 +332,60 @@ def aggregate_store(
         "device": attrs.get("device"),
         "versions": package_versions(),
     }
-    # a "cells" store is aggregated by object (object_outputs.py): score, map, GeoJSON and gallery
-    by_object = aggregate_objects(group, suspicion, probs, class_names, config, provenance, slide_score) if n else None
-    raw = by_object["raw_score"] if by_object else score
-    calibration = calibration_for(attrs.get("checkpoint_sha256"), attrs.get("checkpoint_metadata"),
-                                  "cells" if by_object else "grid", config.method, config.top_k)
-    score = calibrated(raw, calibration) if calibration else raw
-    heat_grid_meta = grid_meta
-    if by_object:
-        heat, heat_grid_meta = by_object["heat"], by_object["heat_grid_meta"]
-        order = by_object["gallery_tiles"]
-    summary = {
-        "slide": stem,
+
+
+def _summary(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore,
+             ood_entry: dict[str, Any] | None) -> dict[str, Any]:
+    """summary.json (docs/contracts.md): the score with its settings, the tiles, OOD, provenance."""
+    n = plan.meta.n_tiles
+    class_names = list(plan.attrs["class_names"])
+    by_object = s.by_object
+    return {
+        "slide": plan.stem,
         # ok | empty (no tile) | out_of_domain (most tiles unlike the checkpoint's training data: the score
         # is recorded but is no suspicion; wsi_pipeline.scoring.ood)
         "status": "empty" if not n else ("out_of_domain" if ood_entry and ood_entry["out_of_domain"] else "ok"),
-        "score": {"value": None if score is None else round(score, 6), "method": config.method,
+        "score": {"value": None if s.score is None else round(s.score, 6), "method": config.method,
                   "settings": config.score_settings(), "over": "objects" if by_object else "tiles",
-                  "raw": None if raw is None else round(raw, 6), "calibration": calibration},
-        "tiles": {"n_tiles": n, "n_grid": meta.n_grid,
-                  "above_threshold": int(np.sum(suspicion > config.threshold)),
-                  "threshold": config.threshold, "mean_suspicion": round(float(suspicion.mean()), 6) if n else None},
-        "empty_reason": meta.empty_reason,
+                  "raw": None if s.raw is None else round(s.raw, 6), "calibration": s.calibration},
+        "tiles": {"n_tiles": n, "n_grid": plan.meta.n_grid,
+                  "above_threshold": int(np.sum(s.suspicion > config.threshold)),
+                  "threshold": config.threshold,
+                  "mean_suspicion": round(float(s.suspicion.mean()), 6) if n else None},
+        "empty_reason": plan.meta.empty_reason,
         "ood": ood_entry,
         "class_names": class_names,
-        "suspicious_classes": suspicious,
-        "class_fractions": {c: round(float(np.mean(argmax == j)), 6) if n else 0.0 for j, c in enumerate(class_names)},
-        "top_tiles": top_tiles,
+        "suspicious_classes": list(plan.attrs["suspicious_classes"]),
+        "class_fractions": {c: round(float(np.mean(s.argmax == j)), 6) if n else 0.0
+                            for j, c in enumerate(class_names)},
+        "top_tiles": s.top_tiles,
         **({"objects": by_object["summary"]} if by_object else {}),
         "aggregate_config": dataclasses.asdict(config),
-        "aggregation_key": key,
-        "provenance": provenance,
-        "outputs": names,
+        "aggregation_key": plan.key,
+        "provenance": s.provenance,
+        "outputs": plan.names,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
+
+def _write_outputs(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore, summary: dict[str, Any]) -> None:
+    """Every picture and the GeoJSON, each atomically, then summary.json last (it marks completion)."""
+    group, paths = plan.group, plan.paths
+    class_names = list(plan.attrs["class_names"])
     thumbnail = np.asarray(group["thumbnail"][:])
     mask = np.asarray(group["mask"][:])
     downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))
-    title = f"{printable(stem)}: {config.method} = " + ("n/a" if score is None else f"{score:.3f}")  # hostile names
-    write_atomic(paths["overlay"], overlay_picture(thumbnail, mask, heat, heat_grid_meta, downsample, config.overlay_alpha,
-                                                   title))
-    write_atomic(paths["heatmap_png"], heatmap_picture(heat, title))
-    write_atomic(paths["heatmap_npy"], _save_npy(heat))
-    top_idx = np.asarray(order, dtype=np.int64)
-    tiles = tile_store.read_tiles(group, top_idx) if len(top_idx) else np.zeros((0, 1, 1, 3))  # checked, never fill
-    write_atomic(paths["gallery"], gallery_png(tiles, suspicion[top_idx], coords[top_idx],
-                                               [class_names[int(argmax[i])] for i in top_idx]))
-    collection = by_object["geojson"] if by_object else geojson_collection(
-        coords, probs, suspicion, class_names, provenance, bounds=meta.slide_dimensions)
+    title = f"{printable(plan.stem)}: {config.method} = " + ("n/a" if s.score is None else f"{s.score:.3f}")  # hostile names
+    write_atomic(paths["overlay"], overlay_picture(thumbnail, mask, s.heat, s.heat_grid_meta, downsample,
+                                                   config.overlay_alpha, title))
+    write_atomic(paths["heatmap_png"], heatmap_picture(s.heat, title))
+    write_atomic(paths["heatmap_npy"], _save_npy(s.heat))
+    top = s.gallery
+    tiles = tile_store.read_tiles(group, top) if len(top) else np.zeros((0, 1, 1, 3))  # checked, never fill
+    write_atomic(paths["gallery"], gallery_png(tiles, s.suspicion[top], s.coords[top],
+                                               [class_names[int(s.argmax[i])] for i in top]))
+    collection = s.by_object["geojson"] if s.by_object else geojson_collection(
+        s.coords, plan.probs, s.suspicion, class_names, s.provenance, bounds=plan.meta.slide_dimensions)
     data = json.dumps(collection, separators=(",", ":")).encode()
     write_atomic(paths["geojson"], gzip.compress(data, mtime=0) if config.geojson_gzip else data)
     write_atomic(paths["summary"], json.dumps(summary, indent=2, default=str).encode())  # last: marks completion
-    return AggregateResult(out_dir, summary, False, paths)

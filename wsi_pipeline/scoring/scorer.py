@@ -13,7 +13,6 @@ the same for local threads, local processes and dask.distributed workers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import datetime as _dt
 import os
@@ -21,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -29,10 +28,11 @@ from wsi_contracts import tilestore as tile_store
 from wsi_contracts.tilestore import StoreMeta, list_scores, read_ood, read_scores, scores_key
 from wsi_contracts.checkpoint import CheckpointInfo
 from .model import LoadedCheckpoint, load_checkpoint, read_checkpoint_info
-from ..errors import CheckpointError, OptionError, StoreError
+from ..errors import CheckpointError, OptionError
+from ..progress import Counter, Progress
 from .ood import OodStats, features_and_logits, ood_distance
 
-__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'cached_model', 'clear_model_cache', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'check_store_matches', 'list_scores', 'read_scores', 'read_ood', 'score_store', 'score_config_dict']
+__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'cached_model', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'check_store_matches', 'list_scores', 'read_scores', 'read_ood', 'score_store']
 
 #: relative difference between the store's tile mpp and the checkpoint's that is still accepted
 MPP_TOLERANCE = 0.02
@@ -53,16 +53,16 @@ class ScoreConfig:
 
     def validated(self) -> "ScoreConfig":
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise StoreError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+            raise OptionError("precision", f"must be auto, fp32 or bf16, got {self.precision!r}")
         if self.precision_check_tiles < 1:
-            raise StoreError(f"precision check needs at least one tile, got {self.precision_check_tiles}")
+            raise OptionError("precision_check_tiles", f"must be at least 1, got {self.precision_check_tiles}")
         if self.batch_size < 1:
-            raise StoreError(f"batch size must be positive, got {self.batch_size}")
+            raise OptionError("batch_size", f"must be positive, got {self.batch_size}")
         if self.scheduler not in LOCAL_SCHEDULERS and "://" not in self.scheduler and ":" not in self.scheduler:
-            raise StoreError(f"unknown scheduler {self.scheduler!r}; use threads, processes or a "
-                             "dask.distributed address such as tcp://host:8786")
+            raise OptionError("scheduler", f"must be threads, processes, sync or a dask.distributed address such as "
+                                           f"tcp://host:8786, got {self.scheduler!r}")
         if self.workers is not None and self.workers < 1:
-            raise OptionError(f"--score-workers must be at least 1, got {self.workers}")
+            raise OptionError("workers", f"must be at least 1, got {self.workers}")
         if self.device:
             check_device(self.device)
         return self
@@ -93,17 +93,17 @@ def check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise OptionError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+        raise OptionError("device", f"{device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise OptionError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+            raise OptionError("device", f"{device!r}: no CUDA GPU is available on this machine; use cpu")
         if dev.index is not None and dev.index >= count:
-            raise OptionError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+            raise OptionError("device", f"{device!r}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise OptionError(f"--device {device}: Apple MPS is not available on this machine; use --device cpu")
+        raise OptionError("device", f"{device!r}: Apple MPS is not available on this machine; use cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise OptionError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
+        raise OptionError("device", f"{device!r}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
 
 
 def resolve_device(device: str | None) -> str:
@@ -169,12 +169,6 @@ def cached_model(checkpoint_path: str | Path, sha256: str, device: str) -> Loade
             loaded.model.to(device)
             _MODELS[key] = loaded
     return loaded
-
-
-def clear_model_cache() -> None:
-    with _MODELS_LOCK:
-        _MODELS.clear()
-        _SCORING.clear()
 
 
 # --------------------------------------------------------------------------- inference
@@ -332,7 +326,7 @@ def _local_workers(config: ScoreConfig, n_tasks: int) -> int:
     return max(1, min(config.workers or os.cpu_count() or 1, n_tasks))
 
 
-def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, progress: Callable[[int], None] | None) -> None:
+def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, counter: Counter) -> None:
     import dask
 
     if not tasks:
@@ -341,8 +335,8 @@ def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, progress: Calla
         from dask.callbacks import Callback
 
         def posttask(key, result, dsk, state, worker_id):
-            if progress and isinstance(result, tuple) and len(result) == 2:
-                progress(int(result[1]))
+            if isinstance(result, tuple) and len(result) == 2:
+                counter.add(int(result[1]))
 
         # the scheduler's own function, not its name: a name makes dask import distributed to
         # look for a client (0.3 s per process)
@@ -360,129 +354,166 @@ def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, progress: Calla
     try:
         client = Client(config.scheduler, timeout="20s", set_as_default=False)
     except (OSError, TimeoutError) as exc:
-        raise StoreError(f"cannot reach dask scheduler {config.scheduler}: {exc}") from None
+        raise OptionError("scheduler", f"{config.scheduler!r}: cannot reach the dask scheduler ({exc})") from None
     try:
         futures = client.compute(tasks)
         with client.as_current():  # as_completed finds its event loop through the current client
             finished = as_completed(futures)
         for fut in finished:
             _, n = fut.result()
-            if progress:
-                progress(int(n))
+            counter.add(int(n))
     finally:
         client.close()
 
 
 def score_store(store_path: str | Path, checkpoint: str | Path | None = None, config: ScoreConfig = ScoreConfig(),
-                *, progress: Callable[[int], None] | None = None,
-                on_plan: Callable[[int, int], None] | None = None) -> ScoreResult:
+                *, progress: Progress | None = None) -> ScoreResult:
     """Write ``scores/<sha12>/probs`` for every tile of a complete store; reuse or resume existing scores.
 
     ``checkpoint=None`` uses the bundled demo student. Reads only the store, never the slide.
-    Holds the store's writer lock (:mod:`wsi_pipeline.lock`) while it works.
+    Holds the store's writer lock (:mod:`wsi_pipeline.lock`) while it works. ``progress("scoring",
+    tiles_done, n_tiles)`` (:mod:`wsi_pipeline.progress`) reports the plan, then each scored shard.
+    torch's process-wide thread count is the same after the call as before it.
     """
     from ..lock import store_lock
 
     config = config.validated()
+    counter = Counter(progress, "scoring")
     with store_lock(store_path):
-        return _score_store(store_path, checkpoint, config, progress=progress, on_plan=on_plan)
+        start = time.perf_counter()
+        plan = _plan_scoring(Path(store_path), checkpoint)
+        if plan.complete:
+            counter.plan(plan.meta.n_tiles, plan.meta.n_tiles)
+            return _reused_result(plan, time.perf_counter() - start)
+        device = resolve_device(config.device)  # imports torch: only when there is work
+        precision, diff = _open_scores(plan, config, device)
+        pending = _pending_shards(plan)
+        counter.plan(plan.meta.n_tiles, plan.meta.n_tiles - sum(_shard_len(plan.meta, i) for i in pending))
+        _score_shards(plan, pending, config, device, precision, counter)
+        _mark_complete(plan)
+    return ScoreResult(plan.store, plan.key, plan.info.sha256, plan.meta.n_tiles, False, len(pending),
+                       time.perf_counter() - start, precision, device, diff)
 
 
-def _score_store(
-    store_path: str | Path,
-    checkpoint: str | Path | None = None,
-    config: ScoreConfig = ScoreConfig(),
-    *,
-    progress: Callable[[int], None] | None = None,
-    on_plan: Callable[[int, int], None] | None = None,
-) -> ScoreResult:
-    """Write ``scores/<sha12>/probs`` for every tile of a complete store; reuse or resume existing scores.
+@dataclass(frozen=True)
+class _ScorePlan:
+    """What a scoring starts from: the store, the checkpoint, and this checkpoint's scores if any."""
 
-    ``checkpoint=None`` uses the bundled demo student. Reads only the store, never the slide.
-    """
-    import dask
+    store: Path
+    info: CheckpointInfo
+    meta: StoreMeta
+    key: str  # scores/<sha12>
+    existing: dict[str, Any] | None  # attributes of this checkpoint's score group, when it exists
 
-    start = time.perf_counter()
-    config = config.validated()
-    store_path = Path(store_path)
+    @property
+    def complete(self) -> bool:
+        return bool(self.existing and self.existing.get("complete"))
+
+
+def _plan_scoring(store_path: Path, checkpoint: str | Path | None) -> _ScorePlan:
+    """Check the store (complete, tiles the checkpoint's size and pixel size) and find its scores; score
+    chunks that fail their checksum are marked pending again, so only those are redone."""
     info = read_checkpoint_info(checkpoint)
     group = tile_store.require_complete(store_path)
     meta = tile_store.read_store_meta(group)
     check_store_matches(store_path, meta, info)
     key = scores_key(info.sha256)
-    n_tiles, per_shard, n_shards = meta.n_tiles, meta.tiles_per_shard, meta.n_shards
-    existing = list_scores(group).get(key)
-    if existing and existing.get("checkpoint_sha256") == info.sha256 and tile_store.unflag_damaged_scores(store_path, key):
-        existing = list_scores(tile_store.open_store(store_path)).get(key)  # rescore only the damaged shards
+    existing = _own_scores(group, key, info)
+    if existing and tile_store.unflag_damaged_scores(store_path, key):
+        existing = _own_scores(tile_store.open_store(store_path), key, info)
+    return _ScorePlan(store_path, info, meta, key, existing)
 
-    if existing and existing.get("checkpoint_sha256") == info.sha256 and existing.get("complete"):
-        if on_plan:
-            on_plan(n_tiles, n_tiles)
-        return ScoreResult(store_path, key, info.sha256, n_tiles, True, 0, time.perf_counter() - start,
-                           existing.get("precision", "fp32"), existing.get("device", "cpu"),
-                           existing.get("bf16_max_abs_diff"))
-    device = resolve_device(config.device)  # imports torch: only when there is work
 
-    group = tile_store.open_store(store_path, mode="r+")
-    if existing and existing.get("checkpoint_sha256") == info.sha256:
-        sg = group[key]  # resume an interrupted scoring with the precision it started with
-        precision, diff = existing.get("precision", "fp32"), existing.get("bf16_max_abs_diff")
-    else:
-        precision, diff, first_probs = "fp32", None, None
-        if n_tiles and config.precision != "fp32":
-            scoring = scoring_model(info.path, info.sha256, device)
-            first = tile_store.shard_slice(0, n_tiles, per_shard)
-            # a sample of the first shard is scored both ways; the whole shard only when it is small
-            sample = tile_store.read_shard(group, 0)[:config.precision_check_tiles]
-            precision, diff, first_probs = choose_precision(scoring, sample, config, device)
-            if first_probs is not None and (len(first_probs) != first.stop - first.start or info.ood is not None):
-                first_probs = None  # (with OOD statistics shard 0 is scored again, for its distances)
-        sg = _prepare_group(group, key, info, device, precision, diff)
-        if first_probs is not None and not np.isfinite(first_probs).all():
-            raise CheckpointError(f"{info.path}: the model produced NaN or infinite probabilities on {store_path}; "
-                                  "the checkpoint is unusable (export it again)")
-        if first_probs is not None:
-            # the precision check already scored all of shard 0 at the chosen precision: keep it
-            sg["probs"][first] = first_probs
-            sg["shard_done"][0] = True
+def _own_scores(group, key: str, info: CheckpointInfo) -> dict[str, Any] | None:
+    attrs = list_scores(group).get(key)
+    return attrs if attrs and attrs.get("checkpoint_sha256") == info.sha256 else None
 
-    done = np.asarray(sg["shard_done"][:n_shards]) if n_shards else np.zeros(0, bool)
-    pending = [int(i) for i in np.flatnonzero(~done)]
-    slices = [tile_store.shard_slice(i, n_tiles, per_shard) for i in pending]
-    done_tiles = n_tiles - sum(sl.stop - sl.start for sl in slices)
-    if on_plan:
-        on_plan(n_tiles, done_tiles)
+
+def _reused_result(plan: _ScorePlan, seconds: float) -> ScoreResult:
+    e = plan.existing or {}
+    return ScoreResult(plan.store, plan.key, plan.info.sha256, plan.meta.n_tiles, True, 0, seconds,
+                       e.get("precision", "fp32"), e.get("device", "cpu"), e.get("bf16_max_abs_diff"))
+
+
+def _shard_len(meta: StoreMeta, index: int) -> int:
+    sl = tile_store.shard_slice(index, meta.n_tiles, meta.tiles_per_shard)
+    return sl.stop - sl.start
+
+
+def _open_scores(plan: _ScorePlan, config: ScoreConfig, device: str) -> tuple[str, float | None]:
+    """The precision to score at and its measured bf16 difference: those an interrupted scoring started
+    with, or new ones, recorded in a new score group (with shard 0 kept when the check scored it all)."""
+    if plan.existing:
+        return plan.existing.get("precision", "fp32"), plan.existing.get("bf16_max_abs_diff")
+    group = tile_store.open_store(plan.store, mode="r+")
+    info, n_tiles = plan.info, plan.meta.n_tiles
+    precision, diff, first_probs = "fp32", None, None
+    if n_tiles and config.precision != "fp32":
+        # a sample of the first shard is scored both ways; the whole shard only when it is small
+        sample = tile_store.read_shard(group, 0)[:config.precision_check_tiles]
+        precision, diff, first_probs = choose_precision(scoring_model(info.path, info.sha256, device), sample,
+                                                        config, device)
+        if first_probs is not None and (len(first_probs) != _shard_len(plan.meta, 0) or info.ood is not None):
+            first_probs = None  # (with OOD statistics shard 0 is scored again, for its distances)
+    sg = _prepare_group(group, plan.key, info, device, precision, diff)
+    if first_probs is not None and not np.isfinite(first_probs).all():
+        raise CheckpointError(f"{info.path}: the model produced NaN or infinite probabilities on {plan.store}; "
+                              "the checkpoint is unusable (export it again)")
+    if first_probs is not None:
+        # the precision check already scored all of shard 0 at the chosen precision: keep it
+        sg["probs"][tile_store.shard_slice(0, n_tiles, plan.meta.tiles_per_shard)] = first_probs
+        sg["shard_done"][0] = True
+    return precision, diff
+
+
+def _pending_shards(plan: _ScorePlan) -> list[int]:
+    n_shards = plan.meta.n_shards
+    if not n_shards:
+        return []
+    done = np.asarray(tile_store.open_store(plan.store)[plan.key]["shard_done"][:n_shards])
+    return [int(i) for i in np.flatnonzero(~done)]
+
+
+def _score_shards(plan: _ScorePlan, pending: list[int], config: ScoreConfig, device: str, precision: str,
+                  counter: Counter) -> None:
+    """One dask task per pending shard, on the configured scheduler."""
+    import dask
 
     n_workers = _local_workers(config, len(pending))
-    torch_threads = None
-    if config.scheduler == "processes":
-        torch_threads = max(1, (os.cpu_count() or 1) // n_workers)
+    # worker processes split the cores between them; so do worker threads on the CPU (one intra-op
+    # thread each avoids oversubscribing the cores), for the duration of the call only
+    share = max(1, (os.cpu_count() or 1) // n_workers)
+    task_threads = share if config.scheduler == "processes" else None
+    local_threads = share if config.scheduler == "threads" and n_workers > 1 and device == "cpu" else None
+    info = plan.info
     tasks = [
-        dask.delayed(score_shard, pure=False)(str(store_path), key, i, str(info.path), info.sha256, device,
-                                              precision, config.batch_size, torch_threads,
+        dask.delayed(score_shard, pure=False)(str(plan.store), plan.key, i, str(info.path), info.sha256, device,
+                                              precision, config.batch_size, task_threads,
                                               dask_key_name=f"score-shard-{info.sha12}-{i}")
         for i in pending
     ]
-    restore = None
-    if config.scheduler == "threads" and n_workers > 1 and device == "cpu":
-        # tasks already run in parallel: one intra-op thread each avoids oversubscribing the cores
-        import torch
+    with _torch_threads(local_threads):
+        _run_tasks(tasks, config, n_workers, counter)
 
-        restore = torch.get_num_threads()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+
+def _mark_complete(plan: _ScorePlan) -> None:
+    """Every shard is scored: the scores are complete (readers use only complete scores)."""
+    scores = tile_store.open_store(plan.store, mode="r+")[plan.key]
+    scores.attrs.update({"complete": True,
+                         "scored": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block (when given), then restored."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
-        _run_tasks(tasks, config, n_workers, progress)
+        yield
     finally:
-        if restore is not None:
-            import torch
-
-            torch.set_num_threads(restore)
-
-    sg.attrs.update({"complete": True,
-                     "scored": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-    return ScoreResult(store_path, key, info.sha256, n_tiles, False, len(pending), time.perf_counter() - start,
-                       precision, device, diff)
-
-
-def score_config_dict(config: ScoreConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+        torch.set_num_threads(before)

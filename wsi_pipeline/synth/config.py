@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import WsiTriageError
+from ..errors import OptionError
 from .cells import PBC_MPP
 
 __all__ = ['DEFAULT_SUSPICIOUS', 'STAINS', 'PEN_INKS', 'SynthConfig', 'seeded_rng', 'parse_size', 'validate']
@@ -64,30 +64,32 @@ def parse_size(text: str) -> tuple[int, int]:
         else:
             raise ValueError
     except ValueError:
-        raise WsiTriageError(f"--size {text!r}: expected WIDTHxHEIGHT in px, e.g. 8192x8192") from None
+        raise OptionError("size", f"{text!r}: expected WIDTHxHEIGHT in px, e.g. 8192x8192") from None
     return w, h
 
 
 def validate(cfg: SynthConfig) -> None:
-    """Raise ``WsiTriageError`` (worded for the CLI options) if ``cfg`` cannot be synthesised."""
-    if not (256 <= cfg.width <= 2**31 - 1 and 256 <= cfg.height <= 2**31 - 1):
-        raise WsiTriageError(f"--size {cfg.width}x{cfg.height}: each side must be at least 256 px")
+    """Raise :class:`OptionError` (naming the field) if ``cfg`` cannot be synthesised."""
+    for name in ("width", "height"):
+        if not 256 <= getattr(cfg, name) <= 2**31 - 1:
+            raise OptionError(name, f"must be between 256 and {2**31 - 1} px, got {getattr(cfg, name)}")
     if not (0.05 <= cfg.mpp <= 10.0):
-        raise WsiTriageError(f"--mpp {cfg.mpp}: expected a pixel size in um/px between 0.05 and 10")
+        raise OptionError("mpp", f"must be a pixel size between 0.05 and 10 um/px, got {cfg.mpp}")
     scale = cfg.cells_mpp / cfg.mpp
     if not (0.05 <= scale <= 8.0):
-        raise WsiTriageError(f"--mpp {cfg.mpp}: cells at {cfg.cells_mpp} um/px would be scaled by {scale:.3g}")
+        raise OptionError("mpp", f"{cfg.mpp}: cells at {cfg.cells_mpp} um/px would be scaled by {scale:.3g} "
+                                 "(0.05..8 allowed)")
     if not (0.0 <= cfg.fraction <= 1.0):
-        raise WsiTriageError(f"--fraction {cfg.fraction}: expected a value between 0 and 1")
+        raise OptionError("fraction", f"must be between 0 and 1, got {cfg.fraction}")
     if cfg.seed < 0:
-        raise WsiTriageError(f"--seed {cfg.seed}: expected a non-negative integer")
+        raise OptionError("seed", f"must be a non-negative integer, got {cfg.seed}")
     if cfg.tile % 16 or cfg.tile < 16:
-        raise WsiTriageError(f"tile {cfg.tile}: expected a multiple of 16")
+        raise OptionError("tile", f"must be a positive multiple of 16, got {cfg.tile}")
     if not (1 <= cfg.quality <= 100):
-        raise WsiTriageError(f"--quality {cfg.quality}: expected 1..100")
+        raise OptionError("quality", f"must be in 1..100, got {cfg.quality}")
     if cfg.stain not in STAINS:
-        raise WsiTriageError(f"--stain {cfg.stain!r}: expected one of {', '.join(STAINS)}")
+        raise OptionError("stain", f"must be one of {', '.join(STAINS)}, got {cfg.stain!r}")
     if cfg.pen_ink not in PEN_INKS:
-        raise WsiTriageError(f"--pen-ink {cfg.pen_ink!r}: expected one of {', '.join(PEN_INKS)}")
+        raise OptionError("pen_ink", f"must be one of {', '.join(PEN_INKS)}, got {cfg.pen_ink!r}")
     if cfg.regions is not None and cfg.regions < 0:
-        raise WsiTriageError(f"--regions {cfg.regions}: expected a non-negative number")
+        raise OptionError("regions", f"must be >= 0, got {cfg.regions}")

@@ -44,9 +44,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import OutputError, WsiTriageError
+from ..progress import Progress
 from .cells import (IMAGE_SUFFIXES, PBC_MPP, SHIPPED_CELLS, CellPool, cut_out_cell, cut_out_red_cells,
     list_cells, read_cell_list, segment_cells, transmittance)
 from .config import DEFAULT_SUSPICIOUS, PEN_INKS, STAINS, SynthConfig, parse_size, validate
@@ -101,10 +101,11 @@ class SynthResult:
 
 
 def synthesize(out: str | Path, config: SynthConfig = SynthConfig(),
-               progress: Callable[[int, int], None] | None = None) -> SynthResult:
+               progress: Progress | None = None) -> SynthResult:
     """Write a synthetic smear to ``out`` (pyramidal JPEG TIFF) and its ground truth beside it.
 
-    ``progress(rows_done, rows_total)`` is called after each band of level 0.
+    ``progress("synth", rows_done, rows_total)`` (:mod:`wsi_pipeline.progress`) reports the level-0
+    rows written.
     """
     t_start = time.perf_counter()
     cfg = config

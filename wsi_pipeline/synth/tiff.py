@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import OutputError
+from ..progress import Progress
 from .config import SynthConfig
 
 __all__ = ['pyramid_sizes', 'write_slide']
@@ -120,11 +121,11 @@ def pyramid_sizes(width: int, height: int, smallest: int = 1024) -> list[tuple[i
 
 def write_slide(out: Path, cfg: SynthConfig, render_band: Callable[[int, int], np.ndarray],
                 sizes: list[tuple[int, int]], truth_name: str,
-                progress: Callable[[int, int], None] | None = None) -> None:
+                progress: Progress | None = None) -> None:
     """Write the slide to ``out`` as a pyramidal JPEG TIFF (levels ``sizes``), via ``<out>.partial``.
 
     ``render_band(y0, y1)`` gives level-0 rows [y0, y1), asked for top to bottom one tile row at
-    a time; ``progress(rows_done, rows_total)`` is called after each. ``truth_name`` (the ground
+    a time; ``progress("synth", rows_done, rows_total)`` is called before the first and after each. ``truth_name`` (the ground
     truth file) goes into the image description. ``out``'s folder must exist.
     """
     import imagecodecs
@@ -150,6 +151,8 @@ def write_slide(out: Path, cfg: SynthConfig, render_band: Callable[[int, int], n
     spool = _PyramidSpool(sizes[1:], T, encode_many, spool_fh)
 
     def level0() -> Iterator[bytes]:
+        if progress:
+            progress("synth", 0, H)
         for y0 in range(0, H, T):
             y1 = min(y0 + T, H)
             band = render_band(y0, y1)
@@ -161,7 +164,7 @@ def write_slide(out: Path, cfg: SynthConfig, render_band: Callable[[int, int], n
             encoded = encode_many(_tiles_of(band, T))
             del band
             if progress:
-                progress(y1, H)
+                progress("synth", y1, H)
             yield from encoded
 
     common = dict(dtype=np.uint8, tile=(T, T), photometric="rgb", compression="jpeg",

@@ -15,12 +15,10 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -28,6 +26,7 @@ from . import objects as cell_objects
 from wsi_contracts import tilestore as tile_store
 from wsi_contracts.tilestore import StoreMeta
 from ..errors import OutputError, SlideError, StoreError
+from ..progress import Counter, Progress
 from ..foreground import (WORKING_MPP, ForegroundResult, blur_scores, decide_stain, detect_foreground,
     get_preset, tile_fractions)
 from ..foreground import count_in_boxes
@@ -297,14 +296,14 @@ def tile_slide(
     *,
     mpp: float | None = None,
     workers: int | None = None,
-    progress: Callable[[int], None] | None = None,
-    on_plan: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> TileResult:
     """Tile ``slide_path`` into ``<out_dir>/<stem>.zarr``, reusing or resuming an existing store.
 
-    ``progress(n)`` is called with the number of tiles each finished shard added; ``on_plan(total,
-    already_done)`` once the plan is known. Raises one-line :class:`WsiTriageError` subclasses.
+    ``progress("tiling", tiles_done, n_tiles)`` (:mod:`wsi_pipeline.progress`) reports the plan once
+    it is known, then each finished shard. Raises one-line :class:`WsiTriageError` subclasses.
     """
+    counter = Counter(progress, "tiling")
     start = time.perf_counter()
     config = config.resolved()
     slide_path = Path(slide_path)
@@ -320,8 +319,7 @@ def tile_slide(
         if state == "complete":
             group = tile_store.open_store(path)
             meta = tile_store.read_store_meta(group)
-            if on_plan:
-                on_plan(meta.n_tiles, meta.n_tiles)
+            counter.plan(meta.n_tiles, meta.n_tiles)
             return TileResult(path, meta.n_tiles, meta.n_grid, True, 0,
                               time.perf_counter() - start, meta.empty_reason, meta)
         if state == "resumable" and config.tiling == "cells" and not cell_objects.has_objects(tile_store.open_store(path)):
@@ -375,9 +373,8 @@ def tile_slide(
         per_shard = meta.tiles_per_shard
         pending = tile_store.pending_shards(group)
         done_tiles = n_tiles - sum(_shard_len(i, n_tiles, per_shard) for i in pending)
-        if on_plan:
-            on_plan(n_tiles, done_tiles)
-        _write_shards(slide, group, config, slide_mpp, pending, workers, progress)
+        counter.plan(n_tiles, done_tiles)
+        _write_shards(slide, group, config, slide_mpp, pending, workers, counter)
         tile_store.update_meta(group, complete=True)
         meta = tile_store.read_store_meta(group)
     return TileResult(path, n_tiles, meta.n_grid, False, len(pending),
@@ -389,7 +386,7 @@ def _shard_len(index: int, n_tiles: int, per_shard: int) -> int:
     return sl.stop - sl.start
 
 
-def _write_shards(slide, group, config, slide_mpp, pending, workers, progress) -> None:
+def _write_shards(slide, group, config, slide_mpp, pending, workers, counter: Counter) -> None:
     if not pending:
         return
     meta = tile_store.read_store_meta(group)
@@ -398,7 +395,6 @@ def _write_shards(slide, group, config, slide_mpp, pending, workers, progress) -
     level = slide.best_level_for_mpp(config.target_mpp)
     level_scale = slide.level_mpp(level) / config.target_mpp
     workers = workers or min(len(pending), os.cpu_count() or 1)
-    lock = threading.Lock()
 
     def work(index: int) -> int:
         sl = tile_store.shard_slice(index, n_tiles, per_shard)
@@ -411,9 +407,7 @@ def _write_shards(slide, group, config, slide_mpp, pending, workers, progress) -
             except Exception as exc:  # a decoder error in the middle of a slide is a slide problem
                 raise SlideError(f"{slide.path}: cannot read the region at level-0 ({box[0]}, {box[1]}): {exc}") from None
         tile_store.write_shard(group, index, tiles, blur_scores(tiles))
-        if progress:
-            with lock:
-                progress(len(tiles))
+        counter.add(len(tiles))
         return len(tiles)
 
     if workers <= 1:
