@@ -15,13 +15,18 @@ Prints:
   found as ink on the tiler's overview (stroke away from cells), stroke tiles kept, glass tiles
   kept, and nucleated cells (in groups and single) whose nucleus lies in a kept tile.
 
-    python benchmarks/eval_foreground.py [--shared ../shared/data] [--only blood|pap|ink]
+    python benchmarks/eval_foreground.py [--shared ../shared/data] [--only blood|pap|ink] [--json FILE|-]
+
+``--json -`` prints the figures as JSON on stdout and the text on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -30,13 +35,17 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import io
 
+from wsi_pipeline.aggregation import write_atomic
+from wsi_pipeline.errors import UserError, WsiTriageError
 from wsi_pipeline.foreground import decide_stain, detect_foreground, foreground_mask, get_preset, tile_fractions
 from wsi_pipeline.slides import open_slide
-from wsi_pipeline.synth import SynthConfig, synthesize
-from wsi_pipeline.synth import pen_stroke_mask
+from wsi_pipeline.names import printable
+from wsi_pipeline.synth import SynthConfig, pen_stroke_mask, synthesize
 from wsi_pipeline.tiling import TilerConfig, plan_tiles, tile_slide
 
 ROOT = Path(__file__).resolve().parents[1]
+#: ../shared/data beside the checkout, or $WSI_TRIAGE_SHARED_DATA (as the tests find it)
+SHARED = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SMEAR_MPP, TILE = 0.07, 64
 
 
@@ -48,7 +57,7 @@ def boxes(path: Path) -> list[tuple[str, list[float]]]:
     return out
 
 
-def smear_fields(folder: Path) -> None:
+def smear_fields(folder: Path) -> dict:
     preset = get_preset("romanowsky")
     hits = {"WBC": [0, 0], "RBC": [0, 0]}
     empty = [0, 0]
@@ -70,6 +79,8 @@ def smear_fields(folder: Path) -> None:
     for name, (k, n) in hits.items():
         print(f"{name} boxes overlapping a marked tile: {k}/{n} = {100 * k / n:.1f} %")
     print(f"box-free tiles marked: {empty[0]}/{empty[1]} = {100 * empty[0] / empty[1]:.1f} %")
+    doc = {"fields": len(masks), "boxes_overlapping_a_marked_tile": {k: {"hit": h, "n": n} for k, (h, n) in hits.items()},
+           "box_free_tiles_marked": {"hit": empty[0], "n": empty[1]}}
     audit = json.loads((ROOT / "tests" / "data" / "bccd_box_free_tiles.json").read_text())
     marked = {"glass": [], "cells": []}
     for t in audit["tiles"]:
@@ -77,9 +88,11 @@ def smear_fields(folder: Path) -> None:
         marked[t["label"]].append(bool(frac >= preset.min_foreground))
     for label, values in marked.items():
         print(f"blind audit, {label} tiles marked: {sum(values)}/{len(values)} = {100 * np.mean(values):.1f} %")
+    doc["blind_audit_tiles_marked"] = {label: {"hit": int(sum(v)), "n": len(v)} for label, v in marked.items()}
+    return doc
 
 
-def disc_overshoot() -> None:
+def disc_overshoot() -> dict:
     """Pale pink discs (red-cell-like) on glass with sensor noise, as in the test."""
     rng = np.random.default_rng(0)
     h, w = 480, 640
@@ -93,6 +106,8 @@ def disc_overshoot() -> None:
     mask = foreground_mask(img, SMEAR_MPP, "romanowsky")
     print(f"synthetic discs at {SMEAR_MPP} um/px: mask area / true area {mask.sum() / truth.sum():.3f}, "
           f"missed {(truth & ~mask).sum()} of {truth.sum()} px")
+    return {"mask_over_true_area": float(mask.sum() / truth.sum()), "missed_px": int((truth & ~mask).sum()),
+            "true_px": int(truth.sum())}
 
 
 PAP_MPP = 0.5  # the Pap LBC fields' scale is unknown and anisotropic (see their README); 0.5 as the issue's trial
@@ -105,8 +120,9 @@ def _in_kept_tiles(points_xy: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return inside.any(axis=1)
 
 
-def pap_fields(folder: Path) -> None:
+def pap_fields(folder: Path) -> dict:
     labels = json.loads((ROOT / "tests" / "data" / "pap_nuclei.json").read_text())
+    doc: dict = {"nuclei_in_kept_tiles": {}}
     for stain in ("auto", "pap", "romanowsky", "he"):
         hit = total = 0
         per_field = []
@@ -122,14 +138,18 @@ def pap_fields(folder: Path) -> None:
                 per_field.append(f"{name} {int(ok.sum())}/{len(pts)}")
         print(f"Pap nuclei in kept 64-px tiles, --stain {stain}: {hit}/{total} = {100 * hit / total:.1f} % "
               f"({', '.join(per_field)})")
+        doc["nuclei_in_kept_tiles"][stain] = {"hit": hit, "n": total, "per_field": per_field}
     fields = sorted(folder.glob("*.jpg"))
     ink = [float(detect_foreground(io.imread(p)[..., :3], PAP_MPP, "pap").ink.mean()) for p in fields]
     print(f"Pap fields with any pixel removed as ink: {sum(v > 0 for v in ink)}/{len(fields)} "
           f"(largest share {100 * max(ink):.2f} %)")
+    doc["fields_with_ink"] = {"hit": sum(v > 0 for v in ink), "n": len(fields), "largest_share": max(ink)}
+    return doc
 
 
-def stain_decisions(shared: Path) -> None:
+def stain_decisions(shared: Path) -> dict:
     """--stain auto on the held-out halves (thresholds were chosen on the even-numbered fields)."""
+    doc: dict = {}
     for label, pattern, mpp, want in (("Pap LBC", "pap_fields/mendeley_lbc_512/*.jpg", PAP_MPP, "pap"),
                                       ("BCCD", "smear_fields/*.jpg", SMEAR_MPP, "romanowsky")):
         paths = sorted(shared.glob(pattern))
@@ -137,15 +157,18 @@ def stain_decisions(shared: Path) -> None:
             got = [decide_stain(io.imread(p)[..., :3], mpp)[0].stain for p in paths[half::2]]
             print(f"--stain auto on {name} {label} fields: {sum(g == want for g in got)}/{len(got)} {want} "
                   f"({', '.join(f'{s} {got.count(s)}' for s in sorted(set(got)))})")
+            doc[f"{label} {name}"] = {"expected": want, "decided": {s: got.count(s) for s in sorted(set(got))}}
     with open_slide(shared / "slides" / "CMU-1-Small-Region.svs") as slide:
         thumb, ds = slide.thumbnail(2.0)
-        print(f"--stain auto on the H&E Aperio slide: {decide_stain(thumb, 0.499 * ds)[0].stain}")
+        doc["H&E Aperio slide"] = decide_stain(thumb, 0.499 * ds)[0].stain
+        print(f"--stain auto on the H&E Aperio slide: {doc['H&E Aperio slide']}")
+    return doc
 
 
 INKS = ("green", "blue", "black", "red")
 
 
-def ink_strokes(size: int = 4096, mpp: float = 0.5, seeds: tuple[int, ...] = (1, 2)) -> None:
+def ink_strokes(size: int = 4096, mpp: float = 0.5, seeds: tuple[int, ...] = (1, 2)) -> dict:
     """Synthetic smears (both stains, four inks): stroke found, stroke tiles dropped, cells kept."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,6 +189,9 @@ def ink_strokes(size: int = 4096, mpp: float = 0.5, seeds: tuple[int, ...] = (1,
     print(f"  stroke found: min {100 * found.min():.1f} %, mean {100 * found.mean():.1f} %; stroke tiles kept: "
           f"{sum(r[5] for r in rows)}/{sum(r[6] for r in rows)}; glass tiles kept: {sum(r[9] for r in rows)}/"
           f"{sum(r[10] for r in rows)}; nuclei in kept tiles: min {100 * min(r[7] for r in rows):.1f} %")
+    keys = ("stain", "ink", "seed", "auto_stain", "stroke_found", "stroke_tiles_kept", "stroke_tiles",
+            "nuclei_in_kept_tiles", "group_nuclei_in_kept_tiles", "glass_tiles_kept", "glass_tiles")
+    return {"size": size, "mpp": mpp, "rows": [dict(zip(keys, r)) for r in rows]}
 
 
 def _stroke_figures(path: Path, size: int, mpp: float):
@@ -208,23 +234,47 @@ def _stroke_figures(path: Path, size: int, mpp: float):
     return decision.stain, found, n_kept, int(stroke_tiles.sum()), float(ok.mean()), grp, n_glass_kept, int(glass.sum())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder [default: %(default)s]")
     ap.add_argument("--only", choices=("blood", "pap", "ink"), default=None)
     ap.add_argument("--size", type=int, default=8192, help="side of the synthetic ink smears (px)")
     ap.add_argument("--mpp", type=float, default=1.0,
                     help="their pixel size; 8192 px at 1 um/px draws a 245-um stroke, two tiles wide")
-    args = ap.parse_args()
-    if args.only in (None, "blood"):
-        smear_fields(args.shared / "smear_fields")
-        disc_overshoot()
-    if args.only in (None, "pap"):
-        pap_fields(args.shared / "pap_fields" / "mendeley_lbc_512")
-        stain_decisions(args.shared)
-    if args.only in (None, "ink"):
-        ink_strokes(args.size, args.mpp)
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON ('-' = stdout)")
+    args = ap.parse_args(argv)
+    try:
+        if args.json and args.json != "-" and not Path(args.json).absolute().parent.is_dir():
+            raise WsiTriageError(f"{args.json}: its folder does not exist (--json)")
+        needed = {"blood": ["smear_fields"], "pap": ["pap_fields/mendeley_lbc_512", "smear_fields", "slides"]}
+        for section in ([args.only] if args.only else ["blood", "pap"]):
+            for sub in needed.get(section, []):
+                if not (args.shared / sub).is_dir():
+                    raise WsiTriageError(f"{args.shared / sub}: not found (the {section} figures need the shared "
+                                         "data; --shared, or --only ink)")
+        # with --json - stdout carries the JSON alone; the text goes to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
+            doc = evaluate(args.shared, args.only, args.size, args.mpp)
+        if args.json:
+            text = json.dumps(doc, indent=2)
+            print(text) if args.json == "-" else write_atomic(Path(args.json), (text + "\n").encode())
+    except UserError as exc:
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def evaluate(shared: Path, only: str | None, size: int, mpp: float) -> dict:
+    """The chosen sections' figures, printed and returned."""
+    doc: dict = {}
+    if only in (None, "blood"):
+        doc["blood"] = {**smear_fields(shared / "smear_fields"), "discs": disc_overshoot()}
+    if only in (None, "pap"):
+        doc["pap"] = {**pap_fields(shared / "pap_fields" / "mendeley_lbc_512"), "stain_auto": stain_decisions(shared)}
+    if only in (None, "ink"):
+        doc["ink"] = ink_strokes(size, mpp)
+    return doc
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
