@@ -16,6 +16,8 @@ from . import __version__
 from .errors import OptionError, UserError, environment_error
 from .names import printable
 
+__all__ = ["main", "user_errors", "error_line", "option_flag", "PARAM_OPTIONS", "Bars", "echo_json"]
+
 #: library parameters whose command-line option has another name (``OptionError.param`` -> click's name)
 PARAM_OPTIONS = {"workers": "score_workers", "geojson_gzip": "gzip_geojson", "width": "size", "height": "size"}
 
