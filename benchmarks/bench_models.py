@@ -6,7 +6,7 @@ CPU, and on CUDA when present. Weights are random: speed does not depend on them
 
     python benchmarks/bench_models.py                      # paper + tiny, CPU (+ GPU)
     python benchmarks/bench_models.py --presets paper --batch 32 --batches 5
-    python benchmarks/bench_models.py --json out.json
+    python benchmarks/bench_models.py --json out.json      # or --json - : the results alone on stdout
 
 Prints one JSON line per measurement and a summary table with the student/teacher ratio.
 """
@@ -14,6 +14,7 @@ Prints one JSON line per measurement and a summary table with the student/teache
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distill.evaluate import flops_per_image, interleaved_throughput  # noqa: E402
-from distill.models import architecture, build_vit, count_params  # noqa: E402
+from distill.evaluate import flops_per_image, interleaved_throughput
+from distill.models import architecture, build_vit, count_params
+from wsi_pipeline.aggregation import write_atomic
+from wsi_pipeline.errors import UserError, WsiTriageError
 
 SIZES = {"paper": (224, 16), "small": (224, 16), "tiny": (64, 16)}
 
@@ -41,15 +42,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", default="paper,tiny")
+    ap.add_argument("--presets", default="paper,tiny", help=f"comma-separated, of {', '.join(SIZES)}")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--batches", type=int, default=9, help="timed batches (median reported)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-gpu", action="store_true")
-    ap.add_argument("--json", help="write all results to this file")
-    args = ap.parse_args()
+    ap.add_argument("--json", metavar="FILE", help="write all results to this file ('-' = stdout)")
+    args = ap.parse_args(argv)
+    try:
+        unknown = [p for p in args.presets.split(",") if p not in SIZES]
+        if unknown:
+            raise WsiTriageError(f"--presets: unknown {', '.join(map(repr, unknown))}; use {', '.join(SIZES)}")
+        for name in ("batch", "batches", "threads"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise WsiTriageError(f"--{name} {value}: must be >= 1")
+        if args.json and args.json != "-" and not Path(args.json).absolute().parent.is_dir():
+            raise WsiTriageError(f"{args.json}: its folder does not exist (--json)")
+        # with --json - stdout carries the JSON alone; the lines and the table go to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
+            doc = measure(args)
+        if args.json:
+            text = json.dumps(doc, indent=1)
+            print(text) if args.json == "-" else write_atomic(Path(args.json), (text + "\n").encode())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every preset x device x precision, teacher and student interleaved; printed as it goes."""
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]
@@ -93,9 +118,8 @@ def main() -> None:
                      and x["device"] == r["device"] and x["precision"] == r["precision"])
             print(f"{r['preset']:7} {r['device']:5} {r['precision']:5} {t['tiles_per_s']:12.1f} "
                   f"{s['tiles_per_s']:12.1f} {r['ratio']:6.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    return {"env": env, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
