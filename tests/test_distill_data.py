@@ -123,7 +123,7 @@ def test_tilestore_shard_damage_is_one_line_naming_the_shard(tmp_path):
     group = _tile_store(store, [10, 20, 30, 40, 50, 60], per_shard=2, codec="jpeg")
     csv = tmp_path / "labels.csv"
     csv.write_text("tile_index,label\n0,a\n3,b\n")
-    shard = tile_store._shard_file(group["tiles"], 1)
+    shard = tile_store.shard_file(group, 1)
     data = bytearray(shard.read_bytes())
     data[5] ^= 0xFF  # inside tile 2's JPEG: only the recorded digest notices
     shard.write_bytes(bytes(data))

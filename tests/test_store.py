@@ -1,4 +1,5 @@
-"""The tile store's direct JPEG shard path against zarr's own reader and writer."""
+"""The tile store: shards (written and read through zarr, checked against their digests), typed metadata,
+score arrays."""
 
 from __future__ import annotations
 
@@ -36,10 +37,9 @@ def _jpeg_roundtrip(tiles: np.ndarray) -> np.ndarray:
                      for t in tiles])
 
 
-def test_direct_shards_are_read_by_zarr_and_match_per_tile_jpeg(tmp_path):
+def test_shards_are_standard_zarr_and_match_per_tile_jpeg(tmp_path):
     n, per = 23, 8  # the last shard is partial
     group = _store(tmp_path / "s.zarr", n, per)
-    assert tile_store._direct_jpeg_shards(group["tiles"]) is not None
     tiles = _tiles(n)
     for index in range(3):
         sl = tile_store.shard_slice(index, n, per)
@@ -52,10 +52,12 @@ def test_direct_shards_are_read_by_zarr_and_match_per_tile_jpeg(tmp_path):
         np.testing.assert_array_equal(tile_store.read_shard(group, index), stored[sl])
     np.testing.assert_array_equal(np.asarray(reopened["qc/blur"][:]), np.arange(n, dtype=np.float32))
     assert tile_store.pending_shards(group) == []
-    assert not list((tmp_path / "s.zarr" / "tiles").rglob("*.tmp"))  # atomic: no temporaries left
+    assert not list((tmp_path / "s.zarr" / "tiles").rglob("*.partial"))  # atomic: no temporaries left
+    picked = tile_store.read_tiles(group, [22, 3, 9, 3])  # any order, across shards, repeats
+    np.testing.assert_array_equal(picked, stored[[22, 3, 9, 3]])
 
 
-def test_shards_written_by_zarr_are_read_directly(tmp_path):
+def test_shards_written_by_zarr_alone_are_read_once_their_digest_is_recorded(tmp_path):
     n, per = 10, 4
     group = _store(tmp_path / "s.zarr", n, per)
     tiles = _tiles(n, seed=1)
@@ -70,8 +72,8 @@ def test_shards_written_by_zarr_are_read_directly(tmp_path):
 def test_rewriting_a_shard_removes_a_killed_writers_temporary(tmp_path):
     group = _store(tmp_path / "s.zarr", 4, 4)
     tile_store.write_shard(group, 0, _tiles(4), np.zeros(4))
-    shard = tile_store._shard_file(group["tiles"], 0)
-    stale = shard.with_name(f".{shard.name}.999999.tmp")
+    shard = tile_store.shard_file(group, 0)
+    stale = shard.with_name(f"{shard.name}.0123456789abcdef.partial")
     stale.write_bytes(b"half a shard")
     tile_store.write_shard(group, 0, _tiles(4, seed=3), np.zeros(4))
     assert not stale.exists()
@@ -91,7 +93,7 @@ def test_damaged_index_is_an_error(tmp_path, digests):
     if not digests:  # a store written before shard digests: the index CRC still guards the index
         tile_store.update_meta(group, shard_digest=None)
     tile_store.write_shard(group, 0, _tiles(4), np.zeros(4))
-    shard = tile_store._shard_file(group["tiles"], 0)
+    shard = tile_store.shard_file(group, 0)
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF  # inside the index
     shard.write_bytes(bytes(data))
@@ -100,10 +102,21 @@ def test_damaged_index_is_an_error(tmp_path, digests):
     assert list(tile_store.damaged_shards(group)) == [0]
 
 
+def test_damaged_tile_in_a_pre_digest_store_is_a_shard_error(tmp_path):
+    group = _store(tmp_path / "s.zarr", 4, 4)
+    tile_store.update_meta(group, shard_digest=None)  # only the index CRC guards the file
+    tile_store.write_shard(group, 0, _tiles(4), np.zeros(4))
+    shard = tile_store.shard_file(group, 0)
+    data = bytearray(shard.read_bytes())
+    data[2:40] = bytes(38)  # the first tile's JPEG header, the index untouched
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"a tile of shard 0 cannot be decoded .*verify --repair"):
+        tile_store.read_shard(group, 0)
+
+
 def test_lossless_store_uses_zarr_and_round_trips_exactly(tmp_path):
     n, per = 6, 4
     group = _store(tmp_path / "s.zarr", n, per, codec="lossless")
-    assert tile_store._direct_jpeg_shards(group["tiles"]) is None
     tiles = _tiles(n, seed=2)
     tile_store.write_shard(group, 0, tiles[:4], np.zeros(4))
     tile_store.write_shard(group, 1, tiles[4:], np.zeros(2))
@@ -177,3 +190,15 @@ def test_score_arrays_round_trip_through_the_store_layout(tmp_path):
     chunk.write_bytes(bytes(data))
     assert tile_store.unflag_damaged_scores(tmp_path / "s.zarr", key) == [1]
     assert list(group[key]["shard_done"][:]) == [True, False] and group[key].attrs["complete"] is False
+
+
+def test_a_damaged_shard_is_rewritten_whole(tmp_path):
+    # zarr merges a write into an existing shard file; a truncated one must not stop its rewrite
+    group = _store(tmp_path / "s.zarr", 8, 4)
+    tile_store.write_shard(group, 1, _tiles(4), np.zeros(4))
+    shard = tile_store.shard_file(group, 1)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert list(tile_store.damaged_shards(group)) == [1]
+    tile_store.write_shard(group, 1, _tiles(4, seed=5), np.zeros(4))
+    assert tile_store.damaged_shards(group) == {}
+    np.testing.assert_array_equal(tile_store.read_shard(group, 1), _jpeg_roundtrip(_tiles(4, seed=5)))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,14 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from . import __version__
 from .codecs import JpegTileCodec
 from .errors import ShardError, StoreError
 
-__all__ = ['STORE_FORMAT', 'STORE_FORMAT_VERSION', 'META_KEY', 'CODECS', 'DIGEST_ALGORITHM', 'REQUIRED_NODES', 'THUMBNAIL_CHUNK', 'SlideMpp', 'GridMeta', 'StoreMeta', 'store_path', 'shard_slice', 'n_shards_for', 'checked_codecs', 'create_store', 'open_store', 'read_meta', 'read_store_meta', 'update_meta', 'pending_shards', 'write_shard', 'record_shard_digest', 'read_shard', 'read_tiles', 'shard_problem', 'damaged_shards', 'check_layout', 'damaged_chunks', 'unflag_damaged_shards', 'is_complete', 'require_complete', 'scores_key', 'list_scores', 'create_scores', 'write_scores', 'unflag_damaged_scores', 'read_scores', 'read_ood']
+__all__ = ['STORE_FORMAT', 'STORE_FORMAT_VERSION', 'META_KEY', 'CODECS', 'DIGEST_ALGORITHM', 'REQUIRED_NODES', 'THUMBNAIL_CHUNK', 'SlideMpp', 'GridMeta', 'StoreMeta', 'store_path', 'shard_slice', 'n_shards_for', 'checked_codecs', 'create_store', 'open_store', 'read_meta', 'read_store_meta', 'update_meta', 'pending_shards', 'write_shard', 'record_shard_digest', 'shard_file', 'read_shard', 'read_tiles', 'shard_problem', 'damaged_shards', 'check_layout', 'damaged_chunks', 'unflag_damaged_shards', 'is_complete', 'require_complete', 'scores_key', 'list_scores', 'create_scores', 'write_scores', 'unflag_damaged_scores', 'read_scores', 'read_ood']
 
 STORE_FORMAT = "wsi-triage-tilestore"
 STORE_FORMAT_VERSION = 1
@@ -367,60 +366,65 @@ def pending_shards(group: zarr.Group) -> list[int]:
 
 
 def write_shard(group: zarr.Group, index: int, tiles: np.ndarray, blur: np.ndarray) -> None:
-    """Write one whole shard of tiles and its QC, then flag it done (the flag comes last).
+    """Write one whole shard of tiles and its QC, record the shard file's digest, then flag it done (last).
 
-    JPEG stores on disk take the direct path (:func:`_write_jpeg_shard`): the calling thread
-    encodes the tiles and writes the shard file in one atomic rename, so several writer threads
-    encode in parallel. Other stores go through zarr's own codec pipeline.
+    The tiles go through zarr's own codec pipeline (sharding codec, JPEG or blosc inside); zarr's
+    local store writes the shard file in one atomic rename. benchmarks/bench_store_io.py measured a
+    hand-written shard writer against it and found it not clearly faster, so there is none.
     """
     meta = read_store_meta(group)
     sl = shard_slice(index, meta.n_tiles, meta.tiles_per_shard)
     if tiles.shape[0] != sl.stop - sl.start:
         raise ValueError(f"shard {index} needs {sl.stop - sl.start} tiles, got {tiles.shape[0]}")
     array = group["tiles"]
-    direct = _direct_jpeg_shards(array)
-    if direct is not None:
-        digest = _write_jpeg_shard(array, direct, index, tiles)
-    else:
-        # Every stored tile is real data: skipping zarr's per-chunk "equals the fill value?" test
-        # (on by default, and not persisted with the array) makes a shard write several times cheaper.
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            array[sl] = tiles
-        digest = None
+    if isinstance(array.store, LocalStore):
+        # zarr merges a write into the shard file already there, reading it first: a damaged one
+        # (the reason it is rewritten) would fail its index checksum. The shard is written whole.
+        shard_file(group, index).unlink(missing_ok=True)
+    # Every stored tile is real data: skipping zarr's per-chunk "equals the fill value?" test
+    # (on by default, and not persisted with the array) makes a shard write several times cheaper.
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        array[sl] = tiles
     group["qc/blur"][sl] = np.asarray(blur, dtype=np.float32)
-    record_shard_digest(group, index, digest)
+    record_shard_digest(group, index)
     group["shard_done"][index] = True
+    if isinstance(array.store, LocalStore):  # a killed writer's temporary (zarr writes <key>.<uuid>.partial)
+        path = shard_file(group, index)
+        for stale in path.parent.glob(f"{path.name}.*.partial"):
+            stale.unlink(missing_ok=True)
 
 
-def record_shard_digest(group: zarr.Group, index: int, digest: tuple[int, int] | None = None) -> None:
-    """Record shard ``index``'s (crc32c, size): ``digest`` as computed by the writer, else read from its file."""
+def record_shard_digest(group: zarr.Group, index: int) -> None:
+    """Record the (crc32c, size) of shard ``index``'s file, read back from disk as written."""
     array = group["tiles"]
     if not _records_digests(group) or not isinstance(array.store, LocalStore):
         return
-    if digest is None:
-        data = _shard_file(array, index).read_bytes()
-        digest = (google_crc32c.value(data), len(data))
-    group["shard_digest"][index] = np.asarray(digest, dtype=np.int64)
+    data = shard_file(group, index).read_bytes()
+    group["shard_digest"][index] = np.asarray((google_crc32c.value(data), len(data)), dtype=np.int64)
 
 
 def read_shard(group: zarr.Group, index: int, rows: np.ndarray | None = None) -> np.ndarray:
     """Tiles of shard ``index`` as (n, H, W, 3) uint8: all of them, or only ``rows`` (shard-relative).
 
     The shard file is checked first (present, digest, index CRC, every tile present), so a
-    missing or damaged shard raises :class:`ShardError` instead of returning fill values.
+    missing or damaged shard raises :class:`ShardError` instead of returning fill values; zarr's
+    own pipeline then decodes the tiles asked for.
     """
     meta = read_store_meta(group)
     sl = shard_slice(index, meta.n_tiles, meta.tiles_per_shard)
     n = sl.stop - sl.start
-    wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     array = group["tiles"]
-    if not isinstance(array.store, LocalStore):  # no files to check: zarr's own read
-        return np.asarray(array[sl])[wanted]
-    data, table = _checked_shard(group, array, index, n)
-    direct = _direct_jpeg_shards(array)
-    if direct is None:
-        return np.asarray(array[sl])[wanted]
-    return _decode_jpeg_tiles(group, array, direct, index, data, table, wanted)
+    if isinstance(array.store, LocalStore):  # no files to check otherwise: zarr's own read
+        _checked_shard(group, array, index, n)
+    try:
+        if rows is None:
+            return np.asarray(array[sl])
+        return np.asarray(array.get_orthogonal_selection((sl.start + np.asarray(rows, dtype=np.int64),)))
+    except ShardError:
+        raise
+    except Exception as exc:  # imagecodecs raises its own Jpeg8Error for a damaged tile (pre-digest stores)
+        raise ShardError(f"{_store_root(group)}: a tile of shard {index} cannot be decoded "
+                         f"({type(exc).__name__}); {_fix_hint(group)}") from None
 
 
 def read_tiles(group: zarr.Group, indices) -> np.ndarray:
@@ -568,83 +572,23 @@ def unflag_damaged_shards(path: str | Path) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Direct JPEG shards. zarr runs every inner chunk of a shard through its event-loop thread, which
-# costs ~0.3 ms of GIL-held Python per 224-px tile and does not scale with writer threads (one
-# loop for all of them). The shard format is simple and specified (zarr v3 sharding codec:
-# chunk bytes, then an index of (offset, nbytes) uint64 pairs in C order with 2^64-1 for an
-# empty chunk, then the index's CRC32C), so for the layout create_store makes (index at the end,
-# little-endian bytes + crc32c index codecs, our JPEG codec inside, a local directory store) we
-# write and read shard files ourselves. zarr reads what this writes and vice versa (tested).
+# Shard files. ``tiles`` shards are standard zarr v3 sharding-codec shards (chunk bytes, then an
+# index of (offset, nbytes) uint64 pairs in C order, 2^64-1 for an absent chunk, then the index's
+# CRC32C); the integrity checks read that index on the raw bytes, without decoding.
 
 _EMPTY = np.uint64(2**64 - 1)
 
 
-def _literal(value: Any) -> str:
-    """A codec setting as its spec string: zarr < 3.3 holds enums (deprecated in 3.3), later zarr plain strings."""
-    return str(getattr(value, "value", value))
-
-
-def _direct_jpeg_shards(array: zarr.Array) -> JpegTileCodec | None:
-    """The array's JPEG codec when its shards have the layout handled directly, else None."""
-    codecs = array.metadata.codecs
-    if not isinstance(array.store, LocalStore) or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return None
-    sharding = codecs[0]
-    inner, index_codecs = sharding.codecs, sharding.index_codecs
-    if (len(inner) != 1 or not isinstance(inner[0], JpegTileCodec)
-            or _literal(sharding.index_location) != "end"
-            or len(index_codecs) != 2 or not isinstance(index_codecs[0], BytesCodec)
-            or _literal(index_codecs[0].endian) != "little"
-            or not isinstance(index_codecs[1], Crc32cCodec)
-            or tuple(sharding.chunk_shape[1:]) != tuple(array.shape[1:])
-            or sharding.chunk_shape[0] != 1):
-        return None
-    return inner[0]
-
-
-def _shard_file(array: zarr.Array, index: int) -> Path:
+def shard_file(group: zarr.Group, index: int) -> Path:
+    """The file of tile shard ``index`` in a store on a local directory."""
+    array = group["tiles"]
     key = array.metadata.encode_chunk_key((index, 0, 0, 0))
     return Path(array.store.root) / array.path / key
 
 
-def _write_jpeg_shard(array: zarr.Array, codec: JpegTileCodec, index: int, tiles: np.ndarray) -> tuple[int, int]:
-    """Write the shard file; returns its (crc32c, size)."""
-    per_shard = int(array.shards[0])
-    parts = [codec.encode_tile(t) for t in tiles]
-    table = np.full((per_shard, 2), _EMPTY, dtype="<u8")
-    sizes = np.array([len(p) for p in parts], dtype=np.uint64)
-    table[: len(parts), 1] = sizes
-    table[: len(parts), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
-    index_bytes = table.tobytes()
-    crc = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
-    path = _shard_file(array, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    body = b"".join(parts)
-    with open(tmp, "wb") as fh:
-        fh.write(body)
-        fh.write(index_bytes)
-        fh.write(crc)
-    os.replace(tmp, path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)
-    digest = google_crc32c.extend(google_crc32c.extend(google_crc32c.value(body), index_bytes), crc)
-    return digest, len(body) + len(index_bytes) + len(crc)
-
-
-def _decode_jpeg_tiles(group: zarr.Group, array: zarr.Array, codec: JpegTileCodec, index: int, data: bytes,
-                       table: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    height, width, channels = (int(v) for v in array.shape[1:])
-    out = np.empty((len(rows), height, width, channels), dtype=np.uint8)
-    view = memoryview(data)
-    for k, j in enumerate(rows):
-        offset, nbytes = table[int(j)]
-        try:
-            out[k] = codec.decode_tile(view[int(offset): int(offset + nbytes)]).reshape(height, width, channels)
-        except Exception as exc:  # imagecodecs raises its own Jpeg8Error, or a shape mismatch
-            raise ShardError(f"{_store_root(group)}: tile {int(j)} of shard {index} cannot be decoded "
-                             f"({type(exc).__name__}); {_fix_hint(group)}") from None
-    return out
+def _shard_file(array: zarr.Array, index: int) -> Path:  # (the old private name, kept for existing callers)
+    key = array.metadata.encode_chunk_key((index, 0, 0, 0))
+    return Path(array.store.root) / array.path / key
 
 
 def is_complete(group: zarr.Group) -> bool:
