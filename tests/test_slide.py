@@ -482,3 +482,17 @@ def test_direct_tiles_are_tifffiles_own_decoding(shared_data, synth_slides):
             for level, (w, h) in enumerate(s.level_dimensions):
                 np.testing.assert_array_equal(s.read_region(level, 0, 0, w, h),
                                               tif.series[0].levels[level].asarray())
+
+
+def test_read_benchmark_runs_and_its_readers_agree(shared_data, tmp_path):
+    """benchmarks/bench_slide_read.py at a tiny size: every row says our tiles equal tifffile's."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_slide_read.py"
+    out = subprocess.run([sys.executable, str(script), "--workers", "1", "--repeats", "1", "--min-tiles", "1",
+                          "--size", "1024", "--cache", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if "= tifffile" in line]
+    assert len(rows) == 4, out  # two slides x two grids
+    assert all("= tifffile yes" in row for row in rows), out
+    assert "lowest wsi-triage/tifffile" in out
