@@ -14,20 +14,24 @@ that GPU. In one run this script
 Prints tiles/s for each and the ratio bare / scorer (target <= 2 on a GPU). Runs on the CPU too
 (``--device cpu``), where the ratio shows the cost of reading and decoding tiles.
 
-    python benchmarks/bench_scorer_feed.py [--device cuda] [--size 24576] [--workers 4,8,16] [--batch 256]
+    python benchmarks/bench_scorer_feed.py [--device cuda] [--size 24576] [--workers 4,8,16] [--batch 256] [--json FILE|-]
+
+``--json -`` prints the results as JSON on stdout and the progress lines on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from wsi_pipeline.aggregation import write_atomic
+from wsi_pipeline.errors import UserError, WsiTriageError
+from wsi_pipeline.names import printable
 
 
 def make_store(work: Path, size: int, info, tile_workers: int) -> Path:
@@ -97,17 +101,47 @@ def scorer_throughput(store: Path, info, device: str, workers: int, batch: int) 
     return result.n_tiles / result.seconds, result.precision
 
 
-def main() -> None:
+def worker_counts(text: str) -> list[int]:
+    """--workers: comma-separated positive integers."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 4,8,16") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts must be >= 1")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda or cpu [default: cuda when available]")
     ap.add_argument("--checkpoint", default=None, help="student checkpoint [default: bundled demo]")
     ap.add_argument("--size", type=int, default=24576, help="generated smear side (px at 0.25 um/px)")
-    ap.add_argument("--workers", default=None, help="comma-separated scorer worker counts [default: CPU count]")
+    ap.add_argument("--workers", type=worker_counts, default=None,
+                    help="comma-separated scorer worker counts [default: CPU count]")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--work", default="/tmp/wsi-feed", help="scratch folder (slide and store are reused)")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write the results here ('-' = stdout)")
+    args = ap.parse_args(argv)
+    try:
+        if args.batch < 1:
+            raise WsiTriageError(f"--batch {args.batch}: must be >= 1")
+        if args.json and args.json != "-" and not Path(args.json).absolute().parent.is_dir():
+            raise WsiTriageError(f"{args.json}: its folder does not exist (--json)")
+        # with --json - stdout carries the JSON alone; the progress lines go to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
+            results = measure(args)
+        if args.json:
+            text = json.dumps(results, indent=2)
+            print(text) if args.json == "-" else write_atomic(Path(args.json), (text + "\n").encode())
+    except UserError as exc:
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    return 0
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """Bare model and scorer throughput on one generated store, printed as measured."""
     import torch
 
     from wsi_pipeline.scoring import read_checkpoint_info
@@ -115,15 +149,22 @@ def main() -> None:
 
     device = resolve_device(args.device)
     info = read_checkpoint_info(args.checkpoint)
+    if device != "cpu" and not device.startswith("cuda"):
+        raise WsiTriageError(f"--device {device}: use cpu or cuda (cuda:N)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WsiTriageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WsiTriageError(f"{work}: cannot create the folder ({exc.strerror or exc})") from None
     cpus = os.cpu_count() or 1
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "-"
     print(f"device {device} ({gpu}), {cpus} CPUs, torch {torch.__version__}, student depth "
           f"{info.architecture.get('depth')} width {info.architecture.get('embed_dim')} input {info.input_size} px",
           flush=True)
     store = make_store(work, args.size, info, cpus)
-    counts = [int(v) for v in args.workers.split(",")] if args.workers else [cpus]
+    counts = args.workers or [cpus]
     results = {"device": device, "gpu": gpu, "cpus": cpus, "batch": args.batch, "runs": []}
     # a first scoring warms the device (CUDA context, kernels) and the per-process model cache
     _, precision = scorer_throughput(store, info, device, counts[0], args.batch)
@@ -135,9 +176,8 @@ def main() -> None:
         results["runs"].append({"workers": workers, "tiles_per_second": rate, "bare_over_scorer": bare / rate})
         print(f"scorer, {workers:3d} workers: {rate:8.0f} tiles/s   bare / scorer = {bare / rate:.2f} "
               f"(target <= 2 on a GPU)", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
