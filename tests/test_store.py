@@ -202,3 +202,21 @@ def test_a_damaged_shard_is_rewritten_whole(tmp_path):
     tile_store.write_shard(group, 1, _tiles(4, seed=5), np.zeros(4))
     assert tile_store.damaged_shards(group) == {}
     np.testing.assert_array_equal(tile_store.read_shard(group, 1), _jpeg_roundtrip(_tiles(4, seed=5)))
+
+
+def test_store_io_benchmark_runs_and_the_store_reads_hand_written_shards(shared_data):
+    # bench_store_io.py writes one store with the former hand-written shard writer (the files older
+    # stores hold) and one with zarr, and exits non-zero unless read_tiles gets the same tiles from both
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_store_io.py"
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    proc = subprocess.run([sys.executable, str(script), str(slide), "--tiles", "24", "--repeats", "1", "--threads", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "shard write: hand-written path" in proc.stdout and "shard read: hand-written path" in proc.stdout
+    proc = subprocess.run([sys.executable, str(script), str(slide.with_name("absent.svs"))],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("absent.svs: slide not found")
