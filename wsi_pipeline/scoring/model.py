@@ -6,6 +6,7 @@ only turns a checked checkpoint into a model in eval mode, fp32, on CPU.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,7 +17,7 @@ from wsi_contracts.errors import CheckpointError
 from wsi_contracts.ood import OodStats
 
 __all__ = ["DEFAULT_CHECKPOINT", "LoadedCheckpoint", "read_checkpoint_info", "build_model", "load_checkpoint",
-           "check_weights"]
+           "cached_model", "check_weights"]
 
 
 def _default_checkpoint() -> Path:
@@ -61,6 +62,24 @@ def load_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
     ood = load_weights(model, info)
     model.eval()
     return LoadedCheckpoint(model=model, info=info, ood=ood_stats(info, ood))
+
+
+_MODELS: dict[tuple[str, str], LoadedCheckpoint] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached_model(checkpoint_path: str | Path, sha256: str, device: str) -> LoadedCheckpoint:
+    """The checkpoint's model on ``device``, loaded once per process and reused by every task."""
+    key = (sha256, device)
+    with _MODELS_LOCK:
+        loaded = _MODELS.get(key)
+        if loaded is None:
+            loaded = load_checkpoint(checkpoint_path)
+            if loaded.info.sha256 != sha256:
+                raise CheckpointError(f"{checkpoint_path}: checkpoint changed while scoring (sha256 differs)")
+            loaded.model.to(device)
+            _MODELS[key] = loaded
+    return loaded
 
 
 _FINITE_OK: set[str] = set()

@@ -27,12 +27,12 @@ import numpy as np
 from wsi_contracts import tilestore as tile_store
 from wsi_contracts.tilestore import StoreMeta, list_scores, read_ood, read_scores, scores_key
 from wsi_contracts.checkpoint import CheckpointInfo
-from .model import LoadedCheckpoint, load_checkpoint, read_checkpoint_info
+from .model import LoadedCheckpoint, cached_model, read_checkpoint_info
 from ..errors import CheckpointError, OptionError
 from ..progress import Counter, Progress
 from .ood import OodStats, features_and_logits, ood_distance
 
-__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'cached_model', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'check_store_matches', 'list_scores', 'read_scores', 'read_ood', 'score_store']
+__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'check_store_matches', 'list_scores', 'read_scores', 'read_ood', 'score_store']
 
 #: relative difference between the store's tile mpp and the checkpoint's that is still accepted
 MPP_TOLERANCE = 0.02
@@ -114,10 +114,7 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# --------------------------------------------------------------------------- model cache (per worker)
-
-_MODELS: dict[tuple[str, str], LoadedCheckpoint] = {}
-_MODELS_LOCK = threading.Lock()
+# --------------------------------------------------------------------------- scoring model (per worker)
 
 
 @dataclass
@@ -142,33 +139,20 @@ class ScoringModel:
 
 
 _SCORING: dict[tuple[str, str], ScoringModel] = {}
+_SCORING_LOCK = threading.Lock()
 
 
 def scoring_model(checkpoint_path: str | Path, sha256: str, device: str) -> ScoringModel:
     """:func:`cached_model` plus its folded copy, built once per process."""
     key = (sha256, device)
-    with _MODELS_LOCK:
+    with _SCORING_LOCK:
         found = _SCORING.get(key)
     if found is None:
         loaded = cached_model(checkpoint_path, sha256, device)
         found = ScoringModel(loaded, fold_normalization(loaded.model, loaded.info))
-        with _MODELS_LOCK:
+        with _SCORING_LOCK:
             found = _SCORING.setdefault(key, found)
     return found
-
-
-def cached_model(checkpoint_path: str | Path, sha256: str, device: str) -> LoadedCheckpoint:
-    """The checkpoint's model on ``device``, loaded once per process and reused by every task."""
-    key = (sha256, device)
-    with _MODELS_LOCK:
-        loaded = _MODELS.get(key)
-        if loaded is None:
-            loaded = load_checkpoint(checkpoint_path)
-            if loaded.info.sha256 != sha256:
-                raise CheckpointError(f"{checkpoint_path}: checkpoint changed while scoring (sha256 differs)")
-            loaded.model.to(device)
-            _MODELS[key] = loaded
-    return loaded
 
 
 # --------------------------------------------------------------------------- inference
