@@ -171,6 +171,16 @@ def test_unchanged_aggregation_is_a_no_op_and_new_settings_rewrite(scored, tmp_p
     assert first.summary["aggregation_key"] != other.summary["aggregation_key"]
 
 
+def test_aggregate_reports_each_output_written_through_the_progress_protocol(scored, tmp_path):
+    calls = []
+    first = aggregate_store(scored["store"], tmp_path / "p", progress=lambda *call: calls.append(call))
+    n = len(first.paths)
+    assert calls == [("aggregating", i, n) for i in range(n + 1)]  # the plan, then one call per file written
+    calls.clear()
+    assert aggregate_store(scored["store"], tmp_path / "p", progress=lambda *call: calls.append(call)).reused
+    assert calls == [("aggregating", n, n)]
+
+
 def test_aggregate_needs_scores(tmp_path):
     store = tiled_store(blob_field(tmp_path / "f.png", seed=3), tmp_path / "out")
     with pytest.raises(StoreError, match="no complete scores"):

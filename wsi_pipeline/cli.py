@@ -139,7 +139,7 @@ class Bars:
     its one line alone; ``quiet`` draws nothing. ``desc`` replaces the stage's name in the bar.
     """
 
-    UNITS = {"synth": "row"}
+    UNITS = {"synth": "row", "aggregating": "file"}
 
     def __init__(self, quiet: bool, desc: str | None = None) -> None:
         self.quiet, self.desc = quiet, desc

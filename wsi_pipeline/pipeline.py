@@ -141,7 +141,7 @@ def score_and_aggregate(store: Path, out_dir: Path, options: RunOptions, info: C
     """Score a complete store with the checkpoint and aggregate those scores (both reused when done)."""
     scored = score_store(store, info.path, options.score, progress=progress)
     t0 = time.perf_counter()
-    aggregated = aggregate_store(store, out_dir, options.aggregate, checkpoint_sha256=info.sha256)
+    aggregated = aggregate_store(store, out_dir, options.aggregate, checkpoint_sha256=info.sha256, progress=progress)
     return scored, aggregated, time.perf_counter() - t0
 
 

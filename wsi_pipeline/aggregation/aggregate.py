@@ -29,6 +29,7 @@ from wsi_contracts import tilestore as tile_store
 from wsi_contracts.tilestore import StoreMeta
 from ..errors import OptionError, OutputError, StoreError
 from ..names import printable
+from ..progress import Counter, Progress
 from .objects import aggregate_objects, calibrated, calibration_for
 from .outputs import gallery_png, geojson_collection, heatmap_picture, overlay_picture
 from ..scoring import ood_summary
@@ -188,22 +189,27 @@ def aggregate_store(
     *,
     checkpoint_sha256: str | None = None,
     force: bool = False,
+    progress: Progress | None = None,
 ) -> AggregateResult:
     """Write summary.json, heatmap.npy/.png, overlay.png, gallery.png and ``<stem>.geojson[.gz]`` into ``out_dir``.
 
     ``checkpoint_sha256`` picks whose scores to use (default: the store's only or latest complete
-    scores). Reads only the store.
+    scores). Reads only the store. ``progress("aggregating", files_written, n_files)``
+    (:mod:`wsi_pipeline.progress`) reports the outputs.
     """
     config = config.validated()
+    counter = Counter(progress, "aggregating")
     plan = _plan_aggregation(Path(store_path), Path(out_dir), config, checkpoint_sha256)
     previous = None if force else _up_to_date(plan)
     if previous is not None:
+        counter.plan(len(plan.paths), len(plan.paths))
         return AggregateResult(plan.out_dir, previous, True, plan.paths)
     _make_out_dir(plan.out_dir)
     ood_entry = _check_inputs(plan)
+    counter.plan(len(plan.paths))
     scored = _score_slide(plan, config)
     summary = _summary(plan, config, scored, ood_entry)
-    _write_outputs(plan, config, scored, summary)
+    _write_outputs(plan, config, scored, summary, counter)
     return AggregateResult(plan.out_dir, summary, False, plan.paths)
 
 
@@ -368,24 +374,29 @@ def _summary(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore,
     }
 
 
-def _write_outputs(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore, summary: dict[str, Any]) -> None:
+def _write_outputs(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore, summary: dict[str, Any],
+                   counter: Counter) -> None:
     """Every picture and the GeoJSON, each atomically, then summary.json last (it marks completion)."""
-    group, paths = plan.group, plan.paths
+    group = plan.group
+
+    def write(name: str, data: bytes) -> None:
+        write_atomic(plan.paths[name], data)
+        counter.add(1)
+
     class_names = list(plan.attrs["class_names"])
     thumbnail = np.asarray(group["thumbnail"][:])
     mask = np.asarray(group["mask"][:])
     downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))
     title = f"{printable(plan.stem)}: {config.method} = " + ("n/a" if s.score is None else f"{s.score:.3f}")  # hostile names
-    write_atomic(paths["overlay"], overlay_picture(thumbnail, mask, s.heat, s.heat_grid_meta, downsample,
-                                                   config.overlay_alpha, title))
-    write_atomic(paths["heatmap_png"], heatmap_picture(s.heat, title))
-    write_atomic(paths["heatmap_npy"], _save_npy(s.heat))
+    write("overlay", overlay_picture(thumbnail, mask, s.heat, s.heat_grid_meta, downsample, config.overlay_alpha,
+                                     title))
+    write("heatmap_png", heatmap_picture(s.heat, title))
+    write("heatmap_npy", _save_npy(s.heat))
     top = s.gallery
     tiles = tile_store.read_tiles(group, top) if len(top) else np.zeros((0, 1, 1, 3))  # checked, never fill
-    write_atomic(paths["gallery"], gallery_png(tiles, s.suspicion[top], s.coords[top],
-                                               [class_names[int(s.argmax[i])] for i in top]))
+    write("gallery", gallery_png(tiles, s.suspicion[top], s.coords[top], [class_names[int(s.argmax[i])] for i in top]))
     collection = s.by_object["geojson"] if s.by_object else geojson_collection(
         s.coords, plan.probs, s.suspicion, class_names, s.provenance, bounds=plan.meta.slide_dimensions)
     data = json.dumps(collection, separators=(",", ":")).encode()
-    write_atomic(paths["geojson"], gzip.compress(data, mtime=0) if config.geojson_gzip else data)
-    write_atomic(paths["summary"], json.dumps(summary, indent=2, default=str).encode())  # last: marks completion
+    write("geojson", gzip.compress(data, mtime=0) if config.geojson_gzip else data)
+    write("summary", json.dumps(summary, indent=2, default=str).encode())  # last: marks completion
