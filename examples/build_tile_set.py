@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,10 +32,16 @@ import numpy as np
 from PIL import Image
 
 from distill.data import read_exclude, scan_imagefolder, stratified_split
+from wsi_contracts.errors import UserError
+from wsi_pipeline.aggregation import write_atomic
+from wsi_pipeline.errors import WsiTriageError
+from wsi_pipeline.names import printable
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.synth import SynthConfig, synthesize, truth_paths
 
 ROOT = Path(__file__).resolve().parents[1]
+#: ../shared/data beside the checkout, or $WSI_TRIAGE_SHARED_DATA (as the tests find it)
+SHARED = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TILE = 128
 TILE_MPP = 0.27
 BACKGROUND = "background"
@@ -142,21 +149,21 @@ def build(out: Path, cells: Path, pool: str, heldout: Path, slides: int, seed: i
             log.append({"seed": s, "mpp": mpp, "cells": len(truth["cells"]), "tiles": n_slide})
             print(f"slide seed {s} mpp {mpp}: {len(truth['cells'])} cells, {n_slide} tiles", flush=True)
             # Written after every slide, so an interrupted build says which slides it holds.
-            (out / "tileset.json").write_text(json.dumps({
+            write_atomic(out / "tileset.json", json.dumps({
                 "pool": pool, "cells": str(cells), "n_pool_images": len(relpaths), "slides": log, "size": size,
                 "fraction": fraction, "regions": regions, "per_class_cap": per_class_cap,
                 "background_share": background_share, "counts": dict(sorted(counts.items())),
                 "rule": "class of the nucleated cell with the largest box area inside the tile if >= 50% of "
                         "its box is inside, else background",
-            }, indent=1))
+            }, indent=1).encode())
     return counts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for the ImageFolder")
     p.add_argument("--pool", choices=("train", "heldout"), required=True)
-    p.add_argument("--cells", type=Path, default=ROOT.parent / "shared" / "data" / "pbc")
+    p.add_argument("--cells", type=Path, default=SHARED / "pbc", help="PBC ImageFolder [default: %(default)s]")
     p.add_argument("--heldout", type=Path, default=ROOT / "configs" / "pbc_heldout.txt")
     p.add_argument("--slides", type=int, default=6)
     p.add_argument("--seed", type=int, default=100)
@@ -165,14 +172,27 @@ def main() -> None:
     p.add_argument("--regions", type=int, default=12, help="planted regions per slide")
     p.add_argument("--per-class-cap", type=int, default=150, help="tiles per class per slide")
     p.add_argument("--background-share", type=float, default=0.35)
-    a = p.parse_args()
-    if a.out.exists() and any(a.out.iterdir()):
-        sys.exit(f"{a.out}: exists and is not empty; choose a new folder (the set must be rebuilt whole)")
-    a.out.mkdir(parents=True, exist_ok=True)
-    counts = build(a.out, a.cells, a.pool, a.heldout, a.slides, a.seed, a.size, a.fraction, a.regions,
-                   a.per_class_cap, a.background_share)
+    a = p.parse_args(argv)
+    try:
+        if a.slides < 1 or a.per_class_cap < 1:
+            raise WsiTriageError(f"--slides {a.slides} / --per-class-cap {a.per_class_cap}: must be >= 1")
+        if not 0 <= a.background_share < 1:
+            raise WsiTriageError(f"--background-share {a.background_share}: must be in [0, 1)")
+        if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
+            raise WsiTriageError(f"{a.out}: exists and is not an empty folder; choose a new folder "
+                                 "(the set must be rebuilt whole)")
+        try:
+            a.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WsiTriageError(f"{a.out}: cannot create the folder ({exc.strerror or exc})") from None
+        counts = build(a.out, a.cells, a.pool, a.heldout, a.slides, a.seed, a.size, a.fraction, a.regions,
+                       a.per_class_cap, a.background_share)
+    except UserError as exc:
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     print(json.dumps(counts))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

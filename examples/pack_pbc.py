@@ -2,38 +2,70 @@
 GPU machine with the checkout (examples/train_pbc_gpu.sh). Relative paths are unchanged, so the
 train/validation split is the same as with ../shared/data/pbc.
 
-    python examples/pack_pbc.py [--src ../shared/data/pbc] [--out .pack/pbc]
+    python examples/pack_pbc.py [--src ../shared/data/pbc] [--out .pack/pbc] [--quality 80]
+
+Each image is written to a temporary name and renamed, so an interrupted run leaves no half
+image; a rerun writes them all again.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from PIL import Image
 
+from distill.data import read_exclude
+from wsi_contracts.errors import UserError
+from wsi_pipeline.errors import WsiTriageError
+from wsi_pipeline.names import printable
+
 ROOT = Path(__file__).resolve().parents[1]
+#: ../shared/data beside the checkout, or $WSI_TRIAGE_SHARED_DATA (as the tests find it)
+SHARED = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def main() -> None:
+def pack(src: Path, out: Path, heldout: Path, quality: int) -> int:
+    """Re-encode every ``src/*/*.jpg`` not in the held-out list under ``out``; the number written."""
+    if not src.is_dir():
+        raise WsiTriageError(f"{src}: not a folder (the PBC ImageFolder, --src)")
+    held = read_exclude(heldout)
+    images = [p for p in sorted(src.glob("*/*.jpg")) if p.relative_to(src).as_posix() not in held]
+    if not images:
+        raise WsiTriageError(f"{src}: no class/*.jpg images outside the held-out list {heldout}")
+    for path in images:
+        target = out / path.relative_to(src)
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(path) as im:
+                im.convert("RGB").save(partial, format="JPEG", quality=quality)
+            os.replace(partial, target)
+        except OSError as exc:
+            raise WsiTriageError(f"{exc.filename or target}: cannot write ({exc.strerror or exc})") from None
+    return len(images)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "data" / "pbc")
-    parser.add_argument("--out", type=Path, default=ROOT / ".pack" / "pbc")
-    parser.add_argument("--quality", type=int, default=80)
-    args = parser.parse_args()
-    held = {line.strip() for line in (ROOT / "configs" / "pbc_heldout.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")}
-    n = 0
-    for path in sorted(args.src.glob("*/*.jpg")):
-        rel = path.relative_to(args.src).as_posix()
-        if rel in held:
-            continue
-        target = args.out / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.open(path).convert("RGB").save(target, quality=args.quality)
-        n += 1
+    parser.add_argument("--src", type=Path, default=SHARED / "pbc", help="PBC ImageFolder [default: %(default)s]")
+    parser.add_argument("--out", type=Path, default=ROOT / ".pack" / "pbc", help="[default: %(default)s]")
+    parser.add_argument("--heldout", type=Path, default=ROOT / "configs" / "pbc_heldout.txt",
+                        help="relpaths left out [default: %(default)s]")
+    parser.add_argument("--quality", type=int, default=80, help="JPEG quality, 1-95")
+    args = parser.parse_args(argv)
+    try:
+        if not 1 <= args.quality <= 95:
+            raise WsiTriageError(f"--quality {args.quality}: must be 1-95")
+        n = pack(args.src, args.out, args.heldout, args.quality)
+    except UserError as exc:
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     print(f"packed {n} images into {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
