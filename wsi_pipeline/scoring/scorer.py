@@ -16,7 +16,6 @@ import contextlib
 import functools
 import datetime as _dt
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,21 +137,11 @@ class ScoringModel:
                                  ood=self.loaded.ood)
 
 
-_SCORING: dict[tuple[str, str], ScoringModel] = {}
-_SCORING_LOCK = threading.Lock()
-
-
+@functools.lru_cache(maxsize=None)
 def scoring_model(checkpoint_path: str | Path, sha256: str, device: str) -> ScoringModel:
     """:func:`cached_model` plus its folded copy, built once per process."""
-    key = (sha256, device)
-    with _SCORING_LOCK:
-        found = _SCORING.get(key)
-    if found is None:
-        loaded = cached_model(checkpoint_path, sha256, device)
-        found = ScoringModel(loaded, fold_normalization(loaded.model, loaded.info))
-        with _SCORING_LOCK:
-            found = _SCORING.setdefault(key, found)
-    return found
+    loaded = cached_model(checkpoint_path, sha256, device)
+    return ScoringModel(loaded, fold_normalization(loaded.model, loaded.info))
 
 
 # --------------------------------------------------------------------------- inference
