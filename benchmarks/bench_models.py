@@ -21,17 +21,12 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-
-from distill.evaluate import flops_per_image, interleaved_throughput
-from distill.models import architecture, build_vit, count_params
 from wsi_pipeline.aggregation import write_atomic
 from wsi_pipeline.errors import UserError, WsiTriageError
 
 SIZES = {"paper": (224, 16), "small": (224, 16), "tiny": (64, 16)}
 
 
-@torch.no_grad()
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -75,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(args: argparse.Namespace) -> dict:
     """Every preset x device x precision, teacher and student interleaved; printed as it goes."""
+    import torch  # here, not at the top: --help and a bad option answer without loading torch
+
+    from distill.evaluate import flops_per_image, interleaved_throughput
+    from distill.models import architecture, build_vit, count_params
+
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]

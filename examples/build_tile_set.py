@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distill.data import read_exclude, scan_imagefolder, stratified_split
 from wsi_contracts.errors import UserError
 from wsi_pipeline.aggregation import write_atomic
 from wsi_pipeline.errors import WsiTriageError
@@ -49,6 +48,8 @@ BACKGROUND = "background"
 
 def cell_pool(cells: Path, pool: str, heldout: Path, val_frac: float = 0.15, split_seed: int = 0) -> tuple[str, ...]:
     """Relpaths of the cells a smear may use (see the module docstring)."""
+    from distill.data import read_exclude, scan_imagefolder, stratified_split  # torch: only when building
+
     held = read_exclude(heldout)
     if pool == "heldout":
         return tuple(sorted(held))

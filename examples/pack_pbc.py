@@ -17,7 +17,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from distill.data import read_exclude
 from wsi_contracts.errors import UserError
 from wsi_pipeline.errors import WsiTriageError
 from wsi_pipeline.names import printable
@@ -31,6 +30,8 @@ def pack(src: Path, out: Path, heldout: Path, quality: int) -> int:
     """Re-encode every ``src/*/*.jpg`` not in the held-out list under ``out``; the number written."""
     if not src.is_dir():
         raise WsiTriageError(f"{src}: not a folder (the PBC ImageFolder, --src)")
+    from distill.data import read_exclude  # imports torch: only when there is work to do
+
     held = read_exclude(heldout)
     images = [p for p in sorted(src.glob("*/*.jpg")) if p.relative_to(src).as_posix() not in held]
     if not images:
