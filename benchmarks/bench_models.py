@@ -14,15 +14,13 @@ Prints one JSON line per measurement and a summary table with the student/teache
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import sys
-from pathlib import Path
 
-from wsi_pipeline.aggregation import write_atomic
-from wsi_pipeline.errors import UserError, WsiTriageError
+from wsi_pipeline.errors import OptionError
+from wsi_pipeline.script import at_least, run_script
 
 SIZES = {"paper": (224, 16), "small": (224, 16), "tiny": (64, 16)}
 
@@ -46,30 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--json", metavar="FILE", help="write all results to this file ('-' = stdout)")
     args = ap.parse_args(argv)
-    try:
-        unknown = [p for p in args.presets.split(",") if p not in SIZES]
-        if unknown:
-            raise WsiTriageError(f"--presets: unknown {', '.join(map(repr, unknown))}; use {', '.join(SIZES)}")
-        for name in ("batch", "batches", "threads"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise WsiTriageError(f"--{name} {value}: must be >= 1")
-        if args.json and args.json != "-" and not Path(args.json).absolute().parent.is_dir():
-            raise WsiTriageError(f"{args.json}: its folder does not exist (--json)")
-        # with --json - stdout carries the JSON alone; the lines and the table go to stderr
-        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
-            doc = measure(args)
-        if args.json:
-            text = json.dumps(doc, indent=1)
-            print(text) if args.json == "-" else write_atomic(Path(args.json), (text + "\n").encode())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_script(lambda: measure(args), args.json)
 
 
 def measure(args: argparse.Namespace) -> dict:
     """Every preset x device x precision, teacher and student interleaved; printed as it goes."""
+    unknown = [p for p in args.presets.split(",") if p not in SIZES]
+    if unknown:
+        raise OptionError("--presets", f"has unknown {', '.join(map(repr, unknown))}; use {', '.join(SIZES)}")
+    for flag in ("batch", "batches", "threads"):
+        at_least(f"--{flag}", getattr(args, flag))
     import torch  # here, not at the top: --help and a bad option answer without loading torch
 
     from distill.evaluate import flops_per_image, interleaved_throughput

@@ -22,16 +22,13 @@ Prints tiles/s for each and the ratio bare / scorer (target <= 2 on a GPU). Runs
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from wsi_pipeline.aggregation import write_atomic
-from wsi_pipeline.errors import UserError, WsiTriageError
-from wsi_pipeline.names import printable
+from wsi_pipeline.errors import OptionError, WsiTriageError
+from wsi_pipeline.script import at_least, run_script
 
 
 def make_store(work: Path, size: int, info, tile_workers: int) -> Path:
@@ -123,25 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/wsi-feed", help="scratch folder (slide and store are reused)")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results here ('-' = stdout)")
     args = ap.parse_args(argv)
-    try:
-        if args.batch < 1:
-            raise WsiTriageError(f"--batch {args.batch}: must be >= 1")
-        if args.json and args.json != "-" and not Path(args.json).absolute().parent.is_dir():
-            raise WsiTriageError(f"{args.json}: its folder does not exist (--json)")
-        # with --json - stdout carries the JSON alone; the progress lines go to stderr
-        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
-            results = measure(args)
-        if args.json:
-            text = json.dumps(results, indent=2)
-            print(text) if args.json == "-" else write_atomic(Path(args.json), (text + "\n").encode())
-    except UserError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_script(lambda: measure(args), args.json)
 
 
 def measure(args: argparse.Namespace) -> dict:
     """Bare model and scorer throughput on one generated store, printed as measured."""
+    at_least("--batch", args.batch)
     import torch
 
     from wsi_pipeline.scoring import read_checkpoint_info
@@ -150,9 +134,9 @@ def measure(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     info = read_checkpoint_info(args.checkpoint)
     if device != "cpu" and not device.startswith("cuda"):
-        raise WsiTriageError(f"--device {device}: use cpu or cuda (cuda:N)")
+        raise OptionError("--device", f"{device!r}: use cpu or cuda (cuda:N)")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WsiTriageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        raise OptionError("--device", f"{device}: CUDA is not available on this machine (use --device cpu)")
     work = Path(args.work)
     try:
         work.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,7 @@ Usage: python benchmarks/bench_viewer.py [--work DIR] [--views 60] [--size 40000
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
-import json
 import math
 import queue
 import random
@@ -29,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.aggregation import write_atomic
-from wsi_pipeline.errors import UserError, WsiTriageError
-from wsi_pipeline.names import printable
+from wsi_pipeline.errors import WsiTriageError
 from wsi_pipeline.review import TILE_SIZE, make_server
+from wsi_pipeline.script import at_least, run_script
 
 #: the smallest --size whose deep-zoom pyramid has the 8 levels a random view is drawn from
 MIN_SIZE = 1024
@@ -112,27 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=40000, help=f"smear side, px (>= {MIN_SIZE})")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON ('-' = stdout)")
     args = ap.parse_args(argv)
-    try:
-        if args.views < 1:
-            raise WsiTriageError(f"--views {args.views}: must be >= 1")
-        if args.size < MIN_SIZE:
-            raise WsiTriageError(f"--size {args.size}: must be >= {MIN_SIZE}")
-        if args.json and args.json != "-" and not Path(args.json).absolute().parent.is_dir():
-            raise WsiTriageError(f"{args.json}: its folder does not exist (--json)")
-        # with --json - stdout carries the JSON alone; the table goes to stderr
-        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
-            doc = measure(args.work, args.size, args.views)
-        if args.json:
-            text = json.dumps(doc, indent=2)
-            print(text) if args.json == "-" else write_atomic(Path(args.json), (text + "\n").encode())
-    except UserError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_script(lambda: measure(args.work, args.size, args.views), args.json)
 
 
 def measure(work: Path, size: int, views: int) -> dict:
     """Serve the smear, request ``views`` random views with 6 connections then with 1; print the table."""
+    at_least("--views", views)
+    at_least("--size", size, MIN_SIZE)
     slide = ensure_slide(work, size)
     t0 = time.perf_counter()
     server = make_server(slide, port=0)

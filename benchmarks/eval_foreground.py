@@ -23,7 +23,6 @@ Prints:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -35,11 +34,10 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import io
 
-from wsi_pipeline.aggregation import write_atomic
-from wsi_pipeline.errors import UserError, WsiTriageError
+from wsi_pipeline.errors import WsiTriageError
 from wsi_pipeline.foreground import decide_stain, detect_foreground, foreground_mask, get_preset, tile_fractions
 from wsi_pipeline.slides import open_slide
-from wsi_pipeline.names import printable
+from wsi_pipeline.script import run_script
 from wsi_pipeline.synth import SynthConfig, pen_stroke_mask, synthesize
 from wsi_pipeline.tiling import TilerConfig, plan_tiles, tile_slide
 
@@ -243,29 +241,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="their pixel size; 8192 px at 1 um/px draws a 245-um stroke, two tiles wide")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON ('-' = stdout)")
     args = ap.parse_args(argv)
-    try:
-        if args.json and args.json != "-" and not Path(args.json).absolute().parent.is_dir():
-            raise WsiTriageError(f"{args.json}: its folder does not exist (--json)")
-        needed = {"blood": ["smear_fields"], "pap": ["pap_fields/mendeley_lbc_512", "smear_fields", "slides"]}
-        for section in ([args.only] if args.only else ["blood", "pap"]):
-            for sub in needed.get(section, []):
-                if not (args.shared / sub).is_dir():
-                    raise WsiTriageError(f"{args.shared / sub}: not found (the {section} figures need the shared "
-                                         "data; --shared, or --only ink)")
-        # with --json - stdout carries the JSON alone; the text goes to stderr
-        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
-            doc = evaluate(args.shared, args.only, args.size, args.mpp)
-        if args.json:
-            text = json.dumps(doc, indent=2)
-            print(text) if args.json == "-" else write_atomic(Path(args.json), (text + "\n").encode())
-    except UserError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_script(lambda: evaluate(args.shared, args.only, args.size, args.mpp), args.json)
 
 
 def evaluate(shared: Path, only: str | None, size: int, mpp: float) -> dict:
     """The chosen sections' figures, printed and returned."""
+    needed = {"blood": ["smear_fields"], "pap": ["pap_fields/mendeley_lbc_512", "smear_fields", "slides"]}
+    for section in ([only] if only else ["blood", "pap"]):
+        for sub in needed.get(section, []):
+            if not (shared / sub).is_dir():
+                raise WsiTriageError(f"{shared / sub}: not found (the {section} figures need the shared data; "
+                                     "--shared, or --only ink)")
     doc: dict = {}
     if only in (None, "blood"):
         doc["blood"] = {**smear_fields(shared / "smear_fields"), "discs": disc_overshoot()}

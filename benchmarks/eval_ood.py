@@ -19,8 +19,6 @@ whether the slide / image is flagged (more than half of its tiles: ``wsi_pipelin
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -31,12 +29,11 @@ import numpy as np
 
 from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.scoring import load_checkpoint
-from wsi_pipeline.aggregation import write_atomic
-from wsi_pipeline.errors import UserError, WsiTriageError
-from wsi_pipeline.names import printable
+from wsi_pipeline.errors import OptionError, WsiTriageError
 from wsi_pipeline.scoring import SLIDE_FRACTION
 from wsi_pipeline.pipeline import RunOptions, run_slide
 from wsi_pipeline.scoring import predict_probs_ood, read_ood, read_scores
+from wsi_pipeline.script import at_least, run_script
 from wsi_pipeline.synth import SynthConfig, synthesize
 
 #: ../shared/data beside the checkout, or $WSI_TRIAGE_SHARED_DATA (as the tests find it)
@@ -81,30 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", type=Path, default=None, help=f"the shared data folder [default: {SHARED}]")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON ('-' = stdout)")
     a = p.parse_args(argv)
-    try:
-        if a.smears < 0:
-            raise WsiTriageError(f"--smears {a.smears}: must be >= 0")
-        if a.shared is not None and not a.shared.is_dir():
-            raise WsiTriageError(f"{a.shared}: not a folder (--shared)")
-        shared = a.shared or SHARED
-        if not shared.is_dir():
-            print(f"note: {shared}: not found; only the synthetic smears are measured", file=sys.stderr)
-        if a.json and a.json != "-" and not Path(a.json).absolute().parent.is_dir():
-            raise WsiTriageError(f"{a.json}: its folder does not exist (--json)")
-        # with --json - stdout carries the JSON alone; the tables go to stderr
-        with contextlib.redirect_stdout(sys.stderr) if a.json == "-" else contextlib.nullcontext():
-            rows = evaluate(a.checkpoint, a.smears, a.size, a.no_tcga, shared)
-        if a.json:
-            text = json.dumps(rows, indent=2)
-            print(text) if a.json == "-" else write_atomic(Path(a.json), (text + "\n").encode())
-    except UserError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_script(lambda: evaluate(a.checkpoint, a.smears, a.size, a.no_tcga, shared_folder(a.shared)), a.json)
+
+
+def shared_folder(given: Path | None) -> Path:
+    """--shared, which must exist when given, else the default (a note when it is absent)."""
+    if given is not None and not given.is_dir():
+        raise OptionError("--shared", f"{given}: not a folder")
+    if given is None and not SHARED.is_dir():
+        print(f"note: {SHARED}: not found; only the synthetic smears are measured", file=sys.stderr)
+    return given or SHARED
 
 
 def evaluate(checkpoint: Path | None, smears: int, size_px: int, no_tcga: bool, shared: Path) -> list[dict]:
     """Every source's row (printed as it comes, then the table); see the module docstring."""
+    at_least("--smears", smears, 0)
     loaded = load_checkpoint(checkpoint)
     if loaded.ood is None:
         raise WsiTriageError(f"{loaded.info.path}: checkpoint carries no OOD statistics")

@@ -39,7 +39,6 @@ smears and stores, and a new ``--checkpoint`` re-scores the stored tiles without
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -55,13 +54,13 @@ from scipy.optimize import minimize
 from scipy.stats import bootstrap, mannwhitneyu
 
 from wsi_contracts import tilestore as tile_store
-from wsi_pipeline.aggregation import AggregateConfig, tile_suspicion, write_atomic
+from wsi_pipeline.aggregation import AggregateConfig, tile_suspicion
 from wsi_contracts.checkpoint import CheckpointInfo
 from wsi_pipeline.scoring import read_checkpoint_info
 from wsi_pipeline.errors import UserError, WsiTriageError
-from wsi_pipeline.names import printable
 from wsi_pipeline.pipeline import RunOptions, run_slide
 from wsi_pipeline.scoring import ScoreConfig, read_scores, scores_key
+from wsi_pipeline.script import at_least, run_script
 from wsi_pipeline.synth import SynthConfig, list_cells, parse_size, read_cell_list, synthesize, truth_paths
 
 #: the repository checkout this script belongs to (configs/, and ../shared/data beside it)
@@ -369,35 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.5, help="tile suspicion that counts as flagged")
     ap.add_argument("--workers", type=int, default=None, help="scoring and tiling workers [default: CPU count]")
     ap.add_argument("--out", type=Path, default=None, help="keep smears and stores here [default: temporary]")
-    ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON ('-' = stdout)")
+    ap.add_argument("--json", default=None, metavar="FILE",
+                    help="also write the results as JSON ('-' = stdout, the tables then on stderr)")
     ap.add_argument("--verbose", action="store_true", help="print one line per slide")
     args = ap.parse_args(argv)
-    try:
-        check_json_target(args.json)
-        # with --json - stdout carries the JSON alone; the tables go to stderr
-        with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
-            doc = evaluate_fields(args) if args.fields else evaluate_smears(args)
-        if args.json:
-            write_json(doc, args.json)
-    except UserError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-def check_json_target(target: str | None) -> None:
-    """Refuse a --json file whose folder does not exist before any work starts, not after it."""
-    if target and target != "-" and not Path(target).absolute().parent.is_dir():
-        raise WsiTriageError(f"{target}: its folder does not exist (--json)")
-
-
-def write_json(doc: dict[str, Any], target: str) -> None:
-    """The results as JSON on stdout ('-') or in a file, written atomically."""
-    text = json.dumps(doc, indent=2)
-    if target == "-":
-        print(text)
-    else:
-        write_atomic(Path(target), (text + "\n").encode())
+    return run_script(lambda: evaluate_fields(args) if args.fields else evaluate_smears(args), args.json)
 
 
 def evaluate_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -412,8 +387,7 @@ def evaluate_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate_smears(args: argparse.Namespace) -> dict[str, Any]:
     """N positive and N negative smears through the pipeline per placement; the summary printed."""
-    if args.n < 1:
-        raise WsiTriageError(f"--n {args.n}: must be >= 1")
+    at_least("--n", args.n)
     placements = ["grid", "cells"] if args.tiling == "both" else [args.tiling]
     width, height = parse_size(args.size)
     # Score every slide with one frozen copy: a checkpoint file replaced during the run

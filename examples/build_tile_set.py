@@ -16,7 +16,8 @@ Cell pools (never mix them):
     python examples/build_tile_set.py --pool heldout --out runs/tiles/heldout --slides 1 --seed 900
 
 Slides alternate between 0.27 um/px (read at level 0, no resampling) and 0.25 um/px (a 138 px
-box resampled to 128 px, as ``run`` does on the CLI's default synthetic slides).
+box resampled to 128 px, as ``run`` does on the CLI's default synthetic slides). Prints a line per
+slide on stderr and the tiles per class as JSON on stdout (also in ``OUT/tileset.json``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsi_contracts.errors import UserError
 from wsi_pipeline.aggregation import write_atomic
-from wsi_pipeline.errors import WsiTriageError
-from wsi_pipeline.names import printable
+from wsi_pipeline.errors import OptionError, WsiTriageError
+from wsi_pipeline.script import at_least, run_script
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.synth import SynthConfig, synthesize, truth_paths
 
@@ -174,25 +174,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class-cap", type=int, default=150, help="tiles per class per slide")
     p.add_argument("--background-share", type=float, default=0.35)
     a = p.parse_args(argv)
+    return run_script(lambda: build_new(a), "-")
+
+
+def build_new(a: argparse.Namespace) -> dict[str, int]:
+    """Check the options, then :func:`build` into a new (or empty) ``--out``; the tile counts per class."""
+    at_least("--slides", a.slides)
+    at_least("--per-class-cap", a.per_class_cap)
+    if not 0 <= a.background_share < 1:
+        raise OptionError("--background-share", f"must be in [0, 1), got {a.background_share}")
+    if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
+        raise WsiTriageError(f"{a.out}: exists and is not an empty folder; choose a new folder "
+                             "(the set must be rebuilt whole)")
     try:
-        if a.slides < 1 or a.per_class_cap < 1:
-            raise WsiTriageError(f"--slides {a.slides} / --per-class-cap {a.per_class_cap}: must be >= 1")
-        if not 0 <= a.background_share < 1:
-            raise WsiTriageError(f"--background-share {a.background_share}: must be in [0, 1)")
-        if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
-            raise WsiTriageError(f"{a.out}: exists and is not an empty folder; choose a new folder "
-                                 "(the set must be rebuilt whole)")
-        try:
-            a.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise WsiTriageError(f"{a.out}: cannot create the folder ({exc.strerror or exc})") from None
-        counts = build(a.out, a.cells, a.pool, a.heldout, a.slides, a.seed, a.size, a.fraction, a.regions,
-                       a.per_class_cap, a.background_share)
-    except UserError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(counts))
-    return 0
+        a.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WsiTriageError(f"{a.out}: cannot create the folder ({exc.strerror or exc})") from None
+    return build(a.out, a.cells, a.pool, a.heldout, a.slides, a.seed, a.size, a.fraction, a.regions,
+                 a.per_class_cap, a.background_share)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from wsi_contracts.errors import UserError
-from wsi_pipeline.errors import WsiTriageError
-from wsi_pipeline.names import printable
+from wsi_pipeline.errors import OptionError, WsiTriageError
+from wsi_pipeline.script import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 #: ../shared/data beside the checkout, or $WSI_TRIAGE_SHARED_DATA (as the tests find it)
@@ -27,7 +26,9 @@ SHARED = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / 
 
 
 def pack(src: Path, out: Path, heldout: Path, quality: int) -> int:
-    """Re-encode every ``src/*/*.jpg`` not in the held-out list under ``out``; the number written."""
+    """Re-encode every ``src/*/*.jpg`` not in the held-out list under ``out``; says and returns how many."""
+    if not 1 <= quality <= 95:
+        raise OptionError("--quality", f"must be 1-95, got {quality}")
     if not src.is_dir():
         raise WsiTriageError(f"{src}: not a folder (the PBC ImageFolder, --src)")
     from distill.data import read_exclude  # imports torch: only when there is work to do
@@ -46,6 +47,7 @@ def pack(src: Path, out: Path, heldout: Path, quality: int) -> int:
             os.replace(partial, target)
         except OSError as exc:
             raise WsiTriageError(f"{exc.filename or target}: cannot write ({exc.strerror or exc})") from None
+    print(f"packed {len(images)} images into {out}")
     return len(images)
 
 
@@ -57,15 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="relpaths left out [default: %(default)s]")
     parser.add_argument("--quality", type=int, default=80, help="JPEG quality, 1-95")
     args = parser.parse_args(argv)
-    try:
-        if not 1 <= args.quality <= 95:
-            raise WsiTriageError(f"--quality {args.quality}: must be 1-95")
-        n = pack(args.src, args.out, args.heldout, args.quality)
-    except UserError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    print(f"packed {n} images into {args.out}")
-    return 0
+    return run_script(lambda: pack(args.src, args.out, args.heldout, args.quality))
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from wsi_pipeline.errors import OutputError, WsiTriageError
+from wsi_pipeline.script import run_script
+
 HERE = Path(__file__).resolve().parent
-
-
-class MakeError(Exception):
-    """A step the pictures need failed for a reason the user can fix (reported in one line)."""
 
 
 def small_png(image: Image.Image, path: Path, width: int) -> None:
@@ -44,7 +43,7 @@ def wsi_triage(*args: str, cwd: Path) -> None:
     """Run one ``wsi-triage`` command as the README does; its own one-line error is on stderr already."""
     done = subprocess.run([sys.executable, "-m", "wsi_pipeline", *args], cwd=cwd, stdout=subprocess.DEVNULL)
     if done.returncode != 0:
-        raise MakeError(f"{cwd}: wsi-triage {' '.join(args)} exited with status {done.returncode}")
+        raise WsiTriageError(f"{cwd}: wsi-triage {' '.join(args)} exited with status {done.returncode}")
 
 
 def viewer_screenshot(out: Path, path: Path) -> None:
@@ -52,7 +51,7 @@ def viewer_screenshot(out: Path, path: Path) -> None:
     from wsi_pipeline.review.browser import Browser, chromium_path
 
     if chromium_path() is None:
-        raise MakeError(f"{path}: chromium is not installed (apt-get install chromium), needed for the screenshot")
+        raise WsiTriageError(f"{path}: chromium is not installed (apt-get install chromium), needed for the screenshot")
 
     server = make_server(out, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -134,7 +133,7 @@ def make_images(work: Path, out: Path) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise MakeError(f"{folder}: cannot create the folder ({exc.strerror})") from None
+            raise OutputError(f"{folder}: cannot create the folder ({exc.strerror})") from None
     slide = work / "demo-smear.tiff"
     if not slide.exists():
         wsi_triage("synth", "demo-smear.tiff", "--seed", "1", "--fraction", "0.3", "--quiet", cwd=work)
@@ -151,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for the demo smear and its run (reused) [default: %(default)s]")
     ap.add_argument("--out", type=Path, default=HERE, help="where the pictures go [default: docs/img]")
     args = ap.parse_args(argv)
-    try:
-        make_images(args.work, args.out)
-    except MakeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(lambda: make_images(args.work, args.out))
 
 
 if __name__ == "__main__":
