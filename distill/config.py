@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from wsi_contracts.checkpoint import MAX_IMAGE_SIZE, MAX_TILE_MPP
+
 from .data import AugConfig
 from .errors import DistillError
 from .losses import MDKDConfig
@@ -147,12 +149,14 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
     if cfg.img_size < 16 or cfg.patch_size < 1:
         bad(f"img_size {cfg.img_size} / patch_size {cfg.patch_size}: too small")
+    if cfg.img_size > MAX_IMAGE_SIZE:  # the checkpoint contract's limit: refused now, not after training
+        bad(f"img_size {cfg.img_size}: at most {MAX_IMAGE_SIZE} px")
     if cfg.img_size % cfg.patch_size:
         bad(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
-    if cfg.tile_size < 16:
-        bad(f"tile_size {cfg.tile_size}: too small (px of a slide tile at tile_mpp)")
-    if cfg.tile_mpp is not None and not 0.01 <= cfg.tile_mpp <= 100:
-        bad(f"tile_mpp {cfg.tile_mpp}: not a pixel size in um/px (0.01 - 100)")
+    if not 16 <= cfg.tile_size <= MAX_IMAGE_SIZE:
+        bad(f"tile_size {cfg.tile_size}: expected 16 - {MAX_IMAGE_SIZE} px of a slide tile at tile_mpp")
+    if cfg.tile_mpp is not None and not 0.01 <= cfg.tile_mpp <= MAX_TILE_MPP:
+        bad(f"tile_mpp {cfg.tile_mpp}: not a pixel size in um/px (0.01 - {MAX_TILE_MPP:g})")
     if not 0 <= cfg.val_frac < 1:
         bad(f"val_frac {cfg.val_frac}: must be in [0, 1)")
     for name in ("epochs", "batch_size"):

@@ -142,6 +142,8 @@ def _base_config(tmp_path: Path, data: Path, **over) -> Path:
     ({"epochs": "ten"}, "field epochs: 'ten' is not int"),
     ({"tile_mpp": None}, "tile_mpp is not set"),
     ({"tile_mpp": 270}, "tile_mpp 270"),
+    ({"tile_size": 5000}, "tile_size 5000: expected 16 - 4096"),
+    ({"img_size": 8192}, "img_size 8192: at most 4096"),
     ({"group_pattern": "nomatch_(\\d+)"}, "matches none of the"),
     ({"group_pattern": "(unclosed"}, "not a regular expression"),
     ({"bf16": "yes"}, "field bf16"),
