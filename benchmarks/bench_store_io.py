@@ -12,9 +12,11 @@ Both paths run in ONE process on the same real tiles (the Aperio slide tiled los
 to ``--tiles``), in fresh stores made by ``create_store`` (identical array layout), with the
 writer threads the tiler uses, alternately, best of ``--repeats``; both must store the same
 tiles. Besides wall-clock tiles/s it prints the process CPU time per tile, which a busy shared
-machine distorts less.
+machine distorts less. With ``--tiler SLIDE`` it also tiles that slide end to end (``tile_slide``,
+fresh store each time) with each writer in turn (the hand-written one swapped in for
+``tilestore.write_shard``), alternately, best of ``--repeats``: what the choice costs the tiler.
 
-Usage: python benchmarks/bench_store_io.py [SLIDE] [--tiles 1024] [--threads N] [--repeats 3]
+Usage: python benchmarks/bench_store_io.py [SLIDE] [--tiles 1024] [--threads N] [--repeats 3] [--tiler SLIDE]
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def handwritten_write_shard(group: zarr.Group, index: int, tiles: np.ndarray, bl
     bytes, the (offset, nbytes) index, its CRC32C) by one atomic rename, digest computed on the way."""
     meta = tile_store.read_store_meta(group)
     sl = tile_store.shard_slice(index, meta.n_tiles, meta.tiles_per_shard)
-    codec = JpegTileCodec(level=90)
+    codec = group["tiles"].metadata.codecs[0].codecs[0]  # the store's JpegTileCodec (quality as created)
+    assert isinstance(codec, JpegTileCodec)
     parts = [codec.encode_tile(t) for t in tiles]
     table = np.full((meta.tiles_per_shard, 2), _EMPTY, dtype="<u8")
     sizes = np.array([len(p) for p in parts], dtype=np.uint64)
@@ -131,6 +134,33 @@ def read_all(group: zarr.Group, threads: int, reader) -> tuple[float, float, np.
     return time.perf_counter() - start, time.process_time() - cpu, np.concatenate(parts)
 
 
+def tiler_run(slide: Path, out: Path, threads: int, writer) -> tuple[int, float]:
+    """(tiles, seconds) of tiling ``slide`` afresh with ``writer`` as the store's shard writer."""
+    from wsi_pipeline.tiling import tile_slide
+
+    shutil.rmtree(out, ignore_errors=True)
+    original = tile_store.write_shard
+    tile_store.write_shard = writer  # the tiler calls tilestore.write_shard for every shard
+    try:
+        start = time.perf_counter()
+        result = tile_slide(slide, out, TilerConfig(stain="romanowsky"), workers=threads)
+        return result.n_tiles, time.perf_counter() - start
+    finally:
+        tile_store.write_shard = original
+
+
+def compare_tiler(slide: Path, tmp: Path, threads: int, repeats: int) -> None:
+    best = {"direct": np.inf, "zarr": np.inf}
+    n = 0
+    for _ in range(repeats):
+        for name, writer in (("direct", handwritten_write_shard), ("zarr", tile_store.write_shard)):
+            n, seconds = tiler_run(slide, tmp / f"tiler-{name}", threads, writer)
+            best[name] = min(best[name], seconds)
+    d, z = n / best["direct"], n / best["zarr"]
+    print(f"tile_slide {slide.name} ({n} tiles, {threads} workers, best of {repeats}): hand-written writer "
+          f"{d:.0f} tiles/s, zarr {z:.0f} tiles/s, {d / z:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("slide", nargs="?", type=Path, default=DEFAULT)
@@ -138,10 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="writer/reader threads (the tiler uses one per CPU) [default: CPU count]")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiler", type=Path, help="also tile this slide end to end with each writer")
     args = parser.parse_args(argv)
-    if not args.slide.is_file():
-        print(f"error: {args.slide}: slide not found", file=sys.stderr)
-        raise SystemExit(2)
+    for slide in (args.slide, args.tiler):
+        if slide is not None and not slide.is_file():
+            print(f"error: {slide}: slide not found", file=sys.stderr)
+            raise SystemExit(2)
     print(f"zarr {zarr.__version__}, imagecodecs {version('imagecodecs')}, google-crc32c {version('google-crc32c')}, "
           f"numpy {np.__version__}; {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -180,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
             worst = min(v for (o, _), v in verdict.items() if o == op)
             print(f"shard {op}: hand-written path {worst:.2f}x zarr's tiles/s at worst; a hand-written path is "
                   f"kept only if >= {KEEP_RATIO}x: " + ("it would be" if worst >= KEEP_RATIO else "zarr it is"))
+        if args.tiler:
+            compare_tiler(args.tiler, tmp, max(1, args.threads), args.repeats)
 
 
 if __name__ == "__main__":
