@@ -184,42 +184,12 @@ def _validate(path: Path, header: dict[str, Any], sha256: str) -> CheckpointInfo
     if missing:
         raise CheckpointError(f"{path}: not a wsi-triage student checkpoint (metadata lacks {', '.join(missing)})")
 
-    def bad(name: str, why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: metadata field {name} {why}")
-
-    classes = meta["class_names"]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise bad("class_names", "must be a non-empty JSON list of names")
-    if len(set(classes)) != len(classes):
-        raise bad("class_names", "has duplicate names")
-    suspicious = meta["suspicious_classes"]
-    if not isinstance(suspicious, list) or not suspicious or not all(isinstance(c, str) for c in suspicious):
-        raise bad("suspicious_classes", "must be a non-empty JSON list of class names")
-    unknown = [c for c in suspicious if c not in classes]
-    if unknown:
-        raise bad("suspicious_classes", f"names {', '.join(map(repr, unknown))}, not in class_names")
-    norm = meta["normalization"]
-    try:
-        mean = tuple(float(v) for v in norm["mean"])
-        std = tuple(float(v) for v in norm["std"])
-    except (TypeError, KeyError, ValueError):
-        raise bad("normalization", "must be {\"mean\": [3 numbers], \"std\": [3 numbers]}") from None
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise bad("normalization", "needs 3 means and 3 positive stds")
+    classes, suspicious = _check_classes(path, meta)
+    mean, std = _check_normalization(path, meta["normalization"])
     ints = {name: _int_field(path, name, meta[name], 8, MAX_IMAGE_SIZE) for name in ("input_size", "tile_size")}
-    tile_mpp = meta["tile_mpp"]
-    if isinstance(tile_mpp, str):
-        try:
-            tile_mpp = float(tile_mpp)
-        except ValueError:
-            raise bad("tile_mpp", f"is not a number: {meta['tile_mpp']!r}") from None
-    if isinstance(tile_mpp, bool) or not isinstance(tile_mpp, (int, float)):
-        raise bad("tile_mpp", f"is not a number: {meta['tile_mpp']!r}")
-    tile_mpp = float(tile_mpp)
-    if not (math.isfinite(tile_mpp) and 0 < tile_mpp <= MAX_TILE_MPP):
-        raise bad("tile_mpp", f"must be a finite pixel size in (0, {MAX_TILE_MPP:g}] um/px, got {meta['tile_mpp']!r}")
+    tile_mpp = _check_tile_mpp(path, meta["tile_mpp"])
     if not isinstance(meta["provenance"], dict):
-        raise bad("provenance", "must be a JSON object")
+        raise CheckpointError(f"{path}: metadata field provenance must be a JSON object")
     arch = _check_architecture(path, meta["architecture"], len(classes), ints["input_size"], header)
     ood = _check_ood(path, meta, header, arch)
     return CheckpointInfo(
@@ -227,6 +197,53 @@ def _validate(path: Path, header: dict[str, Any], sha256: str) -> CheckpointInfo
         mean=mean, std=std, input_size=ints["input_size"], tile_size=ints["tile_size"], tile_mpp=tile_mpp,
         architecture=dict(arch), format_version=version, metadata=meta, ood=ood,
     )
+
+
+def _check_classes(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """class_names (unique, non-empty names) and suspicious_classes (a non-empty subset of them)."""
+    classes = meta["class_names"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise CheckpointError(f"{path}: metadata field class_names must be a non-empty JSON list of names")
+    if len(set(classes)) != len(classes):
+        raise CheckpointError(f"{path}: metadata field class_names has duplicate names")
+    suspicious = meta["suspicious_classes"]
+    if not isinstance(suspicious, list) or not suspicious or not all(isinstance(c, str) for c in suspicious):
+        raise CheckpointError(f"{path}: metadata field suspicious_classes must be a non-empty JSON list of class names")
+    unknown = [c for c in suspicious if c not in classes]
+    if unknown:
+        raise CheckpointError(f"{path}: metadata field suspicious_classes names {', '.join(map(repr, unknown))}, "
+                              "not in class_names")
+    return classes, suspicious
+
+
+def _check_normalization(path: Path, norm: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std): three numbers each, every std positive."""
+    try:
+        mean = tuple(float(v) for v in norm["mean"])
+        std = tuple(float(v) for v in norm["std"])
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{path}: metadata field normalization must be "
+                              "{\"mean\": [3 numbers], \"std\": [3 numbers]}") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(f"{path}: metadata field normalization needs 3 means and 3 positive stds")
+    return mean, std
+
+
+def _check_tile_mpp(path: Path, value: Any) -> float:
+    """The tile pixel size: a finite number (or its string) in (0, MAX_TILE_MPP] um/px."""
+    mpp = value
+    if isinstance(mpp, str):
+        try:
+            mpp = float(mpp)
+        except ValueError:
+            raise CheckpointError(f"{path}: metadata field tile_mpp is not a number: {value!r}") from None
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)):
+        raise CheckpointError(f"{path}: metadata field tile_mpp is not a number: {value!r}")
+    mpp = float(mpp)
+    if not (math.isfinite(mpp) and 0 < mpp <= MAX_TILE_MPP):
+        raise CheckpointError(f"{path}: metadata field tile_mpp must be a finite pixel size in (0, {MAX_TILE_MPP:g}] "
+                              f"um/px, got {value!r}")
+    return mpp
 
 
 def _check_ood(path: Path, meta: dict[str, Any], header: dict[str, Any], arch: dict[str, Any]) -> dict[str, Any] | None:
