@@ -17,7 +17,7 @@ from wsi_contracts.checkpoint import file_sha256
 from .config import TrainConfig
 from .errors import DistillError
 from .export import load_model_file, read_metadata
-from .metrics import accuracy, predict
+from .metrics import accuracy, predict, top1
 from .models import count_params
 from .preflight import check_data
 from .runtime import resolve_runtime
@@ -70,9 +70,9 @@ def precision_agreement(fp32: torch.Tensor, bf16: torch.Tensor, labels: torch.Te
     equal predictions and the largest softmax difference."""
     p32, p16 = fp32.softmax(-1), bf16.softmax(-1)
     return {
-        "top1_fp32": round(float((fp32.argmax(-1) == labels).float().mean()), 5),
-        "top1_bf16": round(float((bf16.argmax(-1) == labels).float().mean()), 5),
-        "same_prediction": round(float((fp32.argmax(-1) == bf16.argmax(-1)).float().mean()), 5),
+        "top1_fp32": top1(fp32, labels),
+        "top1_bf16": top1(bf16, labels),
+        "same_prediction": top1(bf16, fp32.argmax(-1)),
         "max_prob_diff": round(float((p32 - p16).abs().max()), 5) if len(labels) else 0.0,
     }
 

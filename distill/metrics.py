@@ -8,7 +8,7 @@ import torch
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, to_input
 
-__all__ = ["accuracy", "confusion", "predict"]
+__all__ = ["accuracy", "confusion", "predict", "top1"]
 
 
 @torch.no_grad()
@@ -33,6 +33,11 @@ def confusion(pred: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     return cm
 
 
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose highest logit is the label (0.0 for no rows), rounded to 5 digits."""
+    return round(float((logits.argmax(-1) == labels).float().mean()), 5) if len(labels) else 0.0
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
     """Top-1, balanced accuracy (mean recall over the classes present in ``labels``), and per
     class precision / recall / support. ``labels`` and ``logits`` columns index ``class_names``."""
@@ -48,7 +53,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str])
         per[name] = {"precision": round(tp / predicted, 5) if predicted else 0.0, "recall": round(rec, 5),
                      "support": support}
     return {
-        "top1": round(float((pred == labels).float().mean()), 5) if len(labels) else 0.0,
+        "top1": top1(logits, labels),
         "balanced_accuracy": round(sum(recalls) / max(1, len(recalls)), 5),
         "per_class": per,
         "confusion_matrix": {"rows_true_cols_pred": cm.tolist(), "class_names": list(class_names)},
