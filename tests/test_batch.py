@@ -215,3 +215,52 @@ def test_hostile_names_every_slide_like_entry_and_rerun_seconds(tmp_path):
     again = {r["slide"]: r["seconds"] for r in _csv(out / "triage.csv")}
     ok = [s for s in first if by_slide[s]["status"] == "ok"]
     assert {s: again[s] for s in ok} == {s: first[s] for s in ok}  # a rerun keeps each slide's own time
+
+
+def test_skip_unreadable_makes_unopenable_files_skipped_rows_not_failures(tmp_path):
+    """--skip-unreadable: a file that cannot be opened as a slide is a 'skipped' row with its reason
+    (exit 0); a slide that opens but fails (here: no pixel size) is still a failure."""
+    folder = tmp_path / "slides"
+    blob_field(folder / "field.png", seed=2, size=(160, 128), n=6)
+    (folder / "bad.svs").write_bytes(b"this is not a slide at all")
+    (folder / "dir.svs").mkdir()
+    ckpt = random_checkpoint(tmp_path / "a.safetensors", seed=0)
+    out = tmp_path / "out"
+    res = _batch(folder, "--out", out, "--checkpoint", ckpt, "--skip-unreadable", "--json", code=1)
+    by_slide = {r["slide"]: r for r in json.loads(res.stdout)["slides"]}
+    assert by_slide["field"]["status"] == "error" and "pixel size" in by_slide["field"]["error"]
+    assert by_slide["bad"]["status"] == "skipped" and "bad.svs: not a readable slide" in by_slide["bad"]["error"]
+    assert by_slide["dir"]["status"] == "skipped" and "is a directory" in by_slide["dir"]["error"]
+
+    res = _batch(folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--skip-unreadable", "--json", code=0)
+    doc = json.loads(res.stdout)
+    assert doc["failed"] == 0
+    rows = _csv(out / "triage.csv")
+    assert [(r["slide"], r["status"]) for r in rows] == [("field", "ok"), ("bad", "skipped"), ("dir", "skipped")]
+    assert "not a readable slide" in rows[1]["error"] and rows[1]["score"] == ""
+    assert json.loads((out / "batch.json").read_text())["slides"]["bad"]["status"] == "skipped"
+    assert [r["slide"] for r in _parse_report(out / "report.html").rows] == ["field", "bad", "dir"]
+    _batch(folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--quiet", code=1)  # without: failures
+
+
+def test_a_slide_over_the_memory_budget_fails_alone_and_the_batch_goes_on(tmp_path):
+    """--slide-memory: each slide is read in a child process under that limit; a slide that needs more
+    is a failed row naming the budget, the others are scored, and a larger budget reads it."""
+    import numpy as np
+
+    folder = tmp_path / "slides"
+    blob_field(folder / "small.png", seed=2, size=(160, 128), n=6)
+    Image.fromarray(np.full((9000, 9000, 3), 240, np.uint8)).save(folder / "huge.png")  # 81 Mpx, blank
+    ckpt = random_checkpoint(tmp_path / "a.safetensors", seed=0)
+    out = tmp_path / "out"
+    res = _batch(folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--slide-memory", "600M", "--json",
+                 code=1)
+    by_slide = {r["slide"]: r for r in json.loads(res.stdout)["slides"]}
+    assert by_slide["small"]["status"] == "ok"
+    huge = by_slide["huge"]
+    assert huge["status"] == "error" and "huge.png" in huge["error"] and "--slide-memory" in huge["error"], huge
+    assert "600M" in huge["error"] and "\n" not in huge["error"]
+
+    res = _batch(folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--slide-memory", "3G", "--json", code=0)
+    by_slide = {r["slide"]: r for r in json.loads(res.stdout)["slides"]}
+    assert by_slide["huge"]["status"] == "empty" and by_slide["small"]["status"] == "ok"

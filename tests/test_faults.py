@@ -199,10 +199,13 @@ def test_two_runs_on_one_slide_at_once_both_succeed_with_the_same_result(scored,
     (["batch", "{slide}", "--out", "/proc/wsi-triage-x"], "/proc/wsi-triage-x: cannot create output directory"),
     (["run", "{slide}", "--device", "banana"], "'banana' is not a torch device"),
     (["run", "{slide}", "--top-k", "0"], "top-k must be >= 1"),
-    (["run", "{slide}", "--quantile", "2"], "quantile and threshold must be in [0, 1]"),
+    (["run", "{slide}", "--quantile", "2"], "--quantile must be in [0, 1], got 2.0"),
     (["batch", "{slide}", "--score-workers", "0"], "--score-workers must be at least 1"),
-    (["run", "{slide}", "--batch-size", "0"], "batch size must be positive"),
-], ids=["out-is-file", "out-in-proc", "device-banana", "top-k-0", "quantile-2", "score-workers-0", "batch-size-0"])
+    (["run", "{slide}", "--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["batch", "{slide}", "--slide-memory", "lots"], "--slide-memory must be a size such as 8G"),
+    (["batch", "{slide}", "--slide-memory", "-1G"], "--slide-memory must be a size such as 8G"),
+], ids=["out-is-file", "out-in-proc", "device-banana", "top-k-0", "quantile-2", "score-workers-0", "batch-size-0",
+        "slide-memory-lots", "slide-memory-negative"])
 def test_ordinary_mistakes_are_one_line_before_any_work(scored, tmp_path, args, fragment):
     (tmp_path / "file").write_text("not a folder")
     out = tmp_path / "o"

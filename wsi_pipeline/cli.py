@@ -263,8 +263,8 @@ def _run_text(run) -> str:
     steps = run.steps
     done = [name for name in ("tile", "score", "aggregate") if steps.get(name, {}).get("reused")]
     reuse = f"; reused {', '.join(done)}" if done else ""
-    if run.status == "error":
-        return f"{run.stem}: error: {run.error}"
+    if run.status in ("error", "skipped"):
+        return f"{run.stem}: {run.status}: {run.error}"
     if run.status == "empty":
         return f"{run.stem}: no tissue tile (score n/a){reuse}"
     method = (run.summary or {}).get("score", {}).get("method", "")
@@ -336,17 +336,19 @@ def run_command(slide, out_dir, quiet, as_json, **kwargs):
 @click.option("--out", "out_dir", type=click.Path(path_type=str), default="wsi-triage-out", show_default=True, help="Output directory: stores, per-slide outputs, triage.csv, report.html.")
 @click.option("--only-failed", is_flag=True, help="Rerun only slides that failed (or are new) since the last batch with this checkpoint.")
 @click.option("--slide-timeout", type=float, default=None, help="Seconds of slide reading allowed per slide; a slide over it is recorded as failed [default: 900].")
+@click.option("--slide-memory", default=None, help="Memory each slide's reading may use (e.g. 8G, 512M; 0: no limit, read in the batch's own process); a slide over it is recorded as failed [default: 8G or half the machine's memory, whichever is less].")
+@click.option("--skip-unreadable", is_flag=True, help="A file that cannot be opened as a slide is a row with status 'skipped' and the reason, not a failure.")
 @score_options
 @run_tiling_options
 @aggregate_options
 @click.option("--quiet", is_flag=True, help="No progress bars or per-slide lines.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 @user_errors
-def batch_command(slides, out_dir, only_failed, quiet, as_json, **kwargs):
+def batch_command(slides, out_dir, only_failed, skip_unreadable, quiet, as_json, **kwargs):
     """Run every slide of a directory or glob; write triage.csv and report.html ranked by suspicion.
 
     A slide that fails is recorded with its error and never stops the batch; the exit code is 1
-    when any slide failed, 0 otherwise.
+    when any slide failed (a skipped unreadable file is no failure), 0 otherwise.
     """
     from .pipeline import run_batch
 
@@ -358,7 +360,8 @@ def batch_command(slides, out_dir, only_failed, quiet, as_json, **kwargs):
             click.echo(f"[{i}/{n}] {_run_line(run)}", err=run.status == "error")
 
     with bars:
-        result = run_batch(slides, out_dir, _run_options(**kwargs), only_failed=only_failed, progress=bars,
+        result = run_batch(slides, out_dir, _run_options(**kwargs), only_failed=only_failed,
+                           skip_unreadable=skip_unreadable, progress=bars,
                            on_slide=on_slide)
     if as_json:
         echo_json({"out": str(result.out), "checkpoint_sha256": result.checkpoint_sha256,

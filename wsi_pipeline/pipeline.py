@@ -27,14 +27,15 @@ from .aggregation import AggregateConfig, AggregateResult, aggregate_store, read
 from wsi_contracts.checkpoint import CheckpointInfo
 from .scoring import check_weights, read_checkpoint_info
 from .errors import OptionError, OutputError, SlideError, UserError, WsiTriageError, environment_error
+from .budget import (ChildCrash, SlideBudget, UnreadableSlideError, default_memory, parse_memory,
+                     tile_checked, tile_within_budget)
 from .lock import store_lock
 from .progress import Progress
 from .names import csv_cell, printable
-from .slides import read_budget
 from .scoring import ScoreConfig, ScoreResult, score_store
-from .tiling import TileResult, TilerConfig, tile_slide
+from .tiling import TileResult, TilerConfig
 
-__all__ = ['BATCH_STATE', 'TRIAGE_CSV', 'REPORT_HTML', 'BATCH_SLIDE_TIMEOUT', 'SLIDE_SUFFIXES', 'DEFAULT_STAIN', 'RunOptions', 'SlideRun', 'tiler_config_for', 'foreground_warnings', 'slide_status', 'score_and_aggregate', 'validate_options', 'run_slide', 'find_slides', 'BatchResult', 'load_batch_state', 'rank_rows', 'CSV_FIELDS', 'triage_csv_bytes', 'run_batch']
+__all__ = ['BATCH_STATE', 'TRIAGE_CSV', 'REPORT_HTML', 'BATCH_SLIDE_TIMEOUT', 'STATUS_ORDER', 'SLIDE_SUFFIXES', 'DEFAULT_STAIN', 'RunOptions', 'SlideRun', 'tiler_config_for', 'foreground_warnings', 'slide_status', 'score_and_aggregate', 'validate_options', 'run_slide', 'find_slides', 'BatchResult', 'load_batch_state', 'rank_rows', 'CSV_FIELDS', 'triage_csv_bytes', 'run_batch']
 
 BATCH_STATE = "batch.json"
 TRIAGE_CSV = "triage.csv"
@@ -64,12 +65,17 @@ class RunOptions:
     lock_wait: float | None = None  # seconds to wait for another writer of the same slide (None: no limit)
     slide_timeout: float | None = None  # seconds of slide reading allowed per slide (batch default: BATCH_SLIDE_TIMEOUT)
     tiling: str | None = None  # grid | cells; None: the checkpoint's ``placement`` metadata, else grid
+    #: bytes (or "8G", "512M") of private memory the slide's tiling may use, in a child process
+    #: (wsi_pipeline.budget); None: in this process without a limit (batch default: budget.default_memory());
+    #: 0 or "off": in this process, also in a batch
+    slide_memory: int | str | None = None
 
 
 @dataclass
 class SlideRun:
     """The outcome of one slide; ``status`` is ok, out_of_domain (most tiles unlike the checkpoint's training
-    data, see wsi_pipeline.scoring.ood), empty (no tissue tile) or error."""
+    data, see wsi_pipeline.scoring.ood), empty (no tissue tile), error, or skipped (a batch asked to skip
+    files that cannot be opened as slides)."""
 
     slide: Path
     stem: str
@@ -122,9 +128,12 @@ def slide_status(summary: dict[str, Any] | None, n_tiles: int) -> str:
     return "out_of_domain" if ((summary or {}).get("ood") or {}).get("out_of_domain") else "ok"
 
 
-def _tile_step(r: TileResult) -> dict[str, Any]:
-    return {"reused": r.reused, "tiles": r.n_tiles, "grid_tiles": r.n_grid, "shards_written": r.shards_written,
+def _tile_step(r: TileResult, peak: int | None) -> dict[str, Any]:
+    step = {"reused": r.reused, "tiles": r.n_tiles, "grid_tiles": r.n_grid, "shards_written": r.shards_written,
             "seconds": round(r.seconds, 3), "empty_reason": r.empty_reason}
+    if peak is not None:  # tiled in a child process under the memory budget
+        step["peak_rss_mb"] = round(peak / 2**20, 1)
+    return step
 
 
 def _score_step(r: ScoreResult) -> dict[str, Any]:
@@ -156,6 +165,7 @@ def validate_options(options: RunOptions, info: CheckpointInfo) -> TilerConfig:
         raise OptionError("slide_timeout", f"must be a positive number of seconds, got {options.slide_timeout}")
     if options.tile_workers is not None and options.tile_workers < 1:
         raise OptionError("tile_workers", f"must be at least 1, got {options.tile_workers}")
+    parse_memory(options.slide_memory)
     return tiler_config_for(info, options).resolved()
 
 
@@ -178,6 +188,18 @@ def _remove_temporaries(out_dir: Path) -> None:
                 tmp.unlink()
 
 
+def _tile(slide: Path, out: Path, config: TilerConfig, options: RunOptions,
+          progress: Progress | None) -> tuple[TileResult, int | None]:
+    """The tiling step: in a child process under ``slide_memory`` (and ``slide_timeout``), else in this
+    process within ``slide_timeout``; (the result, the child's peak RSS or None)."""
+    memory = parse_memory(options.slide_memory)
+    if memory is None:
+        return tile_checked(slide, out, config, mpp=options.mpp, workers=options.tile_workers,
+                            seconds=options.slide_timeout, progress=progress), None
+    return tile_within_budget(slide, out, config, SlideBudget(memory, options.slide_timeout), mpp=options.mpp,
+                              workers=options.tile_workers, progress=progress)
+
+
 def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
               progress: Progress | None = None, info: CheckpointInfo | None = None,
               on_wait: Callable[[str], None] | None = None) -> SlideRun:
@@ -193,10 +215,9 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     info = info or read_checkpoint_info(options.checkpoint)
     config = validate_options(options, info)
     _make_out_dir(out)
-    with store_lock(tile_store.store_path(out, slide), wait=options.lock_wait, on_wait=on_wait), \
-            read_budget(options.slide_timeout):
+    with store_lock(tile_store.store_path(out, slide), wait=options.lock_wait, on_wait=on_wait):
         _remove_temporaries(out / slide.stem)
-        tiled = tile_slide(slide, out, config, mpp=options.mpp, workers=options.tile_workers, progress=progress)
+        tiled, peak = _tile(slide, out, config, options, progress)
         out_dir = out / slide.stem
         scored, aggregated, agg_seconds = score_and_aggregate(tiled.path, out_dir, options, info, progress)
     summary = aggregated.summary
@@ -204,7 +225,7 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     return SlideRun(
         slide=slide, stem=slide.stem, status=slide_status(summary, tiled.n_tiles), store=tiled.path, out_dir=out_dir,
         score=score, n_tiles=tiled.n_tiles, seconds=time.perf_counter() - start,
-        steps={"tile": _tile_step(tiled), "score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
+        steps={"tile": _tile_step(tiled, peak), "score": _score_step(scored), "aggregate": _aggregate_step(aggregated, agg_seconds)},
         summary=summary, warnings=foreground_warnings(tiled.meta, info),
     )
 
@@ -273,12 +294,15 @@ def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
     }
 
 
+#: the order of statuses in the ranking (then descending score within one status)
+STATUS_ORDER = {"ok": 0, "out_of_domain": 1, "empty": 2, "error": 3, "skipped": 4}
+
+
 def rank_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Scored slides by descending suspicion, then out-of-domain slides (their score is no suspicion), then
-    slides without tissue, then failures; rank numbers set."""
-    order = {"ok": 0, "out_of_domain": 1, "empty": 2, "error": 3}
-    ranked = sorted(rows, key=lambda r: (order.get(r["status"], 4), -(r["score"] if r["score"] is not None else -1),
-                                         r["slide"]))
+    slides without tissue, then failures, then skipped files; rank numbers set."""
+    ranked = sorted(rows, key=lambda r: (STATUS_ORDER.get(r["status"], len(STATUS_ORDER)),
+                                         -(r["score"] if r["score"] is not None else -1), r["slide"]))
     for i, r in enumerate(ranked, 1):
         r["rank"] = i
     return ranked
@@ -306,30 +330,18 @@ def _carried_over(stem: str, record: dict[str, Any], out: Path) -> SlideRun:
                     steps={"skipped": {"reason": "--only-failed"}}, summary=read_summary(out_dir))
 
 
-def run_batch(
-    spec: str | Path,
-    out: str | Path,
-    options: RunOptions = RunOptions(),
-    *,
-    only_failed: bool = False,
-    progress: Progress | None = None,
-    on_slide: Callable[[int, int, SlideRun], None] | None = None,
-) -> BatchResult:
-    """Run every slide of ``spec``; a failing slide is recorded (status, error) and never stops the batch.
-
-    With ``only_failed``, slides that succeeded with the same checkpoint last time are carried over.
-    When the checkpoint differs from the previous batch's, each row gets the previous score and the change.
-    """
-    from .review import write_report
-
-    start = time.perf_counter()
-    out = Path(out)
-    slides = find_slides(spec)
-    info = read_checkpoint_info(options.checkpoint)  # a bad checkpoint stops the batch before any slide
-    validate_options(options, info)  # so do bad options
+def _batch_options(options: RunOptions) -> RunOptions:
+    """A batch's defaults: each slide under a time budget and, in a child process, a memory budget."""
     if options.slide_timeout is None:
         options = dataclasses.replace(options, slide_timeout=BATCH_SLIDE_TIMEOUT)
-    _make_out_dir(out)
+    if options.slide_memory is None:
+        options = dataclasses.replace(options, slide_memory=default_memory())
+    return options
+
+
+def _batch_state(out: Path, info: CheckpointInfo, options: RunOptions) -> tuple[dict[str, Any], bool]:
+    """The new ``batch.json`` content: the last batch's records when it used the same checkpoint, else
+    none (its scores become ``previous``, to report each slide's change); and whether it did."""
     state = load_batch_state(out)
     records: dict[str, Any] = dict(state.get("slides") or {})
     same_checkpoint = state.get("checkpoint_sha256") == info.sha256
@@ -339,58 +351,118 @@ def run_batch(
         records = {}
     else:
         previous = state.get("previous")
-    new_state = {"checkpoint_sha256": info.sha256, "checkpoint_path": str(info.path), "previous": previous,
-                 "slides": records, "aggregate_config": dataclasses.asdict(options.aggregate), "updated": None}
+    return {"checkpoint_sha256": info.sha256, "checkpoint_path": str(info.path), "previous": previous,
+            "slides": records, "aggregate_config": dataclasses.asdict(options.aggregate),
+            "updated": None}, same_checkpoint
 
-    runs: list[SlideRun] = []
-    seen: dict[str, Path] = {}
-    for i, slide in enumerate(slides):
-        stem = slide.stem
-        record = records.get(stem)
-        if stem in seen:
-            run = SlideRun(slide=slide, stem=stem, status="error", error_type="SlideError",
-                           error=f"{slide}: another slide ({seen[stem]}) has the same name; outputs would collide")
-        elif only_failed and same_checkpoint and record and record.get("status") in ("ok", "out_of_domain", "empty"):
-            run = _carried_over(stem, record, out)
+
+def _failed_run(slide: Path, exc: Exception, seconds: float, skip_unreadable: bool) -> SlideRun:
+    """The row of a slide whose run raised: a user or environment error as its one line, a bug with its
+    type and place; a file that cannot be opened as a slide is ``skipped`` when the batch was asked to."""
+    if isinstance(exc, ChildCrash):
+        error, error_type = str(exc), exc.type_name
+    else:
+        known = exc if isinstance(exc, UserError) else (
+            environment_error(exc) if isinstance(exc, OSError) else None)  # a full disk is no bug
+        if known is not None:
+            error, error_type = str(known), type(known).__name__
         else:
-            t0 = time.perf_counter()
-            try:
-                run = run_slide(slide, out, options, progress=progress, info=info)
-                if (record and record.get("seconds") is not None and run.status != "error"
-                        and all(run.steps.get(s, {}).get("reused") for s in ("tile", "score", "aggregate"))):
-                    run.seconds = float(record["seconds"])  # nothing redone: keep the time the work took
-            except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-                error = exc if isinstance(exc, UserError) else (
-                    environment_error(exc) if isinstance(exc, OSError) else None)  # a full disk is no bug
-                if error is not None:
-                    run = SlideRun(slide=slide, stem=stem, status="error", error=str(error),
-                                   error_type=type(error).__name__, seconds=time.perf_counter() - t0)
-                else:
-                    last = traceback.extract_tb(exc.__traceback__)[-1]
-                    run = SlideRun(slide=slide, stem=stem, status="error", error_type=type(exc).__name__,
-                                   error=f"{slide}: unexpected {type(exc).__name__}: {exc} "
-                                         f"(at {Path(last.filename).name}:{last.lineno})",
-                                   seconds=time.perf_counter() - t0)
-        if stem not in seen:
-            seen[stem] = slide
-            records[stem] = {"status": run.status, "score": run.score, "n_tiles": run.n_tiles,
-                             "error": run.error, "slide_path": str(run.slide), "seconds": round(run.seconds, 3)}
-            new_state["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            write_atomic(out / BATCH_STATE, json.dumps(new_state, indent=2, default=str).encode())
-        runs.append(run)
-        if on_slide:
-            on_slide(i + 1, len(slides), run)
+            last = traceback.extract_tb(exc.__traceback__)[-1]
+            error_type = type(exc).__name__
+            error = f"{slide}: unexpected {error_type}: {exc} (at {Path(last.filename).name}:{last.lineno})"
+    status = "skipped" if skip_unreadable and isinstance(exc, UnreadableSlideError) else "error"
+    return SlideRun(slide=slide, stem=slide.stem, status=status, error=error, error_type=error_type, seconds=seconds)
 
-    rows = [_row(r, info.sha256) for r in runs]
+
+def _all_reused(run: SlideRun) -> bool:
+    return all(run.steps.get(s, {}).get("reused") for s in ("tile", "score", "aggregate"))
+
+
+def _batch_slide(slide: Path, out: Path, options: RunOptions, info: CheckpointInfo, record: dict[str, Any] | None,
+                 progress: Progress | None, skip_unreadable: bool) -> SlideRun:
+    """One slide of a batch; whatever it raises becomes its row, never the batch's end."""
+    t0 = time.perf_counter()
+    try:
+        run = run_slide(slide, out, options, progress=progress, info=info)
+    except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
+        return _failed_run(slide, exc, time.perf_counter() - t0, skip_unreadable)
+    if record and record.get("seconds") is not None and _all_reused(run):
+        run.seconds = float(record["seconds"])  # nothing redone: keep the time the work took
+    return run
+
+
+def _record(state: dict[str, Any], run: SlideRun, out: Path) -> None:
+    """The slide's outcome into ``batch.json``, written at once (a killed batch keeps what it finished)."""
+    state["slides"][run.stem] = {"status": run.status, "score": run.score, "n_tiles": run.n_tiles,
+                                 "error": run.error, "slide_path": str(run.slide), "seconds": round(run.seconds, 3)}
+    state["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_atomic(out / BATCH_STATE, json.dumps(state, indent=2, default=str).encode())
+
+
+def _ranked_rows(runs: list[SlideRun], sha256: str, previous: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The triage rows, each with its score under the previous checkpoint and the change, ranked."""
+    rows = [_row(r, sha256) for r in runs]
     prev_scores = (previous or {}).get("scores") or {}
     for run, r in zip(runs, rows):
         before = prev_scores.get(run.stem)
         r["previous_score"] = before
         r["score_change"] = (round(r["score"] - before, 6)
                              if r["score"] is not None and before is not None else None)
-    rows = rank_rows(rows)
+    return rank_rows(rows)
+
+
+def run_batch(
+    spec: str | Path,
+    out: str | Path,
+    options: RunOptions = RunOptions(),
+    *,
+    only_failed: bool = False,
+    skip_unreadable: bool = False,
+    progress: Progress | None = None,
+    on_slide: Callable[[int, int, SlideRun], None] | None = None,
+) -> BatchResult:
+    """Run every slide of ``spec``; a failing slide is recorded (status, error) and never stops the batch.
+
+    Each slide is tiled in a child process under a memory budget (``options.slide_memory``, default
+    :func:`wsi_pipeline.budget.default_memory`) and a time budget (``slide_timeout``, default
+    :data:`BATCH_SLIDE_TIMEOUT`). With ``only_failed``, slides that succeeded with the same checkpoint
+    last time are carried over. With ``skip_unreadable``, a file that cannot be opened as a slide is a
+    ``skipped`` row, not a failure. When the checkpoint differs from the previous batch's, each row
+    gets the previous score and the change.
+    """
+    from .review import write_report
+
+    start = time.perf_counter()
+    out = Path(out)
+    slides = find_slides(spec)
+    info = read_checkpoint_info(options.checkpoint)  # a bad checkpoint stops the batch before any slide
+    validate_options(options, info)  # so do bad options
+    options = _batch_options(options)
+    _make_out_dir(out)
+    state, same_checkpoint = _batch_state(out, info, options)
+    carry_over = only_failed and same_checkpoint
+    runs: list[SlideRun] = []
+    seen: dict[str, Path] = {}
+    for i, slide in enumerate(slides):
+        stem = slide.stem
+        record = state["slides"].get(stem)
+        if stem in seen:
+            run = SlideRun(slide=slide, stem=stem, status="error", error_type="SlideError",
+                           error=f"{slide}: another slide ({seen[stem]}) has the same name; outputs would collide")
+        elif carry_over and record and record.get("status") in ("ok", "out_of_domain", "empty"):
+            run = _carried_over(stem, record, out)
+        else:
+            run = _batch_slide(slide, out, options, info, record, progress, skip_unreadable)
+        if stem not in seen:
+            seen[stem] = slide
+            _record(state, run, out)
+        runs.append(run)
+        if on_slide:
+            on_slide(i + 1, len(slides), run)
+
+    previous = state["previous"]
+    rows = _ranked_rows(runs, info.sha256, previous)
     csv_path = write_atomic(out / TRIAGE_CSV, triage_csv_bytes(rows))
-    html_path = write_report(out / REPORT_HTML, rows, info=info, previous=previous,
-                             aggregate=options.aggregate)
+    html_path = write_report(out / REPORT_HTML, rows, info=info, previous=previous, aggregate=options.aggregate)
     return BatchResult(out, runs, rows, info.sha256, (previous or {}).get("checkpoint_sha256"), csv_path, html_path,
                        time.perf_counter() - start)
