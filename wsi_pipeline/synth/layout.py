@@ -23,7 +23,7 @@ from .cells import CellPool
 from .config import S_CANDIDATES, S_DEBRIS, S_GLASS, S_GLOBAL, S_PLANT, S_RBC, S_REGIONS, SynthConfig, seeded_rng
 from .sprites import NON_EPITHELIAL, SpriteBank, oriented
 
-__all__ = ['BLOCK', 'NOISE_SIZE', 'PEN_TRUTH_ALPHA', 'glass_colour', 'oriented_point', 'pen_stroke_mask', 'overlap', 'bilinear_patch', 'Layout']
+__all__ = ['BLOCK', 'NOISE_SIZE', 'PEN_TRUTH_ALPHA', 'glass_colour', 'slide_glass', 'oriented_point', 'pen_stroke_mask', 'overlap', 'bilinear_patch', 'Layout']
 
 BLOCK = 512  # layout block side, level-0 px
 NOISE_SIZE = 509  # prime, so the noise texture never lines up with tiles or blocks
@@ -67,6 +67,12 @@ def glass_colour(seed: int) -> np.ndarray:
     level = rng.uniform(*_GLASS_LEVEL)
     cast = _GLASS_CAST * rng.uniform(-1.0, 1.0)  # > 0 warm, < 0 cool
     return (level * np.array([1.0 + cast, 1.0, 1.0 - cast])).astype(np.float32)
+
+
+def slide_glass(seed: int, bank: SpriteBank) -> np.ndarray:
+    """The glass RGB the slide's sprites are lit with (``glass_colour``; one place, so that a tool
+    compositing the bank's sprites elsewhere, e.g. benchmarks/diag_cell_tiles.py, lights them alike)."""
+    return glass_colour(seed)
 
 
 def oriented_point(row: float, col: float, shape: tuple[int, int], o: int) -> tuple[float, float]:
@@ -277,7 +283,7 @@ class Layout:
         self.n_red = 0
         self.n_debris = 0
         self.debris_boxes: list[list[int]] = []
-        self.glass = glass_colour(cfg.seed)
+        self.glass = slide_glass(cfg.seed, bank)
         # Blocks that any cell (red or nucleated, from any block) reaches: the rest is bare glass.
         self.occupied = np.zeros((self.nby, self.nbx), bool)
         self._record(self.region_cells)
