@@ -178,8 +178,9 @@ def test_cells_store_records_objects_and_resumes(synthetic, tmp_path):
 
     calls = []
 
-    def stop_after_two_shards(n):
-        calls.append(n)
+    def stop_after_two_shards(stage, done, total):
+        if done:  # the first call (done 0) is the plan; then one per finished shard
+            calls.append(done)
         if len(calls) == 2:
             raise Interrupt
 

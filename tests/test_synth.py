@@ -257,7 +257,7 @@ def test_cli_synth_writes_slide_and_truth_and_reports_speed(tmp_path):
     assert out.is_file() and (tmp_path / "demo.truth.json").is_file() and (tmp_path / "demo.truth.geojson").is_file()
 
     res = CliRunner().invoke(main, ["synth", str(tmp_path / "x.tiff"), "--size", "100x100"])
-    assert res.exit_code == 2 and res.output.strip().startswith("error: --size 100x100")
+    assert res.exit_code == 2 and res.output.strip().startswith("error: --size must be between 256 and")
     res = CliRunner().invoke(main, ["synth", str(tmp_path / "x.tiff"), "--suspicious", "blast"])
     assert res.exit_code == 2 and "blast" in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.tiff").exists()

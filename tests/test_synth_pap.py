@@ -192,7 +192,7 @@ def test_cli_rejects_an_unknown_stain_or_ink(tmp_path):
 def test_library_config_checks_stain_and_ink(tmp_path):
     from wsi_pipeline.errors import WsiTriageError
 
-    with pytest.raises(WsiTriageError, match="--stain"):
+    with pytest.raises(WsiTriageError, match="stain must be one of romanowsky, pap, got 'giemsa'"):
         synthesize(tmp_path / "a.tiff", SynthConfig(width=512, height=512, stain="giemsa"))
-    with pytest.raises(WsiTriageError, match="--pen-ink"):
+    with pytest.raises(WsiTriageError, match="pen_ink must be one of .*, got 'purple'"):
         synthesize(tmp_path / "a.tiff", SynthConfig(width=512, height=512, pen_ink="purple"))

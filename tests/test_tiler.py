@@ -106,8 +106,9 @@ def test_interrupted_run_resumes_without_rewriting_finished_shards(shared_data, 
 
     calls = []
 
-    def stop_after_two_shards(n):
-        calls.append(n)
+    def stop_after_two_shards(stage, done, total):
+        if done:  # the first call (done 0) is the plan; then one per finished shard
+            calls.append(done)
         if len(calls) == 2:
             raise Interrupt
 
