@@ -67,8 +67,8 @@ def _copy(scored, tmp_path) -> Path:
 
 
 def _shard(store: Path, index: int) -> Path:
-    group = tile_store.open_store(store)
-    return tile_store._shard_file(group["tiles"], index)
+    tiles = tile_store.open_store(store)["tiles"]
+    return store / "tiles" / tiles.metadata.encode_chunk_key((index, 0, 0, 0))  # zarr v3's chunk key
 
 
 # --------------------------------------------------------------------------- damaged stores (issue 12 #1)

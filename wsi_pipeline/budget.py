@@ -135,6 +135,7 @@ def _child(conn, slide: str, out: str, config: TilerConfig, mpp: float | None, w
     def progress(stage: str, done: int, total: int) -> None:
         send("progress", stage=stage, done=done, total=total)
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops this child
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     limit = memory if hard == resource.RLIM_INFINITY else min(memory, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
