@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from wsi_contracts.errors import UserError
+
 from .errors import DistillError
 
 __all__ = ["main"]
@@ -47,7 +49,7 @@ def _user_errors(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except DistillError as e:
+        except UserError as e:  # DistillError, and the contract errors of wsi_contracts
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
@@ -241,7 +243,7 @@ def _finetune_options(fn):
 def finetune_cmd(export_fp16, no_resume, quiet, **kw):
     """Fine-tune a checkpoint on more data, optionally adding classes (e.g. background)."""
     from .config import dataclass_from_dict
-    from .export import export as _export_fp16  # fp16 is its default
+    from .export import export
     from .finetune import FinetuneConfig, run_finetune
 
     _setup_logging(quiet)
@@ -260,7 +262,7 @@ def finetune_cmd(export_fp16, no_resume, quiet, **kw):
         if bar is not None:
             bar.close()
     if export_fp16:
-        sha = _export_fp16(Path(cfg.out) / "model.safetensors", export_fp16)
+        sha = export(Path(cfg.out) / "model.safetensors", export_fp16, fp16=True)
         log.info("exported %s (fp16) sha256 %s", export_fp16, sha[:12])
     click.echo(json.dumps({k: metrics[k] for k in ("val_top1", "val_balanced_acc", "train_seconds") if k in metrics}))
 

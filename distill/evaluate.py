@@ -20,7 +20,7 @@ from .export import load_model_file, read_metadata
 from .metrics import accuracy, predict, top1
 from .models import count_params
 from .preflight import check_data
-from .runtime import resolve_runtime
+from .runtime import resolve_runtime, torch_threads
 from .train import load_patches, split_of
 
 __all__ = ["classification_report", "evaluate_models", "flops_per_image", "interleaved_throughput",
@@ -110,9 +110,13 @@ def evaluate_models(checkpoints: list[str], cfg: TrainConfig, out_dir: str | Pat
     before any image is decoded. Each model is scored in fp32 and bf16 (``precision_check``);
     ``top1`` is that of the precision ``cfg.bf16`` resolves to on this machine.
     """
+    with torch_threads(cfg.threads):
+        return _evaluate_models(checkpoints, cfg, out_dir, split, bench_batches)
+
+
+def _evaluate_models(checkpoints: list[str], cfg: TrainConfig, out_dir: str | Path, split: str,
+                     bench_batches: int) -> list[dict[str, Any]]:
     rt = resolve_runtime(cfg.device, cfg.bf16)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
     metas = [(c, read_metadata(c)) for c in checkpoints]
     plan = check_data(cfg)

@@ -40,7 +40,7 @@ from .export import build_metadata, load_model_file, write_checkpoint
 from .loop import LoopSettings, Progress, claim_run_folder, fit
 from .metrics import accuracy, predict
 from .preflight import split_record
-from .runtime import resolve_runtime
+from .runtime import resolve_runtime, torch_threads
 from .train import split_of
 
 __all__ = ["FinetuneConfig", "extend_head", "freeze", "run_finetune", "scores"]
@@ -167,6 +167,12 @@ def _check(cfg: FinetuneConfig, class_names: list[str]) -> None:
 def run_finetune(cfg: FinetuneConfig, resume: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                  progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune ``cfg.init`` on ``cfg.data``; returns the metrics (also in ``DIR/metrics.json``)."""
+    with torch_threads(cfg.threads):
+        return _finetune(cfg, resume, on_epoch, progress)
+
+
+def _finetune(cfg: FinetuneConfig, resume: bool, on_epoch: Callable[[dict[str, Any]], None] | None,
+              progress: Progress | None) -> dict[str, Any]:
     init_model, meta = load_model_file(cfg.init)
     old_classes = list(meta["class_names"])
     dup = [c for c in cfg.add_class if c in old_classes]
@@ -175,8 +181,6 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = True, on_epoch: Callable[[d
     class_names = old_classes + list(cfg.add_class)
     _check(cfg, class_names)
     rt = resolve_runtime(cfg.device, cfg.bf16)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     claim_run_folder(out, cfg_json, resume, lambda d: {k: v for k, v in d.items() if k not in RUNTIME})

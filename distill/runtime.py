@@ -8,15 +8,17 @@ epoch was measured 11x slower (190 s vs 17 s), so ``auto`` decides at run time a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from .errors import DistillError
 
-__all__ = ["Runtime", "choose_device", "cpu_native_bf16", "resolve_runtime"]
+__all__ = ["Runtime", "choose_device", "cpu_native_bf16", "resolve_runtime", "torch_threads"]
 
 log = logging.getLogger("distill")
 
@@ -89,3 +91,17 @@ def resolve_runtime(device: str = "auto", bf16: bool | str = "auto") -> Runtime:
     else:
         raise DistillError(f"bf16 must be auto, true or false, not {bf16!r}")
     return Runtime(dev, use, reason)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (when given) for the block, and restored after it:
+    a library call leaves the process-wide setting as it found it."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

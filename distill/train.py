@@ -9,7 +9,6 @@ classes, tile size / mpp, stain) and runtime settings (device, threads, bf16, ca
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -30,10 +29,10 @@ from .losses import MDKDLoss, response_loss
 from .metrics import accuracy, predict
 from .models import architecture, block_features, count_params, init_from_timm_weights, init_student_from_teacher
 from .preflight import check_training, split_record
-from .runtime import resolve_runtime
+from .runtime import resolve_runtime, torch_threads
 
 __all__ = ["MODES", "TrainConfig", "config_from_dict", "load_patches", "lr_at", "predict", "run_training",
-           "split_of", "torch_threads"]
+           "split_of"]
 
 log = logging.getLogger("distill")
 
@@ -81,20 +80,6 @@ def run_training(cfg: TrainConfig, role: str, resume: bool = True,
     rt = resolve_runtime(cfg.device, cfg.bf16)
     with torch_threads(cfg.threads):
         return _train(cfg, role, resume, on_epoch, progress, teacher, teacher_meta, plan, rt)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` (when given) for the block, and restored after it:
-    a library call leaves the process-wide setting as it found it."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _train(cfg: TrainConfig, role: str, resume: bool, on_epoch: Callable[[dict[str, Any]], None] | None,

@@ -72,8 +72,10 @@ def test_finetune_adds_background_and_writes_a_contract_checkpoint(tmp_path):
     cfg = FinetuneConfig(init=str(init), data=[str(data)], out=str(tmp_path / "run"), exclude=str(exclude),
                          add_class=["background"], epochs=2, samples_per_epoch=32, batch_size=16, lr=1e-3,
                          warmup_steps=1, threads=1, cache_dir=None, val_frac=0.25)
+    threads = torch.get_num_threads()
     metrics = run_finetune(cfg)
     assert metrics["steps"] == 4
+    assert torch.get_num_threads() == threads  # threads=1 held for the run only, not left set
     model, meta = load_model_file(tmp_path / "run" / "model.safetensors")
     # the one training loop makes a fine-tune resumable: started again it trains nothing more
     again = run_finetune(cfg)
