@@ -39,7 +39,7 @@ def read_checkpoint_info(path: str | Path | None = None) -> CheckpointInfo:
     """:func:`wsi_contracts.checkpoint.read_info` of ``path``; ``None``: the bundled demo."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if path == DEFAULT_CHECKPOINT and not path.exists():
-        raise CheckpointError(f"{path}: the bundled demo checkpoint is missing; pass --checkpoint FILE")
+        raise CheckpointError(f"{path}: the bundled demo checkpoint is missing; give a checkpoint file (checkpoint, --checkpoint on the command line)")
     return read_info(path)
 
 

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from ..errors import SlideError
+from ..errors import OptionError, SlideError
 from .image_backend import open_with_pillow
 from .limits import check_claimed_size
 from .openslide_backend import open_with_openslide
@@ -34,7 +34,7 @@ def open_slide(path: str | Path, mpp: float | None = None, *, fast: bool = True,
     shown = str(path)
     path = Path(path)
     if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
-        raise SlideError(f"{shown}: --mpp must be a positive number of um/px, got {mpp}")
+        raise OptionError("mpp", f"must be a positive number of um/px, got {mpp}")
     size = _readable_file_size(path, shown)
     with _quiet_tifffile():  # its complaints about a damaged file would break the one-line error
         slide = _open_with_first_backend(path, shown, fast, TileCache(tile_cache_bytes))
