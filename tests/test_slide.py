@@ -285,8 +285,11 @@ def test_transparent_png_is_composited_on_white(tmp_path):
 
 
 def test_invalid_mpp_override_is_refused(shared_data):
-    with pytest.raises(SlideError, match="--mpp"):
+    from wsi_pipeline.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^mpp must be a positive number of um/px, got -1$") as err:
         open_slide(slide_path(shared_data, CMU), mpp=-1)
+    assert err.value.param == "mpp" and isinstance(err.value, ValueError)
 
 
 def test_fingerprint_depends_on_content_not_name(tmp_path, shared_data):
