@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline_util import cells_dir, smear
 
 from wsi_contracts import tilestore as tile_store
-from wsi_pipeline.errors import StoreError
+from wsi_pipeline.errors import OptionError
 from wsi_pipeline.foreground import foreground_mask
 from wsi_pipeline.tiling import ObjectTable, detect_objects, merge_near_duplicates, place_tiles, read_objects
 from wsi_pipeline.slides import open_slide
@@ -202,7 +202,7 @@ def test_cells_store_records_objects_and_resumes(synthetic, tmp_path):
 
 
 def test_unknown_tiling_is_refused():
-    with pytest.raises(StoreError, match="unknown tiling 'hex'"):
+    with pytest.raises(OptionError, match="tiling must be one of grid, cells, got 'hex'"):
         TilerConfig(tiling="hex").resolved()
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from . import objects as cell_objects
 from wsi_contracts import tilestore as tile_store
 from wsi_contracts.tilestore import StoreMeta
-from ..errors import OutputError, SlideError, StoreError
+from ..errors import OptionError, OutputError, SlideError, StoreError
 from ..progress import Counter, Progress
 from ..foreground import (WORKING_MPP, ForegroundResult, blur_scores, decide_stain, detect_foreground,
     get_preset, tile_fractions)
@@ -73,21 +73,21 @@ class TilerConfig:
         With ``stain="auto"`` the minimum foreground stays None until the stain is decided
         (:func:`plan_tiles`); every preset's default is then its own."""
         preset = None if self.stain == "auto" else get_preset(self.stain)
-        if self.target_mpp <= 0:
-            raise StoreError(f"target mpp must be positive, got {self.target_mpp}")
+        if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
+            raise OptionError("target_mpp", f"must be a positive pixel size in um/px, got {self.target_mpp}")
         if self.tile_size < 8:
-            raise StoreError(f"tile size must be at least 8 px, got {self.tile_size}")
+            raise OptionError("tile_size", f"must be at least 8 px, got {self.tile_size}")
         if not 0 <= self.overlap < self.tile_size:
-            raise StoreError(f"overlap must be in [0, tile size), got {self.overlap}")
+            raise OptionError("overlap", f"must be in [0, tile size), got {self.overlap}")
         if self.codec not in tile_store.CODECS:
-            raise StoreError(f"unknown codec {self.codec!r}; choose one of {', '.join(tile_store.CODECS)}")
+            raise OptionError("codec", f"must be one of {', '.join(tile_store.CODECS)}, got {self.codec!r}")
         if self.tiling not in TILINGS:
-            raise StoreError(f"unknown tiling {self.tiling!r}; choose one of {', '.join(TILINGS)}")
+            raise OptionError("tiling", f"must be one of {', '.join(TILINGS)}, got {self.tiling!r}")
         if self.min_foreground is None:
             return dataclasses.replace(self, min_foreground=preset.min_foreground if preset else None)
         min_fg = float(self.min_foreground)
         if not 0 <= min_fg <= 1:
-            raise StoreError(f"minimum foreground fraction must be in [0, 1], got {min_fg}")
+            raise OptionError("min_foreground", f"must be in [0, 1], got {min_fg}")
         return dataclasses.replace(self, min_foreground=min_fg)
 
     def hash(self, slide_mpp: float) -> str:
