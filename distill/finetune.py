@@ -152,9 +152,9 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], s
 def _check(cfg: FinetuneConfig, class_names: list[str]) -> None:
     """Every check that needs no decoded image: roots exist, their classes are known, mix fits."""
     if not cfg.data:
-        raise DistillError("no training data: give at least one --data ImageFolder root")
+        raise DistillError("data names no ImageFolder root: give at least one")
     if cfg.mix is not None and len(cfg.mix) != len(cfg.data):
-        raise DistillError(f"--mix has {len(cfg.mix)} shares for {len(cfg.data)} --data roots")
+        raise DistillError(f"mix has {len(cfg.mix)} shares for {len(cfg.data)} data roots")
     excl = read_exclude(cfg.exclude)
     for root in list(cfg.data) + list(cfg.eval_data):
         _, _, classes = scan_imagefolder(root, excl if root in cfg.data else None)
@@ -177,7 +177,7 @@ def _finetune(cfg: FinetuneConfig, resume: bool, on_epoch: Callable[[dict[str, A
     old_classes = list(meta["class_names"])
     dup = [c for c in cfg.add_class if c in old_classes]
     if dup:
-        raise DistillError(f"--add-class {dup}: already among the checkpoint's classes")
+        raise DistillError(f"add_class {dup}: already among the checkpoint's classes")
     class_names = old_classes + list(cfg.add_class)
     _check(cfg, class_names)
     rt = resolve_runtime(cfg.device, cfg.bf16)

@@ -47,7 +47,7 @@ def starter_config(data: str | Path, suspicious: list[str], config_path: str | P
     rels, labels, classes = scan_imagefolder(data)
     counts = class_counts(data, labels, classes)
     if not suspicious:
-        raise DistillError("name at least one suspicious class (--suspicious CLASS)")
+        raise DistillError("suspicious names no class: name at least one suspicious class")
     unknown = [s for s in suspicious if s not in classes]
     if unknown:
         raise DistillError(f"{data}: suspicious classes {unknown} are not among its class folders {classes}")
@@ -131,7 +131,7 @@ def write_starter_config(data: str | Path, suspicious: list[str], out: str | Pat
     """Write :func:`starter_config` to ``out`` (refusing to replace an existing file)."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise DistillError(f"{out}: already exists (choose another --out or pass --force)")
+        raise DistillError(f"{out}: already exists (choose another out folder, or force to replace it)")
     text = starter_config(data, suspicious, out, mpp, stain)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
