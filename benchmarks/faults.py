@@ -4,8 +4,12 @@ Five families of faults, each tried many times, every outcome classified:
 
 * corrupted slides (>= 100 inputs): truncations, bit flips, zeroed headers, zero length, wrong
   extension, hostile TIFF headers (huge tiled levels, offsets past the end), a huge PNG; run as
-  one ``batch`` per group (a hang is the batch passing its timeout; the file is then retried
-  alone to name it) -> survived = a result or a one-line recorded error;
+  one ``batch`` (a hang is the batch passing its timeout; the file is then retried alone to name
+  it) -> survived = a result or a one-line recorded error. The batch runs twice, side by side:
+  with each slide read in the batch's own process (``--slide-memory 0``, as before the budget) and
+  with each slide read in a child process under ``--budget`` (default 1G); it prints the peak
+  RSS of the whole process tree for both and the slides stopped by the budget. The tally counts
+  the budgeted run;
 * damaged stores: shard files deleted, swapped, bit-flipped, truncated; nodes and chunks removed;
   score chunks flipped -> then ``run`` again: survived = the reference score or a one-line error,
   wrong = exit 0 with any other score;
@@ -17,7 +21,7 @@ Five families of faults, each tried many times, every outcome classified:
 It prints one table: tried / survived / tracebacks / hangs / wrong results per family. Target:
 0 tracebacks, 0 hangs, 0 wrong results.
 
-    python benchmarks/faults.py [--work /tmp/wsi-faults] [--timeout 120] [--kills 12] [--json out.json]
+    python benchmarks/faults.py [--work /tmp/wsi-faults] [--timeout 120] [--kills 12] [--budget 1G] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,31 +35,57 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 SHARED = Path(os.environ.get("WSI_TRIAGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def cli(*args: str, timeout: float, measure: bool = False) -> tuple[int | None, str, str, float]:
+def cli(*args: str, timeout: float, peak: list | None = None) -> tuple[int | None, str, str, float]:
     """(exit code or None on timeout, stdout, stderr, seconds) of one ``wsi-triage`` process.
 
-    ``measure``: run it under GNU time, whose last stderr line is then ``PEAK_KB <max RSS>``
-    (getrusage in this process would also count the forked copy of this process)."""
+    ``peak``: a list that receives the peak RSS in bytes of the process and all its descendants
+    together (sampled every 0.1 s: a batch's children read slides while the batch holds the model)."""
     t0 = time.perf_counter()
-    timer = ["/usr/bin/time", "-f", "PEAK_KB %M"] if measure and Path("/usr/bin/time").exists() else []
-    proc = subprocess.Popen([*timer, sys.executable, "-m", "wsi_pipeline", *map(str, args)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_pipeline", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+    done = threading.Event()
+    sampler = threading.Thread(target=_sample_tree_rss, args=(proc.pid, done, peak), daemon=True)
+    if peak is not None:
+        sampler.start()
     try:
         out, err = proc.communicate(timeout=timeout)
+        rc = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        return None, out, err, time.perf_counter() - t0
-    return proc.returncode, out, err, time.perf_counter() - t0
+        rc = None
+    done.set()
+    if peak is not None:
+        sampler.join()
+    return rc, out, err, time.perf_counter() - t0
+
+
+def _sample_tree_rss(pid: int, done: threading.Event, peak: list) -> None:
+    import psutil
+
+    best = 0
+    try:
+        root = psutil.Process(pid)
+        while not done.is_set():
+            total = 0
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            best = max(best, total)
+            done.wait(0.1)
+    except psutil.Error:
+        pass
+    peak.append(best)
 
 
 def one_line_error(rc: int | None, err: str) -> bool:
@@ -85,17 +115,60 @@ class Tally:
 
 # --------------------------------------------------------------------------- inputs
 
+PBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+
+
+def architecture(img_size: int = 32, depth: int = 1, embed_dim: int = 48, num_heads: int = 3) -> dict:
+    return {"family": "timm-vit", "img_size": img_size, "patch_size": 16, "embed_dim": embed_dim,
+            "depth": depth, "num_heads": num_heads, "mlp_ratio": 4.0, "num_classes": len(PBC_CLASSES),
+            "class_token": True, "global_pool": "token"}
+
 
 def small_checkpoint(work: Path) -> Path:
-    from ckpt_util import random_checkpoint
+    """A one-block random ViT in the student checkpoint format: 64 px tiles at 1 um/px."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
 
-    return random_checkpoint(work / "student.safetensors", seed=0, tile_size=64, tile_mpp=1.0)
+    from wsi_contracts.checkpoint import write_checkpoint
+
+    arch = architecture(img_size=64)
+    torch.manual_seed(0)
+    model = VisionTransformer(**{k: v for k, v in arch.items() if k != "family"})
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)  # spread the class probabilities per tile
+    meta = {"format": "wsi-triage-student", "format_version": "1", "architecture": arch,
+            "class_names": PBC_CLASSES, "suspicious_classes": ["erythroblast", "ig"],
+            "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+            "input_size": 64, "tile_size": 64, "tile_mpp": 1.0, "provenance": {"note": "random weights (benchmark)"}}
+    path = work / "student.safetensors"
+    write_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+def blob_field(path: Path, seed: int = 0, size: tuple[int, int] = (384, 256), n: int = 14) -> Path:
+    """A camera-field PNG: stained round cells on a pale, slightly noisy background (no mpp in the file)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = np.empty((h, w, 3), dtype=np.float32)
+    img[:] = (236, 230, 234)
+    img += rng.normal(0, 2.0, img.shape)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(n):
+        cx, cy, r = rng.uniform(20, w - 20), rng.uniform(20, h - 20), rng.uniform(8, 16)
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        colour = np.array([rng.uniform(90, 160), rng.uniform(40, 90), rng.uniform(120, 170)])
+        img[inside] = colour + rng.normal(0, 6, (int(inside.sum()), 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+    return path
 
 
 def source_slides(work: Path) -> list[Path]:
     """Real and generated slides of each reader path: Aperio JPEG tiles, JPEG 2000, pyramidal
     JPEG TIFF (direct JPEG-tile path), OME-TIFF, PNG, JPEG."""
-    from pipeline_util import blob_field
     from PIL import Image
 
     from wsi_pipeline.synth import SynthConfig, synthesize
@@ -199,25 +272,33 @@ def corrupted_inputs(work: Path, sources: list[Path], seed: int) -> list[Path]:
 # --------------------------------------------------------------------------- families
 
 
-def family_slides(work: Path, ckpt: Path, inputs: list[Path], timeout: float, tally: Tally) -> None:
-    """One ``batch`` over every corrupted input; a batch that hangs is retried file by file."""
+def family_slides(work: Path, ckpt: Path, inputs: list[Path], timeout: float, tally: Tally, budget: str) -> dict:
+    """One ``batch`` over every corrupted input, read in the batch's own process (no budget, as before
+    the budget) and then under ``budget``: peak RSS of each; the budgeted run is tallied (a batch that
+    hangs is retried file by file)."""
     folder = inputs[0].parent
-    out = work / "bad-out"
-    shutil.rmtree(out, ignore_errors=True)
-    rc, stdout, err, secs = cli("batch", folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--json",
-                                "--quiet", "--slide-timeout", str(timeout / 2), timeout=timeout * len(inputs) / 4,
-                                measure=True)
-    peak = next((int(line.split()[1]) / 1024 for line in err.splitlines() if line.startswith("PEAK_KB")), None)
-    peak_text = f"{peak:.0f} MB" if peak is not None else "n/a"
-    print(f"  batch over {len(inputs)} corrupted inputs: exit {rc}, {secs:.0f} s, peak RSS {peak_text}", flush=True)
-    if rc is None or "Traceback" in err or not stdout.strip():
+    runs = {}
+    for label, memory in (("in-process, no budget", "0"), (f"child per slide, budget {budget}", budget)):
+        out = work / f"bad-out-{memory}"
+        shutil.rmtree(out, ignore_errors=True)
+        peak: list = []
+        rc, stdout, err, secs = cli("batch", folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--json",
+                                    "--quiet", "--slide-timeout", str(timeout / 2), "--slide-memory", memory,
+                                    timeout=timeout * len(inputs) / 4, peak=peak)
+        rows = {r["slide_path"]: r for r in json.loads(stdout)["slides"]} if stdout.strip() else {}
+        over = sorted(Path(r["slide_path"]).name for r in rows.values() if "--slide-memory" in (r["error"] or ""))
+        runs[label] = {"exit": rc, "seconds": round(secs, 1), "peak_rss_mb": round(peak[0] / 2**20) if peak else None,
+                       "over_budget": over}
+        print(f"  batch over {len(inputs)} corrupted inputs, {label}: exit {rc}, {secs:.0f} s, "
+              f"peak RSS (batch and its children) {runs[label]['peak_rss_mb']} MB, "
+              f"{len(over)} over the memory budget{': ' + ', '.join(over) if over else ''}", flush=True)
+    if rc is None or "Traceback" in err or not rows:
         for path in inputs:  # name the culprit
             rc1, _, err1, _ = cli("run", path, "--out", work / "single", "--checkpoint", ckpt, "--mpp", "0.5",
                                   "--quiet", timeout=timeout)
             outcome = "hang" if rc1 is None else "traceback" if "Traceback" in err1 else "ok"
             tally.add(outcome, path.name, err1)
-        return
-    rows = {r["slide_path"]: r for r in json.loads(stdout)["slides"]}
+        return runs
     from wsi_pipeline.names import printable
 
     for path in inputs:
@@ -228,6 +309,7 @@ def family_slides(work: Path, ckpt: Path, inputs: list[Path], timeout: float, ta
             tally.add("traceback", path.name, row["error"])
         else:
             tally.add("ok", path.name)
+    return runs
 
 
 def _score(out: Path, stem: str) -> float | None:
@@ -244,8 +326,9 @@ def store_damages(store: Path, rng: random.Random):
     group = tile_store.open_store(store)
     n_shards = tile_store.read_store_meta(group).n_shards
 
-    def shard(root: Path, i: int) -> Path:
-        return tile_store._shard_file(tile_store.open_store(root)["tiles"], i)
+    def shard(root: Path, i: int) -> Path:  # the zarr v3 chunk key of tile shard i
+        tiles = tile_store.open_store(root)["tiles"]
+        return root / "tiles" / tiles.metadata.encode_chunk_key((i, 0, 0, 0))
 
     def flip(path: Path, n: int, lo: float = 0.0, hi: float = 1.0) -> None:
         buf = bytearray(path.read_bytes())
@@ -359,7 +442,6 @@ def family_concurrent(work: Path, ckpt: Path, slide: Path, timeout: float, tally
 
 
 def family_checkpoints(work: Path, ckpt: Path, slide: Path, timeout: float, tally: Tally) -> None:
-    from ckpt_util import architecture
     from safetensors.torch import load_file, save_file
 
     with open(ckpt, "rb") as fh:
@@ -406,6 +488,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=12)
     parser.add_argument("--concurrent", type=int, default=2, help="rounds of 3 simultaneous runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", default="1G", help="--slide-memory of the budgeted batch over the corrupted slides")
     parser.add_argument("--only", default="slides,stores,kills,concurrent,checkpoints")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -417,10 +500,11 @@ def main() -> None:
     sources = source_slides(work)
     slide = next(p for p in sources if p.suffix == ".png")
     tallies = []
+    memory = None
     if "slides" in only:
         tally = Tally("corrupted slides")
         inputs = corrupted_inputs(work, sources, args.seed)
-        family_slides(work, ckpt, inputs, args.timeout, tally)
+        memory = family_slides(work, ckpt, inputs, args.timeout, tally, args.budget)
         tallies.append(tally)
     if {"stores", "kills", "concurrent"} & only:
         tally = Tally("damaged stores")
@@ -445,11 +529,14 @@ def main() -> None:
     for r in rows + [{"family": "total", **total}]:
         print(f"{r['family']:24s} {r['tried']:6d} {r['survived']:9d} {r['tracebacks']:11d} {r['hangs']:6d} {r['wrong']:6d}")
     print(f"({time.perf_counter() - t0:.0f} s; hang = over {args.timeout:g} s per command)")
+    for label, r in (memory or {}).items():
+        print(f"batch over the corrupted slides, {label}: peak RSS {r['peak_rss_mb']} MB (batch and children), "
+              f"{r['seconds']:.0f} s, {len(r['over_budget'])} slides over the memory budget")
     for t in tallies:
         for line in t.examples[:12]:
             print(f"  {t.name}: {line}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "total": total,
+        Path(args.json).write_text(json.dumps({"rows": rows, "total": total, "batch_memory": memory,
                                                "examples": {t.name: t.examples for t in tallies}}, indent=2))
 
 

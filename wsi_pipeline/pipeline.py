@@ -206,7 +206,9 @@ def run_slide(slide: str | Path, out: str | Path, options: RunOptions = RunOptio
     """Tile (or reuse the store), score with the checkpoint (or reuse), aggregate (or reuse).
 
     Holds the slide's store lock throughout (:mod:`wsi_pipeline.lock`): a second writer of the
-    same output waits (``on_wait`` tells why), then reuses what the first one finished.
+    same output waits (``on_wait`` tells why), then reuses what the first one finished. With
+    ``options.slide_memory`` the tiling runs in a child process under that memory budget
+    (:mod:`wsi_pipeline.budget`); scoring and aggregation always run here.
     Raises one-line :class:`WsiTriageError` subclasses; ``run_batch`` records them per slide.
     """
     start = time.perf_counter()
