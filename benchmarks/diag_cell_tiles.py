@@ -52,11 +52,11 @@ from wsi_pipeline.errors import UserError, WsiTriageError
 from wsi_pipeline.foreground import WORKING_MPP, detect_foreground
 from wsi_pipeline.scoring import load_checkpoint, predict_probs
 from wsi_pipeline.synth import PBC_MPP, SHIPPED_CELLS, SynthConfig, glass_colour, list_cells, read_cell_list, synthesize, truth_paths
-from wsi_pipeline.synth.layout import slide_glass
+from wsi_pipeline.synth.layout import BLOOD_FREQ, slide_glass
 from wsi_pipeline.synth.sprites import LUT, SpriteBank
 from wsi_pipeline.tiling import plan_cells
 
-__all__ = ["STEPS", "CellTiles", "cell_tiles", "smear_tiles", "tally", "main"]
+__all__ = ["STEPS", "CellTiles", "cell_tiles", "smear_tiles", "tally", "slide_bound", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_PBC = ROOT.parent / "shared" / "data" / "pbc"
@@ -296,6 +296,40 @@ def tally(labels: list[str], probs: list[np.ndarray | None], class_names: list[s
     return rows
 
 
+def slide_bound(suspicion: dict[str, np.ndarray], normal_freq: dict[str, float], planted: tuple[str, ...],
+                n_objects: int, n_planted: int, top_k: int = 3, n_slides: int = 2000, seed: int = 0) -> dict[str, float]:
+    """What the slide score could reach if every object's tile scored as ``suspicion`` (per class, e.g. the
+    original PBC crops): virtual smears of ``n_objects`` normal objects drawn by ``normal_freq`` (a
+    positive adds ``n_planted`` cells of the ``planted`` classes), each object's suspicion drawn from
+    its class's cells, slide score = top-k mean over objects as `run --tiling cells` computes it.
+    Returns the slide ROC AUC, the share of negatives with a top-k mean >= 0.5 and of positives."""
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(seed)
+    classes = [c for c in normal_freq if c in suspicion and len(suspicion[c])]
+    p = np.array([normal_freq[c] for c in classes], float)
+    p /= p.sum()
+    planted = tuple(c for c in planted if c in suspicion and len(suspicion[c]))
+
+    def slides(positive: bool) -> np.ndarray:
+        which = rng.choice(len(classes), size=(n_slides, n_objects), p=p)
+        vals = np.zeros(which.shape)
+        for k, c in enumerate(classes):
+            hit = which == k
+            vals[hit] = suspicion[c][rng.integers(len(suspicion[c]), size=int(hit.sum()))]
+        if positive and planted:
+            extra = np.stack([suspicion[planted[i % len(planted)]][rng.integers(len(suspicion[planted[i % len(planted)]]),
+                                                                                 size=n_slides)]
+                              for i in range(n_planted)], axis=1)
+            vals = np.concatenate([vals, extra], axis=1)
+        return np.sort(vals, axis=1)[:, -top_k:].mean(axis=1)
+
+    pos, neg = slides(True), slides(False)
+    auc = float(mannwhitneyu(pos, neg, alternative="greater").statistic / (len(pos) * len(neg)))
+    return {"auc": round(auc, 4), "positives_topk_ge_0.5": round(float((pos >= 0.5).mean()), 4),
+            "negatives_topk_ge_0.5": round(float((neg >= 0.5).mean()), 4)}
+
+
 def _score(model, info, tiles: list[np.ndarray | None]) -> list[np.ndarray | None]:
     idx = [i for i, t in enumerate(tiles) if t is not None]
     out: list[np.ndarray | None] = [None] * len(tiles)
@@ -323,6 +357,8 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.n < 1:
         raise WsiTriageError(f"--n {args.n}: must be >= 1")
+    if args.bound_objects < 1 or args.bound_planted < 1:
+        raise WsiTriageError("--bound-objects and --bound-planted must be >= 1")
     if args.smears < 0:
         raise WsiTriageError(f"--smears {args.smears}: must be >= 0")
     if args.threads:
@@ -355,9 +391,10 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         if not args.quiet and (k + 1) % 50 == 0:
             print(f"cells {k + 1}/{len(chosen)}", file=sys.stderr, flush=True)
     labels = [c.label for c in cells]
-    steps = {}
+    steps, steps_probs = {}, {}
     for s in STEPS:
-        steps[s] = tally(labels, _score(loaded.model, info, [c.tiles[s] for c in cells]), names, susp)
+        steps_probs[s] = _score(loaded.model, info, [c.tiles[s] for c in cells])
+        steps[s] = tally(labels, steps_probs[s], names, susp)
     offsets = [c.offset_um for c in cells if c.offset_um is not None]
     doc: dict[str, Any] = {
         "checkpoint": str(info.path), "sha12": info.sha12, "cells": str(root), "cell_list": list_name,
@@ -383,12 +420,45 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
             "neighbours (same cells)": tally(labs, _score(loaded.model, info, [b["neighbours"] for b in base]),
                                              names, susp),
             "smear": tally(labs, [f["probs"] for f in found], names, susp),
+            "_labels": labs, "_probs": [f["probs"] for f in found],
             "rescored": tally(labs, _score(loaded.model, info, [f["tile"] for f in found]), names, susp),
             "offset_um": {"median": float(np.median([f["offset_um"] for f in found if f["offset_um"] is not None]))
                           if found else None},
         }
+    doc["bound"] = _bounds(loaded, pool, cells, steps_probs, doc, args)
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     return doc
+
+
+def _bounds(loaded, pool, cells, steps_probs, doc, args) -> dict[str, Any]:
+    """:func:`slide_bound` from the suspicions of every held-out crop and of each step's (and the smears') tiles."""
+    from wsi_pipeline.synth.cells import read_rgb
+
+    info = loaded.info
+    names, susp = list(info.class_names), list(info.suspicious_classes)
+    normal = {c: f for c, f in BLOOD_FREQ.items() if c != "platelet"}  # platelets are rarely objects (no nucleus)
+    planted = tuple(c for c in susp if c in pool.classes)
+
+    def by_class(labels, probs) -> dict[str, np.ndarray]:
+        out: dict[str, list[float]] = {}
+        for lab, p in zip(labels, probs):
+            if p is not None:
+                out.setdefault(lab, []).append(float(tile_suspicion(p[None], names, susp)[0]))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    sources: dict[str, dict[str, np.ndarray]] = {}
+    every = [read_rgb(pool.root / r) for r in pool.relpaths]
+    labels_all = [pool.classes[i] for i in pool.labels]
+    sources[f"pbc, all {len(every)} crops"] = by_class(labels_all, _score(loaded.model, info, every))
+    labels = [c.label for c in cells]
+    for s in STEPS:
+        sources[s] = by_class(labels, steps_probs[s])
+    if "smear" in doc:
+        sources["smears: run --tiling cells"] = by_class(doc["smear"].pop("_labels"), doc["smear"].pop("_probs"))
+    return {"objects_per_slide": args.bound_objects, "planted_per_positive": args.bound_planted, "top_k": 3,
+            "normal_freq": normal,
+            "rows": {k: slide_bound(v, normal, planted, args.bound_objects, args.bound_planted, seed=args.seed)
+                     for k, v in sources.items()}}
 
 
 def _cell(r: dict | None, what: str) -> str:
@@ -417,6 +487,14 @@ def print_table(doc: dict[str, Any]) -> None:
     if off["median"] is not None:
         print(f"\nobject tile centre to the cell's centre: median {off['median']:.2f} um, 90th pct {off['p90']:.2f} um"
               + (f"; on the smears median {doc['smear']['offset_um']['median']:.2f} um" if "smear" in doc else ""))
+    b = doc.get("bound")
+    if b:
+        print(f"\nslide-score bound: virtual smears of {b['objects_per_slide']} normal objects (+{b['planted_per_positive']} "
+              f"planted in positives), each object scored as a tile of that row, top-{b['top_k']} mean")
+        print(f"{'tiles as in row':<31}{'slide AUC':>10}{'pos >= 0.5':>12}{'neg >= 0.5':>12}")
+        for name, r in b["rows"].items():
+            print(f"{name:<31}{r['auc']:>10.3f}{100 * r['positives_topk_ge_0.5']:>11.1f}%"
+                  f"{100 * r['negatives_topk_ge_0.5']:>11.1f}%")
     print(f"{doc['seconds']:.0f} s")
 
 
@@ -434,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", choices=("heldout", "tuning"), default="heldout",
                     help="with ../shared/data/pbc: the held-out cells (measurement) or the training pool (for "
                          "checking a change of the test bed without looking at held-out cells)")
+    ap.add_argument("--bound-objects", type=int, default=44,
+                    help="normal objects per virtual smear for the slide-score bound (run --tiling cells: ~44)")
+    ap.add_argument("--bound-planted", type=int, default=4, help="planted cells per virtual positive smear")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--workers", type=int, default=2, help="tiling and scoring workers for the smears")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON ('-' = stdout only)")

@@ -61,3 +61,15 @@ def test_bad_option_is_one_error_line():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--n", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_slide_bound_separates_only_when_normal_cells_stay_low():
+    mod = _module()
+    rng = np.random.default_rng(0)
+    planted = {"ig": 0.6 + 0.4 * rng.random(50), "erythroblast": 0.6 + 0.4 * rng.random(50)}
+    clean = mod.slide_bound({**planted, "neutrophil": 0.1 * rng.random(100)}, {"neutrophil": 1.0},
+                            ("erythroblast", "ig"), 44, 4, n_slides=300)
+    assert clean == {"auc": 1.0, "positives_topk_ge_0.5": 1.0, "negatives_topk_ge_0.5": 0.0}
+    noisy = mod.slide_bound({**planted, "neutrophil": rng.random(100)}, {"neutrophil": 1.0},
+                            ("erythroblast", "ig"), 44, 4, n_slides=300)
+    assert noisy["auc"] < 0.75 and noisy["negatives_topk_ge_0.5"] > 0.9

@@ -23,7 +23,7 @@ from .cells import CellPool
 from .config import S_CANDIDATES, S_DEBRIS, S_GLASS, S_GLOBAL, S_PLANT, S_RBC, S_REGIONS, SynthConfig, seeded_rng
 from .sprites import NON_EPITHELIAL, SpriteBank, oriented
 
-__all__ = ['BLOCK', 'NOISE_SIZE', 'PEN_TRUTH_ALPHA', 'glass_colour', 'slide_glass', 'oriented_point', 'pen_stroke_mask', 'overlap', 'bilinear_patch', 'Layout']
+__all__ = ['BLOCK', 'NOISE_SIZE', 'PEN_TRUTH_ALPHA', 'BLOOD_FREQ', 'glass_colour', 'slide_glass', 'oriented_point', 'pen_stroke_mask', 'overlap', 'bilinear_patch', 'Layout']
 
 BLOCK = 512  # layout block side, level-0 px
 NOISE_SIZE = 509  # prime, so the noise texture never lines up with tiles or blocks
@@ -32,6 +32,7 @@ NOISE_SIZE = 509  # prime, so the noise texture never lines up with tiles or blo
 # used when every background class is one of these names, otherwise classes are uniform.
 _BLOOD_FREQ = {"neutrophil": 0.40, "lymphocyte": 0.22, "platelet": 0.20, "monocyte": 0.08,
                "eosinophil": 0.06, "basophil": 0.04}
+BLOOD_FREQ = _BLOOD_FREQ  # public name (benchmarks/diag_cell_tiles.py draws virtual smears with it)
 # Marker ink over the coverslip, as transmittance. Red: scarlet permanent marker (absorbs green and
 # blue alike, passes red), as in the red strokes on scanned slides. Green: as saturated as the green
 # marker strokes of the shared histolab pen tiles (median HSV saturation 0.46-0.54, hue 169-203 deg);
