@@ -8,6 +8,7 @@ the fix. ``benchmarks/faults.py`` runs the same kinds of faults many more times.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -345,3 +346,49 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_result(scored, tmp_path, delay
     assert again.score == scored["run"].score
     assert tile_store.damaged_shards(tile_store.open_store(again.store)) == {}
     assert not list(out.rglob("*.tmp*"))
+
+
+# --------------------------------------------------------------------------- per-slide budgets (issue 12 #7)
+
+
+def _stop_tiling_children(sig: int) -> None:
+    """Send ``sig`` to the tiling child once it exists (a child of the fork server, our own child)."""
+    import time
+
+    import psutil
+
+    for _ in range(200):
+        children = [g for c in psutil.Process().children() for g in c.children()]
+        if children:
+            for child in children:
+                os.kill(child.pid, sig)
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig, fragment", [("SIGKILL", "ended abnormally (SIGKILL)"),
+                                           ("SIGSTOP", "longer than the per-slide budget of 1 s")])
+def test_a_tiling_child_that_dies_or_hangs_is_one_line_and_never_blocks(tmp_path, monkeypatch, sig, fragment):
+    """The child reading a slide is killed by the OS (a decoder's abort, the OOM killer) or stops
+    responding (a hang in C code, where no Python check runs): one SlideError, within the budget."""
+    import signal
+    import threading
+    import time
+
+    from PIL import Image
+
+    from wsi_pipeline import budget
+    from wsi_pipeline.errors import SlideError
+    from wsi_pipeline.tiling import TilerConfig
+
+    monkeypatch.setattr(budget, "KILL_GRACE_SECONDS", 0.5)
+    slide = tmp_path / "big.png"
+    Image.fromarray(np.full((6000, 6000, 3), 240, np.uint8)).save(slide)
+    config = TilerConfig(target_mpp=0.5, tile_size=32).resolved()
+    stopper = threading.Thread(target=_stop_tiling_children, args=(getattr(signal, sig),))
+    stopper.start()
+    t0 = time.monotonic()
+    with pytest.raises(SlideError, match=re.escape(fragment)) as caught:
+        budget.tile_within_budget(slide, tmp_path / "out", config, budget.SlideBudget(2**31, 1.0), mpp=0.5)
+    stopper.join()
+    assert time.monotonic() - t0 < 30 and "\n" not in str(caught.value) and "big.png" in str(caught.value)
