@@ -1,12 +1,13 @@
 """Tile codec choice: store size and read speed of lossless (blosc-zstd) vs JPEG-in-zarr.
 
-Tiles the real Aperio slide (and, when given, any other slide) with each codec and prints the
+Tiles the real Aperio slide (or the slides given) with each codec and prints the
 store's bytes per tile, compression ratio and read throughput (all tiles, shard by shard with
-``store.read_shard``, the way the scorer reads them; one thread). Usage: python benchmarks/bench_codec.py [SLIDE ...]
+``tilestore.read_shard``, the way the scorer reads them; one thread). Usage: python benchmarks/bench_codec.py [SLIDE ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -57,4 +58,11 @@ def main(slides: list[Path]) -> None:
 
 
 if __name__ == "__main__":
-    main([Path(p) for p in sys.argv[1:]] or [DEFAULT])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("slides", nargs="*", type=Path, default=[DEFAULT], help=f"slides to tile [default: {DEFAULT.name}]")
+    args = parser.parse_args()
+    missing = [s for s in args.slides if not s.is_file()]
+    if missing:
+        print(f"error: {missing[0]}: slide not found", file=sys.stderr)
+        raise SystemExit(2)
+    main(args.slides)
