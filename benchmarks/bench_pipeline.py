@@ -12,6 +12,11 @@ on a large generated smear (``--large-size``, default 60000 x 60000 px at 0.25 u
 under --work and reused): seconds, tiles scored and peak RSS side by side. Target on the 2-core
 CPU for cells: under 5 minutes and 1.5 GB, fewer tiles than the grid.
 
+``--schedulers N``: instead, the dask scheduler of scoring, threads against processes, side by side
+(alternating, each in a fresh ``wsi-triage`` process): one ``batch`` over N small generated smears
+(``--small-size``, default 2048 px) and one ``run`` on the --smear-size smear; seconds, tiles/s and the
+peak RSS of the command with all its worker processes (sampled every 0.1 s).
+
 Student: the bundled demo checkpoint (or --student). Teacher: --teacher, else the distill
 teacher run if it was exported in the checkpoint format, else a teacher-sized ViT (the student's
 architecture with the teacher preset's 12 blocks) with random weights, which has the teacher's
@@ -19,6 +24,7 @@ cost. Target on the 2-core CPU: scoring with the student >= 3.5x faster than wit
 
     python benchmarks/bench_pipeline.py [--smear-size 8192] [--work /tmp/wsi-bench] [--json out.json]
     python benchmarks/bench_pipeline.py --placements [--large-size 60000] [--work /tmp/wsi-bench]
+    python benchmarks/bench_pipeline.py --schedulers 20 [--small-size 2048] [--smear-size 8192]
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 TEACHER_DEPTH = 12  # distill presets: 12 teacher blocks, 3 student blocks
 TEACHER_CANDIDATES = ("runs/pbc/teacher/model.safetensors",)
 
@@ -133,6 +138,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=5, metavar=("SLIDE", "CKPT", "OUT", "SCHEDULER", "TILING"), help=argparse.SUPPRESS)
     ap.add_argument("--placements", action="store_true", help="grid vs cells on one large generated smear")
+    ap.add_argument("--schedulers", type=int, default=0, metavar="N",
+                    help="threads vs processes: a batch of N small smears and a run on the --smear-size smear")
+    ap.add_argument("--small-size", type=int, default=2048, help="side in px of each --schedulers batch smear")
     ap.add_argument("--large-size", type=int, default=60000, help="side in px of the --placements smear (0.25 um/px)")
     ap.add_argument("--student", default=None, help="student checkpoint [default: bundled demo]")
     ap.add_argument("--teacher", default=None, help="teacher checkpoint [default: see module doc]")
@@ -147,6 +155,9 @@ def main() -> None:
         return
     if args.placements:
         placements(args)
+        return
+    if args.schedulers:
+        schedulers(args)
         return
 
     import torch
@@ -229,6 +240,82 @@ def placements(args) -> None:
         print(f"{tiling:10} {r['n_tiles']:7d} {r.get('n_grid', 0):7d} {r['seconds']:7.1f} {r['tile_seconds']:7.1f} "
               f"{r['score_seconds']:8.1f} {r['aggregate_seconds']:6.1f} {r['peak_rss_mb']:11.0f} "
               f"{(r['score'] or 0):7.3f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def measured(cmd: list[str]) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MB of the process and all its descendants together, stdout) of a command."""
+    import threading
+
+    import psutil
+
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            total = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                break
+            peak[0] = max(peak[0], total)
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
+    return time.perf_counter() - t, peak[0] / 2**20, out
+
+
+def schedulers(args) -> None:
+    """Scoring on dask's threads vs processes scheduler: a batch of small slides and one larger slide."""
+    from wsi_pipeline.synth import SynthConfig, synthesize
+
+    work = Path(args.work)
+    small = work / f"small-{args.small_size}"
+    small.mkdir(parents=True, exist_ok=True)
+    for i in range(args.schedulers):
+        path = small / f"smear{i:02d}.tiff"
+        if not path.exists():
+            synthesize(path, SynthConfig(width=args.small_size, height=args.small_size, mpp=0.25, seed=100 + i,
+                                         fraction=0.25))
+    smear = work / f"smear-{args.smear_size}.tiff"
+    if not smear.exists():
+        synthesize(smear, SynthConfig(width=args.smear_size, height=args.smear_size, mpp=0.25, seed=0, fraction=0.25))
+    student = ["--checkpoint", args.student] if args.student else []
+    print(f"{os.cpu_count()} CPUs; scoring scheduler threads vs processes (fresh process each, alternating)")
+    print(f"{'workload':42} {'scheduler':10} {'tiles':>6} {'seconds':>8} {'tiles/s':>8} {'peak RSS MB':>11}")
+    results = []
+    workloads = [(f"batch of {args.schedulers} smears {args.small_size}x{args.small_size}",
+                  ["batch", str(small)]), (f"run on smear {args.smear_size}x{args.smear_size}", ["run", str(smear)])]
+    for label, command in workloads:
+        pair = {}
+        for scheduler in ("threads", "processes"):
+            out = work / f"sched-{scheduler}"
+            shutil.rmtree(out, ignore_errors=True)
+            secs, peak, stdout = measured([sys.executable, "-m", "wsi_pipeline", *command, "--out", str(out),
+                                           "--scheduler", scheduler, "--quiet", "--json", *student])
+            doc = json.loads(stdout)
+            tiles = sum(r["n_tiles"] or 0 for r in doc["slides"]) if "slides" in doc else doc["n_tiles"]
+            pair[scheduler] = (secs, peak)
+            results.append({"workload": label, "scheduler": scheduler, "tiles": tiles, "seconds": secs,
+                            "peak_rss_mb": peak})
+            print(f"{label:42} {scheduler:10} {tiles:6d} {secs:8.1f} {tiles / secs:8.1f} {peak:11.0f}", flush=True)
+        (ts, tm), (ps, pm) = pair["threads"], pair["processes"]
+        print(f"{'':42} processes / threads: {ps / ts:.2f}x the time, {pm / tm:.2f}x the memory")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
