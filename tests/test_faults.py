@@ -22,7 +22,7 @@ from pipeline_util import blob_field
 from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.cli import main
 from wsi_contracts.checkpoint import file_sha256
-from wsi_pipeline.errors import CheckpointError, ShardError, StoreError
+from wsi_pipeline.errors import CheckpointError, ShardError
 from wsi_pipeline.pipeline import RunOptions, run_slide
 from wsi_pipeline.scoring import ScoreConfig, list_scores, read_scores, score_store
 

@@ -26,7 +26,7 @@ from wsi_contracts import tilestore as tile_store
 from .aggregation import AggregateConfig, AggregateResult, aggregate_store, read_summary, write_atomic
 from wsi_contracts.checkpoint import CheckpointInfo
 from .scoring import check_weights, read_checkpoint_info
-from .errors import OptionError, OutputError, SlideError, UserError, WsiTriageError, environment_error
+from .errors import OptionError, OutputError, SlideError, UserError, environment_error
 from .budget import (ChildCrash, SlideBudget, UnreadableSlideError, default_memory, parse_memory,
                      tile_checked, tile_within_budget)
 from .lock import store_lock
