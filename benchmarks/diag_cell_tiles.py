@@ -16,8 +16,9 @@ added at a time (each row = the row above plus one step):
               overview, as the tiler does) instead of on the cell
   neighbours  + red cells of the smear around the cell (its lattice, moderately filled field)
   smear       the tile `run --tiling cells` actually scored for the cell on synthetic smears
-              (its own tile: the one nearest the cell's centre), paired with `pbc` on the same
-              source images
+              (its own tile: the one nearest the cell's centre; cells outside the out-of-focus
+              patch), paired with `pbc` and `neighbours` on the same source images; then the
+              same on the negative smears only, and the cells inside the out-of-focus patch
 
 Side rows isolate the colour: the cut-out cell's own transmittance (relative to its image's
 background) lit with one white balance for cell and glass alike, ``cutout (PBC glass)`` with the
@@ -236,8 +237,9 @@ def _red_cells(field: _Field, cell_mask: np.ndarray, size: int, cx: float, cy: f
 
 def smear_tiles(pool_root: Path | None, cell_list: tuple[str, ...] | None, list_name: str | None, seeds: list[int],
                 size: int, checkpoint: str | None, work: Path, workers: int) -> list[dict[str, Any]]:
-    """The tile `run --tiling cells` scored for each unblurred cell of synthetic smears (half of them with
-    planted suspicious cells): class, source relpath, tile pixels and the run's probabilities."""
+    """The tile `run --tiling cells` scored for each cell of synthetic smears (half of them with planted
+    suspicious cells): class, source relpath, whether it lies in the out-of-focus patch, whether its smear
+    is negative, the tile's pixels and the run's probabilities."""
     from wsi_contracts import tilestore as tile_store
     from wsi_pipeline.pipeline import RunOptions, run_slide
     from wsi_pipeline.scoring import ScoreConfig, read_checkpoint_info, read_scores
@@ -258,8 +260,6 @@ def smear_tiles(pool_root: Path | None, cell_list: tuple[str, ...] | None, list_
         probs, _ = read_scores(group, info.sha256)
         tiles = group["tiles"]
         for cell in truth["cells"]:
-            if cell["blurred"]:
-                continue
             x, y, w, h = cell["bbox"]
             cx, cy = x + w / 2.0, y + h / 2.0
             inside = np.flatnonzero((coords[:, 0] <= cx) & (cx < coords[:, 0] + coords[:, 2])
@@ -268,7 +268,8 @@ def smear_tiles(pool_root: Path | None, cell_list: tuple[str, ...] | None, list_
             if inside.size:
                 c = coords[inside]
                 own = int(inside[np.argmin(np.hypot(c[:, 0] + c[:, 2] / 2 - cx, c[:, 1] + c[:, 3] / 2 - cy))])
-            out.append({"class": cell["class"], "source": cell["source"], "seed": seed,
+            out.append({"class": cell["class"], "source": cell["source"], "seed": seed, "blurred": bool(cell["blurred"]),
+                        "negative": truth["label"] == "negative",
                         "tile": None if own is None else np.asarray(tiles[own]),
                         "probs": None if own is None else probs[own],
                         "offset_um": None if own is None else float(math.hypot(
@@ -407,6 +408,8 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
             seeds = [args.seed + i for i in range(args.smears)]
             found = smear_tiles(root, listed, list_name, seeds, args.smear_size, args.checkpoint, Path(work),
                                 args.workers)
+        blurred = [f for f in found if f["blurred"]]
+        found = [f for f in found if not f["blurred"]]
         labs = [f["class"] for f in found]
         by_src = {r: i for i, r in enumerate(pool.relpaths)}
         base = []
@@ -420,6 +423,9 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
             "neighbours (same cells)": tally(labs, _score(loaded.model, info, [b["neighbours"] for b in base]),
                                              names, susp),
             "smear": tally(labs, [f["probs"] for f in found], names, susp),
+            "smear, negative smears": tally([f["class"] for f in found if f["negative"]],
+                                            [f["probs"] for f in found if f["negative"]], names, susp),
+            "smear, out of focus": tally([f["class"] for f in blurred], [f["probs"] for f in blurred], names, susp),
             "_labels": labs, "_probs": [f["probs"] for f in found],
             "rescored": tally(labs, _score(loaded.model, info, [f["tile"] for f in found]), names, susp),
             "offset_um": {"median": float(np.median([f["offset_um"] for f in found if f["offset_um"] is not None]))
@@ -474,6 +480,9 @@ def print_table(doc: dict[str, Any]) -> None:
         rows["-- smears: pbc (same cells)"] = sm["pbc (same cells)"]
         rows["-- smears: neighbours (same)"] = sm["neighbours (same cells)"]
         rows["-- smears: run --tiling cells"] = sm["smear"]
+        rows["   of them on negative smears"] = sm["smear, negative smears"]
+        if sm["smear, out of focus"]:
+            rows["-- smears: out-of-focus cells"] = sm["smear, out of focus"]
     classes = sorted({c for r in rows.values() for c in r if c != "all"})
     for what, title in (("top1", "top-1 %"), ("suspicious", "called suspicious % (>= 0.5)")):
         print(f"\n{title} per class  (n per class: "
@@ -481,6 +490,8 @@ def print_table(doc: dict[str, Any]) -> None:
         head = f"{'step':<31}" + "".join(f"{c[:11]:>12}" for c in classes) + f"{'all':>8}{'lost':>6}"
         print(head)
         for name, r in rows.items():
+            if not r:
+                continue
             line = f"{name:<31}" + "".join(f"{_cell(r.get(c), what):>12}" for c in classes)
             print(line + f"{_cell(r.get('all'), what):>8}{r['all']['lost']:>6}")
     off = doc["object_offset_um"]
