@@ -240,6 +240,9 @@ def test_skip_unreadable_makes_unopenable_files_skipped_rows_not_failures(tmp_pa
     assert "not a readable slide" in rows[1]["error"] and rows[1]["score"] == ""
     assert json.loads((out / "batch.json").read_text())["slides"]["bad"]["status"] == "skipped"
     assert [r["slide"] for r in _parse_report(out / "report.html").rows] == ["field", "bad", "dir"]
+    page = (out / "report.html").read_text()
+    assert "1 scored" in page and "0 failed, 2 skipped (not readable as slides)" in page
+    assert page.count('class="status-skipped"') == 2
     _batch(folder, "--out", out, "--checkpoint", ckpt, "--mpp", "0.5", "--quiet", code=1)  # without: failures
 
 

@@ -30,7 +30,8 @@ THUMB_SIDE = 220
 OVERLAY_SIDE = 900  # overlay.png is lettered to stay legible at about half its 1,600-2,400 px
 GALLERY_SIDE = 760
 #: the status colours of the report, shared with the viewer's slide list
-STATUS_COLOURS = {"ok": "#176117", "empty": "#777777", "error": "#a31515", "out_of_domain": "#9a5b00"}
+STATUS_COLOURS = {"ok": "#176117", "empty": "#777777", "error": "#a31515", "out_of_domain": "#9a5b00",
+                  "skipped": "#777777"}
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
@@ -40,7 +41,7 @@ table{border-collapse:collapse;width:100%} th,td{border-bottom:1px solid #ddd;pa
 th{background:#fafafa;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.error td{background:#fff3f3} tr.empty td{background:#f7f7f7}
 .status-ok{color:@ok} .status-empty{color:@empty} .status-error{color:@error;font-weight:600}
-.status-out_of_domain{color:@ood;font-weight:600} tr.out_of_domain td.score{color:#999}
+.status-out_of_domain{color:@ood;font-weight:600} .status-skipped{color:@skipped} tr.out_of_domain td.score{color:#999}
 .up{color:#a31515} .down{color:#176117} .err{font-family:monospace;font-size:.85em;color:#a31515;max-width:40em}
 img{max-width:100%;height:auto;display:block} details summary{cursor:pointer;color:#2456a6}
 .links{font-size:.85em;margin-top:.4em} .links a{margin-right:.6em;white-space:nowrap}
@@ -48,7 +49,8 @@ img{max-width:100%;height:auto;display:block} details summary{cursor:pointer;col
 h3{font-size:.95em;margin:.8em 0 .3em} td.slide{max-width:22em}
 td.pictures{min-width:820px} img.overlay{width:100%;max-width:900px}
 """.replace("@ok", STATUS_COLOURS["ok"]).replace("@empty", STATUS_COLOURS["empty"]).replace(
-    "@error", STATUS_COLOURS["error"]).replace("@ood", STATUS_COLOURS["out_of_domain"])
+    "@error", STATUS_COLOURS["error"]).replace("@ood", STATUS_COLOURS["out_of_domain"]).replace(
+    "@skipped", STATUS_COLOURS["skipped"])
 
 
 def _data_uri(image: np.ndarray | None, max_side: int, fmt: str = "JPEG") -> str | None:
@@ -135,7 +137,7 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
                   aggregate: AggregateConfig, base: Path | None = None) -> str:
     """The report page as one HTML string; ``base`` is the report's folder (links are made relative to it)."""
     has_previous = bool(previous and previous.get("checkpoint_sha256"))
-    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "out_of_domain", "empty", "error")}
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "out_of_domain", "empty", "error", "skipped")}
     settings = ", ".join(f"{k}={v}" for k, v in aggregate.score_settings().items())
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     head = [
@@ -148,7 +150,8 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
         + (f"{counts['out_of_domain']} out of domain (unlike the model's training data; their score is no "
            "suspicion and they rank after the scored slides), " if counts["out_of_domain"] else "")
         + f"{counts['empty']} without tissue tiles, "
-        f"{counts['error']} failed.<br>",
+        f"{counts['error']} failed"
+        + (f", {counts['skipped']} skipped (not readable as slides)" if counts["skipped"] else "") + ".<br>",
         f"Checkpoint <code>{html.escape(info.sha256[:12])}</code> ({html.escape(Path(info.path).name)}); "
         f"suspicious classes: {html.escape(', '.join(info.suspicious_classes))}; "
         f"tiles {info.tile_size} px at {info.tile_mpp:g} um/px.<br>",
