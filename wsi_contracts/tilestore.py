@@ -415,7 +415,7 @@ def read_shard(group: zarr.Group, index: int, rows: np.ndarray | None = None) ->
     n = sl.stop - sl.start
     array = group["tiles"]
     if isinstance(array.store, LocalStore):  # no files to check otherwise: zarr's own read
-        _checked_shard(group, array, index, n)
+        _checked_shard(group, index, n)
     try:
         if rows is None:
             return np.asarray(array[sl])
@@ -458,10 +458,10 @@ def _fix_hint(group: zarr.Group) -> str:
     return f"rerun `wsi-triage run {slide}` or `wsi-triage verify --repair {root}` to re-tile it from the slide"
 
 
-def _checked_shard(group: zarr.Group, array: zarr.Array, index: int, n: int) -> tuple[bytes, np.ndarray]:
+def _checked_shard(group: zarr.Group, index: int, n: int) -> tuple[bytes, np.ndarray]:
     """The shard file's bytes and its (offset, nbytes) table, or :class:`ShardError`."""
     root = _store_root(group)
-    path = _shard_file(array, index)
+    path = shard_file(group, index)
     where = f"{root}: tile shard {index} ({path.relative_to(root)})"
     try:
         data = path.read_bytes()
@@ -475,7 +475,7 @@ def _checked_shard(group: zarr.Group, array: zarr.Array, index: int, n: int) -> 
             raise ShardError(f"{where} has no recorded digest (store damaged); {_fix_hint(group)}")
         if int(recorded[1]) != len(data) or int(recorded[0]) != google_crc32c.value(data):
             raise ShardError(f"{where} does not match its recorded digest (damaged or replaced); {_fix_hint(group)}")
-    per_shard = int(array.shards[0])
+    per_shard = int(group["tiles"].shards[0])
     size = per_shard * 16
     if len(data) < size + 4:
         raise ShardError(f"{where} is truncated; {_fix_hint(group)}")
@@ -499,7 +499,7 @@ def shard_problem(group: zarr.Group, index: int) -> str | None:
     if not isinstance(array.store, LocalStore):
         return None
     try:
-        _checked_shard(group, array, index, sl.stop - sl.start)
+        _checked_shard(group, index, sl.stop - sl.start)
     except ShardError as exc:
         return str(exc)
     return None
@@ -582,11 +582,6 @@ _EMPTY = np.uint64(2**64 - 1)
 def shard_file(group: zarr.Group, index: int) -> Path:
     """The file of tile shard ``index`` in a store on a local directory."""
     array = group["tiles"]
-    key = array.metadata.encode_chunk_key((index, 0, 0, 0))
-    return Path(array.store.root) / array.path / key
-
-
-def _shard_file(array: zarr.Array, index: int) -> Path:  # (the old private name, kept for existing callers)
     key = array.metadata.encode_chunk_key((index, 0, 0, 0))
     return Path(array.store.root) / array.path / key
 
