@@ -111,6 +111,18 @@ def test_processes_scheduler_matches_threads(work, tmp_path):
     score_store(store2, work["a"], ScoreConfig(scheduler="processes", workers=1, precision="fp32"))  # one spawned worker process
     got, _ = read_scores(tile_store.open_store(store2), threads.checkpoint_sha256)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    # the worker process stays for the next slide with the model loaded (a batch does not start
+    # new processes and reload the model for every slide)
+    from wsi_pipeline.scoring.scorer import process_pool
+
+    assert process_pool(1).submit(_models_loaded_here).result() >= 1
+
+
+def _models_loaded_here() -> int:
+    """Run in a scoring worker process: how many folded models it holds."""
+    from wsi_pipeline.scoring.scorer import scoring_model
+
+    return scoring_model.cache_info().currsize
 
 
 def test_distributed_local_cluster_matches_threads(work, tmp_path):

@@ -17,6 +17,8 @@ import functools
 import datetime as _dt
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +33,7 @@ from ..errors import CheckpointError, OptionError
 from ..progress import Counter, Progress
 from .ood import OodStats, features_and_logits, ood_distance
 
-__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'check_store_matches', 'list_scores', 'read_scores', 'read_ood', 'score_store']
+__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'process_pool', 'check_store_matches', 'list_scores', 'read_scores', 'read_ood', 'score_store']
 
 #: relative difference between the store's tile mpp and the checkpoint's that is still accepted
 MPP_TOLERANCE = 0.02
@@ -299,6 +301,19 @@ def _local_workers(config: ScoreConfig, n_tasks: int) -> int:
     return max(1, min(config.workers or os.cpu_count() or 1, n_tasks))
 
 
+@functools.lru_cache(maxsize=1)
+def process_pool(n_workers: int) -> ProcessPoolExecutor:
+    """The worker processes of ``scheduler="processes"``, kept for the life of this process.
+
+    dask's own pool is made and shut down per call, so a batch started new processes for every
+    slide and each imported torch and loaded the model again (~16 s a slide on 2 cores); this one
+    is reused, and its workers keep the model loaded (cached by the checkpoint's sha256). Spawned,
+    not forked: a forked torch process can deadlock on the parent's thread pools."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, counter: Counter) -> None:
     import dask
 
@@ -319,8 +334,13 @@ def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, counter: Counte
 
         get = {"threads": dask.threaded.get, "processes": dask.multiprocessing.get,
                "sync": dask.local.get_sync}[config.scheduler]
-        with Callback(posttask=posttask):
-            dask.compute(*tasks, scheduler=get, num_workers=n_workers)
+        extra = {"pool": process_pool(n_workers)} if config.scheduler == "processes" else {}
+        try:
+            with Callback(posttask=posttask):
+                dask.compute(*tasks, scheduler=get, num_workers=n_workers, **extra)
+        except BrokenProcessPool:
+            process_pool.cache_clear()  # a worker died (killed, out of memory): the next call starts anew
+            raise
         return
     from distributed import Client, as_completed
 
