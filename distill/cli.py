@@ -327,5 +327,30 @@ def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json,
     click.echo(json.dumps({"out": out, "sha256": sha, "bytes": Path(out).stat().st_size}))
 
 
+@main.command("ood-stats")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(),
+              help="ImageFolder of training data (repeatable); --exclude applies to the first.")
+@click.option("--exclude", type=click.Path(dir_okay=False), help="List of images never to use (held-out set).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Output file (default: replace the checkpoint).")
+@click.option("--quantile", type=click.FloatRange(0.5, 1, max_open=True), default=0.9, show_default=True,
+              help="Validation-distance quantile taken as the out-of-domain threshold.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache decoded images here (.npy).")
+@click.option("--max-train", type=click.IntRange(min=1), help="Training images used per data folder (random).")
+@click.option("--quiet", "-q", is_flag=True)
+@_user_errors
+def ood_stats_cmd(checkpoint, data, exclude, out, quantile, cache_dir, max_train, quiet):
+    """Add out-of-domain statistics (class means and tied covariance of the training features, and a
+    threshold) to a checkpoint; the model's own tensors are copied bit for bit."""
+    from .ood_stats import add_ood_stats
+
+    _setup_logging(quiet)
+    entry = add_ood_stats(Path(checkpoint), [Path(d) for d in data], Path(out) if out else None,
+                          exclude=Path(exclude) if exclude else None, quantile=quantile,
+                          max_train_per_source=max_train, cache_dir=Path(cache_dir) if cache_dir else None,
+                          log=log.info)
+    click.echo(json.dumps(entry, indent=2))
+
+
 if __name__ == "__main__":
     main()

@@ -14,17 +14,16 @@ bit for bit, so its probabilities do not change. The contract is ``docs/contract
 (:mod:`wsi_contracts.checkpoint`, :mod:`wsi_contracts.ood`); the pipeline's scorer is
 ``wsi_pipeline.scoring.ood``.
 
-    python -m distill.ood_stats CHECKPOINT --data ../shared/data/pbc --exclude configs/pbc_heldout.txt \
+    wsi-distill ood-stats CHECKPOINT --data ../shared/data/pbc --exclude configs/pbc_heldout.txt \
         [--data runs/tiles/train] [--out OUT]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -78,9 +77,10 @@ def ood_distances(features: np.ndarray, means: np.ndarray, precision: np.ndarray
 def add_ood_stats(checkpoint: str | Path, data: list[str | Path], out: str | Path | None = None, *,
                   exclude: str | Path | None = None, val_frac: float = 0.15, split_seed: int = 0,
                   quantile: float = 0.9, max_train_per_source: int | None = None,
-                  cache_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+                  cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fit the statistics on ``data`` (ImageFolders with a subset of the checkpoint's classes) and
     write ``out`` (default: the checkpoint itself, replaced atomically). Returns the ``ood`` entry."""
+    log = log or logging.getLogger(__name__).info
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint
     model, info, _ = load_model(checkpoint)
@@ -124,28 +124,7 @@ def add_ood_stats(checkpoint: str | Path, data: list[str | Path], out: str | Pat
     return entry
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distill.ood_stats", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--data", type=Path, action="append", required=True,
-                   help="ImageFolder of training data (repeatable); --exclude applies to the first")
-    p.add_argument("--exclude", type=Path)
-    p.add_argument("--out", type=Path, help="default: replace the checkpoint")
-    p.add_argument("--quantile", type=float, default=0.9)
-    p.add_argument("--cache-dir", type=Path, help="cache decoded images here (.npy)")
-    p.add_argument("--max-train", type=int, default=None, help="train images used per data folder (random)")
-    a = p.parse_args(argv)
-    try:
-        if not 0.5 <= a.quantile < 1:
-            raise DistillError(f"--quantile {a.quantile}: choose a value in [0.5, 1)")
-        entry = add_ood_stats(a.checkpoint, a.data, a.out, exclude=a.exclude, quantile=a.quantile,
-                              max_train_per_source=a.max_train, cache_dir=a.cache_dir, log=lambda m: print(m, file=sys.stderr))
-    except DistillError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(entry, indent=2))
-    return 0
+if __name__ == "__main__":  # python -m distill.ood_stats: the same as `wsi-distill ood-stats`
+    from .cli import ood_stats_cmd
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    ood_stats_cmd(prog_name="python -m distill.ood_stats")

@@ -149,6 +149,15 @@ def test_distill_adds_statistics_without_changing_weights_and_export_keeps_them(
     out = tmp_path / "with_ood.safetensors"
     entry = add_ood_stats(src, [cells], out, log=lambda m: None)
     assert weights_digest(out) == before
+    # the command line gives the same statistics (wsi-distill ood-stats = python -m distill.ood_stats)
+    from click.testing import CliRunner
+
+    from distill.cli import main as distill_main
+
+    res = CliRunner().invoke(distill_main, ["ood-stats", str(src), "--data", str(cells), "--out",
+                                            str(tmp_path / "cli.safetensors"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["threshold"] == entry["threshold"] and weights_digest(tmp_path / "cli.safetensors") == before
     assert entry["n_train"] > entry["n_validation"] > 0 and 0 < entry["validation_flagged"] <= 0.15  # 90 % quantile of 49 images
     loaded = load_checkpoint(out)
     assert loaded.ood.class_means.shape == (8, 48) and loaded.ood.threshold == entry["threshold"]
