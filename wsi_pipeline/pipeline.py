@@ -173,7 +173,7 @@ def _make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise OutputError(f"{out}: exists and is not a directory; choose another --out") from None
+        raise OutputError(f"{out}: exists and is not a directory; choose another output folder") from None
     except OSError as exc:
         raise OutputError(f"{out}: cannot create output directory ({exc.strerror or exc})") from None
 
