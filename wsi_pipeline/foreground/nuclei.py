@@ -143,12 +143,14 @@ def label_nuclei(pixels: np.ndarray, mpp: float) -> Nuclei:
 
 
 def _relabel(lab: np.ndarray) -> tuple[np.ndarray, int]:
-    """Labels renumbered 1..n (0 stays 0)."""
-    ids, inv = np.unique(lab.ravel(), return_inverse=True)
-    inv = inv.reshape(lab.shape)
-    if ids[0] != 0:
-        return (inv + 1).astype(np.int64), len(ids)
-    return inv.astype(np.int64), len(ids) - 1
+    """Labels renumbered 1..n in their order (0 stays 0): a lookup table over the labels present,
+    one pass instead of sorting every pixel (np.unique took 7 s on a 40k-px smear's overview)."""
+    present = np.bincount(lab.ravel()) > 0
+    present[0] = False
+    n = int(present.sum())
+    table = np.zeros(len(present), np.int64)
+    table[present] = np.arange(1, n + 1, dtype=np.int64)
+    return table[lab], n
 
 
 def centre_pixels(centres: np.ndarray, shape: tuple[int, ...], step: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
