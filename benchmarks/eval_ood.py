@@ -82,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def shared_folder(given: Path | None) -> Path:
-    """--shared, which must exist when given, else the default (a note when it is absent)."""
+    """--shared, which must exist when given, else the default (evaluate notes when it is absent)."""
     if given is not None and not given.is_dir():
         raise OptionError("--shared", f"{given}: not a folder")
-    if given is None and not SHARED.is_dir():
-        print(f"note: {SHARED}: not found; only the synthetic smears are measured", file=sys.stderr)
     return given or SHARED
 
 
@@ -96,6 +94,8 @@ def evaluate(checkpoint: Path | None, smears: int, size_px: int, no_tcga: bool, 
     loaded = load_checkpoint(checkpoint)
     if loaded.ood is None:
         raise WsiTriageError(f"{loaded.info.path}: checkpoint carries no OOD statistics")
+    if not shared.is_dir():  # after the checks: a user mistake stays one line
+        print(f"note: {shared}: not found; only the synthetic smears are measured", file=sys.stderr)
     info, size = loaded.info, loaded.info.tile_size
     print(f"checkpoint {info.sha12}: threshold {loaded.ood.threshold:g} ({loaded.ood.info.get('threshold_rule')}); "
           f"a slide is out_of_domain when > {SLIDE_FRACTION:.0%} of its tiles are above it")
