@@ -93,20 +93,36 @@ def nucleus_pixels(od_red: np.ndarray, od_green: np.ndarray, mpp: float) -> np.n
 
 def _split_touching(lab: np.ndarray, big: np.ndarray, mpp: float) -> np.ndarray:
     """Split components flagged in ``big`` (touching nuclei of a crowded group) by a watershed
-    of their distance transform, one basin per local maximum at least a small nucleus apart."""
+    of their distance transform, one basin per local maximum at least a small nucleus apart.
+
+    Each component is split inside its own bounding box plus a one-pixel background margin (its
+    distance transform and peaks are those of the whole image): the components are few and
+    small, the overview is not (the whole-image version took 3.9 of a 40k-px smear's 17 s).
+    Measured against the whole-image version: the same peaks and nuclei; where two basins tie on
+    a plateau the watershed may give the boundary pixel to the other one."""
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
-    region = big[lab]
-    dist = ndi.distance_transform_edt(region)
-    peaks = peak_local_max(dist, min_distance=max(1, int(round(NUCLEUS_MIN_UM / mpp))), labels=lab * region,
-                           exclude_border=False)
-    markers = np.zeros(lab.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    pieces = watershed(-dist, markers, mask=region)
-    out = np.where(region, 0, lab).astype(np.int64)
-    start = int(lab.max()) + 1
-    out[region] = pieces[region].astype(np.int64) + start - 1
+    out = lab.astype(np.int64)
+    # pixels no basin reaches (a part joined to its component only diagonally: the watershed
+    # floods 4-connected) join the highest existing label, as the whole-image version did
+    unreached = int(lab.max())
+    next_label = unreached + 1
+    min_distance = max(1, int(round(NUCLEUS_MIN_UM / mpp)))
+    boxes = ndi.find_objects(lab)
+    for label in np.flatnonzero(big):
+        box = boxes[label - 1]
+        if box is None:
+            continue
+        box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, lab.shape))
+        region = lab[box] == label
+        dist = ndi.distance_transform_edt(region)
+        peaks = peak_local_max(dist, min_distance=min_distance, labels=region.astype(np.int32), exclude_border=False)
+        markers = np.zeros(region.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+        pieces = watershed(-dist, markers, mask=region)[region].astype(np.int64)
+        out[box][region] = np.where(pieces > 0, pieces + next_label - 1, unreached)
+        next_label += len(peaks)
     return out
 
 
