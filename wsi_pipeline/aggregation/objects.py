@@ -9,7 +9,6 @@ cannot be counted twice. Pure functions of arrays; aggregate.py reads the store 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import uuid
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from .outputs import class_colour
+from .outputs import class_colour, feature_namespace
 
 __all__ = ["object_suspicion", "object_best_tile", "object_counts", "object_heatmap", "object_geojson",
            "calibrated", "calibration_for", "aggregate_objects"]
@@ -95,7 +94,7 @@ def object_geojson(bbox: np.ndarray, centres: np.ndarray, area: np.ndarray, n_nu
     (suspicion, class probabilities of its most suspicious tile, area in um^2, nuclei, tiles);
     classification by the argmax of those probabilities."""
     features = []
-    namespace = uuid.UUID(hashlib.sha256(json.dumps(provenance.get("checkpoint_sha256", "")).encode()).hexdigest()[:32])
+    namespace = feature_namespace(provenance)
     for i in range(len(bbox)):
         x, y, w, h = (int(v) for v in bbox[i])
         arg = int(np.argmax(best_probs[i])) if len(class_names) else 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COLORMAP", "OVERLAY_FLOOR", "heatmap_rgba", "heatmap_picture", "tile_values", "mask_outline",
+__all__ = ["feature_namespace", "COLORMAP", "OVERLAY_FLOOR", "heatmap_rgba", "heatmap_picture", "tile_values", "mask_outline",
            "overlay_image", "overlay_scale", "overlay_picture", "overlay_png", "gallery_png", "png_bytes",
            "CLASS_COLOURS", "class_colour", "geojson_collection"]
 
@@ -248,13 +248,19 @@ def _clipped_ring(x: int, y: int, w: int, h: int, bounds: tuple[int, int] | None
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
 
 
+def feature_namespace(provenance: dict[str, Any]) -> uuid.UUID:
+    """The UUID namespace of a run's GeoJSON feature ids: one per checkpoint, so ids are stable
+    across reruns of the same slide and checkpoint (``uuid5(namespace, "<fingerprint>:...")``)."""
+    return uuid.UUID(hashlib.sha256(json.dumps(provenance.get("checkpoint_sha256", "")).encode()).hexdigest()[:32])
+
+
 def geojson_collection(coords: np.ndarray, probs: np.ndarray, suspicion: np.ndarray, class_names: list[str],
                        provenance: dict[str, Any], bounds: tuple[int, int] | None = None) -> dict[str, Any]:
     """QuPath-importable detections, one rectangle per tile in level-0 pixels, clipped to the image
     ``bounds`` (width, height) when given: edge tiles extend past the image and QuPath would draw them so."""
     features = []
     argmax = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
-    namespace = uuid.UUID(hashlib.sha256(json.dumps(provenance.get("checkpoint_sha256", "")).encode()).hexdigest()[:32])
+    namespace = feature_namespace(provenance)
     for i in range(len(coords)):
         ring = _clipped_ring(*(int(v) for v in coords[i]), bounds)
         if ring is None:

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import datetime as _dt
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -301,17 +302,33 @@ def _local_workers(config: ScoreConfig, n_tasks: int) -> int:
     return max(1, min(config.workers or os.cpu_count() or 1, n_tasks))
 
 
-@functools.lru_cache(maxsize=1)
+_POOL: tuple[int, ProcessPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
+
+
 def process_pool(n_workers: int) -> ProcessPoolExecutor:
     """The worker processes of ``scheduler="processes"``, kept for the life of this process.
 
     dask's own pool is made and shut down per call, so a batch started new processes for every
     slide and each imported torch and loaded the model again (~16 s a slide on 2 cores); this one
-    is reused, and its workers keep the model loaded (cached by the checkpoint's sha256). Spawned,
-    not forked: a forked torch process can deadlock on the parent's thread pools."""
+    is reused, and its workers keep the model loaded (cached by the checkpoint's sha256). One pool
+    at a time: asking for another size shuts the previous one down. Spawned, not forked: a forked
+    torch process can deadlock on the parent's thread pools."""
+    global _POOL
     import multiprocessing
 
-    return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != n_workers:
+            _drop_pool_locked()
+            _POOL = (n_workers, ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")))
+        return _POOL[1]
+
+
+def _drop_pool_locked() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL[1].shutdown(wait=False, cancel_futures=True)
+        _POOL = None
 
 
 def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, counter: Counter) -> None:
@@ -339,7 +356,8 @@ def _run_tasks(tasks: list, config: ScoreConfig, n_workers: int, counter: Counte
             with Callback(posttask=posttask):
                 dask.compute(*tasks, scheduler=get, num_workers=n_workers, **extra)
         except BrokenProcessPool:
-            process_pool.cache_clear()  # a worker died (killed, out of memory): the next call starts anew
+            with _POOL_LOCK:  # a worker died (killed, out of memory): the next call starts anew
+                _drop_pool_locked()
             raise
         return
     from distributed import Client, as_completed
