@@ -55,6 +55,7 @@ from scipy.stats import bootstrap, mannwhitneyu
 
 from wsi_contracts import tilestore as tile_store
 from wsi_pipeline.aggregation import AggregateConfig, tile_suspicion
+from wsi_contracts import checkpoint as checkpoint_contract
 from wsi_contracts.checkpoint import CheckpointInfo
 from wsi_pipeline.scoring import read_checkpoint_info
 from wsi_pipeline.errors import UserError, WsiTriageError
@@ -106,6 +107,18 @@ def platt_fit(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     fit = minimize(loss, x0=np.array([10.0, -10.0 * mid]), method="Nelder-Mead",
                    options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 20000})
     return {"slope": round(float(fit.x[0]), 4), "intercept": round(float(fit.x[1]), 4)}
+
+
+def write_calibrated(source: CheckpointInfo, sha256: str, calibration: dict[str, Any], out: Path) -> dict[str, str]:
+    """A copy of the evaluated checkpoint whose metadata ``calibration`` is the fitted one (every
+    tensor as stored), written atomically by the one checkpoint writer; refused when the source file
+    changed since it was scored."""
+    current = read_checkpoint_info(source.path)
+    if current.sha256 != sha256:
+        raise WsiTriageError(f"{source.path}: the checkpoint changed during the evaluation; run again")
+    tensors, ood = checkpoint_contract.read_weights(current)
+    sha = checkpoint_contract.write_checkpoint(out, {**tensors, **ood}, {**current.metadata, "calibration": calibration})
+    return {"path": str(out), "sha256": sha, "source_sha256": sha256}
 
 
 def centre_tiles(coords: np.ndarray, cx: float, cy: float) -> np.ndarray:
@@ -362,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibrate", action="store_true",
                     help="fit the logistic calibration of each placement's raw slide score (Platt) on these smears "
                          "and print it (for a checkpoint's `calibration` metadata; use --pool tuning)")
+    ap.add_argument("--write-calibration", type=Path, default=None, metavar="OUT",
+                    help="with --calibrate: write a copy of the checkpoint carrying the fitted calibration in its "
+                         "metadata (`calibration`; tensors bit for bit) to OUT")
     ap.add_argument("--fields", action="store_true",
                     help="only the real BCCD smear fields (../shared/data/smear_fields): white cells with their own "
                          "centred tile and tiles per field, grid vs cells")
@@ -372,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the results as JSON ('-' = stdout, the tables then on stderr)")
     ap.add_argument("--verbose", action="store_true", help="print one line per slide")
     args = ap.parse_args(argv)
+    if args.write_calibration and not args.calibrate:
+        ap.error("--write-calibration needs --calibrate")
     return run_script(lambda: evaluate_fields(args) if args.fields else evaluate_smears(args), args.json)
 
 
@@ -469,6 +487,9 @@ def evaluate_smears(args: argparse.Namespace) -> dict[str, Any]:
             doc["calibration"][p] = {**fit, "method": AggregateConfig().method, "top_k": AggregateConfig().top_k,
                                      "fitted_on": f"{len(rs)} smears, {cells_desc}, seeds from {args.seed}, "
                                                   f"{width}x{height} px at {args.mpp} um/px"}
+        if args.write_calibration:
+            doc["calibrated_checkpoint"] = write_calibrated(source, info.sha256, doc["calibration"],
+                                                            args.write_calibration)
     print_summary(doc)
     return doc
 
@@ -564,6 +585,9 @@ def print_summary(doc: dict[str, Any]) -> None:
         print("calibration (Platt, raw slide score -> p = 1 / (1 + exp(-(slope * raw + intercept)))):")
         for p, c in doc["calibration"].items():
             print(f"  {p}: {json.dumps(c)}")
+    if doc.get("calibrated_checkpoint"):
+        c = doc["calibrated_checkpoint"]
+        print(f"written: {c['path']} (sha256 {c['sha256'][:12]}..., from {c['source_sha256'][:12]}...)")
 
 if __name__ == "__main__":
     sys.exit(main())

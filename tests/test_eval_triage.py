@@ -1,0 +1,69 @@
+"""benchmarks/eval_triage.py's calibration: the Platt fit puts the decision point between the classes,
+and --write-calibration publishes a checkpoint that carries it with every tensor unchanged."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_contracts import checkpoint as contract
+from wsi_pipeline.aggregation import calibrated, calibration_for
+from wsi_pipeline.errors import WsiTriageError
+from wsi_pipeline.scoring import read_checkpoint_info
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_triage.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("eval_triage", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_platt_fit_puts_one_half_between_separated_scores():
+    mod = _module()
+    rng = np.random.default_rng(0)
+    neg, pos = rng.normal(0.70, 0.02, 12), rng.normal(0.85, 0.02, 12)
+    fit = mod.platt_fit(np.r_[neg, pos], np.r_[np.zeros(12, bool), np.ones(12, bool)])
+    entry = {**fit, "method": "topk_mean", "top_k": 3}
+    assert fit["slope"] > 0
+    assert all(calibrated(s, entry) < 0.5 for s in neg) and all(calibrated(s, entry) >= 0.5 for s in pos)
+    middle = -fit["intercept"] / fit["slope"]
+    assert neg.max() < middle < pos.min()
+
+
+def test_write_calibrated_keeps_every_tensor_and_the_pipeline_reads_the_fit(tmp_path):
+    mod = _module()
+    source = read_checkpoint_info(None)  # the bundled demo student
+    table = {"cells": {"slope": 12.5, "intercept": -9.0, "method": "topk_mean", "top_k": 3, "fitted_on": "test"}}
+    out = tmp_path / "calibrated.safetensors"
+    written = mod.write_calibrated(source, source.sha256, table, out)
+    info = read_checkpoint_info(out)
+    assert written["sha256"] == info.sha256 != source.sha256
+    before, before_ood = contract.read_weights(source)
+    after, after_ood = contract.read_weights(info)
+    assert before.keys() == after.keys() and before_ood.keys() == after_ood.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype and bool((before[name] == after[name]).all()), name
+    for name in before_ood:
+        assert bool((before_ood[name] == after_ood[name]).all()), name
+    entry = calibration_for(info.sha256, info.metadata, "cells", "topk_mean", 3)
+    assert entry["slope"] == 12.5 and calibrated(9.0 / 12.5, entry) == pytest.approx(0.5)
+    assert calibration_for(info.sha256, info.metadata, "grid", "topk_mean", 3) is None  # only what was fitted
+    # every other metadata field is carried over
+    assert {k: v for k, v in info.metadata.items() if k != "calibration"} == \
+        {k: v for k, v in source.metadata.items() if k != "calibration"}
+
+
+def test_write_calibrated_refuses_a_checkpoint_that_changed(tmp_path):
+    mod = _module()
+    source = read_checkpoint_info(None)
+    with pytest.raises(WsiTriageError, match="changed during the evaluation"):
+        mod.write_calibrated(source, "0" * 64, {}, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
