@@ -123,3 +123,26 @@ def test_report_renders_in_chromium_without_errors(batch, tmp_path):
 def _rgb(hex_colour: str) -> str:
     r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
     return f"rgb({r}, {g}, {b})"
+
+
+def test_the_page_says_what_the_score_means(batch, tmp_path):
+    """A checkpoint without a calibration: every score marked raw (ranks only) and the CSV says so; the
+    bundled demo student carries one: 0.5 is named as the decision point."""
+    import csv
+
+    from wsi_pipeline.review import score_meaning
+
+    page = batch.report_html.read_text(encoding="utf-8")
+    assert "Not calibrated" in page and "decision point" in page
+    assert page.count('<div class="raw"') == 2  # the two scored fields; the broken slide has no score
+    rows = {r["slide"]: r for r in csv.DictReader(batch.triage_csv.open(encoding="utf-8"))}
+    assert rows["field 0"]["calibrated"] == "False" and rows["broken"]["calibrated"] == ""
+
+    blob_field(tmp_path / "slides" / "one.png", seed=31, n=12)
+    demo = run_batch(tmp_path / "slides", tmp_path / "out", RunOptions(mpp=0.5))
+    page = demo.report_html.read_text(encoding="utf-8")
+    assert "0.5 is the decision point" in page and '<div class="raw"' not in page
+    assert next(csv.DictReader(demo.triage_csv.open(encoding="utf-8")))["calibrated"] == "True"
+    mixed = score_meaning([{"score": 0.7, "calibrated": True}, {"score": 0.2, "calibrated": False}], 0.5)
+    assert "raw" in mixed and "0.5" in mixed
+    assert score_meaning([{"score": None, "calibrated": None}], 0.5) == ""

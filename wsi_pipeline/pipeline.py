@@ -286,6 +286,8 @@ def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
     return {
         "slide": printable(run.stem), "status": run.status, "score": run.score,
         "method": (summary.get("score") or {}).get("method"),
+        # the checkpoint's calibration applied (0.5 = the decision point), else the raw statistic
+        "calibrated": (bool((summary.get("score") or {}).get("calibration")) if summary.get("score") else None),
         "n_tiles": run.n_tiles, "above_threshold": tiles.get("above_threshold"),
         "ood_fraction": (summary.get("ood") or {}).get("fraction"),
         "top_suspicion": top["suspicion"] if top else None, "top_x": top["x"] if top else None,
@@ -312,7 +314,7 @@ def rank_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 CSV_FIELDS = ["rank", "slide", "status", "score", "method", "previous_score", "score_change", "n_tiles",
               "above_threshold", "top_suspicion", "top_x", "top_y", "checkpoint_sha12", "seconds", "error",
-              "slide_path", "out_dir", "ood_fraction"]
+              "slide_path", "out_dir", "ood_fraction", "calibrated"]
 
 
 def triage_csv_bytes(rows: list[dict[str, Any]]) -> bytes:

@@ -24,7 +24,7 @@ from wsi_contracts import tilestore as tile_store
 from ..aggregation import AggregateConfig, write_atomic
 from wsi_contracts.checkpoint import CheckpointInfo
 
-__all__ = ["STATUS_COLOURS", "render_report", "write_report"]
+__all__ = ["STATUS_COLOURS", "score_meaning", "render_report", "write_report"]
 
 THUMB_SIDE = 220
 OVERLAY_SIDE = 900  # overlay.png is lettered to stay legible at about half its 1,600-2,400 px
@@ -48,6 +48,7 @@ img{max-width:100%;height:auto;display:block} details summary{cursor:pointer;col
 .links code,.viewcmd code{background:#f3f3f3;padding:0 .3em;font-size:.9em;word-break:break-all}
 h3{font-size:.95em;margin:.8em 0 .3em} td.slide{max-width:22em}
 td.pictures{min-width:820px} img.overlay{width:100%;max-width:900px}
+td.score .raw{font-size:.75em;color:#999}
 """.replace("@ok", STATUS_COLOURS["ok"]).replace("@empty", STATUS_COLOURS["empty"]).replace(
     "@error", STATUS_COLOURS["error"]).replace("@ood", STATUS_COLOURS["out_of_domain"]).replace(
     "@skipped", STATUS_COLOURS["skipped"])
@@ -133,6 +134,26 @@ def _links(out_dir: Path, base: Path | None) -> str:
             f'<div class="links">view: <code class="view">{html.escape(command)}</code></div>')
 
 
+def score_meaning(rows: list[dict[str, Any]], threshold: float) -> str:
+    """What a pathologist may read from the scores on this page: a calibrated score has 0.5 as its
+    decision point; a raw one only ranks (its values depend on the model and the slides)."""
+    flags = {r.get("calibrated") for r in rows if r.get("score") is not None}
+    calibrated = ("<b>Calibrated</b> on tuning slides for this checkpoint: <b>0.5 is the decision point</b> "
+                  "(a score of 0.5 or more reads “suspicious, review first”; below, the model found no convincing "
+                  "suspicious cell). The score orders slides for review; it is not a diagnosis.")
+    raw = ("<b>Not calibrated</b>: this checkpoint carries no calibration for the score used, so the values only "
+           f"rank the slides (read the most suspicious first); do not read {threshold:g} or any other value as a "
+           "decision point.")
+    if flags == {True}:
+        return calibrated
+    if flags == {False}:
+        return raw
+    if flags == {True, False}:
+        return ("Scores marked <i>raw</i> are not calibrated (they only rank); the others are calibrated, with 0.5 "
+                "as the decision point.")
+    return ""
+
+
 def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous: dict | None,
                   aggregate: AggregateConfig, base: Path | None = None) -> str:
     """The report page as one HTML string; ``base`` is the report's folder (links are made relative to it)."""
@@ -156,7 +177,8 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
         f"suspicious classes: {html.escape(', '.join(info.suspicious_classes))}; "
         f"tiles {info.tile_size} px at {info.tile_mpp:g} um/px.<br>",
         f"Slide score: <code>{html.escape(aggregate.method)}</code> ({html.escape(settings)}) of tile suspicion "
-        "(summed probability of the suspicious classes), on a fixed 0–1 scale.<br>",
+        "(summed probability of the suspicious classes), on a fixed 0–1 scale. "
+        + score_meaning(rows, aggregate.threshold) + "<br>",
     ]
     if has_previous:
         head.append(f"Score change against the previous run with checkpoint "
@@ -184,7 +206,9 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
                             "not what this model was trained on</div>")
         cells = [f'<td class="num">{r["rank"]}</td>',
                  f'<td class="slide">{html.escape(r["slide"])}{_links(out_dir, base) if out_dir else ""}</td>',
-                 f'<td class="num score">{_fmt(r["score"])}</td>']
+                 f'<td class="num score">{_fmt(r["score"])}'
+                 + ('<div class="raw" title="not calibrated: ranks only">raw</div>'
+                    if r.get("calibrated") is False and r.get("score") is not None else "") + "</td>"]
         if has_previous:
             change = r.get("score_change")
             cls = "" if change is None else (" up" if change > 0 else " down" if change < 0 else "")
