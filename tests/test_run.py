@@ -53,6 +53,8 @@ def test_run_on_the_real_aperio_slide_then_rerun_and_new_checkpoint(shared_data,
 
     before = _mtimes(out)
     second = _run_json(slide, "--checkpoint", ckpt_a, "--out", out, "--stain", "he")
+    line = _cli("run", slide, "--checkpoint", ckpt_a, "--out", out, "--stain", "he").stdout
+    assert "raw: ranks slides, no decision point" in line, line  # a checkpoint without a calibration
     assert all(second["steps"][s]["reused"] for s in ("tile", "score", "aggregate"))
     assert second["score"] == first["score"] and _mtimes(out) == before  # a second run writes nothing
 
@@ -108,6 +110,9 @@ def test_demo_student_ranks_a_positive_smear_above_its_negative_twin(shared_data
     p = _run_json(pos.slide, "--out", out, "--quiet")
     n = _run_json(neg.slide, "--out", out, "--quiet")
     assert p["score"] > n["score"], (p["score"], n["score"])
+    # the demo student's score is calibrated, and the line says how to read it (a rerun: all reused)
+    line = _cli("run", neg.slide, "--out", out).stdout
+    assert "calibrated: >= 0.5 suspicious" in line and "reused tile, score, aggregate" in line, line
     # tiles holding planted suspicious cells stand out from the rest of the slide
     group = tile_store.open_store(out / "pos.zarr")
     coords = np.asarray(group["coords"][:])

@@ -273,7 +273,11 @@ def _run_text(run) -> str:
         share = f"{100 * fraction:.0f} % of" if isinstance(fraction, (int, float)) else "most"
         return (f"{run.stem}: out of domain ({share} tiles unlike the model's training data; its score "
                 f"{run.score:.3f} is no suspicion) over {run.n_tiles} tiles in {run.seconds:.1f} s{reuse}")
-    return f"{run.stem}: suspicion {run.score:.3f} ({method}) over {run.n_tiles} tiles in {run.seconds:.1f} s{reuse}"
+    score = (run.summary or {}).get("score") or {}
+    meaning = ("calibrated: >= 0.5 suspicious, review first" if score.get("calibration")
+               else "raw: ranks slides, no decision point")
+    return (f"{run.stem}: suspicion {run.score:.3f} ({method}; {meaning}) over {run.n_tiles} tiles "
+            f"in {run.seconds:.1f} s{reuse}")
 
 
 def _run_options(checkpoint, scheduler, score_workers, batch_size, device, precision, method, top_k, quantile,
