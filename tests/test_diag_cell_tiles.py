@@ -73,3 +73,20 @@ def test_slide_bound_separates_only_when_normal_cells_stay_low():
     noisy = mod.slide_bound({**planted, "neutrophil": rng.random(100)}, {"neutrophil": 1.0},
                             ("erythroblast", "ig"), 44, 4, n_slides=300)
     assert noisy["auc"] < 0.75 and noisy["negatives_topk_ge_0.5"] > 0.9
+
+
+def test_threshold_sweep_finds_the_thresholds_meeting_both_targets_or_none():
+    mod = _module()
+    rng = np.random.default_rng(0)
+    sep = {"ig": rng.uniform(0.7, 1.0, 200), "monocyte": rng.uniform(0.0, 0.3, 200)}
+    sw = mod.threshold_sweep(sep, ("ig",), ("monocyte",))
+    assert sw["thresholds_meeting_both"] and min(sw["thresholds_meeting_both"]) >= 0.3
+    assert max(sw["thresholds_meeting_both"]) <= 0.7
+    row = next(r for r in sw["rows"] if r["threshold"] == 0.5)
+    assert row["detection"]["ig"] == 1.0 and row["false"]["monocyte"] == 0.0
+    # 12 % of the ig cells score low and 8 % of the monocytes high: no threshold meets both
+    mixed = {"ig": np.r_[rng.uniform(0.6, 1.0, 88), rng.uniform(0.0, 0.2, 12)],
+             "monocyte": np.r_[rng.uniform(0.0, 0.4, 92), rng.uniform(0.8, 1.0, 8)]}
+    sw = mod.threshold_sweep(mixed, ("ig",), ("monocyte",))
+    assert sw["thresholds_meeting_both"] == []
+    assert next(r for r in sw["rows"] if r["threshold"] == 0.5)["min_detection"] == pytest.approx(0.88)

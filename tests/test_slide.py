@@ -421,16 +421,18 @@ def test_info_on_a_huge_png_reads_only_its_header(tmp_path):
 # five reads at a pixel size (0.3 - 2 um/px) and a 4 um/px thumbnail, as the reader gave them
 # before it was split into modules (commit 17c5c1f; tifffile 2026.3.3, imagecodecs 2026.3.6,
 # OpenSlide 4.0.1). The synthetic slides are byte-identical for a seed; their sha256 is checked
-# first so that a change of the generator is told apart from a change of the reader.
+# first so that a change of the generator is told apart from a change of the reader. The synth
+# digests were re-recorded when the generator's white balance changed (glass lit like the cells),
+# with the reader unchanged since it last passed on the old slides (wsi_pipeline/slides as of f408e86).
 REGION_DIGESTS = {
     ("cmu", True): "160ac70c8be21bd761ddff607f8b0f089aa0c5cbf18cd6b40d84d9190d81204d",
     ("cmu", False): "160ac70c8be21bd761ddff607f8b0f089aa0c5cbf18cd6b40d84d9190d81204d",
-    ("synth", True): "d792962e7975d4c848e9942ee4d69de428ff9cf6cdd8d8c8f620540937b77d44",
-    ("synth", False): "1210dd01975963a7e2a0965803adfee0d678a33313d1a1261cb493215b408138",
-    ("synth-ome", True): "d792962e7975d4c848e9942ee4d69de428ff9cf6cdd8d8c8f620540937b77d44",
+    ("synth", True): "74cd277dc146dba4055c6c60b2d9873986365f476bf1e64e9c2e06712064e1d6",
+    ("synth", False): "53208de76d6d3b391ed8c1eba08a5963551cd92060ebc2f1059eeb7dbf7e4b91",
+    ("synth-ome", True): "74cd277dc146dba4055c6c60b2d9873986365f476bf1e64e9c2e06712064e1d6",
 }
-SYNTH_FILE_DIGESTS = {"synth": "c2359f3df7837b2fd3a79dee96c1dec2f2494d945e39794e61a97061dae3e3df",
-                      "synth-ome": "8a6f4a63b89bb65b6e97f719990cd8994faafadf6f3755eb5469f491e0cfc3d3"}
+SYNTH_FILE_DIGESTS = {"synth": "9f9635e06556125595a768064b56da0400b42abec44ce75c556e032b6cbc9751",
+                      "synth-ome": "bc2e34e8c9bf039123b95bf47e4516d7f6de548a9c9723fc57a538a82b19aaf6"}
 
 
 @pytest.fixture(scope="module")

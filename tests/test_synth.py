@@ -89,14 +89,19 @@ def test_truth_boxes_hold_the_placed_cells_and_nothing_dark_lies_outside(positiv
     assert (nuclear & ~explained).sum() <= 20
 
 
-def test_glass_is_bright_and_near_neutral_and_red_cells_keep_their_source_colour(positive):
+def test_glass_is_bright_and_lit_like_the_cells_and_red_cells_keep_their_source_colour(positive):
     result, truth = positive
     rgb = tifffile.imread(result.slide, level=0).astype(np.float32)
     bright = rgb.sum(axis=2)
     glass = np.median(rgb[bright >= np.percentile(bright, 90)], axis=0)
-    # as between the cells of a real May-Gruenwald-Giemsa smear: bright, a faint cast at most
-    assert glass.mean() >= 205 and np.ptp(glass) <= 0.05 * glass.max(), glass
-    assert np.ptp(truth["glass_rgb"]) <= 0.05 * max(truth["glass_rgb"])
+    # one white balance for glass and cells, the cell images' own (as any scanner lights a slide;
+    # the shipped PBC cells: peach glass), within the seed's faint cast
+    source_bg = np.median([_transmittance(np.asarray(Image.open(SHIPPED_CELLS / rel).convert("RGB")))[1]
+                           for rel in list_cells(SHIPPED_CELLS).relpaths[::8][:40]], axis=0)
+    assert glass.mean() >= 205, glass
+    np.testing.assert_allclose(glass / glass.max(), source_bg / source_bg.max(), atol=0.04)
+    np.testing.assert_allclose(np.asarray(truth["glass_rgb"]) / max(truth["glass_rgb"]), source_bg / source_bg.max(),
+                               atol=0.04)
     # red cells: stained pixels outside every listed object (cells, debris, pen, blurred patch)
     listed = _box_mask(bright.shape, [c["bbox"] for c in truth["cells"]] + truth["debris"], pad=8)
     listed |= _box_mask(bright.shape, [truth["artifacts"]["pen"]["bbox"]], pad=80)

@@ -1,8 +1,8 @@
 """Sprites at the slide's scale: cut-out cells, red cells and debris, ready to composite.
 
 A ``SpriteBank`` cuts cells out of the pool's images on demand (with an LRU cache), scales them
-from the images' pixel size to the slide's, takes the source images' white balance out of them
-(``_neutralise``), or, for the Pap stain, re-renders them with the Pap dyes (``synth_pap``), and
+from the images' pixel size to the slide's, keeps them in the source images' white balance (the slide's glass is lit
+with it, ``layout.slide_glass``), or, for the Pap stain, re-renders them with the Pap dyes (``synth_pap``), and
 keeps blurred copies for the out-of-focus patch. Sprites are attenuation
 arrays (uint8, 255 = clear; ``LUT`` turns them into transmittance factors).
 Part of ``wsi_pipeline.synth``.
@@ -26,11 +26,6 @@ NON_EPITHELIAL = ("lymphocyte", "platelet")
 
 LUT = np.arange(256, dtype=np.float32) / 255.0  # uint8 attenuation -> transmittance factor
 
-# Grey optical density (log10) from which stained material keeps the source images' colour fully
-# (a red cell's, ~0.1); paler pixels fade towards plain transmittance (see _neutralise).
-_STAIN_OD_FULL = 0.1
-
-
 def _blur_sprite(k: np.ndarray, mask: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """An out-of-focus copy of a sprite, padded by 3 sigma on every side (so its centre stays put)."""
     from scipy import ndimage as ndi
@@ -40,23 +35,6 @@ def _blur_sprite(k: np.ndarray, mask: np.ndarray, sigma: float) -> tuple[np.ndar
     a = ndi.gaussian_filter(a, (sigma, sigma, 0))
     kb = np.clip(np.rint((1.0 - a) * 255.0), 0, 255).astype(np.uint8)
     return kb, np.pad(mask, pad)
-
-
-def _neutralise(k: np.ndarray, tint: np.ndarray) -> np.ndarray:
-    """Re-light an attenuation sprite cut from images with a tinted white balance for neutral glass.
-
-    ``k`` is transmittance relative to the source image's glass, ``tint`` that glass divided by
-    its mean (PBC: peach, ~(1.11, 1.0, 0.89)). Plain transmittance on neutral glass would turn
-    the salmon-pink red cells of the PBC images lavender-grey. Stained pixels are multiplied by
-    the tint instead, in proportion to their density (0 on clear glass, 1 from a red cell's grey
-    OD ``_STAIN_OD_FULL`` up), so cells look as in the source images while the glass around them
-    stays neutral. Source images with neutral glass (tint ~1) are left as they are.
-    """
-    t = LUT[k]
-    od = -np.log10(np.maximum(t.mean(axis=2), 1e-3))
-    w = np.clip(od / _STAIN_OD_FULL, 0.0, 1.0)[..., None]
-    t = np.minimum(t * np.asarray(tint, np.float32) ** w, 1.0)
-    return np.clip(np.rint(t * 255.0), 0, 255).astype(np.uint8)
 
 
 def oriented(arr: np.ndarray, o: int) -> np.ndarray:
@@ -91,12 +69,10 @@ class SpriteBank:
             if len(self.red) < 160:
                 self.red.extend(cut_out_red_cells(rgb, cells_mpp, scale))
         self.background = np.median(np.array(bgs), axis=0).astype(np.float32)
-        # the source images' white balance, taken out of the cells (see _neutralise)
+        # the source images' white balance (the slide's glass is lit with it: layout.slide_glass)
         self.tint = (self.background / self.background.mean()).astype(np.float32)
         if stain == "pap":
             self.red = [(pap_red_cell(k, seeded_rng(seed, S_PAP_RED, i)), m) for i, (k, m) in enumerate(self.red)]
-        else:
-            self.red = [(_neutralise(k, self.tint), m) for k, m in self.red]
         self.debris = _make_debris(rng, mpp)
         # Float copies of the small, much-reused sprites (saves a lookup per composite).
         self.red_f = [LUT[k] for k, _ in self.red]
@@ -116,7 +92,6 @@ class SpriteBank:
         elif sprite is not None:
             od = -np.log10(np.maximum(LUT[sprite[0]], 1e-3))
             self.nuclei[index] = nucleus_centre(nuclear_weight(od, sprite[1]))
-            sprite = (_neutralise(sprite[0], self.tint), sprite[1])
         self._cache[index] = sprite
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
