@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .nuclei import CELL_RADIUS_UM, Nuclei, centre_pixels
+from .nuclei import CELL_RADIUS_UM, MIN_DENSITY, Nuclei, centre_pixels, keep_nuclei, own_density
 from .colour_codes import _LOOSE, _SEED
 from .morphology import _dilate_local, _remove_small
 
@@ -56,6 +56,45 @@ _FAR_FROM_NUCLEI_UM = 15.0
 _FAR_INK_MIN_UM = 40.0
 
 
+# Marker strokes are millimetres long (issue #9): an ink-coloured region at least this long (the
+# diagonal of its bounding box, um) and at least _STROKE_MIN_ELONGATION times as long as its mean
+# width (area / length) has the geometry of a stroke. Only such regions have their nuclei checked
+# against the ink under them (see _ink_explained): a cell group is never that long and thin, and
+# no Pap LBC field (256 um) holds one.
+_STROKE_MIN_LENGTH_UM = 1000.0
+_STROKE_MIN_ELONGATION = 3.0
+
+
+def _stroke_shaped(sl: tuple[slice, slice], area_px: float, mpp: float) -> bool:
+    length_um = float(np.hypot(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)) * mpp
+    width_um = area_px * mpp * mpp / max(length_um, 1e-9)
+    return length_um >= _STROKE_MIN_LENGTH_UM and length_um >= _STROKE_MIN_ELONGATION * width_um
+
+
+def _ink_explained(lab: np.ndarray, n: int, region_of: np.ndarray, area: np.ndarray, nuclei: Nuclei,
+                   od_rg: np.ndarray, mpp: float) -> np.ndarray:
+    """Nuclei (bool, one per nucleus) that the ink under them explains: in a stroke-shaped region,
+    a "nucleus" whose own density (its optical density above the local floor, i.e. with the ink
+    under it subtracted; :func:`wsi_pipeline.foreground.nuclei.own_density`) stays below
+    ``MIN_DENSITY``.
+
+    Marker ink lies on the coverslip, a transmittance layer: optical densities add. Seen through
+    blue or green ink, pale red cells (which absorb red and green a little) reach the nuclear
+    density with the ink's own density added, and a dense blood field under a stroke looks like
+    thousands of nuclei at 2 um/px. A real nucleus is dense on its own and survives the test.
+    """
+    out = np.zeros(len(nuclei), dtype=bool)
+    boxes = ndi.find_objects(lab)
+    for i in range(1, n + 1):
+        sl = boxes[i - 1]
+        if sl is None or not _stroke_shaped(sl, area[i], mpp):
+            continue
+        ids = np.flatnonzero(region_of == i)
+        if len(ids):
+            out[ids] = own_density(od_rg, nuclei, ids, mpp) < MIN_DENSITY
+    return out
+
+
 def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = CELL_RADIUS_UM) -> np.ndarray:
     """Within ``radius_um`` of a nucleus (by default its cell: never ink)."""
     if not len(nuclei):
@@ -63,8 +102,10 @@ def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = CELL_RADIUS_UM) 
     return _dilate_local(nuclei.mask, max(1, int(round(radius_um / mpp))))
 
 
-def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: bool = True):
-    """(ink, spared): ink-coloured regions that are marker ink, and those that are not.
+def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: bool = True,
+                 od_rg: np.ndarray | None = None):
+    """(ink, spared, nuclei): ink-coloured regions that are marker ink, those that are not, and the
+    nuclei that remain once those the ink explains are dropped.
 
     Colour alone cannot tell ink from Pap stain: Light Green SF colours cyanophilic cytoplasm
     blue-green, the hue of green and blue markers. Marker ink lies on the coverslip as wide,
@@ -73,23 +114,42 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: boo
     less than ``_INK_MAX_NUCLEUS_SHARE`` of it and it holds fewer than ``_INK_MAX_NUCLEI_PER_MM2``
     nuclei.
     Within an accepted stroke, the cell around any nucleus it crosses is still not ink.
+
+    With ``od_rg`` (red and green OD above the glass, (2, H, W)), nuclei in stroke-shaped regions
+    that are only red cells or debris seen through the ink (:func:`_ink_explained`) do not count;
+    when their region is then judged ink they are dropped from the nuclei returned. In a region
+    that stays stain every nucleus counts and is kept, so a cell group is never judged on fewer
+    nuclei than it has.
     """
     cand = _pen_from_codes(codes, mpp if size_filter else None)
     if not cand.any():
-        return cand, cand
+        return cand, cand, nuclei
     lab, n = ndi.label(cand, structure=np.ones((3, 3), bool))
     where = np.flatnonzero(cand)
     labels = lab.ravel()[where]
     area = np.bincount(labels, minlength=n + 1).astype(np.float64)
-    nuc_px = np.bincount(labels, weights=nuclei.mask.ravel()[where], minlength=n + 1)
-    if len(nuclei):
-        n_nuc = np.bincount(lab[centre_pixels(nuclei.centres, lab.shape)], minlength=n + 1)
-    else:
-        n_nuc = np.zeros(n + 1, np.int64)
+    region_of = lab[centre_pixels(nuclei.centres, lab.shape)] if len(nuclei) else np.zeros(0, np.int64)
+    explained = np.zeros(len(nuclei), dtype=bool)
+    if od_rg is not None and len(nuclei):
+        explained = _ink_explained(lab, n, region_of, area, nuclei, od_rg, mpp)
     area_mm2 = area * (float(mpp) ** 2) * 1e-6
-    is_ink = ((nuc_px < _INK_MAX_NUCLEUS_SHARE * area)
-              & (n_nuc < _INK_MAX_NUCLEI_PER_MM2 * np.maximum(area_mm2, 1e-12)))
-    is_ink[0] = False
+
+    def judge(counted: Nuclei, counted_region: np.ndarray) -> np.ndarray:
+        nuc_px = np.bincount(labels, weights=counted.mask.ravel()[where], minlength=n + 1)
+        n_nuc = np.bincount(counted_region, minlength=n + 1)
+        ink = ((nuc_px < _INK_MAX_NUCLEUS_SHARE * area)
+               & (n_nuc < _INK_MAX_NUCLEI_PER_MM2 * np.maximum(area_mm2, 1e-12)))
+        ink[0] = False
+        return ink
+
+    if explained.any():
+        is_ink = judge(keep_nuclei(nuclei, ~explained), region_of[~explained])
+        # only nuclei of regions judged ink are dropped; a region that stays stain keeps them all
+        drop = explained & is_ink[region_of]
+        nuclei = keep_nuclei(nuclei, ~drop)
+        region_of = region_of[~drop]
+    else:
+        is_ink = judge(nuclei, region_of)
     region_ink = np.zeros(cand.shape, dtype=bool)
     region_ink.ravel()[where] = is_ink[labels]
     if len(nuclei) and not is_ink[1:].all():
@@ -110,4 +170,4 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: boo
                 ok[0] = False
                 region_ink.ravel()[fw] |= ok[fl]
     ink = region_ink & ~_near_nuclei(nuclei, mpp)
-    return ink, cand & ~ink
+    return ink, cand & ~ink, nuclei

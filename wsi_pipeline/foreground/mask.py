@@ -81,7 +81,7 @@ def pen_mask(rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
 def _ink_at_unknown_scale(rgb: np.ndarray) -> np.ndarray:
     """Ink of an image of unknown pixel size: no stroke-size test, nuclei sized at 0.5 um/px."""
     mpp = _FINEST_MPP
-    stained, codes, pixels = _pixel_pass(rgb, mpp, get_preset("pap"), _fit_background(rgb))
+    stained, codes, pixels, _ = _pixel_pass(rgb, mpp, get_preset("pap"), _fit_background(rgb))
     nuclei = label_nuclei(pixels & stained & ((codes & _DARK) == 0), mpp)
     return _ink_regions(codes, nuclei, mpp, size_filter=False)[0]
 
@@ -288,7 +288,7 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     """
     h, w = img.shape[:2]
     bg = _fit_background(img) if bg is None else bg
-    stained, codes, pixels = _pixel_pass(img, mpp, preset, bg, pool)
+    stained, codes, pixels, od_rg = _pixel_pass(img, mpp, preset, bg, pool)
     dark = (codes & _DARK) != 0  # dark and colourless: glass edges, borders, dust
     artefact = dark
     veto = dark
@@ -304,7 +304,8 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         artefact &= ~nuclei.mask
     ink = spared = np.zeros((h, w), dtype=bool)
     if preset.reject_pen and pen_filter:
-        ink, spared = _ink_regions(codes, nuclei, mpp)
+        # nuclei that are only red cells or debris seen through a stroke are dropped here
+        ink, spared, nuclei = _ink_regions(codes, nuclei, mpp, od_rg=od_rg)
         if ink.any():
             grown = _grow(ink, preset.pen_margin_um / mpp) if preset.pen_margin_um > 0 else ink
             # the margin (a stroke's blurred fringe) never reaches into the cells around nuclei
@@ -315,7 +316,8 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
 
 
 def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Background", pool=None):
-    """(stained, colour codes, nucleus pixels) of the working image, in row bands on ``pool``.
+    """(stained, colour codes, nucleus pixels, red and green OD) of the working image, in row bands
+    on ``pool``.
 
     Stained as :func:`_stain_test` decides after 0.5 um of smoothing; nucleus pixels as
     :func:`wsi_pipeline.foreground.nuclei.nucleus_pixels` decides on the red and green OD smoothed alike
@@ -346,7 +348,7 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
 
     for _ in (pool or _Serial()).map(nucleus_band, list(_bands(h, tophat_halo(mpp)))):
         pass
-    return stained, codes, pixels
+    return stained, codes, pixels, od_rg
 
 
 def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float):

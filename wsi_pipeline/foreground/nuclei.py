@@ -28,7 +28,7 @@ from scipy import ndimage as ndi
 __all__ = [
     "NUCLEUS_MIN_UM", "NUCLEUS_MAX_UM", "TOPHAT_RADIUS_UM", "MIN_CONTRAST", "MIN_DENSITY", "MIN_RELATIVE_CONTRAST",
     "CELL_RADIUS_UM", "Nuclei", "nuclear_density", "tophat_halo", "nucleus_pixels", "label_nuclei",
-    "centre_pixels", "count_in_boxes",
+    "centre_pixels", "count_in_boxes", "own_density", "keep_nuclei",
 ]
 
 #: smallest and largest nucleus kept (diameter of the equivalent disc, um): a lymphocyte or bare
@@ -89,6 +89,51 @@ def nucleus_pixels(od_red: np.ndarray, od_green: np.ndarray, mpp: float) -> np.n
     background = np.minimum(open_r, open_g)
     return ((top >= MIN_CONTRAST) & (top >= MIN_RELATIVE_CONTRAST * background)
             & (nuclear_density(od_red, od_green) >= MIN_DENSITY))
+
+
+def own_density(od_rg: np.ndarray, nuclei: Nuclei, ids: np.ndarray, mpp: float, band_rows: int = 64) -> np.ndarray:
+    """Each nucleus ``ids`` (indices into ``nuclei``)'s own density: the mean over its pixels of
+    ``min(OD_red - floor_red, OD_green - floor_green)``, the floor being the top-hat's opening of
+    :func:`nucleus_pixels` (what lies under and around it: glass, cytoplasm or a layer of ink).
+
+    ``od_rg``: (2, H, W) red and green OD, as :func:`nucleus_pixels` saw them. Computed in row
+    bands around the nuclei only (exact: each window has the opening's full context)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.zeros(len(ids), np.float64)
+    if not len(ids):
+        return out
+    size = _opening_size(mpp)
+    halo = size
+    h, w = nuclei.labels.shape
+    boxes = ndi.find_objects(nuclei.labels, max_label=int(ids.max()) + 1)
+    top0 = np.array([boxes[i][0].start for i in ids])
+    order = np.argsort(top0, kind="stable")
+    start = 0
+    while start < len(order):
+        stop = start + int(np.searchsorted(top0[order[start:]], top0[order[start]] + band_rows, side="left"))
+        stop = max(stop, start + 1)
+        chunk = order[start:stop]
+        sls = [boxes[ids[j]] for j in chunk]
+        r0 = max(0, min(s[0].start for s in sls) - halo)
+        r1 = min(h, max(s[0].stop for s in sls) + halo)
+        c0 = max(0, min(s[1].start for s in sls) - halo)
+        c1 = min(w, max(s[1].stop for s in sls) + halo)
+        r, g = od_rg[0, r0:r1, c0:c1], od_rg[1, r0:r1, c0:c1]
+        top = np.minimum(r - ndi.grey_opening(r, size=(size, size), mode="nearest"),
+                         g - ndi.grey_opening(g, size=(size, size), mode="nearest"))
+        out[chunk] = ndi.mean(top, nuclei.labels[r0:r1, c0:c1], ids[chunk] + 1)
+        start = stop
+    return out
+
+
+def keep_nuclei(nuclei: Nuclei, keep: np.ndarray) -> Nuclei:
+    """The nuclei flagged in ``keep`` (bool, one per nucleus), relabelled 1..k in their order."""
+    keep = np.asarray(keep, dtype=bool)
+    if keep.all():
+        return nuclei
+    table = np.zeros(len(nuclei) + 1, np.int32)
+    table[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return Nuclei(table[nuclei.labels], nuclei.centres[keep], nuclei.areas[keep])
 
 
 def _split_touching(lab: np.ndarray, big: np.ndarray, mpp: float) -> np.ndarray:

@@ -32,7 +32,8 @@ from ..foreground import (WORKING_MPP, ForegroundResult, blur_scores, decide_sta
 from ..foreground import count_in_boxes
 from ..slides import Slide, fingerprint, open_slide
 
-__all__ = ['log', 'MASK_PX_PER_TILE', 'MAX_MASK_SIDE', 'MPP_TOLERANCE', 'TILINGS', 'FOREGROUND_VERSION', 'INK_WARN_SHARE', 'TilerConfig', 'TilePlan', 'TileResult', 'mask_mpp_for', 'plan_tiles', 'shard_size_for', 'read_tile', 'tile_slide']
+__all__ = ['log', 'MASK_PX_PER_TILE', 'MAX_MASK_SIDE', 'MPP_TOLERANCE', 'TILINGS', 'FOREGROUND_VERSION', 'INK_WARN_SHARE',
+           'INK_TILE_SHARE', 'TilerConfig', 'TilePlan', 'TileResult', 'mask_mpp_for', 'plan_tiles', 'shard_size_for', 'read_tile', 'tile_slide']
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,15 @@ MPP_TOLERANCE = 0.02
 #: tile placements: a fixed grid over the foreground, or one tile per nucleated object (objects.py)
 TILINGS = ("grid", "cells")
 #: bumped when the foreground stage decides differently for the same settings (stores made
-#: before are rebuilt): 2 = ink judged by context, nuclei kept, stain auto
-FOREGROUND_VERSION = 2
+#: before are rebuilt): 2 = ink judged by context, nuclei kept, stain auto; 3 = red cells seen
+#: through a stroke are not nuclei, tiles mostly on ink without a nucleus are dropped
+FOREGROUND_VERSION = 3
 #: warn when marker ink removes more than this share of the foreground
 INK_WARN_SHARE = 0.03
+#: a grid tile with at least this share of its area removed as ink (on the mask grid, with the
+#: stroke's margin) and no nucleus is dropped, whatever its foreground fraction: what passes the
+#: fraction there is red cells and debris beside or under the stroke
+INK_TILE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,10 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
     keep = fractions >= min_fg
     if min_fg == 0:
         keep = fractions > 0
+    if fg.ink.any():  # a tile mostly on a stroke, without a nucleus, is ink: dropped
+        on_ink = (tile_fractions(fg.ink, downsample, boxes) >= INK_TILE_SHARE) & (nuclei == 0)
+        info["ink_tiles_dropped"] = int(np.count_nonzero(keep & on_ink))
+        keep &= ~on_ink
     keep |= nuclei > 0  # a tile holding a nucleus is kept whatever its foreground fraction
     return TilePlan(
         coords=boxes[keep],
@@ -222,6 +232,7 @@ def _foreground_info(fg: ForegroundResult, stain_info: dict, config: TilerConfig
         "ink_spared_px": int(np.count_nonzero(fg.ink_spared)),
         "nuclei_in_ink": int(fg.nuclei_in_ink),
         "n_nuclei": int(len(fg.nuclei)),
+        "ink_tiles_dropped": 0,  # grid tiles that passed the foreground fraction but lie on ink (plan_tiles)
         "warnings": warnings,
     }
 
