@@ -173,7 +173,7 @@ def evaluate_store(store: Path, truth: dict, info: CheckpointInfo, threshold: fl
                 "planted": planted, "detected": 0, "foreground_missed": planted}
     coords = np.asarray(group["coords"][:], dtype=np.int64)
     probs, attrs = read_scores(group, info.sha256)
-    suspicion = tile_suspicion(probs, attrs["class_names"], attrs["suspicious_classes"])
+    suspicion = tile_suspicion(probs, attrs.class_names, attrs.suspicious_classes)
     flagged = suspicion >= threshold
     holds_planted = np.zeros(n, dtype=bool)
     holds_cell = np.zeros(n, dtype=bool)

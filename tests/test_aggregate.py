@@ -100,7 +100,7 @@ def test_aggregate_writes_outputs_consistent_with_the_scores(scored, tmp_path):
     group = tile_store.open_store(scored["store"])
     meta = tile_store.read_meta(group)
     probs, attrs = read_scores(group, scored["sha"])
-    susp = tile_suspicion(probs, attrs["class_names"], attrs["suspicious_classes"])
+    susp = tile_suspicion(probs, attrs.class_names, attrs.suspicious_classes)
     coords = np.asarray(group["coords"][:])
     grid = np.asarray(group["grid"][:])
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -119,7 +119,7 @@ def test_aggregate_writes_outputs_consistent_with_the_scores(scored, tmp_path):
     assert prov["slide_fingerprint"] == meta["slide_fingerprint"]
     assert prov["tiler_config_hash"] == meta["tiler_config_hash"]
     assert prov["checkpoint_sha256"] == scored["sha"]
-    assert prov["checkpoint_metadata"]["class_names"] == attrs["class_names"]
+    assert prov["checkpoint_metadata"]["class_names"] == list(attrs.class_names)
     assert prov["versions"]["wsi-triage"] and prov["versions"]["torch"] and prov["versions"]["zarr"]
 
     heat = np.load(tmp_path / "o" / "heatmap.npy")
@@ -147,10 +147,10 @@ def test_geojson_is_qupath_detections_with_measurements(scored, tmp_path):
     for i, feat in enumerate(doc["features"]):
         props = feat["properties"]
         assert props["objectType"] == "detection"
-        assert props["classification"]["name"] == attrs["class_names"][int(probs[i].argmax())]
+        assert props["classification"]["name"] == attrs.class_names[int(probs[i].argmax())]
         assert props["classification"]["color"] == class_colour(props["classification"]["name"])
         m = props["measurements"]
-        assert set(m) == {f"prob_{c}" for c in attrs["class_names"]} | {"suspicion"}
+        assert set(m) == {f"prob_{c}" for c in attrs.class_names} | {"suspicion"}
         assert m["suspicion"] == pytest.approx(probs[i][[2, 3]].sum(), abs=1e-5)
         x, y, w, h = coords[i].tolist()
         ring = feat["geometry"]["coordinates"][0]
@@ -262,7 +262,7 @@ def test_cells_store_is_aggregated_by_object(cells_scored, tmp_path):
     group = tile_store.open_store(cells_scored["store"])
     objects, tile_object = read_objects(group)
     probs, attrs = read_scores(group, cells_scored["sha"])
-    suspicion = tile_suspicion(probs, attrs["class_names"], attrs["suspicious_classes"])
+    suspicion = tile_suspicion(probs, attrs.class_names, attrs.suspicious_classes)
     per_object = np.array([suspicion[tile_object == i].max() for i in range(len(objects))])
     result = aggregate_store(cells_scored["store"], tmp_path / "agg", AggregateConfig(top_k=3))
     summary = result.summary

@@ -127,7 +127,7 @@ def test_gallery_never_shows_fill_tiles(scored, tmp_path):
         _shard(store, i).unlink()
     with pytest.raises(ShardError, match="is missing"):
         from wsi_pipeline.aggregation import aggregate_store
-        aggregate_store(store, out / "again", checkpoint_sha256=read_scores(group)[1]["checkpoint_sha256"])
+        aggregate_store(store, out / "again", checkpoint_sha256=read_scores(group)[1].checkpoint_sha256)
     assert probs.shape[0] > 0
 
 
@@ -269,7 +269,7 @@ def test_hostile_checkpoint_stops_a_batch_in_one_line_before_any_slide(scored, t
     with pytest.raises(CheckpointError):
         score_store(store, bad, ScoreConfig(scheduler="sync"))
     sha = file_sha256(bad)
-    assert not any(a.get("checkpoint_sha256") == sha and a.get("complete")
+    assert not any(a.checkpoint_sha256 == sha and a.complete
                    for a in list_scores(tile_store.open_store(store)).values())
 
 

@@ -45,9 +45,17 @@ def test_scores_every_tile_in_shards_with_attributes(work):
     np.testing.assert_allclose(probs, _reference_probs(work["a"], tiles), atol=1e-5)
     arr = group[result.key]["probs"]
     assert arr.chunks == (meta["tiles_per_shard"], 8)
-    assert attrs["complete"] and attrs["checkpoint_sha256"] == result.checkpoint_sha256
-    assert attrs["class_names"][3] == "ig" and attrs["suspicious_classes"] == ["erythroblast", "ig"]
-    assert attrs["checkpoint_metadata"]["tile_size"] == 32 and attrs["precision"] == "fp32"
+    assert isinstance(attrs, tile_store.ScoreMeta) and attrs.key == result.key
+    assert attrs.complete and attrs.checkpoint_sha256 == result.checkpoint_sha256 and attrs.scored
+    assert attrs.class_names[3] == "ig" and attrs.suspicious_classes == ("erythroblast", "ig")
+    assert attrs.checkpoint_metadata["tile_size"] == 32 and attrs.precision == "fp32" and attrs.ood is None
+    assert attrs.checkpoint_path == str(work["a"].resolve()) and attrs.device == result.device
+    # on disk: the attribute names and JSON values of docs/contracts.md, as before ScoreMeta
+    assert dict(group[result.key].attrs) == attrs.as_attrs()
+    assert set(group[result.key].attrs) == {"class_names", "suspicious_classes", "checkpoint_sha256", "checkpoint_path",
+                                            "checkpoint_metadata", "precision", "bf16_max_abs_diff", "ood", "device",
+                                            "complete", "scored"}
+    assert list_scores(group) == {result.key: attrs}
     assert result.key == scores_key(result.checkpoint_sha256) == f"scores/{result.checkpoint_sha256[:12]}"
 
 
@@ -73,7 +81,7 @@ def test_interrupted_scoring_resumes_only_missing_shards(work):
     resumed = score_store(work["store"], work["a"])
     assert resumed.shards_scored == 2 and not resumed.reused
     probs, attrs = read_scores(tile_store.open_store(work["store"]), done.checkpoint_sha256)
-    assert attrs["complete"]
+    assert attrs.complete
     np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
@@ -148,13 +156,13 @@ def test_bf16_is_kept_only_within_tolerance(work, tmp_path):
     strict = score_store(store, work["a"], ScoreConfig(precision="bf16", bf16_tolerance=0.0, scheduler="sync"))
     assert strict.precision == "fp32" and strict.bf16_max_abs_diff > 0
     fp32, attrs = read_scores(tile_store.open_store(store), strict.checkpoint_sha256)
-    assert attrs["precision"] == "fp32" and attrs["bf16_max_abs_diff"] == strict.bf16_max_abs_diff
+    assert attrs.precision == "fp32" and attrs.bf16_max_abs_diff == strict.bf16_max_abs_diff
 
     store2 = tiled_store(work["slide"], tmp_path / "out2")
     loose = score_store(store2, work["a"], ScoreConfig(precision="bf16", bf16_tolerance=1.0, scheduler="sync"))
     assert loose.precision == "bf16"
     bf16, attrs = read_scores(tile_store.open_store(store2), loose.checkpoint_sha256)
-    assert attrs["precision"] == "bf16"
+    assert attrs.precision == "bf16"
     assert 0 < np.abs(bf16 - fp32).max() < 0.1
 
 

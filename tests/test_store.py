@@ -3,6 +3,8 @@ score arrays."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import imagecodecs
 import numpy as np
 import pytest
@@ -171,7 +173,10 @@ def test_score_arrays_round_trip_through_the_store_layout(tmp_path):
     group = _store(tmp_path / "s.zarr", 6, 4)
     key = tile_store.scores_key("ab" * 32)
     assert key == "scores/abababababab"
-    tile_store.create_scores(group, key, 3, True, {"checkpoint_sha256": "ab" * 32, "ood": {"threshold": 2.5}})
+    meta = tile_store.ScoreMeta(checkpoint_sha256="ab" * 32, class_names=("a", "b", "c"), suspicious_classes=("c",),
+                                ood={"threshold": 2.5})
+    assert meta.key == key
+    tile_store.create_scores(group, meta)
     probs = np.arange(18, dtype=np.float32).reshape(6, 3)
     tile_store.write_scores(group, key, 1, probs[4:], np.array([1.0, 9.0], np.float32))
     assert list(group[key]["shard_done"][:]) == [False, True]
@@ -181,6 +186,7 @@ def test_score_arrays_round_trip_through_the_store_layout(tmp_path):
     group[key].attrs["complete"] = True
     got, attrs = tile_store.read_scores(group, "ab" * 32)
     np.testing.assert_array_equal(got, probs)
+    assert attrs == dataclasses.replace(meta, complete=True) and attrs.ood_threshold == 2.5
     distances, threshold = tile_store.read_ood(group, attrs)
     assert threshold == 2.5 and distances.tolist() == [0, 0, 0, 0, 1, 9]
     assert list(tile_store.list_scores(group)) == [key]

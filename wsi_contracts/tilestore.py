@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from . import __version__
 from .codecs import JpegTileCodec
 from .errors import ShardError, StoreError
 
-__all__ = ['STORE_FORMAT', 'STORE_FORMAT_VERSION', 'META_KEY', 'CODECS', 'DIGEST_ALGORITHM', 'REQUIRED_NODES', 'THUMBNAIL_CHUNK', 'SlideMpp', 'GridMeta', 'StoreMeta', 'store_path', 'shard_slice', 'n_shards_for', 'checked_codecs', 'create_store', 'open_store', 'read_meta', 'read_store_meta', 'update_meta', 'pending_shards', 'write_shard', 'record_shard_digest', 'shard_file', 'read_shard', 'read_tiles', 'shard_problem', 'damaged_shards', 'check_layout', 'damaged_chunks', 'unflag_damaged_shards', 'is_complete', 'require_complete', 'scores_key', 'list_scores', 'create_scores', 'write_scores', 'unflag_damaged_scores', 'read_scores', 'read_ood']
+__all__ = ['STORE_FORMAT', 'STORE_FORMAT_VERSION', 'META_KEY', 'CODECS', 'DIGEST_ALGORITHM', 'REQUIRED_NODES', 'THUMBNAIL_CHUNK', 'SlideMpp', 'GridMeta', 'StoreMeta', 'store_path', 'shard_slice', 'n_shards_for', 'checked_codecs', 'create_store', 'open_store', 'read_meta', 'read_store_meta', 'update_meta', 'pending_shards', 'write_shard', 'record_shard_digest', 'shard_file', 'read_shard', 'read_tiles', 'shard_problem', 'damaged_shards', 'check_layout', 'damaged_chunks', 'unflag_damaged_shards', 'is_complete', 'require_complete', 'PRECISIONS', 'ScoreMeta', 'scores_key', 'score_keys', 'read_score_meta', 'list_scores', 'create_scores', 'write_scores', 'complete_scores', 'unflag_damaged_scores', 'read_scores', 'read_ood']
 
 STORE_FORMAT = "wsi-triage-tilestore"
 STORE_FORMAT_VERSION = 1
@@ -603,42 +603,173 @@ def require_complete(path: str | Path) -> zarr.Group:
 # Score arrays: ``scores/<sha12>/{probs, ood, shard_done}``, one group per checkpoint, chunked
 # like the tile shards so each scoring task writes its own chunks, then flags its shard.
 
+#: the precisions a score group records (``ScoreMeta.precision``)
+PRECISIONS = ("fp32", "bf16")
+
 
 def scores_key(sha256: str) -> str:
     """``scores/<sha12>``: the group holding one checkpoint's scores."""
     return f"scores/{sha256[:12]}"
 
 
-def list_scores(group: zarr.Group) -> dict[str, dict[str, Any]]:
-    """``{"scores/<sha12>": attrs}`` for every score group in the store."""
+@dataclass(frozen=True)
+class ScoreMeta:
+    """A score group's attributes (docs/contracts.md section 1): which checkpoint scored the tiles, how, and
+    whether every shard is done. ``checkpoint_metadata`` and ``ood`` are the checkpoint's own records (fresh
+    copies, JSON values). Stores written by earlier versions may lack the fields that have a default."""
+
+    checkpoint_sha256: str
+    class_names: tuple[str, ...]  # order of the ``probs`` columns
+    suspicious_classes: tuple[str, ...]  # summed into a tile's suspicion
+    complete: bool = False  # every shard scored; readers use only complete scores
+    checkpoint_path: str | None = None
+    checkpoint_metadata: dict[str, Any] | None = None
+    precision: str | None = None  # fp32 | bf16; None: not recorded
+    bf16_max_abs_diff: float | None = None  # largest bf16 vs fp32 probability difference measured, or None
+    ood: dict[str, Any] | None = None  # the checkpoint's ``ood`` entry; None: no ``ood`` array
+    device: str | None = None
+    scored: str | None = None  # ISO time the scores were completed
+
+    @property
+    def key(self) -> str:
+        """``scores/<sha12>``: the group these attributes belong to."""
+        return scores_key(self.checkpoint_sha256)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The checkpoint's out-of-domain distance threshold; None without OOD statistics."""
+        return float(self.ood["threshold"]) if self.ood else None
+
+    def as_attrs(self) -> dict[str, Any]:
+        """The group attributes as stored: the names and JSON types of docs/contracts.md."""
+        return {
+            "class_names": list(self.class_names),
+            "suspicious_classes": list(self.suspicious_classes),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "checkpoint_path": self.checkpoint_path,
+            "checkpoint_metadata": self.checkpoint_metadata,
+            "precision": self.precision,
+            "bf16_max_abs_diff": self.bf16_max_abs_diff,
+            "ood": self.ood,
+            "device": self.device,
+            "complete": self.complete,
+            "scored": self.scored,
+        }
+
+
+class _ScoreFields(_Fields):
+    """Typed look-ups in one score group's attributes; every failure is one StoreError line naming it."""
+
+    def __init__(self, root: Path, key: str, attrs: dict[str, Any]):
+        super().__init__(root, attrs)
+        self.key = key
+
+    def bad(self, key: str, problem: str) -> StoreError:
+        return StoreError(f"{self.root}: score attribute '{self.key}.{key}' {problem} (damaged scores); rerun "
+                          "`wsi-triage score` (or `run`) with that checkpoint to score the tiles again")
+
+    def names(self, key: str) -> tuple[str, ...]:
+        value = self.get(key, _MISSING)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.bad(key, f"is {value!r}, not a list of class names")
+        return tuple(value)
+
+    def number(self, key: str) -> float | None:
+        value = self.get(key, None)
+        if value is not None and not _is_number(value):
+            raise self.bad(key, f"is {value!r}, not a number")
+        return None if value is None else float(value)
+
+
+def _score_meta(root: Path, key: str, attrs: dict[str, Any]) -> ScoreMeta:
+    f = _ScoreFields(root, key, attrs)
+    sha = f.text("checkpoint_sha256")
+    if not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise f.bad("checkpoint_sha256", f"is {sha!r}, not a sha256 (64 lowercase hex digits)")
+    if scores_key(sha) != key:
+        raise f.bad("checkpoint_sha256", f"is {sha[:12]}..., not the checkpoint of {key}")
+    classes = f.names("class_names")
+    if not classes:
+        raise f.bad("class_names", "is empty")
+    suspicious = f.names("suspicious_classes")
+    unknown = [c for c in suspicious if c not in classes]
+    if unknown:
+        raise f.bad("suspicious_classes", f"names {', '.join(map(repr, unknown))}, not in class_names")
+    precision = f.text("precision", None)
+    if precision is not None and precision not in PRECISIONS:
+        raise f.bad("precision", f"is {precision!r}, not {' or '.join(PRECISIONS)}")
+    ood = f.mapping("ood", None)
+    if ood and not _is_number(ood.get("threshold")):
+        raise f.bad("ood.threshold", f"is {ood.get('threshold')!r}, not a number")
+    return ScoreMeta(
+        checkpoint_sha256=sha,
+        class_names=classes,
+        suspicious_classes=suspicious,
+        complete=f.flag("complete"),
+        checkpoint_path=f.text("checkpoint_path", None),
+        checkpoint_metadata=f.mapping("checkpoint_metadata", None),
+        precision=precision,
+        bf16_max_abs_diff=f.number("bf16_max_abs_diff"),
+        ood=ood,
+        device=f.text("device", None),
+        scored=f.text("scored", None),
+    )
+
+
+def score_keys(group: zarr.Group) -> list[str]:
+    """``scores/<sha12>`` of every score group in the store (attributes unread)."""
     if "scores" not in group:
-        return {}
-    out = {}
-    for name, sub in group["scores"].groups():
-        out[f"scores/{name}"] = dict(sub.attrs)
-    return out
+        return []
+    return sorted(f"scores/{name}" for name, _ in group["scores"].groups())
 
 
-def create_scores(group: zarr.Group, key: str, n_classes: int, with_ood: bool, attrs: dict[str, Any]) -> zarr.Group:
-    """(Re)create the score group ``key`` with every shard pending: ``probs`` (N, K), ``shard_done``,
-    and ``ood`` (N,) when ``with_ood``; ``attrs`` (checkpoint, precision, ...) plus ``complete = False``."""
-    meta = read_store_meta(group)
+def read_score_meta(group: zarr.Group, key: str) -> ScoreMeta:
+    """The attributes of score group ``key`` as a checked :class:`ScoreMeta`; a missing group, or a missing or
+    ill-typed attribute, is a one-line :class:`StoreError`."""
+    name = key.split("/", 1)[-1]
+    if "scores" not in group or name not in group["scores"]:
+        raise StoreError(f"{_store_root(group)}: no scores {key}; run `wsi-triage score`")
+    return _score_meta(_store_root(group), key, dict(group["scores"][name].attrs))
+
+
+def list_scores(group: zarr.Group) -> dict[str, ScoreMeta]:
+    """``{"scores/<sha12>": ScoreMeta}`` for every score group in the store (each checked)."""
+    return {key: read_score_meta(group, key) for key in score_keys(group)}
+
+
+def create_scores(group: zarr.Group, meta: ScoreMeta) -> zarr.Group:
+    """(Re)create the score group ``meta.key`` with every shard pending: ``probs`` (N, K), ``shard_done``, and
+    ``ood`` (N,) when the checkpoint has OOD statistics; its attributes are ``meta`` with ``complete = False``,
+    checked as :func:`read_score_meta` checks them (no writer records scores its readers refuse)."""
+    store = read_store_meta(group)
+    root, key = _store_root(group), meta.key
+    attrs = replace(meta, complete=False).as_attrs()
+    _score_meta(root, key, attrs)
     sub = group.require_group("scores")
     name = key.split("/", 1)[1]
     if name in sub:
         del sub[name]
-    sg = sub.create_group(name)
-    per_shard = max(1, meta.tiles_per_shard)
+    sg = sub.create_group(name, attributes=attrs)  # written with the group: never a group without them
+    per_shard = max(1, store.tiles_per_shard)
+    n_classes = len(meta.class_names)
     crc = checked_codecs()  # a flipped byte in a score is a checksum error, never a changed score
-    sg.create_array("probs", shape=(meta.n_tiles, n_classes), chunks=(per_shard, n_classes),
+    sg.create_array("probs", shape=(store.n_tiles, n_classes), chunks=(per_shard, n_classes),
                     dtype="float32", fill_value=np.nan, dimension_names=("tile", "class"), **crc)
-    sg.create_array("shard_done", shape=(max(meta.n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False,
+    sg.create_array("shard_done", shape=(max(store.n_shards, 1),), chunks=(1,), dtype="bool", fill_value=False,
                     **crc)
-    if with_ood:  # out-of-domain distance per tile, same shards and markers
-        sg.create_array("ood", shape=(meta.n_tiles,), chunks=(per_shard,), dtype="float32", fill_value=np.nan,
+    if meta.ood is not None:  # out-of-domain distance per tile, same shards and markers
+        sg.create_array("ood", shape=(store.n_tiles,), chunks=(per_shard,), dtype="float32", fill_value=np.nan,
                         dimension_names=("tile",), **crc)
-    sg.attrs.update({**attrs, "complete": False})
     return sg
+
+
+def complete_scores(group: zarr.Group, key: str) -> ScoreMeta:
+    """Every shard of ``key`` is scored: mark its scores complete, with the time (readers use only complete
+    scores). ``group`` is opened for writing."""
+    read_score_meta(group, key)  # a damaged group is not marked complete
+    group[key].attrs.update({"complete": True,
+                             "scored": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    return read_score_meta(group, key)
 
 
 def write_scores(group: zarr.Group, key: str, index: int, probs: np.ndarray, ood: np.ndarray | None = None) -> None:
@@ -676,31 +807,32 @@ def unflag_damaged_scores(path: str | Path, key: str) -> list[int]:
     return sorted(bad)
 
 
-def read_scores(group: zarr.Group, sha256: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def read_scores(group: zarr.Group, sha256: str | None = None) -> tuple[np.ndarray, ScoreMeta]:
     """Complete probabilities (N, K) and their attributes; ``sha256=None`` picks the only (or latest) one."""
-    available = {k: a for k, a in list_scores(group).items() if a.get("complete")}
     if sha256 is not None:
         key = scores_key(sha256)
-        if key not in available:
+        meta = read_score_meta(group, key) if key in score_keys(group) else None
+        if meta is None or not meta.complete or meta.checkpoint_sha256 != sha256:
             raise StoreError(f"{group.store}: no complete scores for checkpoint {sha256[:12]}; run `wsi-triage score`")
     else:
+        available = [m for m in list_scores(group).values() if m.complete]
         if not available:
             raise StoreError(f"{group.store}: store has no complete scores; run `wsi-triage score` first")
-        key = max(available, key=lambda k: available[k].get("scored", ""))
+        meta = max(available, key=lambda m: m.scored or "")
+    key = meta.key
     if damaged_chunks(group[key]["probs"]):
         raise StoreError(f"{_store_root(group)}: {key}/probs has a chunk that fails its checksum "
                          "(damaged); rerun `wsi-triage score` (or `run`) to rescore the damaged shards")
-    return np.asarray(group[key]["probs"][:]), available[key]
+    return np.asarray(group[key]["probs"][:]), meta
 
 
-def read_ood(group: zarr.Group, attrs: dict[str, Any]) -> tuple[np.ndarray, float] | None:
+def read_ood(group: zarr.Group, meta: ScoreMeta) -> tuple[np.ndarray, float] | None:
     """The per-tile OOD distances of complete scores and their threshold; None when the checkpoint had no
     OOD statistics (or the scores predate them)."""
-    entry = attrs.get("ood")
-    key = scores_key(attrs["checkpoint_sha256"])
-    if not entry or "ood" not in group[key]:
+    key = meta.key
+    if not meta.ood or "ood" not in group[key]:
         return None
     if damaged_chunks(group[key]["ood"]):
         raise StoreError(f"{_store_root(group)}: {key}/ood has a chunk that fails its checksum "
                          "(damaged); rerun `wsi-triage score` (or `run`) to rescore the damaged shards")
-    return np.asarray(group[key]["ood"][:]), float(entry["threshold"])
+    return np.asarray(group[key]["ood"][:]), meta.ood_threshold

@@ -42,13 +42,16 @@ class VerifyReport:
 
 
 def _score_problems(group, store: Path) -> list[str]:
-    from .scoring import list_scores
-
     meta = tile_store.read_store_meta(group)
     n, n_shards = meta.n_tiles, meta.n_shards
     problems = []
-    for key, attrs in list_scores(group).items():
-        if not attrs.get("complete"):
+    for key in tile_store.score_keys(group):
+        try:
+            scores = tile_store.read_score_meta(group, key)
+        except StoreError as exc:  # damaged attributes: a finding (rescoring rewrites them), not a crash
+            problems.append(str(exc))
+            continue
+        if not scores.complete:
             continue
         try:
             probs = np.asarray(group[key]["probs"][:])

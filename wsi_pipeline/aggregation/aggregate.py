@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as _importlib_metadata
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from .. import __version__
 from wsi_contracts import tilestore as tile_store
-from wsi_contracts.tilestore import StoreMeta
+from wsi_contracts.tilestore import ScoreMeta, StoreMeta
 from ..errors import OptionError, OutputError, StoreError
 from ..names import printable
 from ..progress import Counter, Progress
@@ -94,7 +95,7 @@ class AggregateResult:
 # --------------------------------------------------------------------------- numbers
 
 
-def tile_suspicion(probs: np.ndarray, class_names: list[str], suspicious: list[str]) -> np.ndarray:
+def tile_suspicion(probs: np.ndarray, class_names: Sequence[str], suspicious: Sequence[str]) -> np.ndarray:
     """Summed probability of the suspicious classes, (N,) float32 in [0, 1]."""
     idx = [list(class_names).index(c) for c in suspicious]
     return np.clip(np.asarray(probs, dtype=np.float32)[:, idx].sum(axis=1), 0.0, 1.0)
@@ -161,13 +162,13 @@ def output_names(stem: str, config: AggregateConfig) -> dict[str, str]:
     }
 
 
-def _aggregation_key(store_meta: StoreMeta, score_attrs: dict, config: AggregateConfig) -> str:
+def _aggregation_key(store_meta: StoreMeta, score_meta: ScoreMeta, config: AggregateConfig) -> str:
     payload = {
         "slide_fingerprint": store_meta.slide_fingerprint,
         "tiler_config_hash": store_meta.tiler_config_hash,
         "store_created": store_meta.created,
-        "checkpoint_sha256": score_attrs.get("checkpoint_sha256"),
-        "scored": score_attrs.get("scored"),
+        "checkpoint_sha256": score_meta.checkpoint_sha256,
+        "scored": score_meta.scored,
         "config": dataclasses.asdict(config),
         "version": __version__,
     }
@@ -223,7 +224,7 @@ class _AggregatePlan:
     group: Any  # the store's zarr group
     meta: StoreMeta
     probs: np.ndarray  # (N, K)
-    attrs: dict[str, Any]  # the score group's attributes
+    attrs: ScoreMeta  # the score group's attributes
     names: dict[str, str]  # output_names
     paths: dict[str, Path]
     key: str  # _aggregation_key: same key, same outputs
@@ -258,8 +259,8 @@ def _make_out_dir(out_dir: Path) -> None:
 def _check_inputs(plan: _AggregatePlan) -> dict[str, Any] | None:
     """Refuse scores (or OOD distances) that do not cover the tiles, and a store without its grid; the
     slide's OOD entry for summary.json (None: the checkpoint has no OOD statistics)."""
-    n, sha = plan.meta.n_tiles, plan.attrs["checkpoint_sha256"]
-    if plan.probs.shape != (n, len(plan.attrs["class_names"])) or (n and not np.isfinite(plan.probs).all()):
+    n, sha = plan.meta.n_tiles, plan.attrs.checkpoint_sha256
+    if plan.probs.shape != (n, len(plan.attrs.class_names)) or (n and not np.isfinite(plan.probs).all()):
         raise StoreError(f"{plan.store}: scores {scores_key(sha)} are incomplete or "
                          "inconsistent with the tiles; run `wsi-triage score` again")
     ood = read_ood(plan.group, plan.attrs)  # (distances, threshold) or None: no OOD statistics in the checkpoint
@@ -292,11 +293,11 @@ class _SlideScore:
 
 def _score_slide(plan: _AggregatePlan, config: AggregateConfig) -> _SlideScore:
     group, meta, probs, attrs = plan.group, plan.meta, plan.probs, plan.attrs
-    class_names = list(attrs["class_names"])
+    class_names = list(attrs.class_names)
     n = meta.n_tiles
     coords = np.asarray(group["coords"][:]) if n else np.zeros((0, 4), dtype=np.int64)
     grid = np.asarray(group["grid"][:]) if n else np.zeros((0, 2), dtype=np.int32)
-    suspicion = tile_suspicion(probs, class_names, list(attrs["suspicious_classes"]))
+    suspicion = tile_suspicion(probs, class_names, list(attrs.suspicious_classes))
     score = slide_score(suspicion, config)
     heat = heatmap_grid(suspicion, grid, meta.grid.shape)
     order = np.argsort(-suspicion, kind="stable")[: config.gallery_k]
@@ -310,7 +311,7 @@ def _score_slide(plan: _AggregatePlan, config: AggregateConfig) -> _SlideScore:
     # a "cells" store is aggregated by object (aggregation/objects.py): score, map, GeoJSON and gallery
     by_object = aggregate_objects(group, suspicion, probs, class_names, config, provenance, slide_score) if n else None
     raw = by_object["raw_score"] if by_object else score
-    calibration = calibration_for(attrs.get("checkpoint_sha256"), attrs.get("checkpoint_metadata"),
+    calibration = calibration_for(attrs.checkpoint_sha256, attrs.checkpoint_metadata,
                                   "cells" if by_object else "grid", config.method, config.top_k)
     score = calibrated(raw, calibration) if calibration else raw
     heat_grid_meta = meta.grid.as_dict()
@@ -330,12 +331,12 @@ def _provenance(plan: _AggregatePlan) -> dict[str, Any]:
         "tiler_config": meta.tiler_config,
         "tiler_config_hash": meta.tiler_config_hash,
         "store": str(plan.store.resolve()),
-        "scores": scores_key(attrs["checkpoint_sha256"]),
-        "checkpoint_sha256": attrs["checkpoint_sha256"],
-        "checkpoint_path": attrs.get("checkpoint_path"),
-        "checkpoint_metadata": attrs.get("checkpoint_metadata"),
-        "precision": attrs.get("precision"),
-        "device": attrs.get("device"),
+        "scores": attrs.key,
+        "checkpoint_sha256": attrs.checkpoint_sha256,
+        "checkpoint_path": attrs.checkpoint_path,
+        "checkpoint_metadata": attrs.checkpoint_metadata,
+        "precision": attrs.precision,
+        "device": attrs.device,
         "versions": package_versions(),
     }
 
@@ -344,7 +345,7 @@ def _summary(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore,
              ood_entry: dict[str, Any] | None) -> dict[str, Any]:
     """summary.json (docs/contracts.md): the score with its settings, the tiles, OOD, provenance."""
     n = plan.meta.n_tiles
-    class_names = list(plan.attrs["class_names"])
+    class_names = list(plan.attrs.class_names)
     by_object = s.by_object
     return {
         "slide": plan.stem,
@@ -361,7 +362,7 @@ def _summary(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore,
         "empty_reason": plan.meta.empty_reason,
         "ood": ood_entry,
         "class_names": class_names,
-        "suspicious_classes": list(plan.attrs["suspicious_classes"]),
+        "suspicious_classes": list(plan.attrs.suspicious_classes),
         "class_fractions": {c: round(float(np.mean(s.argmax == j)), 6) if n else 0.0
                             for j, c in enumerate(class_names)},
         "top_tiles": s.top_tiles,
@@ -383,7 +384,7 @@ def _write_outputs(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore
         write_atomic(plan.paths[name], data)
         counter.add(1)
 
-    class_names = list(plan.attrs["class_names"])
+    class_names = list(plan.attrs.class_names)
     thumbnail = np.asarray(group["thumbnail"][:])
     mask = np.asarray(group["mask"][:])
     downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))

@@ -263,7 +263,7 @@ class _SlideData:
         probs, attrs = read_scores(group, sha)
         coords = np.asarray(group["coords"][:]) if n else np.zeros((0, 4), int)
         grid = np.asarray(group["grid"][:]) if n else np.zeros((0, 2), int)
-        suspicion = tile_suspicion(probs, list(attrs["class_names"]), list(attrs["suspicious_classes"])) if n \
+        suspicion = tile_suspicion(probs, list(attrs.class_names), list(attrs.suspicious_classes)) if n \
             else np.zeros(0, np.float32)
         return coords, grid, suspicion, meta.grid.as_dict() if meta.grid else {}, summary
 

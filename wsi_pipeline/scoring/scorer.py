@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import datetime as _dt
 import os
 import threading
 import time
@@ -27,14 +26,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from wsi_contracts import tilestore as tile_store
-from wsi_contracts.tilestore import StoreMeta, list_scores, read_ood, read_scores, scores_key
+from wsi_contracts.tilestore import ScoreMeta, StoreMeta, list_scores, read_ood, read_scores, scores_key
 from wsi_contracts.checkpoint import CheckpointInfo
 from .model import LoadedCheckpoint, cached_model, read_checkpoint_info
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError, OptionError, StoreError
 from ..progress import Counter, Progress
 from .ood import OodStats, features_and_logits, ood_distance
 
-__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'process_pool', 'check_store_matches', 'list_scores', 'read_scores', 'read_ood', 'score_store']
+__all__ = ['MPP_TOLERANCE', 'LOCAL_SCHEDULERS', 'ScoreConfig', 'ScoreResult', 'scores_key', 'check_device', 'resolve_device', 'ScoringModel', 'scoring_model', 'fold_normalization', 'predict_probs', 'predict_probs_ood', 'cpu_has_native_bf16', 'choose_precision', 'score_shard', 'process_pool', 'check_store_matches', 'ScoreMeta', 'list_scores', 'read_scores', 'read_ood', 'score_store']
 
 #: relative difference between the store's tile mpp and the checkpoint's that is still accepted
 MPP_TOLERANCE = 0.02
@@ -281,21 +280,20 @@ def check_store_matches(store_path: Path, meta: StoreMeta, info: CheckpointInfo)
 # --------------------------------------------------------------------------- driver
 
 
-def _prepare_group(group, key: str, info: CheckpointInfo, device: str, precision: str, diff: float | None):
+def _prepare_group(group, info: CheckpointInfo, device: str, precision: str, diff: float | None):
     # with OOD statistics an ``ood`` array of out-of-domain distances (wsi_pipeline.scoring.ood) beside ``probs``
-    return tile_store.create_scores(group, key, info.num_classes, info.ood is not None, {
-        "class_names": list(info.class_names),
-        "suspicious_classes": list(info.suspicious_classes),
-        "checkpoint_sha256": info.sha256,
-        "checkpoint_path": str(Path(info.path).resolve()),
-        "checkpoint_metadata": info.metadata,
-        "precision": precision,
-        "bf16_max_abs_diff": diff,
-        "ood": info.ood,
-        "device": device,
-        "complete": False,
-        "scored": None,
-    })
+    meta = ScoreMeta(
+        checkpoint_sha256=info.sha256,
+        class_names=tuple(info.class_names),
+        suspicious_classes=tuple(info.suspicious_classes),
+        checkpoint_path=str(Path(info.path).resolve()),
+        checkpoint_metadata=info.metadata,
+        precision=precision,
+        bf16_max_abs_diff=diff,
+        ood=info.ood,
+        device=device,
+    )
+    return tile_store.create_scores(group, meta)
 
 
 def _local_workers(config: ScoreConfig, n_tasks: int) -> int:
@@ -414,11 +412,11 @@ class _ScorePlan:
     info: CheckpointInfo
     meta: StoreMeta
     key: str  # scores/<sha12>
-    existing: dict[str, Any] | None  # attributes of this checkpoint's score group, when it exists
+    existing: ScoreMeta | None  # attributes of this checkpoint's score group, when it exists
 
     @property
     def complete(self) -> bool:
-        return bool(self.existing and self.existing.get("complete"))
+        return bool(self.existing and self.existing.complete)
 
 
 def _plan_scoring(store_path: Path, checkpoint: str | Path | None) -> _ScorePlan:
@@ -435,15 +433,22 @@ def _plan_scoring(store_path: Path, checkpoint: str | Path | None) -> _ScorePlan
     return _ScorePlan(store_path, info, meta, key, existing)
 
 
-def _own_scores(group, key: str, info: CheckpointInfo) -> dict[str, Any] | None:
-    attrs = list_scores(group).get(key)
-    return attrs if attrs and attrs.get("checkpoint_sha256") == info.sha256 else None
+def _own_scores(group, key: str, info: CheckpointInfo) -> ScoreMeta | None:
+    """This checkpoint's score group; None when there is none, or when its attributes are damaged or another
+    checkpoint's (same sha12): that group is then scored again from scratch."""
+    if key not in tile_store.score_keys(group):
+        return None
+    try:
+        meta = tile_store.read_score_meta(group, key)
+    except StoreError:
+        return None
+    return meta if meta.checkpoint_sha256 == info.sha256 else None
 
 
 def _reused_result(plan: _ScorePlan, seconds: float) -> ScoreResult:
-    e = plan.existing or {}
+    e = plan.existing
     return ScoreResult(plan.store, plan.key, plan.info.sha256, plan.meta.n_tiles, True, 0, seconds,
-                       e.get("precision", "fp32"), e.get("device", "cpu"), e.get("bf16_max_abs_diff"))
+                       (e and e.precision) or "fp32", (e and e.device) or "cpu", e.bf16_max_abs_diff if e else None)
 
 
 def _shard_len(meta: StoreMeta, index: int) -> int:
@@ -455,7 +460,7 @@ def _open_scores(plan: _ScorePlan, config: ScoreConfig, device: str) -> tuple[st
     """The precision to score at and its measured bf16 difference: those an interrupted scoring started
     with, or new ones, recorded in a new score group (with shard 0 kept when the check scored it all)."""
     if plan.existing:
-        return plan.existing.get("precision", "fp32"), plan.existing.get("bf16_max_abs_diff")
+        return plan.existing.precision or "fp32", plan.existing.bf16_max_abs_diff
     group = tile_store.open_store(plan.store, mode="r+")
     info, n_tiles = plan.info, plan.meta.n_tiles
     precision, diff, first_probs = "fp32", None, None
@@ -466,7 +471,7 @@ def _open_scores(plan: _ScorePlan, config: ScoreConfig, device: str) -> tuple[st
                                                         config, device)
         if first_probs is not None and (len(first_probs) != _shard_len(plan.meta, 0) or info.ood is not None):
             first_probs = None  # (with OOD statistics shard 0 is scored again, for its distances)
-    sg = _prepare_group(group, plan.key, info, device, precision, diff)
+    sg = _prepare_group(group, info, device, precision, diff)
     if first_probs is not None and not np.isfinite(first_probs).all():
         raise CheckpointError(f"{info.path}: the model produced NaN or infinite probabilities on {plan.store}; "
                               "the checkpoint is unusable (export it again)")
@@ -509,9 +514,7 @@ def _score_shards(plan: _ScorePlan, pending: list[int], config: ScoreConfig, dev
 
 def _mark_complete(plan: _ScorePlan) -> None:
     """Every shard is scored: the scores are complete (readers use only complete scores)."""
-    scores = tile_store.open_store(plan.store, mode="r+")[plan.key]
-    scores.attrs.update({"complete": True,
-                         "scored": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    tile_store.complete_scores(tile_store.open_store(plan.store, mode="r+"), plan.key)
 
 
 @contextlib.contextmanager
