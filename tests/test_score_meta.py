@@ -23,6 +23,7 @@ from wsi_pipeline.verify import verify_store
 #: the attributes the scorer wrote before ScoreMeta existed (their names and JSON types; values from a store)
 OLD_NAMES = {"class_names", "suspicious_classes", "checkpoint_sha256", "checkpoint_path", "checkpoint_metadata",
              "precision", "bf16_max_abs_diff", "ood", "device", "complete", "scored"}
+DELETE = "<no such attribute>"
 FP32 = ScoreConfig(precision="fp32", scheduler="sync")  # every shard scored by the shard tasks, as recorded
 
 
@@ -104,8 +105,13 @@ def test_scores_written_before_score_meta_still_read_and_aggregate_the_same(scor
 @pytest.mark.parametrize("field, value, problem", [
     ("class_names", "basophil", "not a list of class names"),
     ("class_names", [], "is empty"),
+    ("class_names", None, "not a list of class names"),
+    ("class_names", ["a", 3], "not a list of class names"),
+    ("complete", DELETE, "is missing"),
     ("suspicious_classes", ["nope"], "not in class_names"),
-    ("checkpoint_sha256", None, "is missing"),
+    ("checkpoint_sha256", DELETE, "is missing"),
+    ("checkpoint_sha256", None, "not a sha256"),
+    ("checkpoint_sha256", "AB" * 32, "not a sha256"),
     ("checkpoint_sha256", "ab" * 32, "not the checkpoint of"),
     ("complete", "yes", "not true or false"),
     ("precision", "fp16", "not fp32 or bf16"),
@@ -116,7 +122,7 @@ def test_scores_written_before_score_meta_still_read_and_aggregate_the_same(scor
 def test_a_missing_or_ill_typed_attribute_is_one_store_error(scored, tmp_path, field, value, problem):
     store = _copy(scored, tmp_path)
     attrs = _attrs(store, scored["key"])
-    if value is None:
+    if value == DELETE:
         del attrs[field]
     else:
         attrs[field] = value

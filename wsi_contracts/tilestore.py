@@ -683,8 +683,8 @@ class _ScoreFields(_Fields):
 
 def _score_meta(root: Path, key: str, attrs: dict[str, Any]) -> ScoreMeta:
     f = _ScoreFields(root, key, attrs)
-    sha = f.text("checkpoint_sha256")
-    if not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+    sha = f.get("checkpoint_sha256", _MISSING)
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
         raise f.bad("checkpoint_sha256", f"is {sha!r}, not a sha256 (64 lowercase hex digits)")
     if scores_key(sha) != key:
         raise f.bad("checkpoint_sha256", f"is {sha[:12]}..., not the checkpoint of {key}")
