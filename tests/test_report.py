@@ -134,14 +134,14 @@ def test_the_page_says_what_the_score_means(batch, tmp_path):
 
     page = batch.report_html.read_text(encoding="utf-8")
     assert "Not calibrated" in page and "decision point" in page
-    assert page.count('<div class="raw"') == 2  # the two scored fields; the broken slide has no score
+    assert page.count('class="num score raw"') == 2  # the two scored fields; the broken slide has no score
     rows = {r["slide"]: r for r in csv.DictReader(batch.triage_csv.open(encoding="utf-8"))}
     assert rows["field 0"]["calibrated"] == "False" and rows["broken"]["calibrated"] == ""
 
     blob_field(tmp_path / "slides" / "one.png", seed=31, n=12)
     demo = run_batch(tmp_path / "slides", tmp_path / "out", RunOptions(mpp=0.5))
     page = demo.report_html.read_text(encoding="utf-8")
-    assert "0.5 is the decision point" in page and '<div class="raw"' not in page
+    assert "0.5 is the decision point" in page and 'score raw"' not in page
     assert next(csv.DictReader(demo.triage_csv.open(encoding="utf-8")))["calibrated"] == "True"
     mixed = score_meaning([{"score": 0.7, "calibrated": True}, {"score": 0.2, "calibrated": False}], 0.5)
     assert "raw" in mixed and "0.5" in mixed

@@ -48,7 +48,7 @@ img{max-width:100%;height:auto;display:block} details summary{cursor:pointer;col
 .links code,.viewcmd code{background:#f3f3f3;padding:0 .3em;font-size:.9em;word-break:break-all}
 h3{font-size:.95em;margin:.8em 0 .3em} td.slide{max-width:22em}
 td.pictures{min-width:820px} img.overlay{width:100%;max-width:900px}
-td.score .raw{font-size:.75em;color:#999}
+td.score.raw::after{content:" raw";font-size:.75em;color:#999}
 """.replace("@ok", STATUS_COLOURS["ok"]).replace("@empty", STATUS_COLOURS["empty"]).replace(
     "@error", STATUS_COLOURS["error"]).replace("@ood", STATUS_COLOURS["out_of_domain"]).replace(
     "@skipped", STATUS_COLOURS["skipped"])
@@ -206,9 +206,9 @@ def render_report(rows: list[dict[str, Any]], *, info: CheckpointInfo, previous:
                             "not what this model was trained on</div>")
         cells = [f'<td class="num">{r["rank"]}</td>',
                  f'<td class="slide">{html.escape(r["slide"])}{_links(out_dir, base) if out_dir else ""}</td>',
-                 f'<td class="num score">{_fmt(r["score"])}'
-                 + ('<div class="raw" title="not calibrated: ranks only">raw</div>'
-                    if r.get("calibrated") is False and r.get("score") is not None else "") + "</td>"]
+                 (f'<td class="num score raw" title="not calibrated: ranks only">{_fmt(r["score"])}</td>'
+                  if r.get("calibrated") is False and r.get("score") is not None
+                  else f'<td class="num score">{_fmt(r["score"])}</td>')]
         if has_previous:
             change = r.get("score_change")
             cls = "" if change is None else (" up" if change > 0 else " down" if change < 0 else "")
