@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .nuclei import CELL_RADIUS_UM, MIN_DENSITY, Nuclei, centre_pixels, keep_nuclei, own_density
+from .nuclei import CELL_RADIUS_UM, MIN_CONTRAST, MIN_DENSITY, Nuclei, centre_pixels, keep_nuclei, own_density
 from .colour_codes import _LOOSE, _SEED
 from .morphology import _dilate_local, _remove_small
 
@@ -63,6 +63,10 @@ _FAR_INK_MIN_UM = 40.0
 # no Pap LBC field (256 um) holds one.
 _STROKE_MIN_LENGTH_UM = 1000.0
 _STROKE_MIN_ELONGATION = 3.0
+# ... and only strokes whose ink adds nuclear density (the median of min(OD red, OD green) over the
+# stroke) of at least a nucleus's least contrast: blue (~0.25), green (~0.17) and black ink can
+# make a pale red cell pass for a nucleus, scarlet ink (~0.07: it passes red) cannot.
+_INK_MIN_NUCLEAR_DENSITY = MIN_CONTRAST
 
 
 def _stroke_shaped(sl: tuple[slice, slice], area_px: float, mpp: float) -> bool:
@@ -90,8 +94,12 @@ def _ink_explained(lab: np.ndarray, n: int, region_of: np.ndarray, area: np.ndar
         if sl is None or not _stroke_shaped(sl, area[i], mpp):
             continue
         ids = np.flatnonzero(region_of == i)
-        if len(ids):
-            out[ids] = own_density(od_rg, nuclei, ids, mpp) < MIN_DENSITY
+        if not len(ids):
+            continue
+        part = lab[sl] == i
+        if np.median(np.minimum(od_rg[0][sl][part], od_rg[1][sl][part])) < _INK_MIN_NUCLEAR_DENSITY:
+            continue
+        out[ids] = own_density(od_rg, nuclei, ids, mpp) < MIN_DENSITY
     return out
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .nuclei import CELL_RADIUS_UM, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels, tophat_halo
+from .nuclei import CELL_RADIUS_UM, MIN_DENSITY, MIN_RELATIVE_CONTRAST, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels, tophat_halo
 from .stain import StainDecision, classify_stain, sheet_share
 from .colour_codes import _DARK, _code_index, _codes, _lookup
 from .glass import _fit_background, _subsample_step
@@ -129,7 +129,8 @@ class ForegroundResult:
     ``ink``: pixels removed as marker ink, with the margin around each stroke;
     ``ink_spared``: ink-coloured pixels kept because their region holds nuclei or texture (Pap
     cytoplasm, not ink); ``nuclei_in_ink``: nuclei lying in an ink-coloured region that was
-    removed as ink (the cell around each is kept, but a user should know).
+    removed as ink (the cell around each is kept, but a user should know); ``ink_opaque``: the
+    parts of ``ink`` too dense to find a nucleus through (see :func:`_opaque_ink`).
     """
 
     mask: np.ndarray
@@ -138,6 +139,7 @@ class ForegroundResult:
     ink_spared: np.ndarray
     nuclei_in_ink: int
     stain: str
+    ink_opaque: np.ndarray | None = None
 
     @property
     def ink_share(self) -> float:
@@ -168,7 +170,7 @@ def detect_foreground(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "p
     H, W = rgb.shape[:2]
     if H == 0 or W == 0:
         empty = np.zeros((H, W), dtype=bool)
-        return ForegroundResult(empty, np.zeros((0, 2)), empty, empty, 0, preset.name)
+        return ForegroundResult(empty, np.zeros((0, 2)), empty, empty, 0, preset.name, empty)
     f = max(1, int(_FINEST_MPP / mpp))
     img = rgb if f == 1 else np.clip(_block_mean(rgb, f) + 0.5, 0, 255).astype(np.uint8)
     wmpp = float(mpp) * f
@@ -187,13 +189,14 @@ def detect_foreground(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "p
         lab, _ = ndi.label(st.ink | _near_nuclei(nuc, wmpp) & _dilate_local(st.ink, 1),
                            structure=np.ones((3, 3), bool))
         in_ink = int(np.count_nonzero(lab[centre_pixels(nuc.centres, lab.shape)] > 0))
-    ink, spared = st.ink, st.ink_spared
+    ink, spared, opaque = st.ink, st.ink_spared, st.ink_opaque
     if f > 1:
         fg = _refine_edges(rgb, fg, f, bg, preset, float(mpp))
         ink = _upsample(ink, f, H, W)
         spared = _upsample(spared, f, H, W)
+        opaque = _upsample(opaque, f, H, W)
     centres = (nuc.centres + 0.5) * f - 0.5 if f > 1 else nuc.centres
-    return ForegroundResult(fg, centres, ink, spared, in_ink, preset.name)
+    return ForegroundResult(fg, centres, ink, spared, in_ink, preset.name, opaque)
 
 
 def foreground_mask(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "pap",
@@ -277,6 +280,7 @@ class _PixelStage:
     nuclei: Nuclei
     ink: np.ndarray  # bool: ink regions with their margin (part of artefact)
     ink_spared: np.ndarray  # bool: ink-coloured regions kept because they hold nuclei or texture
+    ink_opaque: np.ndarray  # bool: ink too dense to see a nucleus through (see _opaque_ink)
 
 
 def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, pool=None,
@@ -302,17 +306,39 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     nuclei = label_nuclei(pixels & stained & ~veto, mpp)
     if len(nuclei):  # a nucleus is foreground even where a dark speck's margin reaches it
         artefact &= ~nuclei.mask
-    ink = spared = np.zeros((h, w), dtype=bool)
+    ink = spared = opaque = np.zeros((h, w), dtype=bool)
     if preset.reject_pen and pen_filter:
         # nuclei that are only red cells or debris seen through a stroke are dropped here
         ink, spared, nuclei = _ink_regions(codes, nuclei, mpp, od_rg=od_rg)
         if ink.any():
+            opaque = _opaque_ink(ink, od_rg)
             grown = _grow(ink, preset.pen_margin_um / mpp) if preset.pen_margin_um > 0 else ink
             # the margin (a stroke's blurred fringe) never reaches into the cells around nuclei
             margin = grown & ~ink & ~_near_nuclei(nuclei, mpp, _FAR_FROM_NUCLEI_UM)
             ink = ink | margin
             artefact |= ink
-    return _PixelStage(stained, artefact, nuclei, ink, spared)
+    return _PixelStage(stained, artefact, nuclei, ink, spared, opaque)
+
+
+# Ink whose nuclear density (min of red and green OD; the median over a stroke) reaches this hides
+# nuclei: one is found only when it stands out by MIN_RELATIVE_CONTRAST of what lies around it, so
+# under such ink a nucleus of the least density found (MIN_DENSITY) is not. Synthetic strokes: black
+# ~0.6, blue ~0.25, green ~0.17, red ~0.07.
+_OPAQUE_INK_DENSITY = MIN_DENSITY / MIN_RELATIVE_CONTRAST
+
+
+def _opaque_ink(ink: np.ndarray, od_rg: np.ndarray) -> np.ndarray:
+    """The strokes of ``ink`` (connected parts) too dense to see a nucleus through: there, "no
+    nucleus found" is no evidence that none is there (the tiler does not drop such tiles)."""
+    lab, n = ndi.label(ink, structure=np.ones((3, 3), bool))
+    out = np.zeros(ink.shape, dtype=bool)
+    for i, sl in enumerate(ndi.find_objects(lab), 1):
+        if sl is None:
+            continue
+        part = lab[sl] == i
+        if np.median(np.minimum(od_rg[0][sl][part], od_rg[1][sl][part])) >= _OPAQUE_INK_DENSITY:
+            out[sl] |= part
+    return out
 
 
 def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Background", pool=None):
