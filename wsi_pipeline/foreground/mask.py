@@ -27,7 +27,7 @@ from scipy import ndimage as ndi
 
 from .nuclei import CELL_RADIUS_UM, MIN_DENSITY, MIN_RELATIVE_CONTRAST, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels, tophat_halo
 from .stain import StainDecision, classify_stain, sheet_share
-from .colour_codes import _DARK, _code_index, _codes, _lookup
+from .colour_codes import _DARK, _SEED, _code_index, _codes, _lookup
 from .glass import _fit_background, _subsample_step
 from .ink import _FAR_FROM_NUCLEI_UM, _ink_regions, _near_nuclei
 from .morphology import _block_mean, _clean_banded, _dilate_local, _erode, _grow, _remove_small, _upsample
@@ -293,6 +293,9 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     h, w = img.shape[:2]
     bg = _fit_background(img) if bg is None else bg
     stained, codes, pixels, od_rg = _pixel_pass(img, mpp, preset, bg, pool)
+    use_pen = preset.reject_pen and pen_filter
+    if not (use_pen and (codes & (_SEED[0] | _SEED[1] | _SEED[2])).any()):
+        od_rg = None  # only the ink decision uses it: free it before the nuclei are labelled
     dark = (codes & _DARK) != 0  # dark and colourless: glass edges, borders, dust
     artefact = dark
     veto = dark
@@ -307,10 +310,10 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     if len(nuclei):  # a nucleus is foreground even where a dark speck's margin reaches it
         artefact &= ~nuclei.mask
     ink = spared = opaque = np.zeros((h, w), dtype=bool)
-    if preset.reject_pen and pen_filter:
+    if use_pen:
         # nuclei that are only red cells or debris seen through a stroke are dropped here
         ink, spared, nuclei = _ink_regions(codes, nuclei, mpp, od_rg=od_rg)
-        if ink.any():
+        if ink.any() and od_rg is not None:
             opaque = _opaque_ink(ink, od_rg)
             grown = _grow(ink, preset.pen_margin_um / mpp) if preset.pen_margin_um > 0 else ink
             # the margin (a stroke's blurred fringe) never reaches into the cells around nuclei
