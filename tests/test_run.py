@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from pipeline_util import cells_dir, smear
 
 from wsi_contracts import tilestore as tile_store
+from wsi_pipeline.aggregation import tile_suspicion
 from wsi_pipeline.scoring import DEFAULT_CHECKPOINT
 from wsi_pipeline.cli import main
 
@@ -113,12 +114,15 @@ def test_demo_student_ranks_a_positive_smear_above_its_negative_twin(shared_data
     # the demo student's score is calibrated, and the line says how to read it (a rerun: all reused)
     line = _cli("run", neg.slide, "--out", out).stdout
     assert "calibrated: >= 0.5 suspicious" in line and "reused tile, score, aggregate" in line, line
-    # tiles holding planted suspicious cells stand out from the rest of the slide
+    # the demo student declares the cells placement (tiles centred on nucleated objects) and run follows it
+    summary = json.loads((out / "pos" / "summary.json").read_text())
+    assert summary["objects"]["n_objects"] > 0
     group = tile_store.open_store(out / "pos.zarr")
+    assert tile_store.read_meta(group)["tiler_config"]["tiling"] == "cells"
+    # tiles holding planted suspicious cells stand out from the rest of the slide
     coords = np.asarray(group["coords"][:])
-    heat = np.load(out / "pos" / "heatmap.npy")
-    grid = np.asarray(group["grid"][:])
-    suspicion = heat[grid[:, 0], grid[:, 1]]
+    probs, scores = tile_store.read_scores(group)
+    suspicion = tile_suspicion(probs, list(scores.class_names), list(scores.suspicious_classes))
     lab = _tile_labels(coords, json.loads(pos.truth.read_text()))
     assert lab.sum() >= 3
     hit, rest = suspicion[lab == 1], suspicion[lab == 0]

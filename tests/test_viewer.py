@@ -32,16 +32,17 @@ DZI_NS = "{http://schemas.microsoft.com/deepzoom/2008}"
 POS_SIZE, NEG_SIZE = 1280, 1024
 
 
-@pytest.fixture(scope="module")
-def batch(tmp_path_factory):
-    """Two synthetic smears triaged by the demo student as a batch (one more positive than the other)."""
+@pytest.fixture(scope="module", params=["cells", "grid"])
+def batch(tmp_path_factory, request):
+    """Two synthetic smears triaged by the demo student as a batch (one more positive than the other),
+    with the placement the demo student declares (cells: the object heatmap) and with the grid."""
     cells = cells_dir(None)
     if cells == Path("__missing__"):
         pytest.skip("no cell images for synthetic smears (shipped cells missing and ../shared/data absent)")
     root = tmp_path_factory.mktemp("viewer")
     smear(root / "slides" / "pos.tiff", cells, fraction=0.6, size=POS_SIZE, seed=3)
     smear(root / "slides" / "neg.tiff", cells, fraction=0.0, size=NEG_SIZE, seed=4)
-    result = run_batch(root / "slides", root / "out", RunOptions())
+    result = run_batch(root / "slides", root / "out", RunOptions(tiling=None if request.param == "cells" else "grid"))
     assert result.n_failed == 0
     return root / "out"
 

@@ -267,6 +267,22 @@ class _SlideData:
             else np.zeros(0, np.float32)
         return coords, grid, suspicion, meta.grid.as_dict() if meta.grid else {}, summary
 
+    def _object_heat(self, summary: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """A cells store's overlay: heatmap.npy (object suspicion on its own grid, summary's
+        ``objects.heatmap_grid``), so the viewer shows what overlay.png shows; None for a grid store
+        or when the file is missing or does not match its grid."""
+        meta = (summary.get("objects") or {}).get("heatmap_grid")
+        path = self.entry.out_dir / "heatmap.npy" if self.entry.out_dir else None
+        if not isinstance(meta, dict) or path is None or not path.is_file():
+            return None
+        try:
+            heat = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if heat.ndim != 2 or list(heat.shape) != [int(v) for v in meta.get("shape", [])]:
+            return None
+        return heat.astype(np.float32, copy=False), meta
+
     def layers(self) -> dict[str, Any]:
         """What the page needs: size, score, top tiles, every tile's box/suspicion/colour, overlay placement."""
         with self.lock:
@@ -276,13 +292,17 @@ class _SlideData:
         width, height = self.dimensions()
         colours = _viridis_hex(suspicion) if len(suspicion) else []
         overlay = None
+        object_heat = self._object_heat(summary) if len(suspicion) else None
+        if object_heat is not None:  # a cells store: the object-suspicion density of heatmap.npy
+            heat, grid_meta = object_heat
         if grid_meta and len(suspicion):
             from ..aggregation import heatmap_grid
 
             rows, cols = (int(v) for v in grid_meta["shape"])
             sx, sy = (float(v) for v in grid_meta["stride"])
             ox, oy = (float(v) for v in grid_meta.get("origin", [0, 0]))
-            heat = heatmap_grid(suspicion, grid, (rows, cols))
+            if object_heat is None:
+                heat = heatmap_grid(suspicion, grid, (rows, cols))
             with self.lock:
                 self._heat = (heat, grid_meta)
             overlay = {"x": ox, "y": oy, "width": cols * sx, "height": rows * sy}
