@@ -13,7 +13,8 @@ Prints:
   held-out halves (odd-numbered Pap and BCCD fields; thresholds were set on the even ones).
 - **Ink strokes** on synthetic smears of both stains, four ink colours: the share of the stroke
   found as ink on the tiler's overview (stroke away from cells), stroke tiles kept, glass tiles
-  kept, and nucleated cells (in groups and single) whose nucleus lies in a kept tile.
+  kept, nucleated cells (in groups and single) whose nucleus lies in a kept tile, and the tiles
+  the tiler dropped for lying mostly on ink without a nucleus (``foreground.ink_tiles_dropped``).
 
     python benchmarks/eval_foreground.py [--shared ../shared/data] [--only blood|pap|ink] [--json FILE|-]
 
@@ -179,16 +180,16 @@ def ink_strokes(size: int = 4096, mpp: float = 0.5, seeds: tuple[int, ...] = (1,
                     rows.append((stain, ink, seed, *_stroke_figures(path, size, mpp)))
     print("synthetic smears (%d px at %.2f um/px), tiler defaults (224-px tiles at 0.5 um/px, --stain auto):" % (size, mpp))
     print("  stain       ink    seed  auto-stain  stroke-found  stroke-tiles-kept  glass-tiles-kept  "
-          "nuclei-in-kept-tiles (groups)")
-    for stain, ink, seed, decided, found, kept, n_stroke, nuc, grp, g_kept, n_glass in rows:
+          "nuclei-in-kept-tiles (groups)  ink-tiles-dropped")
+    for stain, ink, seed, decided, found, kept, n_stroke, nuc, grp, g_kept, n_glass, dropped in rows:
         print(f"  {stain:<11} {ink:<6} {seed:>4}  {decided:<10}  {100 * found:11.1f} %  {kept:>7}/{n_stroke:<9}  "
-              f"{g_kept:>7}/{n_glass:<8}  {100 * nuc:6.1f} % ({100 * grp:.1f} %)")
+              f"{g_kept:>7}/{n_glass:<8}  {100 * nuc:6.1f} % ({100 * grp:.1f} %)  {dropped:>10}")
     found = np.array([r[4] for r in rows])
     print(f"  stroke found: min {100 * found.min():.1f} %, mean {100 * found.mean():.1f} %; stroke tiles kept: "
           f"{sum(r[5] for r in rows)}/{sum(r[6] for r in rows)}; glass tiles kept: {sum(r[9] for r in rows)}/"
           f"{sum(r[10] for r in rows)}; nuclei in kept tiles: min {100 * min(r[7] for r in rows):.1f} %")
     keys = ("stain", "ink", "seed", "auto_stain", "stroke_found", "stroke_tiles_kept", "stroke_tiles",
-            "nuclei_in_kept_tiles", "group_nuclei_in_kept_tiles", "glass_tiles_kept", "glass_tiles")
+            "nuclei_in_kept_tiles", "group_nuclei_in_kept_tiles", "glass_tiles_kept", "glass_tiles", "ink_tiles_dropped")
     return {"size": size, "mpp": mpp, "rows": [dict(zip(keys, r)) for r in rows]}
 
 
@@ -229,7 +230,8 @@ def _stroke_figures(path: Path, size: int, mpp: float):
         glass |= ((boxes[:, 0] >= x) & (boxes[:, 0] + boxes[:, 2] <= x + w) & (boxes[:, 1] >= y)
                   & (boxes[:, 1] + boxes[:, 3] <= y + h))
     n_glass_kept = sum((int(r), int(c)) in kept for r, c in zip(rr.ravel()[glass], cc.ravel()[glass]))
-    return decision.stain, found, n_kept, int(stroke_tiles.sum()), float(ok.mean()), grp, n_glass_kept, int(glass.sum())
+    return (decision.stain, found, n_kept, int(stroke_tiles.sum()), float(ok.mean()), grp, n_glass_kept, int(glass.sum()),
+            int(plan.foreground_info.get("ink_tiles_dropped", 0)))
 
 
 def main(argv: list[str] | None = None) -> int:
