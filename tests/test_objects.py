@@ -166,7 +166,7 @@ def test_cells_store_records_objects_and_resumes(synthetic, tmp_path):
     assert set(np.unique(tile_object)) == set(range(len(objects)))  # every object has a tile, every tile an object
     assert list(group["objects/id"][:]) == list(range(len(objects)))
     meta = tile_store.read_meta(group)
-    assert meta["tiler_config"]["tiling"] == "cells"
+    assert meta["tiler_config"]["tiling"] == "cells" and meta["foreground"]["placement"] == "cells"
     assert meta["tiler_config_hash"] == CELLS.hash(0.25) != TilerConfig(target_mpp=0.27, tile_size=128,
                                                                            stain="romanowsky").hash(0.25)
     # each single-cell tile holds its object's centre near its own centre
@@ -249,3 +249,21 @@ def test_marker_ink_is_neither_an_object_nor_in_an_objects_tile(ink, tmp_path):
     d = np.hypot(objects.centre[:, None, 0] - line[None, :, 0], objects.centre[:, None, 1] - line[None, :, 1]).min(1)
     stroke_width = truth["artifacts"]["pen"]["mask"]["area_px"] / np.hypot(*np.diff(pen, axis=0).T).sum()
     assert (d < stroke_width / 2).sum() == 0
+
+
+def test_tissue_is_tiled_on_the_grid_under_the_cells_placement(shared_data, tmp_path):
+    """An H&E slide has no separate cells to centre on: the cells placement (e.g. the demo student's)
+    tiles it on the grid, says so, records it, and a rerun reuses the store."""
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    cells = TilerConfig(target_mpp=0.5, tile_size=128, tiling="cells")
+    grid = TilerConfig(target_mpp=0.5, tile_size=128, tiling="grid")
+    got = tile_slide(slide, tmp_path / "cells", cells, workers=1)
+    ref = tile_slide(slide, tmp_path / "grid", grid, workers=1)
+    assert got.n_tiles == ref.n_tiles > 50 and got.empty_reason is None
+    group = tile_store.open_store(got.path)
+    fg = tile_store.read_store_meta(group).foreground
+    assert fg["stain"]["stain"] == "he" and fg["placement"] == "grid"
+    assert any("tiled on the grid instead of the cells placement" in w for w in fg["warnings"])
+    assert read_objects(group) is None
+    np.testing.assert_array_equal(group["coords"][:], tile_store.open_store(ref.path)["coords"][:])
+    assert tile_slide(slide, tmp_path / "cells", cells, workers=1).reused

@@ -177,7 +177,14 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
         "tile_level0": [size0, size0],
     }
     info = _foreground_info(fg, stain_info, config, min_fg)
-    if config.tiling == "cells":
+    # the cells placement is for smears of separate cells; tissue sheets (H&E) have no isolated
+    # objects to centre on (the nuclei are packed), so such a slide is tiled on the grid
+    cells = config.tiling == "cells" and fg.stain != "he"
+    if config.tiling == "cells" and not cells:
+        info["warnings"].append("the slide is tissue (stain 'he'), not a smear of separate cells: tiled on the "
+                                "grid instead of the cells placement")
+    info["placement"] = "cells" if cells else "grid"
+    if cells:
         plan = _cells_plan(thumbnail, mask, float(downsample), float(actual_mpp), slide.dimensions, config,
                            tile0, stride0, grid_meta, int(rows * cols))
         return dataclasses.replace(plan, nuclei=count_in_boxes(fg.nuclei, downsample, plan.coords),
@@ -336,8 +343,11 @@ def tile_slide(
             counter.plan(meta.n_tiles, meta.n_tiles)
             return TileResult(path, meta.n_tiles, meta.n_grid, True, 0,
                               time.perf_counter() - start, meta.empty_reason, meta)
-        if state == "resumable" and config.tiling == "cells" and not cell_objects.has_objects(tile_store.open_store(path)):
-            state = "stale"  # killed before its object table was written: plan again
+        if state == "resumable" and config.tiling == "cells":
+            group = tile_store.open_store(path)
+            used = (tile_store.read_store_meta(group).foreground or {}).get("placement", "cells")
+            if used == "cells" and not cell_objects.has_objects(group):
+                state = "stale"  # killed before its object table was written: plan again
         if state == "resumable":
             group = tile_store.open_store(path, mode="r+")
         else:
@@ -345,7 +355,7 @@ def tile_slide(
             n = len(plan.coords)
             empty_reason = None
             stain, min_fg = plan.foreground_info["stain"]["stain"], plan.foreground_info["preset"]["min_foreground"]
-            if n == 0 and config.tiling == "cells":
+            if n == 0 and plan.foreground_info["placement"] == "cells":
                 empty_reason = (f"no nucleated object found (stain preset '{stain}'; "
                                 f"{plan.n_grid} grid tiles' area examined)")
             elif n == 0:
