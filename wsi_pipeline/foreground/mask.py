@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .nuclei import CELL_RADIUS_UM, MIN_DENSITY, MIN_RELATIVE_CONTRAST, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels, tophat_halo
+from .nuclei import CELL_RADIUS_UM, MIN_DENSITY, MIN_RELATIVE_CONTRAST, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels
 from .stain import StainDecision, classify_stain, sheet_share
 from .colour_codes import _DARK, _SEED, _code_index, _codes, _lookup
 from .glass import _fit_background, _subsample_step
@@ -350,7 +350,7 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
 
     Stained as :func:`_stain_test` decides after 0.5 um of smoothing; nucleus pixels as
     :func:`wsi_pipeline.foreground.nuclei.nucleus_pixels` decides on the red and green OD smoothed alike
-    (a second band pass, whose context rows are the top-hat's)."""
+    (a second band pass, each band taking the top-hat's context from the whole image)."""
     h, w = img.shape[:2]
     sigma = 0.5 / mpp  # 0.5 um denoising; only worth it at fine pixel sizes
     stained = np.empty((h, w), dtype=bool)
@@ -372,10 +372,10 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
     pixels = np.empty((h, w), dtype=bool)
 
     def nucleus_band(b) -> None:
-        lo, hi, plo, phi = b
-        pixels[lo:hi] = nucleus_pixels(od_rg[0, plo:phi], od_rg[1, plo:phi], mpp)[lo - plo:hi - plo]
+        lo, hi, _, _ = b
+        pixels[lo:hi] = nucleus_pixels(od_rg[0], od_rg[1], mpp, rows=(lo, hi))
 
-    for _ in (pool or _Serial()).map(nucleus_band, list(_bands(h, tophat_halo(mpp)))):
+    for _ in (pool or _Serial()).map(nucleus_band, list(_bands(h))):
         pass
     return stained, codes, pixels, od_rg
 

@@ -26,13 +26,17 @@ def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
 
 
 def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
-    """Drop 8-connected components with fewer than ``min_px`` pixels."""
+    """Drop 8-connected components with fewer than ``min_px`` pixels (counted and looked up at
+    the mask's own pixels only: a dark-edge or foreground mask is a small part of an overview)."""
     lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
     if n == 0:
         return mask
-    keep = np.bincount(lab.ravel()) >= min_px
-    keep[0] = False
-    return keep[lab]
+    where = np.flatnonzero(lab)
+    labels = lab.ravel()[where]
+    keep = np.bincount(labels, minlength=n + 1) >= min_px
+    out = np.zeros(lab.shape, dtype=bool)
+    out.ravel()[where] = keep[labels]
+    return out
 
 
 def _upsample(mask: np.ndarray, f: int, H: int, W: int) -> np.ndarray:
