@@ -8,7 +8,8 @@ from scipy import ndimage as ndi
 
 from .nuclei import CELL_RADIUS_UM, MIN_CONTRAST, MIN_DENSITY, Nuclei, centre_pixels, keep_nuclei, own_density
 from .colour_codes import _LOOSE, _SEED
-from .morphology import _dilate_local, _remove_small
+from .morphology import _dilate, _dilate_local, _remove_small
+from .parallel import _boxes
 
 __all__ = []
 
@@ -103,11 +104,25 @@ def _ink_explained(lab: np.ndarray, n: int, region_of: np.ndarray, area: np.ndar
     return out
 
 
-def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = CELL_RADIUS_UM) -> np.ndarray:
-    """Within ``radius_um`` of a nucleus (by default its cell: never ink)."""
+def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = CELL_RADIUS_UM,
+                 within: np.ndarray | None = None) -> np.ndarray:
+    """Within ``radius_um`` of a nucleus (by default its cell: never ink).
+
+    With ``within`` (bool, same shape), the answer is only needed there: it is computed in the
+    boxes covering ``within`` (each with the dilation's context) and is False elsewhere; an
+    overview holds tens of thousands of nuclei, an ink stroke covers a small part of it."""
     if not len(nuclei):
         return np.zeros(nuclei.labels.shape, dtype=bool)
-    return _dilate_local(nuclei.mask, max(1, int(round(radius_um / mpp))))
+    r = max(1, int(round(radius_um / mpp)))
+    if within is None:
+        return _dilate_local(nuclei.mask, r)
+    h, w = within.shape
+    out = np.zeros((h, w), dtype=bool)
+    for r0, r1, c0, c1 in _boxes(within, 2 * r):
+        p0, p1, q0, q1 = max(0, r0 - r), min(h, r1 + r), max(0, c0 - r), min(w, c1 + r)
+        near = _dilate(nuclei.labels[p0:p1, q0:q1] > 0, r)
+        out[r0:r1, c0:c1] = near[r0 - p0:r1 - p0, c0 - q0:c1 - q0]
+    return out
 
 
 def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: bool = True,
@@ -164,7 +179,8 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: boo
         # a stroke that crosses some tissue or cells: its parts far from every nucleus are
         # still ink when they alone are as large as a stroke and mostly of confident ink colour
         # (the far cytoplasm of a large pale squamous cell is neither)
-        far = cand & ~region_ink & ~_dilate_local(nuclei.mask, max(1, int(round(_FAR_FROM_NUCLEI_UM / mpp))))
+        far = cand & ~region_ink
+        far &= ~_near_nuclei(nuclei, mpp, _FAR_FROM_NUCLEI_UM, within=far)
         if far.any():
             far = _remove_small(far, np.pi / 4.0 * (_FAR_INK_MIN_UM / mpp) ** 2 if size_filter else 1.0)
             flab, fn = ndi.label(far, structure=np.ones((3, 3), bool))
@@ -177,5 +193,5 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: boo
                 ok = share >= _PEN_MIN_SEED_FRACTION  # as for a whole ink region
                 ok[0] = False
                 region_ink.ravel()[fw] |= ok[fl]
-    ink = region_ink & ~_near_nuclei(nuclei, mpp)
+    ink = region_ink & ~_near_nuclei(nuclei, mpp, within=region_ink)
     return ink, cand & ~ink, nuclei

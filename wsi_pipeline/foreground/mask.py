@@ -186,7 +186,8 @@ def detect_foreground(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "p
         fg |= nuc.mask
     in_ink = 0
     if len(nuc) and st.ink.any():
-        lab, _ = ndi.label(st.ink | _near_nuclei(nuc, wmpp) & _dilate_local(st.ink, 1),
+        touching = _dilate_local(st.ink, 1)
+        lab, _ = ndi.label(st.ink | _near_nuclei(nuc, wmpp, within=touching) & touching,
                            structure=np.ones((3, 3), bool))
         in_ink = int(np.count_nonzero(lab[centre_pixels(nuc.centres, lab.shape)] > 0))
     ink, spared, opaque = st.ink, st.ink_spared, st.ink_opaque
@@ -317,7 +318,8 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
             opaque = _opaque_ink(ink, od_rg)
             grown = _grow(ink, preset.pen_margin_um / mpp) if preset.pen_margin_um > 0 else ink
             # the margin (a stroke's blurred fringe) never reaches into the cells around nuclei
-            margin = grown & ~ink & ~_near_nuclei(nuclei, mpp, _FAR_FROM_NUCLEI_UM)
+            margin = grown & ~ink
+            margin &= ~_near_nuclei(nuclei, mpp, _FAR_FROM_NUCLEI_UM, within=margin)
             ink = ink | margin
             artefact |= ink
     return _PixelStage(stained, artefact, nuclei, ink, spared, opaque)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from .parallel import _boxes
+
 __all__ = [
     "NUCLEUS_MIN_UM", "NUCLEUS_MAX_UM", "TOPHAT_RADIUS_UM", "MIN_CONTRAST", "MIN_DENSITY", "MIN_RELATIVE_CONTRAST",
     "CELL_RADIUS_UM", "Nuclei", "nuclear_density", "tophat_halo", "nucleus_pixels", "label_nuclei",
@@ -80,11 +82,6 @@ def tophat_halo(mpp: float) -> int:
     return _opening_size(mpp)
 
 
-#: rows x columns of the blocks :func:`nucleus_pixels` skips when none of their pixels is dense
-#: enough to be a nucleus (glass; a row band of the overview is one block high)
-_BLOCK = (512, 64)
-
-
 def _opening(a: np.ndarray, size: int) -> np.ndarray:
     """Grey opening of 2-D ``a`` by a ``size`` square, nearest-mode borders.
 
@@ -107,26 +104,6 @@ def _tophat_test(od_red: np.ndarray, od_green: np.ndarray, size: int) -> np.ndar
     return (top >= MIN_CONTRAST) & (top >= MIN_RELATIVE_CONTRAST * background)
 
 
-def _dense_boxes(dense: np.ndarray, gap: int):
-    """(r0, r1, c0, c1): boxes on a grid of :data:`_BLOCK` covering every True pixel of
-    ``dense``; neighbouring blocks of a block row are merged when at most ``gap`` px apart."""
-    h, w = dense.shape
-    bh, bw = _BLOCK
-    starts = np.arange(0, w, bw)
-    for r0 in range(0, h, bh):
-        r1 = min(h, r0 + bh)
-        cols = dense[r0:r1].any(axis=0)
-        if not cols.any():
-            continue
-        hit = np.flatnonzero(np.logical_or.reduceat(cols, starts))
-        run0 = hit[0]
-        for a, b in zip(hit[:-1], hit[1:]):
-            if (b - a - 1) * bw > gap:
-                yield r0, r1, int(starts[run0]), int(starts[a]) + bw
-                run0 = b
-        yield r0, r1, int(starts[run0]), min(w, int(starts[hit[-1]]) + bw)
-
-
 def nucleus_pixels(od_red: np.ndarray, od_green: np.ndarray, mpp: float,
                    rows: tuple[int, int] | None = None) -> np.ndarray:
     """Pixels that are darker than their surroundings the way nuclei are (before the size test).
@@ -141,7 +118,7 @@ def nucleus_pixels(od_red: np.ndarray, od_green: np.ndarray, mpp: float,
     out = np.zeros(dense.shape, dtype=bool)
     size = _opening_size(mpp)
     halo = tophat_halo(mpp)
-    for r0, r1, c0, c1 in _dense_boxes(dense, 2 * halo):
+    for r0, r1, c0, c1 in _boxes(dense, 2 * halo):
         p0, p1 = max(0, lo + r0 - halo), min(h, lo + r1 + halo)
         q0, q1 = max(0, c0 - halo), min(w, c1 + halo)
         test = _tophat_test(od_red[p0:p1, q0:q1], od_green[p0:p1, q0:q1], size)
@@ -192,7 +169,10 @@ def keep_nuclei(nuclei: Nuclei, keep: np.ndarray) -> Nuclei:
         return nuclei
     table = np.zeros(len(nuclei) + 1, np.int32)
     table[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return Nuclei(table[nuclei.labels], nuclei.centres[keep], nuclei.areas[keep])
+    where = np.flatnonzero(nuclei.labels)  # renumbered at the nuclei's pixels only
+    labels = np.zeros(nuclei.labels.shape, np.int32)
+    labels.ravel()[where] = table[nuclei.labels.ravel()[where]]
+    return Nuclei(labels, nuclei.centres[keep], nuclei.areas[keep])
 
 
 def _split_touching(lab: np.ndarray, big: np.ndarray, mpp: float) -> np.ndarray:
@@ -207,7 +187,7 @@ def _split_touching(lab: np.ndarray, big: np.ndarray, mpp: float) -> np.ndarray:
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
-    out = lab.astype(np.int64)
+    out = lab.copy()  # int32: labels stay below the pixel count
     # pixels no basin reaches (a part joined to its component only diagonally: the watershed
     # floods 4-connected) join the highest existing label, as the whole-image version did
     unreached = int(lab.max())
