@@ -492,3 +492,50 @@ def test_no_ink_found_on_an_inkless_he_slide(shared_data):
         thumb, ds = slide.thumbnail(WORKING_MPP)
         mpp = slide.require_mpp().mean * ds
     assert not pen_mask(thumb, mpp).any()
+
+
+def _nucleus_pixels_by_definition(r: np.ndarray, g: np.ndarray, mpp: float) -> np.ndarray:
+    # the top-hat test of nuclei.py written out once over the whole image
+    from wsi_pipeline.foreground.nuclei import MIN_CONTRAST, MIN_DENSITY, MIN_RELATIVE_CONTRAST, TOPHAT_RADIUS_UM
+
+    size = 2 * int(np.ceil(TOPHAT_RADIUS_UM / mpp)) + 1
+    open_r = ndi.grey_opening(r, size=(size, size), mode="nearest")
+    open_g = ndi.grey_opening(g, size=(size, size), mode="nearest")
+    top = np.minimum(r - open_r, g - open_g)
+    return (top >= MIN_CONTRAST) & (top >= MIN_RELATIVE_CONTRAST * np.minimum(open_r, open_g)) & (np.minimum(r, g) >= MIN_DENSITY)
+
+
+def test_nucleus_pixels_in_dense_blocks_equal_one_opening_over_the_image():
+    # the top-hat is computed only in blocks holding a dense pixel, with its columns on a
+    # transposed copy: the same pixels as the opening over the whole image, for any rows asked
+    from wsi_pipeline.foreground import nucleus_pixels
+
+    rng = np.random.default_rng(11)
+    h, w = 700, 1100  # not multiples of the blocks
+    od = ndi.gaussian_filter(rng.random((2, h, w)).astype(np.float32), (0, 1.5, 1.5)) * 1.6
+    od[:, :, 300:800] *= 0.2  # a glass stretch: blocks with no dense pixel are skipped
+    od[:, 150:160, 520:530] = 0.9  # one nucleus in it
+    od = od.astype(np.float32)
+    for mpp in (2.0, 0.5):
+        ref = _nucleus_pixels_by_definition(od[0], od[1], mpp)
+        assert ref.any() and not ref[:, 300:500].any()
+        np.testing.assert_array_equal(nucleus_pixels(od[0], od[1], mpp), ref)
+        for lo, hi in ((0, 512), (512, 700), (140, 170), (699, 700)):
+            np.testing.assert_array_equal(nucleus_pixels(od[0], od[1], mpp, rows=(lo, hi)), ref[lo:hi])
+
+
+def test_near_nuclei_within_equals_the_whole_dilation_there():
+    from wsi_pipeline.foreground.ink import _near_nuclei
+    from wsi_pipeline.foreground.nuclei import label_nuclei
+
+    rng = np.random.default_rng(5)
+    nuclei = label_nuclei(ndi.binary_dilation(rng.random((900, 1300)) < 2e-3, iterations=2), 2.0)
+    assert len(nuclei) > 50
+    whole = _near_nuclei(nuclei, 2.0, 15.0)
+    yy, xx = np.mgrid[:900, :1300]
+    stroke = np.abs(yy - 0.6 * xx - 50) < 40  # a diagonal band, as an ink stroke
+    for within in (stroke, np.zeros_like(stroke), np.ones_like(stroke)):
+        got = _near_nuclei(nuclei, 2.0, 15.0, within=within)
+        np.testing.assert_array_equal(got & within, whole & within)
+    # computed near the stroke only, not over the whole image
+    assert not _near_nuclei(nuclei, 2.0, 15.0, within=stroke)[0:100, 1000:].any() and whole[0:100, 1000:].any()

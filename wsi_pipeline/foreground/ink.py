@@ -109,8 +109,9 @@ def _near_nuclei(nuclei: Nuclei, mpp: float, radius_um: float = CELL_RADIUS_UM,
     """Within ``radius_um`` of a nucleus (by default its cell: never ink).
 
     With ``within`` (bool, same shape), the answer is only needed there: it is computed in the
-    boxes covering ``within`` (each with the dilation's context) and is False elsewhere; an
-    overview holds tens of thousands of nuclei, an ink stroke covers a small part of it."""
+    boxes covering ``within`` (each with the dilation's context), exact wherever ``within`` is
+    True and False outside the boxes; an overview holds tens of thousands of nuclei, an ink
+    stroke covers a small part of it."""
     if not len(nuclei):
         return np.zeros(nuclei.labels.shape, dtype=bool)
     r = max(1, int(round(radius_um / mpp)))
