@@ -158,8 +158,11 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: boo
         explained = _ink_explained(lab, n, region_of, area, nuclei, od_rg, mpp)
     area_mm2 = area * (float(mpp) ** 2) * 1e-6
 
-    def judge(counted: Nuclei, counted_region: np.ndarray) -> np.ndarray:
-        nuc_px = np.bincount(labels, weights=counted.mask.ravel()[where], minlength=n + 1)
+    nucleus_at = nuclei.labels.ravel()[where]  # the nucleus (1..n, 0: none) at each ink-coloured pixel
+
+    def judge(counted: np.ndarray, counted_region: np.ndarray) -> np.ndarray:
+        """Regions judged ink when only the nuclei flagged in ``counted`` count."""
+        nuc_px = np.bincount(labels, weights=np.concatenate([[False], counted])[nucleus_at], minlength=n + 1)
         n_nuc = np.bincount(counted_region, minlength=n + 1)
         ink = ((nuc_px < _INK_MAX_NUCLEUS_SHARE * area)
                & (n_nuc < _INK_MAX_NUCLEI_PER_MM2 * np.maximum(area_mm2, 1e-12)))
@@ -167,13 +170,13 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: boo
         return ink
 
     if explained.any():
-        is_ink = judge(keep_nuclei(nuclei, ~explained), region_of[~explained])
+        is_ink = judge(~explained, region_of[~explained])
         # only nuclei of regions judged ink are dropped; a region that stays stain keeps them all
         drop = explained & is_ink[region_of]
         nuclei = keep_nuclei(nuclei, ~drop)
         region_of = region_of[~drop]
     else:
-        is_ink = judge(nuclei, region_of)
+        is_ink = judge(np.ones(len(nuclei), dtype=bool), region_of)
     region_ink = np.zeros(cand.shape, dtype=bool)
     region_ink.ravel()[where] = is_ink[labels]
     if len(nuclei) and not is_ink[1:].all():
