@@ -39,7 +39,7 @@ from wsi_pipeline.errors import WsiTriageError
 from wsi_pipeline.foreground import decide_stain, detect_foreground, foreground_mask, get_preset, tile_fractions
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.script import run_script
-from wsi_pipeline.synth import SynthConfig, pen_stroke_mask, synthesize
+from wsi_pipeline.synth import SynthConfig, cell_box_mask, pen_stroke_mask, synthesize
 from wsi_pipeline.tiling import TilerConfig, plan_tiles, tile_slide
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,10 +202,7 @@ def _stroke_figures(path: Path, size: int, mpp: float):
     decision, fg = decide_stain(plan.thumbnail, plan.thumbnail_mpp)
     h, w = plan.thumbnail.shape[:2]
     stroke = pen_stroke_mask(truth["artifacts"]["pen"]["mask"], size, size, int(round(ds)))[:h, :w]
-    cells = np.zeros((h, w), bool)
-    for c in truth["cells"]:
-        x, y, bw, bh = (np.array(c["bbox"]) / ds).astype(int)
-        cells[max(0, y):y + bh + 1, max(0, x):x + bw + 1] = True
+    cells = cell_box_mask(truth, (h, w), ds)
     near = ndi.binary_dilation(cells, iterations=max(1, int(round(15.0 / plan.thumbnail_mpp))))
     bare = stroke & ~near
     found = float((fg.ink & bare).sum() / max(bare.sum(), 1))

@@ -17,7 +17,7 @@ from scipy.spatial import cKDTree
 from wsi_pipeline.foreground import MIN_DENSITY, detect_foreground, label_nuclei, nucleus_pixels
 from wsi_pipeline.foreground.nuclei import keep_nuclei, own_density
 from wsi_pipeline.slides import open_slide
-from wsi_pipeline.synth import SynthConfig, pen_stroke_mask, synthesize
+from wsi_pipeline.synth import SynthConfig, cell_box_mask, pen_stroke_mask, synthesize
 from wsi_pipeline.tiling import TilerConfig, plan_tiles
 from wsi_pipeline.tiling.tiler import INK_TILE_SHARE
 from wsi_pipeline.foreground import tile_fractions
@@ -124,10 +124,7 @@ def _figures(truth, plan, size: int = 4096):
     ds = plan.thumbnail_downsample
     h, w = plan.thumbnail.shape[:2]
     stroke = pen_stroke_mask(truth["artifacts"]["pen"]["mask"], size, size, int(round(ds)))[:h, :w]
-    cells = np.zeros((h, w), bool)
-    for c in truth["cells"]:
-        x, y, bw, bh = (np.array(c["bbox"]) / ds).astype(int)
-        cells[max(0, y):y + bh + 1, max(0, x):x + bw + 1] = True
+    cells = cell_box_mask(truth, (h, w), ds)
     fg = detect_foreground(plan.thumbnail, plan.thumbnail_mpp, plan.foreground_info["stain"]["stain"])
     bare = stroke & ~ndi.binary_dilation(cells, iterations=int(round(15.0 / plan.thumbnail_mpp)))
     found = (fg.ink & bare).sum() / bare.sum()

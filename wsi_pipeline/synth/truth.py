@@ -22,7 +22,7 @@ from .cells import CellPool
 from .config import SynthConfig
 from .layout import BLOCK, Layout
 
-__all__ = ['TRUTH_FORMAT', 'truth_paths', 'write_truth', 'truth_document']
+__all__ = ['TRUTH_FORMAT', 'truth_paths', 'write_truth', 'truth_document', 'cell_box_mask']
 
 TRUTH_FORMAT = "wsi-triage-synth-truth"
 
@@ -36,6 +36,17 @@ def truth_paths(out: str | Path) -> tuple[Path, Path]:
             name = name[: -len(suffix)]
             break
     return out.with_name(name + ".truth.json"), out.with_name(name + ".truth.geojson")
+
+
+def cell_box_mask(truth: dict, shape: tuple[int, int], downsample: float) -> np.ndarray:
+    """(h, w) bool: the boxes of the truth's cells on an image ``downsample`` times smaller than level 0
+    (e.g. the tiler's overview), each box widened to whole pixels."""
+    h, w = (int(v) for v in shape)
+    mask = np.zeros((h, w), bool)
+    for c in truth["cells"]:
+        x, y, bw, bh = (np.array(c["bbox"]) / downsample).astype(int)
+        mask[max(0, y):y + bh + 1, max(0, x):x + bw + 1] = True
+    return mask
 
 
 def write_truth(doc: dict, json_path: Path, geojson_path: Path) -> None:
