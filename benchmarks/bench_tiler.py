@@ -9,15 +9,19 @@ px, a pyramidal JPEG TIFF), in one run and each in its own process so peak RSS i
 
 The slide file is read once first (page cache warm for both), and the two run alternately
 ``--repeats`` times; the best run of each is shown. Prints tiles/s, the tiler/bare ratio (target
->= 0.7) and peak RSS (target < 1.5 GB on the large slide). Usage::
+>= 0.7) and peak RSS (target < 1.5 GB on the large slide). ``--baseline DIR`` also runs, in the
+same alternation, the tiler of another copy of the package (``DIR/wsi_pipeline``, put first on
+PYTHONPATH; e.g. ``git archive REV wsi_pipeline | tar -x -C DIR``) and prints its row beneath,
+so a change is measured before/after in one run. Usage::
 
-    python benchmarks/bench_tiler.py [--workers 2] [--size 40960] [--repeats 2] [--cache DIR]
+    python benchmarks/bench_tiler.py [--workers 2] [--size 40960] [--repeats 2] [--cache DIR] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -74,8 +78,11 @@ def run_bare(slide: str, store: str, workers: int) -> dict:
             "tiles_per_s": len(coords) / seconds, "peak_rss_mb": peak_rss_mb()}
 
 
-def in_subprocess(kind: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, *args], capture_output=True, text=True)
+def in_subprocess(kind: str, *args: str, pythonpath: Path | None = None) -> dict:
+    env = None
+    if pythonpath is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(pythonpath), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, *args], capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,8 +112,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=40960, help="side of the generated smear (px)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best is shown")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "wsi-triage-bench")
+    parser.add_argument("--baseline", type=Path, help="also time the tiler of DIR/wsi_pipeline (before/after in one run)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline is not None and not (args.baseline / "wsi_pipeline" / "__init__.py").is_file():
+        parser.error(f"--baseline {args.baseline}: no wsi_pipeline package there")
     if args.child:
         kind, *rest = args.child
         result = run_tiler(rest[0], rest[1], int(rest[2])) if kind == "tiler" else run_bare(rest[0], rest[1], int(rest[2]))
@@ -120,17 +130,22 @@ def main() -> None:
           f"{'tiler s':>8s} {'bare s':>7s} {'tiler RSS MB':>13s} {'bare RSS MB':>12s}")
     for slide in slides:
         warm_page_cache(slide)
-        tiler = bare = None
+        tiler = base = bare = None
+        best = lambda new, old: new if old is None or new["seconds"] < old["seconds"] else old  # noqa: E731
         for _ in range(args.repeats):  # alternating, best of each: this machine is noisy
             with tempfile.TemporaryDirectory() as out:
                 t = in_subprocess("tiler", str(slide), out, str(args.workers))
                 b = in_subprocess("bare", str(slide), t["store"], str(args.workers))
-            tiler = t if tiler is None or t["seconds"] < tiler["seconds"] else tiler
-            bare = b if bare is None or b["seconds"] < bare["seconds"] else bare
-        ratio = tiler["tiles_per_s"] / bare["tiles_per_s"]
-        print(f"{slide.name[:26]:26s} {tiler['grid']:8d} {tiler['tiles']:7d} {tiler['tiles_per_s']:10.0f} "
-              f"{bare['tiles_per_s']:9.0f} {ratio:6.2f} {tiler['seconds']:8.1f} {bare['seconds']:7.1f} "
-              f"{tiler['peak_rss_mb']:13.0f} {bare['peak_rss_mb']:12.0f}", flush=True)
+            tiler, bare = best(t, tiler), best(b, bare)
+            if args.baseline is not None:
+                with tempfile.TemporaryDirectory() as out:
+                    base = best(in_subprocess("tiler", str(slide), out, str(args.workers), pythonpath=args.baseline), base)
+        rows = [(slide.name[:26], tiler)] + ([("  baseline", base)] if base is not None else [])
+        for name, run in rows:
+            ratio = run["tiles_per_s"] / bare["tiles_per_s"]
+            print(f"{name:26s} {run['grid']:8d} {run['tiles']:7d} {run['tiles_per_s']:10.0f} "
+                  f"{bare['tiles_per_s']:9.0f} {ratio:6.2f} {run['seconds']:8.1f} {bare['seconds']:7.1f} "
+                  f"{run['peak_rss_mb']:13.0f} {bare['peak_rss_mb']:12.0f}", flush=True)
 
 
 if __name__ == "__main__":
