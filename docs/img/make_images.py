@@ -6,7 +6,8 @@ Runs the README's quick start (``wsi-triage synth demo-smear.tiff --seed 1 --fra
 - ``overlay.png``: the run's ``overlay.png``;
 - ``viewer.png``: ``wsi-triage view triage-out`` in headless Chromium after a click on the first
   of the most suspicious places (driven over the DevTools protocol, as the browser test does);
-- ``qupath.png``: the run's GeoJSON detections (tile outlines in their class colours) and the
+- ``qupath.png``: the run's GeoJSON detections (object boxes with the cells placement, tile outlines
+  with the grid, in their class colours) and the
   smear's ground-truth GeoJSON cells of the same classes, drawn over the slide around the most
   suspicious tile, as QuPath shows them after File > Import objects (drawn here with Pillow).
 
@@ -113,7 +114,7 @@ def qupath_picture(slide: Path, run_dir: Path, truth: Path, path: Path) -> None:
         name = props["classification"]["name"]
         draw.rectangle((a, b, c, d), outline=tuple(props["classification"]["color"]), width=3)
         names.add(name)
-    lines = ["squares: result tiles (suspicion >= 0.5)", "circles: ground-truth suspicious cells",
+    lines = ["squares: result detections (suspicion >= 0.5)", "circles: ground-truth suspicious cells",
              "one colour per class in both files"]
     draw.rectangle((0, 0, 330, 12 + 22 * (len(names) + len(lines))), fill=(255, 255, 255))
     y = 6
