@@ -390,7 +390,7 @@ def _write_outputs(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore
     downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))
     title = f"{printable(plan.stem)}: {config.method} = " + ("n/a" if s.score is None else f"{s.score:.3f}")  # hostile names
     write("overlay", overlay_picture(thumbnail, mask, s.heat, s.heat_grid_meta, downsample, config.overlay_alpha,
-                                     title))
+                                     title, unit="object" if s.by_object else "tile"))
     write("heatmap_png", heatmap_picture(s.heat, title))
     write("heatmap_npy", _save_npy(s.heat))
     top = s.gallery

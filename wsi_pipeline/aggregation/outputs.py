@@ -132,8 +132,10 @@ def _picture_with_colourbar(image: np.ndarray, title: str, label: str, note: str
 
 
 def overlay_picture(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, grid_meta: dict,
-                    downsample: float, alpha: float, title: str, floor: float = OVERLAY_FLOOR) -> bytes:
-    """overlay.png: the overlay at 1,600-2,400 px on its long side with its title and colour bar."""
+                    downsample: float, alpha: float, title: str, floor: float = OVERLAY_FLOOR,
+                    unit: str = "tile") -> bytes:
+    """overlay.png: the overlay at 1,600-2,400 px on its long side with its title and colour bar;
+    ``unit`` names what the heat is of (``tile``, or ``object`` for the cells placement)."""
     from PIL import Image
 
     scale = overlay_scale(thumbnail.shape)
@@ -144,8 +146,8 @@ def overlay_picture(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, g
     big_mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)) > 127 \
         if mask.shape == (h, w) else mask
     image = overlay_image(thumb, big_mask, heat, grid_meta, downsample / scale, alpha, floor)
-    return _picture_with_colourbar(image, title, "tile suspicion (0-1)",
-                                   f"tile opacity grows with suspicion; tiles below {floor:g} not drawn; "
+    return _picture_with_colourbar(image, title, f"{unit} suspicion (0-1)",
+                                   f"{unit} opacity grows with suspicion; {unit}s below {floor:g} not drawn; "
                                    "dark line: tissue mask")
 
 
