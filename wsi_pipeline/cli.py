@@ -273,8 +273,7 @@ def _run_text(run) -> str:
         share = f"{100 * fraction:.0f} % of" if isinstance(fraction, (int, float)) else "most"
         return (f"{run.stem}: out of domain ({share} tiles unlike the model's training data; its score "
                 f"{run.score:.3f} is no suspicion) over {run.n_tiles} tiles in {run.seconds:.1f} s{reuse}")
-    score = (run.summary or {}).get("score") or {}
-    meaning = ("calibrated: >= 0.5 suspicious, review first" if score.get("calibration")
+    meaning = ("calibrated: >= 0.5 suspicious, review first" if run.calibrated
                else "raw: ranks slides, no decision point")
     return (f"{run.stem}: suspicion {run.score:.3f} ({method}; {meaning}) over {run.n_tiles} tiles "
             f"in {run.seconds:.1f} s{reuse}")

@@ -91,6 +91,13 @@ class SlideRun:
     error_type: str | None = None
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def calibrated(self) -> bool | None:
+        """Whether the score is the checkpoint's calibration of the raw statistic (0.5 = the decision
+        point) or the raw statistic; None without a score section (a failed or skipped slide)."""
+        score = (self.summary or {}).get("score")
+        return bool(score.get("calibration")) if score else None
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "slide": str(self.slide), "stem": self.stem, "status": self.status,
@@ -286,8 +293,7 @@ def _row(run: SlideRun, sha256: str) -> dict[str, Any]:
     return {
         "slide": printable(run.stem), "status": run.status, "score": run.score,
         "method": (summary.get("score") or {}).get("method"),
-        # the checkpoint's calibration applied (0.5 = the decision point), else the raw statistic
-        "calibrated": (bool((summary.get("score") or {}).get("calibration")) if summary.get("score") else None),
+        "calibrated": run.calibrated,
         "n_tiles": run.n_tiles, "above_threshold": tiles.get("above_threshold"),
         "ood_fraction": (summary.get("ood") or {}).get("fraction"),
         "top_suspicion": top["suspicion"] if top else None, "top_x": top["x"] if top else None,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .nuclei import CELL_RADIUS_UM, MIN_CONTRAST, MIN_DENSITY, Nuclei, centre_pixels, keep_nuclei, own_density
+from .nuclei import (CELL_RADIUS_UM, MIN_CONTRAST, MIN_DENSITY, Nuclei, centre_pixels, keep_nuclei,
+    nuclear_density, own_density)
 from .colour_codes import _LOOSE, _SEED
 from .morphology import _dilate, _dilate_local, _remove_small
 from .parallel import _boxes
@@ -70,6 +71,12 @@ _STROKE_MIN_ELONGATION = 3.0
 _INK_MIN_NUCLEAR_DENSITY = MIN_CONTRAST
 
 
+def _stroke_density(od_rg: np.ndarray, sl: tuple[slice, slice], part: np.ndarray) -> float:
+    """The median nuclear density (min of red and green OD) over one ink region (``part`` within
+    its box ``sl``): what a layer of that ink adds to everything under it."""
+    return float(np.median(nuclear_density(od_rg[0][sl][part], od_rg[1][sl][part])))
+
+
 def _stroke_shaped(sl: tuple[slice, slice], area_px: float, mpp: float) -> bool:
     length_um = float(np.hypot(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)) * mpp
     width_um = area_px * mpp * mpp / max(length_um, 1e-9)
@@ -98,7 +105,7 @@ def _ink_explained(lab: np.ndarray, n: int, region_of: np.ndarray, area: np.ndar
         if not len(ids):
             continue
         part = lab[sl] == i
-        if np.median(np.minimum(od_rg[0][sl][part], od_rg[1][sl][part])) < _INK_MIN_NUCLEAR_DENSITY:
+        if _stroke_density(od_rg, sl, part) < _INK_MIN_NUCLEAR_DENSITY:
             continue
         out[ids] = own_density(od_rg, nuclei, ids, mpp) < MIN_DENSITY
     return out

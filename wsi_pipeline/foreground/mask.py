@@ -29,7 +29,7 @@ from .nuclei import CELL_RADIUS_UM, MIN_DENSITY, MIN_RELATIVE_CONTRAST, NUCLEUS_
 from .stain import StainDecision, classify_stain, sheet_share
 from .colour_codes import _DARK, _SEED, _code_index, _codes, _lookup
 from .glass import _fit_background, _subsample_step
-from .ink import _FAR_FROM_NUCLEI_UM, _ink_regions, _near_nuclei
+from .ink import _FAR_FROM_NUCLEI_UM, _ink_regions, _near_nuclei, _stroke_density
 from .morphology import _block_mean, _clean_banded, _dilate_local, _erode, _grow, _remove_small, _upsample
 from .parallel import _BAND_ROWS, _Serial, _bands, _pool
 from .pixels import _LOG10_U8, _as_rgb
@@ -341,7 +341,7 @@ def _opaque_ink(ink: np.ndarray, od_rg: np.ndarray) -> np.ndarray:
         if sl is None:
             continue
         part = lab[sl] == i
-        if np.median(np.minimum(od_rg[0][sl][part], od_rg[1][sl][part])) >= _OPAQUE_INK_DENSITY:
+        if _stroke_density(od_rg, sl, part) >= _OPAQUE_INK_DENSITY:
             out[sl] |= part
     return out
 

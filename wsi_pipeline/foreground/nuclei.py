@@ -155,8 +155,7 @@ def own_density(od_rg: np.ndarray, nuclei: Nuclei, ids: np.ndarray, mpp: float, 
         c0 = max(0, min(s[1].start for s in sls) - halo)
         c1 = min(w, max(s[1].stop for s in sls) + halo)
         r, g = od_rg[0, r0:r1, c0:c1], od_rg[1, r0:r1, c0:c1]
-        top = np.minimum(r - ndi.grey_opening(r, size=(size, size), mode="nearest"),
-                         g - ndi.grey_opening(g, size=(size, size), mode="nearest"))
+        top = np.minimum(r - _opening(r, size), g - _opening(g, size))
         out[chunk] = ndi.mean(top, nuclei.labels[r0:r1, c0:c1], ids[chunk] + 1)
         start = stop
     return out

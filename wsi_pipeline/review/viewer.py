@@ -292,17 +292,18 @@ class _SlideData:
         width, height = self.dimensions()
         colours = _viridis_hex(suspicion) if len(suspicion) else []
         overlay = None
+        # a cells store shows its object-suspicion density (heatmap.npy), a grid store its tile grid
         object_heat = self._object_heat(summary) if len(suspicion) else None
-        if object_heat is not None:  # a cells store: the object-suspicion density of heatmap.npy
+        if object_heat is not None:
             heat, grid_meta = object_heat
-        if grid_meta and len(suspicion):
+        elif grid_meta and len(suspicion):
             from ..aggregation import heatmap_grid
 
+            heat = heatmap_grid(suspicion, grid, tuple(int(v) for v in grid_meta["shape"]))
+        if grid_meta and len(suspicion):
             rows, cols = (int(v) for v in grid_meta["shape"])
             sx, sy = (float(v) for v in grid_meta["stride"])
             ox, oy = (float(v) for v in grid_meta.get("origin", [0, 0]))
-            if object_heat is None:
-                heat = heatmap_grid(suspicion, grid, (rows, cols))
             with self.lock:
                 self._heat = (heat, grid_meta)
             overlay = {"x": ox, "y": oy, "width": cols * sx, "height": rows * sy}

@@ -30,9 +30,8 @@ NOISE_SIZE = 509  # prime, so the noise texture never lines up with tiles or blo
 
 # Relative frequencies of normal nucleated cells (and platelet clumps) in peripheral blood;
 # used when every background class is one of these names, otherwise classes are uniform.
-_BLOOD_FREQ = {"neutrophil": 0.40, "lymphocyte": 0.22, "platelet": 0.20, "monocyte": 0.08,
-               "eosinophil": 0.06, "basophil": 0.04}
-BLOOD_FREQ = _BLOOD_FREQ  # public name (benchmarks/diag_cell_tiles.py draws virtual smears with it)
+BLOOD_FREQ = {"neutrophil": 0.40, "lymphocyte": 0.22, "platelet": 0.20, "monocyte": 0.08,
+              "eosinophil": 0.06, "basophil": 0.04}
 # Marker ink over the coverslip, as transmittance. Red: scarlet permanent marker (absorbs green and
 # blue alike, passes red), as in the red strokes on scanned slides. Green: as saturated as the green
 # marker strokes of the shared histolab pen tiles (median HSV saturation 0.46-0.54, hue 169-203 deg);
@@ -264,8 +263,8 @@ class Layout:
         self.background_classes = tuple(c for c in classes if c not in cfg.suspicious)
         if not self.background_classes:
             raise WsiTriageError(f"{pool.root}: every class is suspicious; need normal classes for the background")
-        if all(c in _BLOOD_FREQ for c in self.background_classes):
-            wts = np.array([_BLOOD_FREQ[c] for c in self.background_classes])
+        if all(c in BLOOD_FREQ for c in self.background_classes):
+            wts = np.array([BLOOD_FREQ[c] for c in self.background_classes])
         else:
             wts = np.ones(len(self.background_classes))
         self.bg_weights = wts / wts.sum()
