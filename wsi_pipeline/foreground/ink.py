@@ -11,8 +11,26 @@ from .nuclei import (CELL_RADIUS_UM, MIN_CONTRAST, MIN_DENSITY, Nuclei, centre_p
 from .colour_codes import _LOOSE, _SEED
 from .morphology import _dilate, _dilate_local, _remove_small
 from .parallel import _boxes
+from .tile_measures import tile_fractions
 
-__all__ = []
+__all__ = ["INK_TILE_SHARE", "ink_tiles"]
+
+#: a tile with at least this share of its area removed as ink (on the mask grid, with the
+#: stroke's margin) and no nucleus is dropped, whatever its foreground fraction: what passes the
+#: fraction there is red cells and debris beside or under the stroke. Ink too dense to see a
+#: nucleus through (ForegroundResult.ink_opaque: black marker) does not count: a cell under it
+#: would not be found, so its tiles stay with the foreground rule
+INK_TILE_SHARE = 0.6
+
+
+def ink_tiles(ink: np.ndarray, ink_opaque: np.ndarray | None, downsample: float, boxes: np.ndarray,
+              nuclei: np.ndarray) -> np.ndarray:
+    """Which tiles (``boxes``: level-0 x, y, w, h) lie on marker ink and are dropped: at least
+    :data:`INK_TILE_SHARE` of the tile on see-through ink (``ink`` less ``ink_opaque``, on the mask
+    grid of ``downsample`` level-0 px per pixel) and no nucleus (``nuclei``: count per tile)."""
+    see_through = ink if ink_opaque is None else ink & ~ink_opaque
+    return (tile_fractions(see_through, downsample, boxes) >= INK_TILE_SHARE) & (nuclei == 0)
+
 
 # Smallest marker stroke (diameter of an equivalent disc, um); see pen_mask.
 _PEN_MIN_UM = 60.0

@@ -29,7 +29,7 @@ from ..errors import OptionError, OutputError, SlideError, StoreError
 from ..progress import Counter, Progress
 from ..foreground import (WORKING_MPP, ForegroundResult, blur_scores, decide_stain, detect_foreground,
     get_preset, tile_fractions)
-from ..foreground import count_in_boxes
+from ..foreground import INK_TILE_SHARE, count_in_boxes, ink_tiles
 from ..slides import Slide, fingerprint, open_slide
 
 __all__ = ['log', 'MASK_PX_PER_TILE', 'MAX_MASK_SIDE', 'MPP_TOLERANCE', 'TILINGS', 'FOREGROUND_VERSION', 'INK_WARN_SHARE',
@@ -51,12 +51,6 @@ TILINGS = ("grid", "cells")
 FOREGROUND_VERSION = 3
 #: warn when marker ink removes more than this share of the foreground
 INK_WARN_SHARE = 0.03
-#: a grid tile with at least this share of its area removed as ink (on the mask grid, with the
-#: stroke's margin) and no nucleus is dropped, whatever its foreground fraction: what passes the
-#: fraction there is red cells and debris beside or under the stroke. Ink too dense to see a
-#: nucleus through (ForegroundResult.ink_opaque: black marker) does not count: a cell under it
-#: would not be found, so its tiles stay with the foreground rule
-INK_TILE_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -194,9 +188,8 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
     keep = fractions >= min_fg
     if min_fg == 0:
         keep = fractions > 0
-    if fg.ink.any():  # a tile mostly on a stroke one sees nuclei through, without a nucleus, is ink: dropped
-        see_through = fg.ink if fg.ink_opaque is None else fg.ink & ~fg.ink_opaque
-        on_ink = (tile_fractions(see_through, downsample, boxes) >= INK_TILE_SHARE) & (nuclei == 0)
+    if fg.ink.any():  # a tile mostly on ink, without a nucleus, is dropped (foreground.ink_tiles)
+        on_ink = ink_tiles(fg.ink, fg.ink_opaque, downsample, boxes, nuclei)
         info["ink_tiles_dropped"] = int(np.count_nonzero(keep & on_ink))
         keep &= ~on_ink
     keep |= nuclei > 0  # a tile holding a nucleus is kept whatever its foreground fraction
