@@ -111,13 +111,10 @@ def platt_fit(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def write_calibrated(source: CheckpointInfo, sha256: str, calibration: dict[str, Any], out: Path) -> dict[str, str]:
     """A copy of the evaluated checkpoint whose metadata ``calibration`` is the fitted one (every
-    tensor as stored), written atomically by the one checkpoint writer; refused when the source file
-    changed since it was scored."""
-    current = read_checkpoint_info(source.path)
-    if current.sha256 != sha256:
+    tensor as stored), refused when the source file changed since it was scored."""
+    if source.sha256 != sha256:
         raise WsiTriageError(f"{source.path}: the checkpoint changed during the evaluation; run again")
-    tensors, ood = checkpoint_contract.read_weights(current)
-    sha = checkpoint_contract.write_checkpoint(out, {**tensors, **ood}, {**current.metadata, "calibration": calibration})
+    sha = checkpoint_contract.copy_with_metadata(source, out, {"calibration": calibration})
     return {"path": str(out), "sha256": sha, "source_sha256": sha256}
 
 

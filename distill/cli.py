@@ -306,8 +306,13 @@ def evaluate_cmd(checkpoints, config, sets, split, out_dir, bench_batches, quiet
               help="Stain preset `wsi-triage run` tiles with (default: keep the source's, else pap).")
 @click.option("--placement", type=click.Choice(["grid", "cells"]),
               help="Tile placement `wsi-triage run` uses (default: keep the source's, else grid).")
+@click.option("--tta", type=click.Choice(["none", "rot4", "flips", "d8"]),
+              help="Test-time augmentation: score each tile as the mean over these views (default: keep the source's, "
+                   "else none).")
+@click.option("--tta-floor", "tta_floor", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="With --tta: tiles whose own view's suspicion is below this keep that view's scores.")
 @_user_errors
-def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json, stain, placement):
+def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json, stain, placement, tta, tta_floor):
     """Write a deployable checkpoint from a run folder or model file; export settings can be
     corrected here without retraining."""
     from .export import export
@@ -321,7 +326,8 @@ def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json,
     sus = [s.strip() for s in suspicious.split(",") if s.strip()] if suspicious is not None else None
     try:
         sha = export(source, out, fp16=fp16, suspicious=sus, metrics=metrics, stain=stain, tile_size=tile_size,
-                     tile_mpp=tile_mpp, placement=placement)
+                     tile_mpp=tile_mpp, placement=placement,
+                     tta=None if tta is None else {"views": tta, "floor": tta_floor})
     except DistillError as e:
         raise DistillError(f"{source}: {e}" if not str(e).startswith(str(source)) else str(e)) from None
     click.echo(json.dumps({"out": out, "sha256": sha, "bytes": Path(out).stat().st_size}))

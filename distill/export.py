@@ -96,10 +96,12 @@ def load_model_file(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list[str] | None = None,
            metrics: dict[str, Any] | None = None, stain: str | None = None, tile_size: int | None = None,
-           tile_mpp: float | None = None, placement: str | None = None) -> str:
+           tile_mpp: float | None = None, placement: str | None = None,
+           tta: dict[str, Any] | None = None) -> str:
     """Re-write a trained model file (a run's ``model.safetensors`` or a run folder) for
     deployment, without retraining: optional fp16 weights and new export settings (suspicious
-    classes, tile size / mpp, the ``stain`` preset and tile ``placement`` the pipeline uses,
+    classes, tile size / mpp, the ``stain`` preset and tile ``placement`` the pipeline uses, the
+    test-time augmentation ``tta`` ({"views", "floor"}: wsi_contracts.checkpoint.TestTimeAugmentation),
     metrics). Settings
     not given, and any extra metadata key, are kept from the source. Returns sha256."""
     src = Path(src)
@@ -122,7 +124,8 @@ def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list
     prov["exported_from_sha256"] = info.sha256
     prov["weights_dtype"] = "float16" if fp16 else "float32"
     changed = {k: v for k, v in (("suspicious_classes", suspicious), ("tile_size", tile_size),
-                                 ("tile_mpp", tile_mpp), ("stain", stain), ("placement", placement))
+                                 ("tile_mpp", tile_mpp), ("stain", stain), ("placement", placement),
+                                 ("tta", tta))
                if v is not None}
     if changed:
         prov["export_overrides"] = changed
@@ -137,5 +140,7 @@ def export(src: str | Path, out: str | Path, fp16: bool = True, suspicious: list
         md["stain"] = str(stain)
     if placement:
         md["placement"] = placement
+    if tta is not None:
+        md[contract.TTA_KEY] = tta  # checked by the writer's validation
     # the out-of-domain statistics travel unchanged (fp32) with the (maybe fp16) weights
     return write_checkpoint(out, model.state_dict() | ood, md, fp16=fp16)

@@ -33,7 +33,7 @@ from wsi_contracts.ood import LAYER, METHOD, OOD_KEY
 
 from .data import load_imagefolder, stratified_split
 from .errors import DistillError
-from .export import contract_errors, load_model, write_checkpoint
+from .export import contract_errors, load_model
 
 __all__ = ["add_ood_stats", "fit_ood", "model_features", "ood_distances"]
 
@@ -116,11 +116,10 @@ def add_ood_stats(checkpoint: str | Path, data: list[str | Path], out: str | Pat
         "validation_quantiles": {str(q): round(float(np.quantile(val_d, q)), 4) for q in (0.5, 0.9, 0.95, 0.99)},
         "sources": sources, "split": {"val_frac": val_frac, "seed": split_seed}, "shrinkage": SHRINK,
     }
-    with contract_errors():
-        tensors, _ = contract.read_weights(info)  # the model's tensors as stored, bit for bit
-    tensors["ood.class_means"] = torch.from_numpy(means.astype(np.float32))
-    tensors["ood.precision"] = torch.from_numpy(precision.astype(np.float32))
-    write_checkpoint(out, tensors, {**meta, OOD_KEY: entry})
+    with contract_errors():  # the model's tensors as stored, bit for bit, with the new statistics
+        contract.copy_with_metadata(info, out, {OOD_KEY: entry}, {
+            "ood.class_means": torch.from_numpy(means.astype(np.float32)),
+            "ood.precision": torch.from_numpy(precision.astype(np.float32))})
     return entry
 
 

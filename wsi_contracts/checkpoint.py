@@ -28,7 +28,8 @@ from .ood import OOD_KEY, OOD_PREFIX, TENSORS, OodStats, parse_ood_metadata
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "REQUIRED_FIELDS", "MAX_IMAGE_SIZE", "MAX_TILE_MPP",
            "ARCH_INT_FIELDS", "ARCH_REQUIRED", "ARCH_BOOL_FIELDS", "ARCH_RATE_FIELDS", "GLOBAL_POOLS", "FLOAT_DTYPES",
            "CheckpointInfo", "file_sha256", "read_header", "check_format_version", "read_info", "encode_metadata",
-           "write_checkpoint", "read_weights", "load_weights", "ood_stats"]
+           "write_checkpoint", "read_weights", "load_weights", "ood_stats", "TTA_KEY", "TTA_VIEWS", "TestTimeAugmentation",
+           "copy_with_metadata"]
 
 FORMAT = "wsi-triage-student"
 #: the version this code writes; a reader accepts every version from 1 up to it, nothing newer
@@ -50,6 +51,34 @@ ARCH_RATE_FIELDS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_
                     "drop_path_rate")
 GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: optional metadata field: how the checkpoint's scores are meant to be computed (test-time augmentation)
+TTA_KEY = "tta"
+#: the view sets a checkpoint may declare: each is a set of the square tile's symmetries, the
+#: identity first (``rot4``: the four quarter turns; ``flips``: identity, mirror left-right,
+#: mirror top-bottom, half turn; ``d8``: the eight symmetries of the square)
+TTA_VIEWS = {"none": 1, "rot4": 4, "flips": 4, "d8": 8}
+
+
+@dataclass(frozen=True)
+class TestTimeAugmentation:
+    """A tile's class probabilities are the mean over ``views`` of the tile, turned and mirrored.
+
+    Cells have no orientation on the glass, so the views are equally valid pictures of the same
+    cell, and their mean is steadier than one. Tiles whose first (unturned) view gives a summed
+    suspicious-class probability below ``floor`` keep that view's probabilities: clearly normal
+    tiles are the many, and re-scoring them costs time without changing what is flagged."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    views: str = "none"
+    floor: float = 0.0
+
+    @property
+    def n_views(self) -> int:
+        return TTA_VIEWS[self.views]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"views": self.views, "floor": self.floor}
 
 
 @dataclass(frozen=True)
@@ -69,6 +98,7 @@ class CheckpointInfo:
     format_version: int = FORMAT_VERSION
     metadata: dict[str, Any] = field(default_factory=dict)  # every metadata field, JSON-decoded
     ood: dict[str, Any] | None = None  # the optional out-of-domain entry; None: no OOD score
+    tta: TestTimeAugmentation = TestTimeAugmentation()  # metadata field ``tta``; default: one view
 
     @property
     def sha12(self) -> str:
@@ -192,10 +222,11 @@ def _validate(path: Path, header: dict[str, Any], sha256: str) -> CheckpointInfo
         raise CheckpointError(f"{path}: metadata field provenance must be a JSON object")
     arch = _check_architecture(path, meta["architecture"], len(classes), ints["input_size"], header)
     ood = _check_ood(path, meta, header, arch)
+    tta = _check_tta(path, meta.get(TTA_KEY))
     return CheckpointInfo(
         path=path, sha256=sha256, class_names=tuple(classes), suspicious_classes=tuple(suspicious),
         mean=mean, std=std, input_size=ints["input_size"], tile_size=ints["tile_size"], tile_mpp=tile_mpp,
-        architecture=dict(arch), format_version=version, metadata=meta, ood=ood,
+        architecture=dict(arch), format_version=version, metadata=meta, ood=ood, tta=tta,
     )
 
 
@@ -270,6 +301,21 @@ def _check_ood(path: Path, meta: dict[str, Any], header: dict[str, Any], arch: d
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]}")
     return entry
+
+
+def _check_tta(path: Path, value: Any) -> TestTimeAugmentation:
+    """The optional ``tta`` field: ``{"views": one of TTA_VIEWS, "floor": a number in [0, 1]}``."""
+    if value is None:
+        return TestTimeAugmentation()
+    if not isinstance(value, dict) or set(value) - {"views", "floor"}:
+        raise CheckpointError(f"{path}: metadata field {TTA_KEY} must be a JSON object "
+                              f"{{\"views\": one of {', '.join(TTA_VIEWS)}, \"floor\": a number in [0, 1]}}")
+    views, floor = value.get("views", "none"), value.get("floor", 0.0)
+    if views not in TTA_VIEWS:
+        raise CheckpointError(f"{path}: metadata field {TTA_KEY} views {views!r}: choose one of {', '.join(TTA_VIEWS)}")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+        raise CheckpointError(f"{path}: metadata field {TTA_KEY} floor must be a number in [0, 1], got {floor!r}")
+    return TestTimeAugmentation(views, float(floor))
 
 
 def _int_field(path: Path, name: str, value: Any, low: int, high: int, where: str = "metadata field") -> int:
@@ -422,6 +468,18 @@ def write_checkpoint(path: str | Path, tensors: Mapping[str, Any], metadata: Map
     finally:
         tmp.unlink(missing_ok=True)
     return file_sha256(path)
+
+
+def copy_with_metadata(info: CheckpointInfo, path: str | Path, updates: Mapping[str, Any],
+                       tensors: Mapping[str, Any] | None = None) -> str:
+    """Write a copy of the checkpoint ``info`` describes with metadata fields replaced by ``updates``
+    (calibration, OOD statistics, test-time augmentation, ...): every tensor as stored, bit for bit,
+    except those given in ``tensors`` (e.g. new ``ood.*`` statistics). Refused when the file
+    changed since ``info`` was read, so the copy is of the model that was measured. Returns sha256."""
+    if file_sha256(info.path) != info.sha256:
+        raise CheckpointError(f"{info.path}: the checkpoint changed since it was read; run again")
+    state, ood = read_weights(info)
+    return write_checkpoint(path, {**state, **ood, **(tensors or {})}, {**info.metadata, **updates})
 
 
 # --------------------------------------------------------------------------- reading the weights

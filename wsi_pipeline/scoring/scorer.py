@@ -27,7 +27,7 @@ import numpy as np
 
 from wsi_contracts import tilestore as tile_store
 from wsi_contracts.tilestore import ScoreMeta, StoreMeta, list_scores, read_ood, read_scores, scores_key
-from wsi_contracts.checkpoint import CheckpointInfo
+from wsi_contracts.checkpoint import CheckpointInfo, TestTimeAugmentation
 from .model import LoadedCheckpoint, cached_model, read_checkpoint_info
 from ..errors import CheckpointError, OptionError, StoreError
 from ..progress import Counter, Progress
@@ -175,27 +175,37 @@ def fold_normalization(model, info: CheckpointInfo):
 
 
 def predict_probs(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str = "cpu",
-                  precision: str = "fp32", batch_size: int = 64, pixel_input: bool = False) -> np.ndarray:
+                  precision: str = "fp32", batch_size: int = 64, pixel_input: bool = False,
+                  tta: TestTimeAugmentation | None = None) -> np.ndarray:
     """Class probabilities (n, K) float32 for uint8 RGB tiles (n, T, T, 3).
 
-    ``pixel_input``: ``model`` came from :func:`fold_normalization` and takes 0..255 values."""
+    ``pixel_input``: ``model`` came from :func:`fold_normalization` and takes 0..255 values;
+    ``tta``: the test-time augmentation (default: the checkpoint's, see :func:`predict_probs_ood`)."""
     return predict_probs_ood(model, info, tiles, device=device, precision=precision, batch_size=batch_size,
-                             pixel_input=pixel_input)[0]
+                             pixel_input=pixel_input, tta=tta)[0]
 
 
 def predict_probs_ood(model, info: CheckpointInfo, tiles: np.ndarray, *, device: str = "cpu",
                       precision: str = "fp32", batch_size: int = 64, pixel_input: bool = False,
-                      ood: OodStats | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`predict_probs`, plus the OOD distance (n,) float32 of each tile when ``ood`` is given."""
+                      ood: OodStats | None = None,
+                      tta: TestTimeAugmentation | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`predict_probs`, plus the OOD distance (n,) float32 of each tile when ``ood`` is given.
+
+    ``tta``: the test-time augmentation (default: the checkpoint's ``info.tta``): a tile whose
+    suspicion in its own view reaches ``tta.floor`` gets the mean probabilities over the views;
+    the OOD distance is always the tile's own view (the statistics were fitted on such)."""
     import torch
     import torch.nn.functional as F
 
+    tta = info.tta if tta is None else tta
     n = int(tiles.shape[0])
     if n == 0:
         return np.zeros((0, info.num_classes), dtype=np.float32), (None if ood is None else np.zeros(0, np.float32))
     dev = torch.device(device)
     mean = torch.tensor(info.mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(info.std, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+    suspicious = [info.class_names.index(c) for c in info.suspicious_classes]
+    bf16 = precision == "bf16"
     out, dist = [], []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
@@ -206,16 +216,37 @@ def predict_probs_ood(model, info: CheckpointInfo, tiles: np.ndarray, *, device:
                                   antialias=True, align_corners=False)
             if not pixel_input:
                 x = (x / 255.0 - mean) / std
-            bf16 = precision == "bf16"
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 if ood is None:
                     logits = model(x)
                 else:
                     feats, logits = features_and_logits(model, x)
                     dist.append(ood_distance(feats.float().cpu().numpy(), ood))
-            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+                probs = torch.softmax(logits.float(), dim=1)
+                if tta.n_views > 1:
+                    need = probs[:, suspicious].sum(dim=1) >= tta.floor
+                    if bool(need.any()):
+                        views = torch.cat(_other_views(x[need], tta.views))
+                        extra = torch.softmax(model(views).float(), dim=1).view(tta.n_views - 1, -1, probs.shape[1])
+                        probs[need] = (probs[need] + extra.sum(dim=0)) / tta.n_views
+            out.append(probs.cpu().numpy())
     probs = np.concatenate(out).astype(np.float32, copy=False)
     return probs, (np.concatenate(dist) if ood is not None else None)
+
+
+def _other_views(x, views: str) -> list:
+    """The views of a batch (B, C, H, W) beside itself, for :data:`~wsi_contracts.checkpoint.TTA_VIEWS`."""
+    import torch
+
+    turns = [torch.rot90(x, k, dims=(2, 3)) for k in (1, 2, 3)]
+    if views == "rot4":
+        return turns
+    if views == "flips":
+        return [x.flip(3), x.flip(2), x.flip((2, 3))]
+    if views == "d8":
+        mirrored = x.transpose(2, 3)
+        return turns + [mirrored] + [torch.rot90(mirrored, k, dims=(2, 3)) for k in (1, 2, 3)]
+    raise ValueError(f"unknown test-time augmentation views {views!r}")
 
 
 @functools.lru_cache(maxsize=1)
