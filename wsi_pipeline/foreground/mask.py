@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .nuclei import CELL_RADIUS_UM, MIN_DENSITY, MIN_RELATIVE_CONTRAST, NUCLEUS_MAX_UM, Nuclei, centre_pixels, label_nuclei, nucleus_pixels
+from .nuclei import (CELL_RADIUS_UM, MIN_DENSITY, MIN_RELATIVE_CONTRAST, NUCLEUS_MAX_UM, Nuclei, centre_pixels,
+    label_nuclei, nucleus_pixels, tophat_halo)
 from .stain import StainDecision, classify_stain, sheet_share
 from .colour_codes import _DARK, _SEED, _code_index, _codes, _lookup
 from .glass import _fit_background, _subsample_step
@@ -296,10 +297,10 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     stained, codes, pixels, od_rg = _pixel_pass(img, mpp, preset, bg, pool)
     use_pen = preset.reject_pen and pen_filter
     if not (use_pen and (codes & (_SEED[0] | _SEED[1] | _SEED[2])).any()):
-        od_rg = None  # only the ink decision uses it: free it before the nuclei are labelled
+        od_rg = None  # only the ink decision uses it
     dark = (codes & _DARK) != 0  # dark and colourless: glass edges, borders, dust
-    artefact = dark
-    veto = dark
+    artefact = veto = dark
+    edges = None
     if dark.any():  # the blurred grey fringe of a glass edge / border is not stain either
         r_dark = max(1, int(np.ceil(_DARK_MARGIN_UM / mpp)))
         artefact = _dilate_local(dark, r_dark)
@@ -307,13 +308,18 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         # next to a dark speck (JPEG noise in a very dark nucleus) a nucleus may be
         edges = _remove_small(dark, np.pi / 4.0 * (NUCLEUS_MAX_UM / mpp) ** 2)
         veto = _dilate_local(edges, r_dark) | dark if edges.any() else dark
-    nuclei = label_nuclei(pixels & stained & ~veto, mpp)
+    pixels &= stained
+    pixels &= ~veto
+    del veto, dark, edges  # whole-overview planes: freed before the labelling and the ink stage
+    nuclei = label_nuclei(pixels, mpp)
+    del pixels
     if len(nuclei):  # a nucleus is foreground even where a dark speck's margin reaches it
         artefact &= ~nuclei.mask
-    ink = spared = opaque = np.zeros((h, w), dtype=bool)
+    ink = spared = opaque = None
     if use_pen:
         # nuclei that are only red cells or debris seen through a stroke are dropped here
         ink, spared, nuclei = _ink_regions(codes, nuclei, mpp, od_rg=od_rg)
+        del codes
         if ink.any() and od_rg is not None:
             opaque = _opaque_ink(ink, od_rg)
             grown = _grow(ink, preset.pen_margin_um / mpp) if preset.pen_margin_um > 0 else ink
@@ -322,6 +328,10 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
             margin &= ~_near_nuclei(nuclei, mpp, _FAR_FROM_NUCLEI_UM, within=margin)
             ink = ink | margin
             artefact |= ink
+    if ink is None:
+        ink = spared = np.zeros((h, w), dtype=bool)
+    if opaque is None:
+        opaque = np.zeros((h, w), dtype=bool)
     return _PixelStage(stained, artefact, nuclei, ink, spared, opaque)
 
 
@@ -351,38 +361,90 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
     on ``pool``.
 
     Stained as :func:`_stain_test` decides after 0.5 um of smoothing; nucleus pixels as
-    :func:`wsi_pipeline.foreground.nuclei.nucleus_pixels` decides on the red and green OD smoothed alike
-    (a second band pass, each band taking the top-hat's context from the whole image)."""
+    :func:`wsi_pipeline.foreground.nuclei.nucleus_pixels` decides on the red and green OD smoothed alike,
+    each band on its own OD with the top-hat's context rows (exact, see :func:`tophat_halo`). The
+    OD is returned as a :class:`_NuclearOD`, computed again where it is asked for: two float32
+    planes of a 7,500 px overview would hold 450 MB through the ink stage."""
     h, w = img.shape[:2]
     sigma = 0.5 / mpp  # 0.5 um denoising; only worth it at fine pixel sizes
+    od = _NuclearOD(img, bg, sigma)
     stained = np.empty((h, w), dtype=bool)
     codes = np.empty((h, w), dtype=np.uint8)
-    od_rg = np.empty((2, h, w), dtype=np.float32)  # red and green OD above the glass (nuclear signal)
+    pixels = np.empty((h, w), dtype=bool)
     index = _code_index(bg.log_global)  # colour rules relative to the glass
     _lookup(np.zeros(1, dtype=np.int32))  # create the shared table before threads use it
+    halo = tophat_halo(mpp)
 
     def band_work(b) -> None:
         lo, hi, plo, phi = b
         test = _stain_test(img[plo:phi], lambda c: bg.rows(plo, phi, c), preset, sigma)
         stained[lo:hi] = test[lo - plo:hi - plo]
+        del test
         codes[lo:hi] = _codes(img[lo:hi], index)
-        for c, d in enumerate(_nuclear_band(img, bg, plo, phi, sigma)):
-            od_rg[c, lo:hi] = d[lo - plo:hi - plo]
+        c0, c1 = max(0, lo - halo), min(h, hi + halo)  # the top-hat's context
+        red, green = od[0][c0:c1], od[1][c0:c1]
+        pixels[lo:hi] = nucleus_pixels(red, green, mpp, rows=(lo - c0, hi - c0))
 
     for _ in (pool or _Serial()).map(band_work, list(_bands(h, _smoothing_halo(sigma)))):
         pass
-    pixels = np.empty((h, w), dtype=bool)
-
-    def nucleus_band(b) -> None:
-        lo, hi, _, _ = b
-        pixels[lo:hi] = nucleus_pixels(od_rg[0], od_rg[1], mpp, rows=(lo, hi))
-
-    for _ in (pool or _Serial()).map(nucleus_band, list(_bands(h))):
-        pass
-    return stained, codes, pixels, od_rg
+    return stained, codes, pixels, od
 
 
-def _nuclear_band(img: np.ndarray, bg: "_Background", plo: int, phi: int, sigma: float):
-    """(OD red, OD green) above the glass on rows plo..phi, smoothed like the stain test."""
-    od = [bg.rows(plo, phi, c) - _LOG10_U8[img[plo:phi, ..., c]] for c in (0, 1)]
-    return tuple(ndi.gaussian_filter(d, sigma) if sigma >= 0.5 else d for d in od)
+class _NuclearOD:
+    """The red and green OD above the glass of a working image, smoothed like the stain test:
+    indexed as a (2, H, W) float32 array would be (``od[c]``, ``od[c, rows, cols]``, ``od[c][rows,
+    cols]`` with slices), each window computed when asked for, with the smoothing's context
+    around it, so it holds exactly the values of the whole-image array without keeping it."""
+
+    def __init__(self, img: np.ndarray, bg: "_Background", sigma: float) -> None:
+        self.img, self.bg, self.sigma = img, bg, float(sigma)
+        self.shape = (2, *img.shape[:2])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 3
+
+    def window(self, c: int, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """OD of channel ``c`` (0 red, 1 green) on ``rows`` x ``cols`` (slices), float32."""
+        h, w = self.shape[1:]
+        r0, r1, rs = rows.indices(h)
+        q0, q1, qs = cols.indices(w)
+        if rs != 1 or qs != 1 or c not in (0, 1):
+            raise IndexError("the OD is indexed by channel 0 or 1 and row and column slices without step")
+        r1, q1 = max(r0, r1), max(q0, q1)
+        halo = _smoothing_halo(self.sigma)
+        p0, p1, s0, s1 = max(0, r0 - halo), min(h, r1 + halo), max(0, q0 - halo), min(w, q1 + halo)
+        d = self.bg.surface(slice(p0, p1), slice(s0, s1), c) - _LOG10_U8[self.img[p0:p1, s0:s1, c]]
+        if halo:
+            d = ndi.gaussian_filter(d, self.sigma)
+        return d[r0 - p0:r1 - p0, q0 - s0:q1 - s0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        c, *window = key
+        if isinstance(c, slice):  # od[:, rows, cols]: both channels
+            return np.stack([self[(i, *window)] for i in range(2)[c]])
+        if not window:
+            return _ODChannel(self, int(c))
+        return self.window(int(c), *window)
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.stack([self.window(0), self.window(1)])
+        return out if dtype is None else out.astype(dtype)
+
+
+class _ODChannel:
+    """One channel of a :class:`_NuclearOD`, indexed as a (H, W) array by row and column slices."""
+
+    def __init__(self, od: _NuclearOD, c: int) -> None:
+        self.od, self.c = od, c
+        self.shape = od.shape[1:]
+        self.dtype = od.dtype
+        self.ndim = 2
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        return self.od.window(self.c, *key)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.od.window(self.c)
+        return out if dtype is None else out.astype(dtype)

@@ -77,7 +77,12 @@ def sheet_share(mask: np.ndarray, mpp: float) -> float:
     lab, n = ndi.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3), bool))
     if n == 0:
         return 0.0
-    area_mm2 = np.bincount(lab.ravel())[1:] * float(mpp) ** 2 * 1e-6
+    # counted in row bands: bincount casts its input to int64 (a 450 MB copy of a 7,500 px overview)
+    step = max(1, (1 << 22) // max(lab.shape[1], 1))
+    count = np.zeros(n + 1, np.int64)
+    for r0 in range(0, lab.shape[0], step):
+        count += np.bincount(lab[r0:r0 + step].ravel(), minlength=n + 1)
+    area_mm2 = count[1:] * float(mpp) ** 2 * 1e-6
     return float(area_mm2[area_mm2 >= SHEET_MIN_MM2].sum() / max(area_mm2.sum(), 1e-12))
 
 

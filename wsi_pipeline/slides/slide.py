@@ -216,6 +216,8 @@ class Slide:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnail") as pool:
                 for _ in pool.map(read, blocks):
                     pass
+        if self._cache is not None:  # every tile of the level was read once: none is wanted again soon
+            self._cache.clear()
         return out, (w0 / out_w + h0 / out_h) / 2.0
 
     def close(self) -> None:

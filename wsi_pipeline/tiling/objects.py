@@ -114,12 +114,18 @@ def nuclear_mask(rgb: np.ndarray, mask: np.ndarray, config: ObjectConfig = Objec
     labels, n = ndi.label(weak, structure=np.ones((3, 3), bool))
     if n == 0:
         return weak
+    # looked up at the weak pixels only (a few per cent of an overview): no whole-image int64 copy
+    where = np.flatnonzero(weak)
+    ids = labels.ravel()[where]
+    del labels
     seeded = np.zeros(n + 1, dtype=bool)
-    seeded[np.unique(labels[strong])] = True
+    seeded[np.unique(ids[strong.ravel()[where]])] = True
     if min_px > 0:
-        seeded &= np.bincount(labels.ravel(), minlength=n + 1) >= min_px
+        seeded &= np.bincount(ids, minlength=n + 1) >= min_px
     seeded[0] = False
-    return seeded[labels]
+    out = np.zeros(weak.shape, dtype=bool)
+    out.ravel()[where] = seeded[ids]
+    return out
 
 
 def ink_mask(rgb: np.ndarray, glass_rgb: np.ndarray, config: ObjectConfig = ObjectConfig()) -> np.ndarray:

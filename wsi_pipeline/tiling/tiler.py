@@ -179,9 +179,11 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
                                 "grid instead of the cells placement")
     info["placement"] = "cells" if cells else "grid"
     if cells:
+        centres = fg.nuclei
+        del fg  # its ink planes are not needed by the objects stage: freed before it
         plan = _cells_plan(thumbnail, mask, float(downsample), float(actual_mpp), slide.dimensions, config,
                            tile0, stride0, grid_meta, int(rows * cols))
-        return dataclasses.replace(plan, nuclei=count_in_boxes(fg.nuclei, downsample, plan.coords),
+        return dataclasses.replace(plan, nuclei=count_in_boxes(centres, downsample, plan.coords),
                                    foreground_info=info)
     fractions = tile_fractions(mask, downsample, boxes)
     nuclei = count_in_boxes(fg.nuclei, downsample, boxes)
