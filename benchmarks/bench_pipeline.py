@@ -23,7 +23,7 @@ architecture with the teacher preset's 12 blocks) with random weights, which has
 cost. Target on the 2-core CPU: scoring with the student >= 3.5x faster than with the teacher.
 
     python benchmarks/bench_pipeline.py [--smear-size 8192] [--work /tmp/wsi-bench] [--json out.json]
-    python benchmarks/bench_pipeline.py --placements [--large-size 60000] [--work /tmp/wsi-bench]
+    python benchmarks/bench_pipeline.py --placements [--large-size 60000] [--work /tmp/wsi-bench] [--tilings cells]
     python benchmarks/bench_pipeline.py --schedulers 20 [--small-size 2048] [--smear-size 8192]
 """
 
@@ -142,6 +142,8 @@ def main() -> None:
                     help="threads vs processes: a batch of N small smears and a run on the --smear-size smear")
     ap.add_argument("--small-size", type=int, default=2048, help="side in px of each --schedulers batch smear")
     ap.add_argument("--large-size", type=int, default=60000, help="side in px of the --placements smear (0.25 um/px)")
+    ap.add_argument("--tilings", default="grid,cells",
+                    help="--placements: the placements to run, comma-separated [default: grid,cells]")
     ap.add_argument("--student", default=None, help="student checkpoint [default: bundled demo]")
     ap.add_argument("--teacher", default=None, help="teacher checkpoint [default: see module doc]")
     ap.add_argument("--smear-size", type=int, default=8192, help="generated smear side in px at 0.25 um/px")
@@ -234,7 +236,10 @@ def placements(args) -> None:
     print(f"{'placement':10} {'tiles':>7} {'grid':>7} {'e2e s':>7} {'tile s':>7} {'score s':>8} {'agg s':>6} "
           f"{'peak RSS MB':>11} {'score':>7}")
     results = []
-    for tiling in ("grid", "cells"):
+    tilings = [t.strip() for t in args.tilings.split(",") if t.strip()]
+    if not tilings or any(t not in ("grid", "cells") for t in tilings):
+        raise SystemExit(f"error: --tilings: expected grid and/or cells, got {args.tilings!r}")
+    for tiling in tilings:
         r = run_child(smear, student, work / f"out-{tiling}", args.scheduler, tiling)
         results.append({"tiling": tiling, **r})
         print(f"{tiling:10} {r['n_tiles']:7d} {r.get('n_grid', 0):7d} {r['seconds']:7.1f} {r['tile_seconds']:7.1f} "
