@@ -539,3 +539,58 @@ def test_near_nuclei_within_equals_the_whole_dilation_there():
         np.testing.assert_array_equal(got & within, whole & within)
     # computed near the stroke only, not over the whole image
     assert not _near_nuclei(nuclei, 2.0, 15.0, within=stroke)[0:100, 1000:].any() and whole[0:100, 1000:].any()
+
+
+def test_nuclear_od_and_pixel_pass_in_bands_equal_the_whole_image(shared_data, monkeypatch):
+    # memory (issue #11): the red and green OD are never kept for the whole overview; _pixel_pass
+    # finds the nucleus pixels band by band, each on its own OD with the top-hat's context, and the
+    # ink stage reads OD windows computed on demand. Both equal the whole-image computation, on
+    # real fields smoothed (0.5 um/px working size) and not (2 um/px), with bands of 16 rows.
+    from wsi_pipeline.foreground import detect_foreground, get_preset, nucleus_pixels
+    from wsi_pipeline.foreground import mask as fgmask
+    from wsi_pipeline.foreground import parallel
+    from wsi_pipeline.foreground.glass import _fit_background
+    from wsi_pipeline.foreground.morphology import _block_mean
+    from wsi_pipeline.foreground.pixels import _LOG10_U8
+
+    pap = _rgb(sorted((shared_data / "pap_fields" / "mendeley_lbc_512").glob("*.jpg"))[3])
+    bccd = _rgb(shared_data / "smear_fields" / "BloodImage_00010.jpg")
+    whole_fg = {i: detect_foreground(rgb, mpp) for i, (rgb, mpp) in enumerate(((pap, 0.5), (bccd, SMEAR_MPP)))}
+    monkeypatch.setattr(parallel, "_BAND_ROWS", 16)  # bands thinner than the top-hat's context
+    for i, (rgb, mpp) in enumerate(((pap, 0.5), (bccd, SMEAR_MPP))):  # the whole detection, banded
+        banded = detect_foreground(rgb, mpp)
+        for name in ("mask", "nuclei", "ink", "ink_spared", "ink_opaque"):
+            np.testing.assert_array_equal(getattr(banded, name), getattr(whole_fg[i], name))
+    preset = get_preset("pap")
+    for rgb, mpp, f in ((pap, 0.5, 1), (bccd, SMEAR_MPP, 7), (pap, 0.5, 4)):
+        img = rgb if f == 1 else np.clip(_block_mean(rgb, f) + 0.5, 0, 255).astype(np.uint8)
+        wmpp = mpp * f
+        sigma = 0.5 / wmpp
+        bg = _fit_background(img)
+        h, w = img.shape[:2]
+        whole = [bg.rows(0, h, c) - _LOG10_U8[img[..., c]] for c in (0, 1)]
+        if sigma >= 0.5:
+            whole = [ndi.gaussian_filter(d, sigma) for d in whole]
+        stained, _, pixels, od = fgmask._pixel_pass(img, wmpp, preset, bg)
+        assert h > 3 * 16 and pixels.any()
+        np.testing.assert_array_equal(pixels, nucleus_pixels(whole[0], whole[1], wmpp))
+        np.testing.assert_array_equal(stained, fgmask._stain_test(img, lambda c: bg.rows(0, h, c), preset, sigma))
+        for c in (0, 1):
+            np.testing.assert_array_equal(np.asarray(od[c]), whole[c])
+            for rows, cols in ((slice(0, 7), slice(w - 9, w)), (slice(h // 2, h // 2 + 30), slice(5, 40)),
+                               (slice(h - 3, h), slice(0, w))):
+                np.testing.assert_array_equal(od[c][rows, cols], whole[c][rows, cols])
+                np.testing.assert_array_equal(od[c, rows, cols], whole[c][rows, cols])
+
+
+def test_nucleus_labels_narrow_only_while_they_fit():
+    from wsi_pipeline.foreground.nuclei import _label_dtype, keep_nuclei, label_nuclei
+
+    assert _label_dtype(65535) == np.uint16 and _label_dtype(65536) == np.int32
+    pixels = np.zeros((60, 60), bool)
+    pixels[10:14, 10:14] = pixels[30:34, 40:44] = True
+    found = label_nuclei(pixels, 1.0)
+    assert found.labels.dtype == np.uint16 and len(found) == 2
+    kept = keep_nuclei(found, np.array([False, True]))
+    assert kept.labels.dtype == np.uint16 and kept.labels.max() == 1
+    np.testing.assert_array_equal(kept.labels > 0, (found.labels == 2))
