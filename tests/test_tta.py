@@ -136,3 +136,15 @@ def test_copy_with_metadata_refuses_a_file_changed_since_it_was_read(tmp_path):
     with pytest.raises(CheckpointError, match="changed since it was read"):
         contract.copy_with_metadata(info, tmp_path / "b.safetensors", {"stain": "pap"})
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_the_ood_distance_is_the_tiles_own_view(tmp_path, cells):
+    from wsi_pipeline.scoring import predict_probs_ood
+
+    plain = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert plain.ood is not None
+    ckpt = load_checkpoint(_with_tta(tmp_path, "d8", 0.0))
+    one, d_one = predict_probs_ood(plain.model, plain.info, cells, ood=plain.ood, tta=contract.TestTimeAugmentation())
+    views, d_views = predict_probs_ood(ckpt.model, ckpt.info, cells, ood=ckpt.ood)
+    np.testing.assert_array_equal(d_views, d_one)
+    assert np.abs(views - one).max() > 1e-3
