@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from wsi_pipeline.foreground import MIN_DENSITY, detect_foreground, label_nuclei, nucleus_pixels
+from wsi_pipeline.foreground import MIN_DENSITY, count_in_boxes, detect_foreground, label_nuclei, nucleus_pixels
 from wsi_pipeline.foreground.nuclei import keep_nuclei, own_density
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.synth import SynthConfig, cell_box_mask, pen_stroke_mask, synthesize
@@ -141,7 +141,7 @@ def _figures(truth, plan, size: int = 4096):
     c = plan.coords
     inside = ((pts[:, :1] >= c[None, :, 0]) & (pts[:, :1] < c[None, :, 0] + c[None, :, 2])
               & (pts[:, 1:] >= c[None, :, 1]) & (pts[:, 1:] < c[None, :, 1] + c[None, :, 3])).any(axis=1)
-    on_ink = tile_fractions(fg.ink & ~fg.ink_opaque, ds, c) >= INK_TILE_SHARE
+    on_ink = tile_fractions(fg.ink, ds, c) >= INK_TILE_SHARE
     return found, n_kept, int(stroke_tiles.sum()), inside, group, on_ink
 
 
@@ -166,3 +166,43 @@ def test_pap_cell_groups_under_and_beside_a_blue_stroke_are_kept(tmp_path_factor
     assert found >= 0.9
     assert group.any() and inside[group].all(), "a Pap cell group's nucleus lies outside every kept tile"
     assert inside.mean() >= 0.99  # 99.3 % (the same before the ink change): cells under the stroke
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stain", ["romanowsky", "pap"])
+def test_tiles_on_opaque_black_ink_are_dropped_unless_a_nucleus_shows(tmp_path_factory, stain):
+    """Under black ink nothing of the cells is visible, to the nucleus finder or to the model: a
+    tile mostly on it is dropped like one on see-through ink unless a nucleus is found in its part
+    off the ink; a tile holding a truth cell whose nucleus lies off the stroke is never dropped."""
+    _, truth, plan = _smear(tmp_path_factory, stain, "black", 1)
+    fg = detect_foreground(plan.thumbnail, plan.thumbnail_mpp, plan.foreground_info["stain"]["stain"])
+    assert fg.ink_opaque.any(), "the black stroke is not judged opaque"
+    ds = plan.thumbnail_downsample
+    h, w = plan.thumbnail.shape[:2]
+    rows, cols = plan.grid_meta["shape"]
+    stride, tile0 = plan.grid_meta["stride"][0], plan.grid_meta["tile_level0"][0]
+    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    boxes = np.stack([np.round(cc.ravel() * stride), np.round(rr.ravel() * stride),
+                      np.full(rr.size, tile0), np.full(rr.size, tile0)], 1)
+    kept = np.zeros(rows * cols, bool)
+    kept[plan.grid[:, 0] * cols + plan.grid[:, 1]] = True
+    on_ink = tile_fractions(fg.ink, ds, boxes) >= INK_TILE_SHARE
+    see_through = tile_fractions(fg.ink & ~fg.ink_opaque, ds, boxes) >= INK_TILE_SHARE
+    nuclei = count_in_boxes(fg.nuclei, ds, boxes)
+    dropped = on_ink & ~kept
+    assert plan.foreground_info["ink_tiles_dropped"] > 0
+    # tiles that only the opaque ink puts over the share are dropped (the rule before kept them all)
+    assert (dropped & ~see_through).any(), "no tile on opaque ink was dropped"
+    assert not (on_ink & kept & (nuclei == 0)).any()  # no tile mostly on ink, opaque or not, without a nucleus
+    assert not (dropped & (nuclei > 0)).any()  # a tile with a nucleus is kept
+    # every truth nucleus off the stroke (visible) in a dropped tile lies on the tile's edge, its
+    # found nucleus in the kept neighbour (a nucleus is counted in one tile, by its centre)
+    stroke = pen_stroke_mask(truth["artifacts"]["pen"]["mask"], 4096, 4096, int(round(ds)))[:h, :w]
+    pts = np.array([c["nucleus"] for c in truth["cells"] if c["nucleus"] is not None], float)  # x, y level 0
+    visible = ~stroke[np.clip((pts[:, 1] / ds).astype(int), 0, h - 1), np.clip((pts[:, 0] / ds).astype(int), 0, w - 1)]
+    tile = (np.clip(pts[:, 1] // stride, 0, rows - 1) * cols + np.clip(pts[:, 0] // stride, 0, cols - 1)).astype(int)
+    lost = visible & dropped[tile]
+    for x, y in pts[lost]:
+        near = ((boxes[:, 0] - ds <= x) & (x < boxes[:, 0] + boxes[:, 2] + ds)
+                & (boxes[:, 1] - ds <= y) & (y < boxes[:, 1] + boxes[:, 3] + ds))
+        assert (near & kept).any(), f"a visible nucleus at {x:.0f}, {y:.0f} lies in a dropped tile"

@@ -54,6 +54,30 @@ def test_pap_groups_survive_and_ink_of_four_colours_is_found(fields):
         assert (result.mask & bare).sum() / bare.sum() < 0.15, (ink, seed)
 
 
+def test_a_pap_cell_group_crossed_by_a_stroke_is_never_removed(fields):
+    """Every cell group the stroke crosses (one or three a field, 16 in all) keeps its cells: none
+    of its area under the stroke is taken for ink, its area off the stroke stays foreground, and
+    no nucleus of it lies on ink (the rule "no region holding nuclei is removed as ink")."""
+    crossed = 0
+    for (ink, seed), (rgb, truth) in fields.items():
+        result = detect_foreground(rgb, FIELD_MPP, "pap")
+        stroke = truth["pen"]["mask"]
+        lab, n = ndi.label(truth["group_mask"])
+        nuclei = np.array([[y, x] for x, y in truth["nuclei"]]).astype(int)
+        for i in range(1, n + 1):
+            group = lab == i
+            on, off = group & stroke, group & ~stroke
+            if not on.any():
+                continue
+            crossed += 1
+            assert (result.ink & on).sum() <= 0.02 * on.sum(), (ink, seed, i, "the group under the stroke is ink")
+            if off.sum() > 100:
+                assert (result.mask & off).sum() / off.sum() > 0.95, (ink, seed, i, "the group off the stroke is lost")
+            mine = nuclei[group[nuclei[:, 0], nuclei[:, 1]]]
+            assert not result.ink[mine[:, 0], mine[:, 1]].any(), (ink, seed, i, "a group nucleus lies on ink")
+    assert crossed >= 8  # (measured: 16, one or three a field)
+
+
 def test_pen_filter_off_keeps_the_stroke(fields):
     rgb, truth = fields[("green", 1)]
     stroke = truth["pen"]["mask"]

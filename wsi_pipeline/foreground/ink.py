@@ -18,18 +18,25 @@ __all__ = ["INK_TILE_SHARE", "ink_tiles"]
 #: a tile with at least this share of its area removed as ink (on the mask grid, with the
 #: stroke's margin) and no nucleus is dropped, whatever its foreground fraction: what passes the
 #: fraction there is red cells and debris beside or under the stroke. Ink too dense to see a
-#: nucleus through (ForegroundResult.ink_opaque: black marker) does not count: a cell under it
-#: would not be found, so its tiles stay with the foreground rule
+#: nucleus through (ForegroundResult.ink_opaque: black marker) counts like any other: a cell
+#: under it cannot be seen by the model either, so such a tile is dropped unless a nucleus is
+#: found in its part off the ink (issue #9; the tiler records the count as ink_tiles_dropped)
 INK_TILE_SHARE = 0.6
 
 
 def ink_tiles(ink: np.ndarray, ink_opaque: np.ndarray | None, downsample: float, boxes: np.ndarray,
               nuclei: np.ndarray) -> np.ndarray:
     """Which tiles (``boxes``: level-0 x, y, w, h) lie on marker ink and are dropped: at least
-    :data:`INK_TILE_SHARE` of the tile on see-through ink (``ink`` less ``ink_opaque``, on the mask
-    grid of ``downsample`` level-0 px per pixel) and no nucleus (``nuclei``: count per tile)."""
-    see_through = ink if ink_opaque is None else ink & ~ink_opaque
-    return (tile_fractions(see_through, downsample, boxes) >= INK_TILE_SHARE) & (nuclei == 0)
+    :data:`INK_TILE_SHARE` of the tile on ink (``ink``, on the mask grid of ``downsample`` level-0
+    px per pixel) and no nucleus (``nuclei``: count per tile).
+
+    Opaque ink (``ink_opaque``, a part of ``ink``) is judged like see-through ink. Under see-through
+    ink a missing nucleus shows there is none; under opaque ink nothing of the cells is visible,
+    to the nucleus finder or to the model, so scoring the tile can only add noise. A nucleus is
+    never on ink (the ink rule leaves every nucleus's cell out of it), so a tile's count is the
+    nuclei found in its part off the ink, and a tile holding one is kept. ``ink_opaque`` is kept
+    in the signature for the caller; it does not change the decision."""
+    return (tile_fractions(ink, downsample, boxes) >= INK_TILE_SHARE) & (nuclei == 0)
 
 
 # Smallest marker stroke (diameter of an equivalent disc, um); see pen_mask.
