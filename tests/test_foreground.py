@@ -594,3 +594,42 @@ def test_nucleus_labels_narrow_only_while_they_fit():
     kept = keep_nuclei(found, np.array([False, True]))
     assert kept.labels.dtype == np.uint16 and kept.labels.max() == 1
     np.testing.assert_array_equal(kept.labels > 0, (found.labels == 2))
+
+
+def test_split_touching_at_the_labelled_pixels_equals_the_whole_plane_version():
+    # memory (issue #11): the split writes its labels at the labelled pixels only, not on a copy of
+    # the whole label plane; written out here on the plane, as it was
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    from wsi_pipeline.foreground.nuclei import NUCLEUS_MAX_UM, NUCLEUS_MIN_UM, _split_touching
+
+    mpp = 1.0
+    yy, xx = np.mgrid[:220, :320]
+    pixels = np.zeros(yy.shape, bool)
+    for cy, cx in ((50, 50), (50, 66), (62, 58), (150, 200), (152, 217), (100, 150), (0, 300), (5, 316), (12, 304)):
+        pixels |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 81  # touching groups, a single nucleus, a group at the border
+    pixels[120, 40:44] = pixels[121, 44] = True  # a thin piece joined diagonally
+    lab, _ = ndi.label(pixels, structure=np.ones((3, 3), bool))
+    big = np.bincount(lab.ravel()) > np.pi / 4.0 * (NUCLEUS_MAX_UM / mpp) ** 2
+    big[0] = False
+    assert big.sum() >= 3
+    ref = lab.copy()
+    unreached = int(lab.max())
+    next_label = unreached + 1
+    boxes = ndi.find_objects(lab)
+    for label in np.flatnonzero(big):
+        box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(boxes[label - 1], lab.shape))
+        region = lab[box] == label
+        dist = ndi.distance_transform_edt(region)
+        peaks = peak_local_max(dist, min_distance=max(1, int(round(NUCLEUS_MIN_UM / mpp))),
+                               labels=region.astype(np.int32), exclude_border=False)
+        markers = np.zeros(region.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+        pieces = watershed(-dist, markers, mask=region)[region].astype(np.int64)
+        ref[box][region] = np.where(pieces > 0, pieces + next_label - 1, unreached)
+        next_label += len(peaks)
+    where = np.flatnonzero(lab)
+    got = _split_touching(lab, big, mpp, where)
+    assert len(np.unique(got)) > len(np.unique(lab[lab > 0]))  # something was split
+    np.testing.assert_array_equal(got, ref.ravel()[where])

@@ -181,7 +181,7 @@ def keep_nuclei(nuclei: Nuclei, keep: np.ndarray) -> Nuclei:
     return Nuclei(labels, nuclei.centres[keep], nuclei.areas[keep])
 
 
-def _split_touching(lab: np.ndarray, big: np.ndarray, mpp: float) -> np.ndarray:
+def _split_touching(lab: np.ndarray, big: np.ndarray, mpp: float, where: np.ndarray) -> np.ndarray:
     """Split components flagged in ``big`` (touching nuclei of a crowded group) by a watershed
     of their distance transform, one basin per local maximum at least a small nucleus apart.
 
@@ -189,11 +189,15 @@ def _split_touching(lab: np.ndarray, big: np.ndarray, mpp: float) -> np.ndarray:
     distance transform and peaks are those of the whole image): the components are few and
     small, the overview is not (the whole-image version took 3.9 of a 40k-px smear's 17 s).
     Measured against the whole-image version: the same peaks and nuclei; where two basins tie on
-    a plateau the watershed may give the boundary pixel to the other one."""
+    a plateau the watershed may give the boundary pixel to the other one.
+
+    Returns the new labels at the flat indices ``where`` (sorted: the labelled pixels), not a
+    second whole-image label plane."""
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
-    out = lab.copy()  # int32: labels stay below the pixel count
+    out = lab.ravel()[where]  # int32: labels stay below the pixel count
+    width = lab.shape[1]
     # pixels no basin reaches (a part joined to its component only diagonally: the watershed
     # floods 4-connected) join the highest existing label, as the whole-image version did
     unreached = int(lab.max())
@@ -211,7 +215,9 @@ def _split_touching(lab: np.ndarray, big: np.ndarray, mpp: float) -> np.ndarray:
         markers = np.zeros(region.shape, np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
         pieces = watershed(-dist, markers, mask=region)[region].astype(np.int64)
-        out[box][region] = np.where(pieces > 0, pieces + next_label - 1, unreached)
+        ry, rx = np.nonzero(region)  # row-major, as the pieces
+        at = np.searchsorted(where, (ry + box[0].start) * width + (rx + box[1].start))
+        out[at] = np.where(pieces > 0, pieces + next_label - 1, unreached)
         next_label += len(peaks)
     return out
 
@@ -233,7 +239,7 @@ def label_nuclei(pixels: np.ndarray, mpp: float) -> Nuclei:
     big = area > hi
     big[0] = False
     if big.any():
-        ids = _split_touching(lab, big, mpp).ravel()[where]  # the labelled pixels stay labelled
+        ids = _split_touching(lab, big, mpp, where)  # the labelled pixels stay labelled
         present = np.bincount(ids) > 0
         present[0] = False
         n = int(present.sum())
