@@ -24,18 +24,16 @@ __all__ = ["INK_TILE_SHARE", "ink_tiles"]
 INK_TILE_SHARE = 0.6
 
 
-def ink_tiles(ink: np.ndarray, ink_opaque: np.ndarray | None, downsample: float, boxes: np.ndarray,
-              nuclei: np.ndarray) -> np.ndarray:
+def ink_tiles(ink: np.ndarray, downsample: float, boxes: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     """Which tiles (``boxes``: level-0 x, y, w, h) lie on marker ink and are dropped: at least
     :data:`INK_TILE_SHARE` of the tile on ink (``ink``, on the mask grid of ``downsample`` level-0
     px per pixel) and no nucleus (``nuclei``: count per tile).
 
-    Opaque ink (``ink_opaque``, a part of ``ink``) is judged like see-through ink. Under see-through
+    Opaque ink (ForegroundResult.ink_opaque, a part of ``ink``) is judged like see-through ink. Under see-through
     ink a missing nucleus shows there is none; under opaque ink nothing of the cells is visible,
     to the nucleus finder or to the model, so scoring the tile can only add noise. A nucleus is
     never on ink (the ink rule leaves every nucleus's cell out of it), so a tile's count is the
-    nuclei found in its part off the ink, and a tile holding one is kept. ``ink_opaque`` is kept
-    in the signature for the caller; it does not change the decision."""
+    nuclei found in its part off the ink, and a tile holding one is kept."""
     return (tile_fractions(ink, downsample, boxes) >= INK_TILE_SHARE) & (nuclei == 0)
 
 

@@ -47,8 +47,9 @@ MPP_TOLERANCE = 0.02
 TILINGS = ("grid", "cells")
 #: bumped when the foreground stage decides differently for the same settings (stores made
 #: before are rebuilt): 2 = ink judged by context, nuclei kept, stain auto; 3 = red cells seen
-#: through a stroke are not nuclei, tiles mostly on ink without a nucleus are dropped
-FOREGROUND_VERSION = 3
+#: through a stroke are not nuclei, tiles mostly on ink without a nucleus are dropped; 4 = opaque
+#: (black) ink counts like any ink for that rule
+FOREGROUND_VERSION = 4
 #: warn when marker ink removes more than this share of the foreground
 INK_WARN_SHARE = 0.03
 
@@ -191,7 +192,7 @@ def plan_tiles(slide: Slide, config: TilerConfig, slide_mpp: float, workers: int
     if min_fg == 0:
         keep = fractions > 0
     if fg.ink.any():  # a tile mostly on ink, without a nucleus, is dropped (foreground.ink_tiles)
-        on_ink = ink_tiles(fg.ink, fg.ink_opaque, downsample, boxes, nuclei)
+        on_ink = ink_tiles(fg.ink, downsample, boxes, nuclei)
         info["ink_tiles_dropped"] = int(np.count_nonzero(keep & on_ink))
         keep &= ~on_ink
     keep |= nuclei > 0  # a tile holding a nucleus is kept whatever its foreground fraction
