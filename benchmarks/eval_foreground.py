@@ -12,9 +12,13 @@ Prints:
   setting); the pixels removed as ink on all 80 Pap fields; the ``--stain auto`` decision on the
   held-out halves (odd-numbered Pap and BCCD fields; thresholds were set on the even ones).
 - **Ink strokes** on synthetic smears of both stains, four ink colours: the share of the stroke
-  found as ink on the tiler's overview (stroke away from cells), stroke tiles kept, glass tiles
-  kept, nucleated cells (in groups and single) whose nucleus lies in a kept tile, and the tiles
-  the tiler dropped for lying mostly on ink without a nucleus (``foreground.ink_tiles_dropped``).
+  found as ink on the tiler's overview, over all of the stroke and over the stroke away from
+  cells (15 um beyond the truth's cell boxes; a cell group's box adds nothing to them), stroke
+  tiles kept, glass tiles kept, nucleated cells (in groups and single) whose nucleus lies in a
+  kept tile, the tiles the tiler dropped for lying mostly on ink without a nucleus
+  (``foreground.ink_tiles_dropped``), and the nuclei found on the stroke outside every cell box
+  (red cells or debris seen through the ink). Then the nuclei that hold kept stroke tiles against
+  the real nuclei on the strokes (area, own density: the measures a rule could separate them on).
 
     python benchmarks/eval_foreground.py [--shared ../shared/data] [--only blood|pap|ink] [--json FILE|-]
 
@@ -33,10 +37,13 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 from skimage import io
 
 from wsi_pipeline.errors import WsiTriageError
-from wsi_pipeline.foreground import decide_stain, detect_foreground, foreground_mask, get_preset, tile_fractions
+from wsi_pipeline.foreground import (decide_stain, detect_foreground, foreground_mask, get_preset, label_nuclei,
+    nucleus_pixels, tile_fractions)
+from wsi_pipeline.foreground.nuclei import own_density
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.script import run_script
 from wsi_pipeline.synth import SynthConfig, cell_box_mask, pen_stroke_mask, synthesize
@@ -179,18 +186,46 @@ def ink_strokes(size: int = 4096, mpp: float = 0.5, seeds: tuple[int, ...] = (1,
                                                  fraction=0.0, regions=0))
                     rows.append((stain, ink, seed, *_stroke_figures(path, size, mpp)))
     print("synthetic smears (%d px at %.2f um/px), tiler defaults (224-px tiles at 0.5 um/px, --stain auto):" % (size, mpp))
-    print("  stain       ink    seed  auto-stain  stroke-found  stroke-tiles-kept  glass-tiles-kept  "
-          "nuclei-in-kept-tiles (groups)  ink-tiles-dropped")
-    for stain, ink, seed, decided, found, kept, n_stroke, nuc, grp, g_kept, n_glass, dropped in rows:
-        print(f"  {stain:<11} {ink:<6} {seed:>4}  {decided:<10}  {100 * found:11.1f} %  {kept:>7}/{n_stroke:<9}  "
-              f"{g_kept:>7}/{n_glass:<8}  {100 * nuc:6.1f} % ({100 * grp:.1f} %)  {dropped:>10}")
-    found = np.array([r[4] for r in rows])
-    print(f"  stroke found: min {100 * found.min():.1f} %, mean {100 * found.mean():.1f} %; stroke tiles kept: "
-          f"{sum(r[5] for r in rows)}/{sum(r[6] for r in rows)}; glass tiles kept: {sum(r[9] for r in rows)}/"
-          f"{sum(r[10] for r in rows)}; nuclei in kept tiles: min {100 * min(r[7] for r in rows):.1f} %")
-    keys = ("stain", "ink", "seed", "auto_stain", "stroke_found", "stroke_tiles_kept", "stroke_tiles",
-            "nuclei_in_kept_tiles", "group_nuclei_in_kept_tiles", "glass_tiles_kept", "glass_tiles", "ink_tiles_dropped")
-    return {"size": size, "mpp": mpp, "rows": [dict(zip(keys, r)) for r in rows]}
+    print("  stain       ink    seed  auto-stain  stroke-found (all / off cells)  stroke-tiles-kept  glass-tiles-kept  "
+          "nuclei-in-kept-tiles (groups)  ink-tiles-dropped  nuclei-on-stroke-off-cells")
+    for stain, ink, seed, decided, found, found_all, kept, n_stroke, nuc, grp, g_kept, n_glass, dropped, fake, _ in rows:
+        print(f"  {stain:<11} {ink:<6} {seed:>4}  {decided:<10}  {100 * found_all:13.1f} / {100 * found:5.1f} %      "
+              f"{kept:>7}/{n_stroke:<9}  {g_kept:>7}/{n_glass:<8}  {100 * nuc:6.1f} % ({100 * grp:.1f} %)  {dropped:>10}  {fake:>12}")
+    found, found_all = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
+    print(f"  stroke found: all of it min {100 * found_all.min():.1f} %, off cells min {100 * found.min():.1f} %, mean "
+          f"{100 * found.mean():.1f} %; stroke tiles kept: {sum(r[6] for r in rows)}/{sum(r[7] for r in rows)}; glass tiles "
+          f"kept: {sum(r[10] for r in rows)}/{sum(r[11] for r in rows)}; nuclei in kept tiles: min "
+          f"{100 * min(r[8] for r in rows):.1f} %; ink tiles dropped: {sum(r[12] for r in rows)}")
+    overlap = _nucleus_overlap([(r[1], r[14]) for r in rows])
+    keys = ("stain", "ink", "seed", "auto_stain", "stroke_found", "stroke_found_all", "stroke_tiles_kept", "stroke_tiles",
+            "nuclei_in_kept_tiles", "group_nuclei_in_kept_tiles", "glass_tiles_kept", "glass_tiles", "ink_tiles_dropped",
+            "nuclei_on_stroke_off_cells")
+    return {"size": size, "mpp": mpp, "rows": [dict(zip(keys, r[:14])) for r in rows], "nucleus_overlap": overlap}
+
+
+def _nucleus_overlap(measures: list[tuple[str, dict]]) -> dict:
+    """Nuclei holding kept stroke tiles (no cell there: red cells or debris seen through the ink)
+    against the real nuclei on the strokes: could a rule on size or own density drop the first
+    without the second? The box spanned by the first (largest area, largest own density) and the
+    real nuclei inside it."""
+    out: dict = {}
+    for ink in INKS + ("all",):
+        sel = [m for k, m in measures if ink in ("all", k)]
+        fa, fo = (np.concatenate([m["fake_" + k] for m in sel]) for k in ("area", "own"))
+        ra, ro = (np.concatenate([m["real_" + k] for m in sel]) for k in ("area", "own"))
+        if not len(fa) or not len(ra):
+            print(f"  {ink}: {len(fa)} nuclei hold kept stroke tiles, {len(ra)} real nuclei on the strokes")
+            out[ink] = {"fake": 0, "real": int(len(ra))}
+            continue
+        inside = int(((ra <= fa.max()) & (ro <= fo.max())).sum())
+        print(f"  {ink}: {len(fa)} nuclei hold kept stroke tiles: area {fa.min():.0f}-{fa.max():.0f} um2, own density "
+              f"{fo.min():.3f}-{fo.max():.3f}; real nuclei on the strokes ({len(ra)}): area {np.percentile(ra, 2):.0f} um2 "
+              f"(2nd pct), own density from {ro.min():.3f} ({np.percentile(ro, 2):.3f} 2nd pct); real nuclei no larger "
+              f"and no denser than the largest and densest of those: {inside} ({100 * inside / max(len(ra), 1):.1f} %)")
+        out[ink] = {"fake": int(len(fa)), "fake_area_um2": [float(fa.min()), float(fa.max())],
+                    "fake_own_density": [float(fo.min()), float(fo.max())], "real": int(len(ra)),
+                    "real_inside_fake_box": inside}
+    return out
 
 
 def _stroke_figures(path: Path, size: int, mpp: float):
@@ -206,6 +241,7 @@ def _stroke_figures(path: Path, size: int, mpp: float):
     near = ndi.binary_dilation(cells, iterations=max(1, int(round(15.0 / plan.thumbnail_mpp))))
     bare = stroke & ~near
     found = float((fg.ink & bare).sum() / max(bare.sum(), 1))
+    found_all = float((fg.ink & stroke).sum() / max(stroke.sum(), 1))
     # grid tiles mostly on the stroke and holding no cell: none should be kept
     rows, cols = plan.grid_meta["shape"]
     stride, tile0 = plan.grid_meta["stride"][0], plan.grid_meta["tile_level0"][0]
@@ -227,8 +263,43 @@ def _stroke_figures(path: Path, size: int, mpp: float):
         glass |= ((boxes[:, 0] >= x) & (boxes[:, 0] + boxes[:, 2] <= x + w) & (boxes[:, 1] >= y)
                   & (boxes[:, 1] + boxes[:, 3] <= y + h))
     n_glass_kept = sum((int(r), int(c)) in kept for r, c in zip(rr.ravel()[glass], cc.ravel()[glass]))
-    return (decision.stain, found, n_kept, int(stroke_tiles.sum()), float(ok.mean()), grp, n_glass_kept, int(glass.sum()),
-            int(plan.foreground_info.get("ink_tiles_dropped", 0)))
+    # nuclei found on the stroke outside every cell box, those holding kept stroke tiles, the real ones on the stroke
+    centres = np.asarray(fg.nuclei, float).reshape(-1, 2)
+    at = tuple(np.clip(np.round(centres).astype(int), 0, np.array(stroke.shape) - 1).T)
+    truth_rc = nuclei[:, ::-1] / ds if len(nuclei) else np.zeros((0, 2))
+    near_truth = cKDTree(truth_rc).query(centres)[0] <= 5 if len(truth_rc) and len(centres) else np.zeros(len(centres), bool)
+    off_cells = stroke[at] & ~cells[at]
+    real = stroke[at] & cells[at] & near_truth
+    kept_stroke = np.zeros(len(boxes), bool)
+    kept_stroke[np.flatnonzero(stroke_tiles)] = [(int(r), int(c)) in kept for r, c in
+                                                 zip(rr.ravel()[stroke_tiles], cc.ravel()[stroke_tiles])]
+    pts0 = (centres + 0.5) * ds  # level-0 (y, x), as the tiler counts them
+    tile_of = (np.clip(pts0[:, 0] // stride, 0, rows - 1).astype(int) * cols
+               + np.clip(pts0[:, 1] // stride, 0, cols - 1).astype(int))
+    holding = kept_stroke[tile_of] if len(centres) else np.zeros(0, bool)
+    measures = _nucleus_measures(plan.thumbnail, truth, centres, plan.thumbnail_mpp, {"fake": holding, "real": real})
+    return (decision.stain, found, found_all, n_kept, int(stroke_tiles.sum()), float(ok.mean()), grp, n_glass_kept,
+            int(glass.sum()), int(plan.foreground_info.get("ink_tiles_dropped", 0)), int(off_cells.sum()), measures)
+
+
+def _nucleus_measures(rgb: np.ndarray, truth: dict, centres: np.ndarray, mpp: float, groups: dict) -> dict:
+    """Area (um2) and own density (OD above the top-hat's floor: the ink under it subtracted) of
+    the found nuclei flagged in each of ``groups``. The nuclei are labelled again with the public
+    nucleus finder on the OD against the truth's glass colour and matched to the found centres
+    (within 1 px); unmatched ones are left out."""
+    glass = np.asarray(truth["glass_rgb"], np.float32)
+    od_rg = np.stack([np.log10(glass[c]) - np.log10(np.maximum(rgb[..., c], 1).astype(np.float32)) for c in (0, 1)])
+    found = label_nuclei(nucleus_pixels(od_rg[0], od_rg[1], mpp), mpp)
+    out = {}
+    for name, flag in groups.items():
+        pick = centres[flag]
+        idx = np.zeros(0, np.int64)
+        if len(pick) and len(found):
+            d, j = cKDTree(found.centres).query(pick)
+            idx = j[d <= 1.0]
+        out[name + "_area"] = found.areas[idx] * mpp * mpp
+        out[name + "_own"] = own_density(od_rg, found, idx, mpp)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
