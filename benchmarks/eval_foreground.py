@@ -215,7 +215,7 @@ def _nucleus_overlap(measures: list[tuple[str, dict]]) -> dict:
         ra, ro = (np.concatenate([m["real_" + k] for m in sel]) for k in ("area", "own"))
         if not len(fa) or not len(ra):
             print(f"  {ink}: {len(fa)} nuclei hold kept stroke tiles, {len(ra)} real nuclei on the strokes")
-            out[ink] = {"fake": 0, "real": int(len(ra))}
+            out[ink] = {"fake": int(len(fa)), "real": int(len(ra))}
             continue
         inside = int(((ra <= fa.max()) & (ro <= fo.max())).sum())
         print(f"  {ink}: {len(fa)} nuclei hold kept stroke tiles: area {fa.min():.0f}-{fa.max():.0f} um2, own density "
