@@ -95,6 +95,27 @@ def test_overlay_picture_is_large_bounded_and_heatmap_has_a_legend():
         assert min(im.size) > 500  # enlarged, with a colour bar beside it
 
 
+def test_overlay_picture_holds_the_overlay_pixel_for_pixel_with_its_lettering():
+    from wsi_pipeline.aggregation.outputs import overlay_image, overlay_picture, overlay_scale
+
+    rng = np.random.default_rng(3)
+    thumb = rng.integers(0, 255, (1700, 1800, 3), dtype=np.uint8)  # inside the picture's size bounds: scale 1
+    assert overlay_scale(thumb.shape) == 1.0
+    mask = np.ones(thumb.shape[:2], bool)
+    heat = np.array([[1.0, 0.5], [0.1, np.nan]], dtype=np.float32)
+    grid = {"stride": [850, 900]}
+    png = overlay_picture(thumb, mask, heat, grid, 1.0, 0.6, "slide: topk_mean = 0.9")
+    expected = overlay_image(thumb, mask, heat, grid, 1.0, 0.6)
+    with Image.open(io.BytesIO(png)) as im:
+        picture = np.asarray(im.convert("RGB"))
+    top, left = 130, 20  # the title and its note above, a margin on the left
+    assert picture.shape == (1700 + top + 20, 1800 + left + 300, 3)
+    np.testing.assert_array_equal(picture[top:top + 1700, left:left + 1800], expected[..., :3])
+    assert (picture[:top] < 100).any(axis=-1).sum() > 500  # the title is written above it
+    bar = picture[top:top + 1700, left + 1800 + 50:left + 1800 + 86]
+    assert len(np.unique(bar.reshape(-1, 3), axis=0)) > 50  # and the colour bar beside it
+
+
 def test_aggregate_writes_outputs_consistent_with_the_scores(scored, tmp_path):
     result = aggregate_store(scored["store"], tmp_path / "o", AggregateConfig(top_k=5, gallery_k=6))
     group = tile_store.open_store(scored["store"])

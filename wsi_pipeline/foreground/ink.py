@@ -186,6 +186,7 @@ def _ink_regions(codes: np.ndarray, nuclei: Nuclei, mpp: float, size_filter: boo
     explained = np.zeros(len(nuclei), dtype=bool)
     if od_rg is not None and len(nuclei):
         explained = _ink_explained(lab, n, region_of, area, nuclei, od_rg, mpp)
+    del lab  # a whole-overview int32 plane (215 MB on a 60k-px slide); ``labels`` holds what is needed
     area_mm2 = area * (float(mpp) ** 2) * 1e-6
 
     nucleus_at = nuclei.labels.ravel()[where]  # the nucleus (1..n, 0: none) at each ink-coloured pixel
