@@ -225,28 +225,31 @@ def predict_probs_ood(model, info: CheckpointInfo, tiles: np.ndarray, *, device:
                 probs = torch.softmax(logits.float(), dim=1)
                 if tta.n_views > 1:
                     need = probs[:, suspicious].sum(dim=1) >= tta.floor
-                    if bool(need.any()):
-                        views = torch.cat(_other_views(x[need], tta.views))
-                        extra = torch.softmax(model(views).float(), dim=1).view(tta.n_views - 1, -1, probs.shape[1])
-                        probs[need] = (probs[need] + extra.sum(dim=0)) / tta.n_views
+                    if bool(need.any()):  # one view at a time: a batch's activations, not n_views' worth
+                        total = probs[need]
+                        for view in _other_views(x[need], tta.views):
+                            total += torch.softmax(model(view).float(), dim=1)
+                        probs[need] = total / tta.n_views
             out.append(probs.cpu().numpy())
     probs = np.concatenate(out).astype(np.float32, copy=False)
     return probs, (np.concatenate(dist) if ood is not None else None)
 
 
-def _other_views(x, views: str) -> list:
-    """The views of a batch (B, C, H, W) beside itself, for :data:`~wsi_contracts.checkpoint.TTA_VIEWS`."""
+def _other_views(x, views: str) -> Iterator:
+    """The views of a batch (B, C, H, W) beside itself, one at a time, for
+    :data:`~wsi_contracts.checkpoint.TTA_VIEWS`."""
     import torch
 
-    turns = [torch.rot90(x, k, dims=(2, 3)) for k in (1, 2, 3)]
-    if views == "rot4":
-        return turns
+    if views not in ("rot4", "flips", "d8"):
+        raise ValueError(f"unknown test-time augmentation views {views!r}")
     if views == "flips":
-        return [x.flip(3), x.flip(2), x.flip((2, 3))]
+        yield from (x.flip(3), x.flip(2), x.flip((2, 3)))
+        return
+    yield from (torch.rot90(x, k, dims=(2, 3)) for k in (1, 2, 3))
     if views == "d8":
         mirrored = x.transpose(2, 3)
-        return turns + [mirrored] + [torch.rot90(mirrored, k, dims=(2, 3)) for k in (1, 2, 3)]
-    raise ValueError(f"unknown test-time augmentation views {views!r}")
+        yield mirrored
+        yield from (torch.rot90(mirrored, k, dims=(2, 3)) for k in (1, 2, 3))
 
 
 @functools.lru_cache(maxsize=1)
