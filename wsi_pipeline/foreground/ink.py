@@ -97,7 +97,7 @@ _INK_MIN_NUCLEAR_DENSITY = MIN_CONTRAST
 def _stroke_density(od_rg: np.ndarray, sl: tuple[slice, slice], part: np.ndarray) -> float:
     """The median nuclear density (min of red and green OD) over one ink region (``part`` within
     its box ``sl``): what a layer of that ink adds to everything under it."""
-    return float(np.median(nuclear_density(od_rg[0][sl][part], od_rg[1][sl][part])))
+    return float(np.median(nuclear_density(od_rg[(0, *sl)][part], od_rg[(1, *sl)][part])))
 
 
 def _stroke_shaped(sl: tuple[slice, slice], area_px: float, mpp: float) -> bool:

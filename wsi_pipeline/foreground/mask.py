@@ -384,7 +384,7 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
         del test
         codes[lo:hi] = _codes(img[lo:hi], index)
         c0, c1 = max(0, lo - halo), min(h, hi + halo)  # the top-hat's context
-        red, green = od[0][c0:c1], od[1][c0:c1]
+        red, green = od[0, c0:c1], od[1, c0:c1]
         pixels[lo:hi] = nucleus_pixels(red, green, mpp, rows=(lo - c0, hi - c0))
 
     for _ in (pool or _Serial()).map(band_work, list(_bands(h, _smoothing_halo(sigma)))):
@@ -393,16 +393,19 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
 
 
 class _NuclearOD:
-    """The red and green OD above the glass of a working image, smoothed like the stain test:
-    indexed as a (2, H, W) float32 array would be (``od[c]``, ``od[c, rows, cols]``, ``od[c][rows,
-    cols]`` with slices), each window computed when asked for, with the smoothing's context
-    around it, so it holds exactly the values of the whole-image array without keeping it."""
+    """The red and green OD above the glass of a working image, smoothed like the stain test,
+    read as ``od[c, rows, cols]`` (channel 0 red or 1 green, slices without step; the one form
+    its readers use, which a (2, H, W) array answers alike): each window is computed when asked
+    for, with the smoothing's context around it, so it holds exactly the values of the
+    whole-image array without keeping it."""
 
     def __init__(self, img: np.ndarray, bg: "_Background", sigma: float) -> None:
         self.img, self.bg, self.sigma = img, bg, float(sigma)
         self.shape = (2, *img.shape[:2])
-        self.dtype = np.dtype(np.float32)
-        self.ndim = 3
+
+    def __getitem__(self, key) -> np.ndarray:
+        c, *window = key
+        return self.window(c, *window)
 
     def window(self, c: int, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
         """OD of channel ``c`` (0 red, 1 green) on ``rows`` x ``cols`` (slices), float32."""
@@ -418,35 +421,3 @@ class _NuclearOD:
         if halo:
             d = ndi.gaussian_filter(d, self.sigma)
         return d[r0 - p0:r1 - p0, q0 - s0:q1 - s0]
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple):
-            key = (key,)
-        c, *window = key
-        if isinstance(c, slice):  # od[:, rows, cols]: both channels
-            return np.stack([self[(i, *window)] for i in range(2)[c]])
-        if not window:
-            return _ODChannel(self, int(c))
-        return self.window(int(c), *window)
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.stack([self.window(0), self.window(1)])
-        return out if dtype is None else out.astype(dtype)
-
-
-class _ODChannel:
-    """One channel of a :class:`_NuclearOD`, indexed as a (H, W) array by row and column slices."""
-
-    def __init__(self, od: _NuclearOD, c: int) -> None:
-        self.od, self.c = od, c
-        self.shape = od.shape[1:]
-        self.dtype = od.dtype
-        self.ndim = 2
-
-    def __getitem__(self, key):
-        key = key if isinstance(key, tuple) else (key,)
-        return self.od.window(self.c, *key)
-
-    def __array__(self, dtype=None, copy=None):
-        out = self.od.window(self.c)
-        return out if dtype is None else out.astype(dtype)
