@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from wsi_contracts.checkpoint import TTA_VIEWS
 from wsi_contracts.errors import UserError
 
 from .errors import DistillError
@@ -306,11 +307,11 @@ def evaluate_cmd(checkpoints, config, sets, split, out_dir, bench_batches, quiet
               help="Stain preset `wsi-triage run` tiles with (default: keep the source's, else pap).")
 @click.option("--placement", type=click.Choice(["grid", "cells"]),
               help="Tile placement `wsi-triage run` uses (default: keep the source's, else grid).")
-@click.option("--tta", type=click.Choice(["none", "rot4", "flips", "d8"]),
+@click.option("--tta", type=click.Choice(list(TTA_VIEWS)),
               help="Test-time augmentation: score each tile as the mean over these views (default: keep the source's, "
                    "else none).")
-@click.option("--tta-floor", "tta_floor", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="With --tta: tiles whose own view's suspicion is below this keep that view's scores.")
+@click.option("--tta-floor", "tta_floor", type=click.FloatRange(0, 1),
+              help="With --tta: tiles whose own view's suspicion is below this keep that view's scores [default: 0].")
 @_user_errors
 def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json, stain, placement, tta, tta_floor):
     """Write a deployable checkpoint from a run folder or model file; export settings can be
@@ -324,10 +325,12 @@ def export_cmd(source, out, fp16, suspicious, tile_mpp, tile_size, metrics_json,
         except (OSError, json.JSONDecodeError) as e:
             raise DistillError(f"{metrics_json}: cannot read metrics JSON ({e})") from None
     sus = [s.strip() for s in suspicious.split(",") if s.strip()] if suspicious is not None else None
+    if tta_floor is not None and tta is None:  # a floor alone would be silently ignored
+        raise DistillError("--tta-floor needs --tta (the views the floor applies to)")
     try:
         sha = export(source, out, fp16=fp16, suspicious=sus, metrics=metrics, stain=stain, tile_size=tile_size,
                      tile_mpp=tile_mpp, placement=placement,
-                     tta=None if tta is None else {"views": tta, "floor": tta_floor})
+                     tta=None if tta is None else {"views": tta, "floor": tta_floor or 0.0})
     except DistillError as e:
         raise DistillError(f"{source}: {e}" if not str(e).startswith(str(source)) else str(e)) from None
     click.echo(json.dumps({"out": out, "sha256": sha, "bytes": Path(out).stat().st_size}))

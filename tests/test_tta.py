@@ -127,6 +127,10 @@ def test_export_sets_and_keeps_the_tta(tmp_path):
                                      "--fp32"])
     assert r.exit_code == 0, r.output
     assert read_checkpoint_info(tmp_path / "c.safetensors").tta == contract.TestTimeAugmentation("rot4", 0.25)
+    r = runner.invoke(distill_main, ["export", str(src), "--out", str(tmp_path / "d.safetensors"), "--fp32",
+                                     "--tta-floor", "0.25"])  # a floor without views would be ignored: refused
+    assert r.exit_code == 2 and "--tta-floor needs --tta" in r.output and not (tmp_path / "d.safetensors").exists()
+    assert len(r.output.strip().splitlines()) == 1
 
 
 def test_copy_with_metadata_refuses_a_file_changed_since_it_was_read(tmp_path):
