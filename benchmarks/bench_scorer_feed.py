@@ -33,13 +33,14 @@ from wsi_pipeline.script import at_least, run_script
 
 def make_store(work: Path, size: int, info, tile_workers: int) -> Path:
     from wsi_pipeline.pipeline import RunOptions, tiler_config_for
-    from wsi_pipeline.synth import SynthConfig, synthesize
+    from wsi_pipeline.synth import SynthConfig, made_with, synthesize, truth_paths
     from wsi_pipeline.tiling import tile_slide
 
     slide = work / f"feed-smear-{size}.tiff"
-    if not slide.exists():
+    cfg = SynthConfig(width=size, height=size, mpp=0.25, seed=11, fraction=0.25)
+    if not (slide.exists() and made_with(truth_paths(slide)[0], cfg)):  # reused only if this renderer drew it
         t = time.perf_counter()
-        synthesize(slide, SynthConfig(width=size, height=size, mpp=0.25, seed=11, fraction=0.25))
+        synthesize(slide, cfg)
         print(f"generated {slide.name} in {time.perf_counter() - t:.1f} s", flush=True)
     t = time.perf_counter()
     tiled = tile_slide(slide, work / "stores", tiler_config_for(info, RunOptions()), workers=tile_workers)

@@ -110,12 +110,13 @@ def compare_pixels(path: Path, tiles: list[tuple[int, int]], tile: int) -> tuple
 
 
 def synth_slide(cache: Path, size: int) -> Path:
-    from wsi_pipeline.synth import SynthConfig, synthesize
+    from wsi_pipeline.synth import SynthConfig, made_with, synthesize, truth_paths
 
     path = cache / f"bench-read-smear-{size}.tiff"
-    if not path.exists():
+    cfg = SynthConfig(width=size, height=size, mpp=0.25, seed=3)
+    if not (path.exists() and made_with(truth_paths(path)[0], cfg)):  # reused only if this renderer drew it
         print(f"generating a {size} x {size} smear (cached in {cache}) ...", flush=True)
-        synthesize(path, SynthConfig(width=size, height=size, mpp=0.25, seed=3))
+        synthesize(path, cfg)
     return path
 
 

@@ -62,7 +62,7 @@ from wsi_pipeline.errors import UserError, WsiTriageError
 from wsi_pipeline.pipeline import RunOptions, run_slide
 from wsi_pipeline.scoring import ScoreConfig, read_scores, scores_key
 from wsi_pipeline.script import at_least, run_script
-from wsi_pipeline.synth import SynthConfig, list_cells, parse_size, read_cell_list, synthesize, truth_paths
+from wsi_pipeline.synth import SynthConfig, list_cells, made_with, parse_size, read_cell_list, synthesize, truth_paths
 
 #: the repository checkout this script belongs to (configs/, and ../shared/data beside it)
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,17 +275,6 @@ def cell_source(cells: str | None, cell_list: str | None) -> tuple[Path | None, 
     return None, None, "shipped held-out cells (wsi_pipeline/data/cells)"
 
 
-def _matches(truth_json: Path, cfg: SynthConfig) -> bool:
-    """A smear left by an earlier run under --out is reused when it was made with the same settings."""
-    try:
-        doc = json.loads(truth_json.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    c = doc.get("config") or {}
-    return (doc.get("width"), doc.get("height"), doc.get("seed"), doc.get("fraction"), c.get("mpp"),
-            c.get("suspicious")) == (cfg.width, cfg.height, cfg.seed, cfg.fraction, cfg.mpp, list(cfg.suspicious))
-
-
 FIELD_MPP = 0.07  # ../shared/data/smear_fields: median red-cell box 109 px for a ~7.5 um red cell
 
 
@@ -445,7 +434,7 @@ def evaluate_smears(args: argparse.Namespace) -> dict[str, Any]:
                               cell_list_name=list_name, suspicious=suspicious, fraction=fraction)
             truth_json = truth_paths(slide)[0]
             t0 = time.perf_counter()
-            if not (slide.is_file() and _matches(truth_json, cfg)):
+            if not (slide.is_file() and made_with(truth_json, cfg)):  # same settings, same renderer
                 synthesize(slide, cfg)
             synth_s = time.perf_counter() - t0
             synth_total += synth_s

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from wsi_pipeline.cli import main
 from wsi_pipeline.errors import WsiTriageError
 from PIL import Image
 
+from wsi_pipeline.synth import RENDERER_VERSION, made_with
 from wsi_pipeline.synth.smear import (PBC_MPP, SHIPPED_CELLS, SynthConfig, _transmittance, cut_out_cell,
     cut_out_red_cells, list_cells, read_cell_list, synthesize)
 
@@ -208,6 +210,31 @@ def test_only_cells_from_the_list_are_used(tmp_path):
 
     with pytest.raises(WsiTriageError, match="not there"):
         list_cells(None, allowed + ["ig/not_a_cell.jpg"])
+    assert made_with(result.truth, cfg)
+    assert not made_with(result.truth, replace(cfg, cell_list=tuple(allowed[:-1])))  # another list, same name
+
+
+def test_a_smear_is_reused_only_when_this_renderer_drew_it_from_the_same_settings(positive, tmp_path):
+    result, truth = positive
+    cfg = SynthConfig(width=2048, height=1536, seed=5, fraction=0.5)
+    assert truth["renderer_version"] == RENDERER_VERSION
+    assert made_with(result.truth, cfg)
+    assert made_with(result.truth, replace(cfg, workers=1))  # encoder threads draw no pixel
+    for other in (replace(cfg, seed=6), replace(cfg, fraction=0.25), replace(cfg, width=4096),
+                  replace(cfg, stain="pap"), replace(cfg, pen_ink="red"), replace(cfg, quality=90)):
+        assert not made_with(result.truth, other)
+    # a smear drawn by an earlier renderer (the 60,000 px benchmark smear was once measured so)
+    old = tmp_path / "old.truth.json"
+    for version in (None, RENDERER_VERSION - 1):
+        doc = dict(truth)
+        doc.pop("renderer_version")
+        if version is not None:
+            doc["renderer_version"] = version
+        old.write_text(json.dumps(doc))
+        assert not made_with(old, cfg)
+    assert not made_with(tmp_path / "missing.truth.json", cfg)
+    old.write_text("{not json")
+    assert not made_with(old, cfg)
 
 
 def test_evaluation_slides_from_the_held_out_pbc_list(shared_data, tmp_path):

@@ -22,9 +22,16 @@ from .cells import CellPool
 from .config import SynthConfig
 from .layout import BLOCK, Layout
 
-__all__ = ['TRUTH_FORMAT', 'truth_paths', 'write_truth', 'truth_document', 'cell_box_mask']
+__all__ = ['TRUTH_FORMAT', 'RENDERER_VERSION', 'truth_paths', 'write_truth', 'truth_document', 'cell_box_mask',
+           'made_with']
 
 TRUTH_FORMAT = "wsi-triage-synth-truth"
+#: Raised whenever the same :class:`SynthConfig` draws different pixels, so that a benchmark reusing a
+#: smear made earlier (``made_with``) makes it anew instead of measuring an old rendering. 2: one white
+#: balance for glass and cells (the cell images' own) instead of neutral glass.
+RENDERER_VERSION = 2
+#: settings that do not change a single pixel (JPEG encoder threads)
+_NOT_DRAWN = ("workers",)
 
 
 def truth_paths(out: str | Path) -> tuple[Path, Path]:
@@ -93,10 +100,11 @@ def truth_document(out: Path, cfg: SynthConfig, pool: CellPool, layout: Layout,
         regions.append({"bbox": [reg.x, reg.y, reg.w, reg.h], "n_cells": len(inside),
                         "n_suspicious": sum(c["suspicious"] for c in inside)})
     listed = cfg.cell_list
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "cell_list"}
+    config = _config_dict(cfg)
     return {
         "format": TRUTH_FORMAT,
         "format_version": 1,
+        "renderer_version": RENDERER_VERSION,
         "slide": out.name,
         "label": "positive" if n_susp else "negative",
         "width": cfg.width,
@@ -110,7 +118,7 @@ def truth_document(out: Path, cfg: SynthConfig, pool: CellPool, layout: Layout,
             "root": str(pool.root),
             "shipped": cfg.cells is None,
             "list": cfg.cell_list_name,
-            "list_sha256": hashlib.sha256("\n".join(sorted(listed)).encode()).hexdigest() if listed else None,
+            "list_sha256": _list_digest(listed),
             "n_images": len(pool.relpaths),
             "classes": list(pool.classes),
             "cells_mpp": cfg.cells_mpp,
@@ -200,3 +208,33 @@ def _geojson_features(doc: dict) -> Iterator[str]:
     for i, item in enumerate(items()):
         yield ("," if i else "") + item + "\n"
     yield "]}\n"
+
+
+def _list_digest(listed: Iterable[str] | None) -> str | None:
+    return hashlib.sha256("\n".join(sorted(listed)).encode()).hexdigest() if listed else None
+
+
+def _config_dict(cfg: SynthConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "cell_list"}
+
+
+def made_with(truth_json: str | Path, cfg: SynthConfig) -> bool:
+    """Whether the smear whose ground truth is ``truth_json`` was drawn from ``cfg`` by this renderer
+    (same settings, same cell list, same ``RENDERER_VERSION``): only then may it be reused instead of
+    made anew. A missing or unreadable file answers False."""
+    try:
+        doc = json.loads(Path(truth_json).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(doc, dict) or doc.get("renderer_version") != RENDERER_VERSION:
+        return False
+    want = _config_dict(cfg)
+    have = doc.get("config") or {}
+    if any(have.get(k) != _jsonable(v) for k, v in want.items() if k not in _NOT_DRAWN):
+        return False
+    return (doc.get("cells_source") or {}).get("list_sha256") == _list_digest(cfg.cell_list)
+
+
+def _jsonable(value):
+    """``value`` as it reads back from the truth JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
