@@ -350,3 +350,52 @@ def test_cells_summary_reports_the_calibrated_score(cells_scored, tmp_path):
     score = summary["score"]
     assert score["calibration"] is not None  # the demo student's fit for the cells placement
     assert score["value"] == pytest.approx(calibrated(score["raw"], score["calibration"]), abs=1e-4)  # raw is rounded
+
+
+def _real_field_picture(shared_data, reps: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A real smear field (BCCD) repeated into a larger picture, and its stained-pixel mask."""
+    with Image.open(shared_data / "smear_fields" / "BloodImage_00000.jpg") as im:
+        field = np.asarray(im.convert("RGB"))
+    thumb = np.ascontiguousarray(np.tile(field, (reps[0], reps[1], 1)))
+    return thumb, thumb.mean(axis=-1) < 190
+
+
+def test_overlay_image_in_bands_equals_the_whole_array(shared_data):
+    thumb, mask = _real_field_picture(shared_data, (2, 2))
+    h, w = thumb.shape[:2]
+    heat = np.random.default_rng(5).random((9, 11)).astype(np.float32)
+    heat[2, 3] = np.nan
+    grid = {"stride": [w / 11, h / 9], "origin": [0, 0]}
+    whole = overlay_image(thumb, mask, heat, grid, 1.0, 0.6, band_rows=h)
+    assert mask_outline(mask).sum() > 1000 and (whole != thumb).any(axis=-1).mean() > 0.3  # something to compare
+    for rows in (1, 7, 128, h - 1):
+        np.testing.assert_array_equal(overlay_image(thumb, mask, heat, grid, 1.0, 0.6, band_rows=rows), whole)
+
+
+def test_overlay_picture_from_zarr_bands_equals_the_whole_numpy_picture(shared_data, tmp_path):
+    """overlay.png made from the store's zarr arrays band by band, one channel at a time, is pixel for
+    pixel the picture of the whole arrays resized as one RGB image (reduced and enlarged)."""
+    import zarr
+
+    from wsi_pipeline.aggregation.outputs import _picture_with_colourbar, overlay_picture, overlay_scale
+
+    for reps in ((5, 4), (1, 1)):  # 2400 x 2560 px: reduced (as a 60k-px slide's); 480 x 640 px: enlarged
+        thumb, mask = _real_field_picture(shared_data, reps)
+        h, w = thumb.shape[:2]
+        heat = np.random.default_rng(1).random((6, 7)).astype(np.float32)
+        grid = {"stride": [w / 7, h / 6]}
+        z_thumb = zarr.create_array(tmp_path / f"t{reps}.zarr", shape=thumb.shape, chunks=(100, 300, 3), dtype="uint8")
+        z_thumb[:] = thumb
+        z_mask = zarr.create_array(tmp_path / f"m{reps}.zarr", shape=mask.shape, chunks=(100, 300), dtype="bool")
+        z_mask[:] = mask
+        png = overlay_picture(z_thumb, z_mask, heat, grid, 2.0, 0.6, "slide")
+        scale = overlay_scale(thumb.shape)
+        size = (round(w * scale), round(h * scale))
+        small = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.LANCZOS))
+        small_mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)) > 127
+        expected = _picture_with_colourbar(overlay_image(small, small_mask, heat, grid, 2.0 / scale, 0.6), "slide",
+                                           "tile suspicion (0-1)", "tile opacity grows with suspicion; tiles below 0.2 "
+                                           "not drawn; dark line: tissue mask")
+        with Image.open(io.BytesIO(png)) as got, Image.open(io.BytesIO(expected)) as want:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert png == overlay_picture(thumb, mask, heat, grid, 2.0, 0.6, "slide")  # numpy arrays alike

@@ -385,8 +385,7 @@ def _write_outputs(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore
         counter.add(1)
 
     class_names = list(plan.attrs.class_names)
-    thumbnail = np.asarray(group["thumbnail"][:])
-    mask = np.asarray(group["mask"][:])
+    thumbnail, mask = group["thumbnail"], group["mask"]  # zarr arrays, read in bands by overlay_picture
     downsample = float(group["thumbnail"].attrs.get("downsample", 1.0))
     title = f"{printable(plan.stem)}: {config.method} = " + ("n/a" if s.score is None else f"{s.score:.3f}")  # hostile names
     write("overlay", overlay_picture(thumbnail, mask, s.heat, s.heat_grid_meta, downsample, config.overlay_alpha,

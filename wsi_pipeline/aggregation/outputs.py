@@ -45,14 +45,17 @@ MASK_OUTLINE_RGB = (40, 40, 40)
 MASK_OUTLINE_OPACITY = 0.6
 
 
-def tile_values(shape: tuple[int, int], heat: np.ndarray, grid_meta: dict, downsample: float) -> np.ndarray:
-    """Each pixel of a (h, w) picture of the slide (``downsample`` level-0 px per px) gets its tile's value, NaN off the grid."""
+def tile_values(shape: tuple[int, int], heat: np.ndarray, grid_meta: dict, downsample: float, *,
+                row0: int = 0) -> np.ndarray:
+    """Each pixel of a (h, w) picture of the slide (``downsample`` level-0 px per px) gets its tile's value, NaN off the grid.
+
+    ``row0``: the picture is the band of rows ``row0 .. row0 + h`` of a taller one (same values as its rows)."""
     h, w = shape
     sx, sy = (float(v) for v in grid_meta["stride"])
     ox, oy = (float(v) for v in grid_meta.get("origin", [0, 0]))
     rows, cols = heat.shape
     col = np.floor(((np.arange(w) + 0.5) * downsample - ox) / sx).astype(np.int64)
-    row = np.floor(((np.arange(h) + 0.5) * downsample - oy) / sy).astype(np.int64)
+    row = np.floor(((np.arange(row0, row0 + h) + 0.5) * downsample - oy) / sy).astype(np.int64)
     col_ok = (col >= 0) & (col < cols)
     row_ok = (row >= 0) & (row < rows)
     values = np.full((h, w), np.nan, dtype=np.float32)
@@ -69,24 +72,39 @@ def mask_outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
+#: overlay_image works on bands of this many rows: its float64 colour planes of a 2,400 px overlay
+#: cost ~0.5 GB at once, the peak of a 60k-px slide's whole run
+OVERLAY_BAND_ROWS = 128
+
+
 def overlay_image(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, grid_meta: dict,
-                  downsample: float, alpha: float, floor: float = OVERLAY_FLOOR) -> np.ndarray:
+                  downsample: float, alpha: float, floor: float = OVERLAY_FLOOR, *,
+                  band_rows: int = OVERLAY_BAND_ROWS) -> np.ndarray:
     """The thumbnail with each scored tile tinted on the fixed 0-1 scale, opacity ``alpha * suspicion``.
 
     Tiles below ``floor`` are not drawn, so the cells stay visible except where there is something to
-    see; the foreground mask is drawn as a thin outline (not a fill).
+    see; the foreground mask is drawn as a thin outline (not a fill). Computed in bands of
+    ``band_rows`` rows (every pixel depends only on its own values and, for the outline, its
+    neighbours', so the result is the same for any band height).
     """
     h, w = thumbnail.shape[:2]
-    values = tile_values((h, w), np.clip(heat, 0, 1), grid_meta, downsample)
-    opacity = np.where(np.isfinite(values) & (np.nan_to_num(values, nan=-1.0) >= floor),
-                       alpha * np.nan_to_num(values, nan=0.0), 0.0)[..., None]
-    coloured = _colormap()(np.nan_to_num(values, nan=0.0))[..., :3] * 255
-    out = thumbnail[..., :3].astype(np.float32)
-    out = (1 - opacity) * out + opacity * coloured
-    if mask.shape == (h, w):
-        rim = mask_outline(mask)
-        out[rim] = (1 - MASK_OUTLINE_OPACITY) * out[rim] + MASK_OUTLINE_OPACITY * np.asarray(MASK_OUTLINE_RGB, np.float32)
-    return out.round().clip(0, 255).astype(np.uint8)
+    heat = np.clip(heat, 0, 1)
+    outline = mask.shape == (h, w)
+    out = np.empty((h, w, 3), np.uint8)
+    for r0 in range(0, h, max(1, int(band_rows))):
+        r1 = min(h, r0 + max(1, int(band_rows)))
+        values = tile_values((r1 - r0, w), heat, grid_meta, downsample, row0=r0)
+        opacity = np.where(np.isfinite(values) & (np.nan_to_num(values, nan=-1.0) >= floor),
+                           alpha * np.nan_to_num(values, nan=0.0), 0.0)[..., None]
+        coloured = _colormap()(np.nan_to_num(values, nan=0.0))[..., :3] * 255
+        band = np.asarray(thumbnail[r0:r1])[..., :3].astype(np.float32)
+        band = (1 - opacity) * band + opacity * coloured
+        if outline:  # one row beyond the band on each side: the outline of a band's edge rows needs them
+            a, b = max(0, r0 - 1), min(h, r1 + 1)
+            rim = mask_outline(np.asarray(mask[a:b]))[r0 - a:r0 - a + r1 - r0]
+            band[rim] = (1 - MASK_OUTLINE_OPACITY) * band[rim] + MASK_OUTLINE_OPACITY * np.asarray(MASK_OUTLINE_RGB, np.float32)
+        out[r0:r1] = band.round().clip(0, 255).astype(np.uint8)
+    return out
 
 
 def overlay_scale(shape: tuple[int, int]) -> float:
@@ -131,20 +149,53 @@ def _picture_with_colourbar(image: np.ndarray, title: str, label: str, note: str
     return buf.getvalue()
 
 
+#: rows of the thumbnail and mask read at a time by overlay_picture
+PICTURE_BAND_ROWS = 1024
+
+
+def _channel_images(source, channels: int | None, convert=None) -> list:
+    """Pillow "L" images of a (h, w[, c]) uint8 array or zarr array, one per channel (``channels=None``: the
+    2-D array itself, through ``convert``), filled band by band: neither the whole array nor Pillow's
+    4-byte-per-pixel RGB copy of it (0.4 GB together for a 60k-px slide's thumbnail) is ever held."""
+    from PIL import Image
+
+    h, w = (int(v) for v in source.shape[:2])
+    images = [Image.new("L", (w, h)) for _ in range(channels or 1)]
+    for r0 in range(0, h, PICTURE_BAND_ROWS):
+        band = np.asarray(source[r0:r0 + PICTURE_BAND_ROWS])
+        planes = [band] if channels is None else [band[..., c] for c in range(channels)]
+        for image, plane in zip(images, planes):
+            plane = convert(plane) if convert is not None else plane
+            image.paste(Image.fromarray(np.ascontiguousarray(plane, dtype=np.uint8)), (0, r0))
+        del band, planes
+    return images
+
+
 def overlay_picture(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, grid_meta: dict,
                     downsample: float, alpha: float, title: str, floor: float = OVERLAY_FLOOR,
                     unit: str = "tile") -> bytes:
     """overlay.png: the overlay at 1,600-2,400 px on its long side with its title and colour bar;
-    ``unit`` names what the heat is of (``tile``, or ``object`` for the cells placement)."""
+    ``unit`` names what the heat is of (``tile``, or ``object`` for the cells placement).
+
+    ``thumbnail`` (h, w, 3+) and ``mask`` (h, w) may be numpy or zarr arrays: they are read in bands
+    and resized one channel at a time (Pillow resizes each channel of an RGB image alike)."""
     from PIL import Image
 
     scale = overlay_scale(thumbnail.shape)
     h, w = thumbnail.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    thumb = np.asarray(Image.fromarray(np.ascontiguousarray(thumbnail[..., :3])).resize(size, Image.Resampling.LANCZOS))
+    planes = []
+    for image in _channel_images(thumbnail, 3):
+        planes.append(image.resize(size, Image.Resampling.LANCZOS))
+        image.close()  # each full-size channel goes as soon as it is resized
+    thumb = np.asarray(Image.merge("RGB", planes))
     # bilinear then threshold: a smooth outline, not the staircase of the coarse mask's pixels
-    big_mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)) > 127 \
-        if mask.shape == (h, w) else mask
+    if tuple(mask.shape) == (h, w):
+        big = _channel_images(mask, None, lambda m: m.astype(np.uint8) * 255)[0]
+        big_mask = np.asarray(big.resize(size, Image.Resampling.BILINEAR)) > 127
+        big.close()
+    else:
+        big_mask = np.asarray(mask)
     image = overlay_image(thumb, big_mask, heat, grid_meta, downsample / scale, alpha, floor)
     return _picture_with_colourbar(image, title, f"{unit} suspicion (0-1)",
                                    f"{unit} opacity grows with suspicion; {unit}s below {floor:g} not drawn; "
