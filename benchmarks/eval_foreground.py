@@ -9,8 +9,10 @@ Prints:
   the mask's area over the truth on pale synthetic discs on noisy glass (edge precision).
 - **Pap**: the labelled nuclei of ``tests/data/pap_nuclei.json`` (six Pap LBC fields) that lie in
   a tile the tiler keeps (``wsi-triage tile FIELD --mpp 0.5 --tile-size 64``, every stain
-  setting); the pixels removed as ink on all 80 Pap fields; the ``--stain auto`` decision on the
-  held-out halves (odd-numbered Pap and BCCD fields; thresholds were set on the even ones).
+  setting); the pixels removed as ink on all 80 Pap fields; the ``--stain auto`` decision on
+  tuning and held-out material (tuning: even-numbered Pap fields, every 8th BCCD field and the
+  synthetic smears of ``SYNTH_TUNING``; held-out: the other fields and ``SYNTH_HELD_OUT``, both
+  stains each, judged on the tiler's overview).
 - **Ink strokes** on synthetic smears of both stains, four ink colours: the share of the stroke
   found as ink on the tiler's overview, over all of the stroke and over the stroke away from
   cells (15 um beyond the truth's cell boxes; a cell group's box adds nothing to them), stroke
@@ -47,7 +49,7 @@ from wsi_pipeline.foreground.nuclei import own_density
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.script import run_script
 from wsi_pipeline.synth import SynthConfig, cell_box_mask, pen_stroke_mask, synthesize
-from wsi_pipeline.tiling import TilerConfig, plan_tiles, tile_slide
+from wsi_pipeline.tiling import TilerConfig, mask_mpp_for, plan_tiles, tile_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 #: ../shared/data beside the checkout, or $WSI_TRIAGE_SHARED_DATA (as the tests find it)
@@ -153,22 +155,70 @@ def pap_fields(folder: Path) -> dict:
     return doc
 
 
+#: synthetic smears for the stain decision: (size px, seed, um/px, pen ink, fraction, cells), each drawn in both
+#: stains; "pbc" = ../shared/data/pbc, "shipped" = the shipped held-out cells. The thresholds were chosen on
+#: the tuning seeds (11-19) with the real tuning fields; the held-out seeds (21-36) were not looked at then.
+SYNTH_TUNING = ((2048, 11, 0.25, "random", 0.25, "shipped"), (4096, 12, 0.25, "random", 0.0, "pbc"),
+                (8192, 13, 0.25, "random", 0.25, "shipped"), (2048, 14, 0.25, "random", 0.2, "shipped"),
+                (2048, 15, 0.25, "random", 0.0, "pbc"), (2048, 16, 0.25, "random", 0.1, "shipped"),
+                (2048, 17, 0.25, "random", 0.2, "pbc"), (4096, 18, 1.0, "blue", 0.25, "shipped"),
+                (4096, 19, 0.5, "green", 0.0, "pbc"))
+SYNTH_HELD_OUT = ((2048, 21, 0.25, "random", 0.0, "shipped"), (2048, 22, 0.25, "random", 0.25, "pbc"),
+                  (3072, 23, 0.25, "random", 0.5, "shipped"), (4096, 24, 0.25, "random", 0.0, "shipped"),
+                  (6000, 25, 0.25, "random", 0.25, "pbc"), (8192, 26, 0.25, "random", 0.0, "pbc"),
+                  (8192, 31, 1.0, "blue", 0.0, "shipped"), (8192, 32, 1.0, "green", 0.0, "shipped"),
+                  (8192, 33, 1.0, "black", 0.25, "shipped"), (8192, 34, 1.0, "red", 0.0, "shipped"),
+                  (4096, 35, 0.5, "blue", 0.25, "pbc"), (4096, 36, 0.5, "red", 0.0, "shipped"))
+
+
 def stain_decisions(shared: Path) -> dict:
-    """--stain auto on the held-out halves (thresholds were chosen on the even-numbered fields)."""
+    """--stain auto on tuning and held-out material: real fields (tuning: even-numbered Pap LBC
+    fields, every 8th BCCD field), the H&E slide, and synthetic smears of both stains
+    (``SYNTH_TUNING`` / ``SYNTH_HELD_OUT``), each judged on the overview the tiler reads."""
     doc: dict = {}
-    for label, pattern, mpp, want in (("Pap LBC", "pap_fields/mendeley_lbc_512/*.jpg", PAP_MPP, "pap"),
-                                      ("BCCD", "smear_fields/*.jpg", SMEAR_MPP, "romanowsky")):
+    for label, pattern, mpp, want, every in (("Pap LBC", "pap_fields/mendeley_lbc_512/*.jpg", PAP_MPP, "pap", 2),
+                                             ("BCCD", "smear_fields/*.jpg", SMEAR_MPP, "romanowsky", 8)):
         paths = sorted(shared.glob(pattern))
-        for half, name in ((0, "tuning"), (1, "held-out")):
-            got = [decide_stain(io.imread(p)[..., :3], mpp)[0].stain for p in paths[half::2]]
-            print(f"--stain auto on {name} {label} fields: {sum(g == want for g in got)}/{len(got)} {want} "
-                  f"({', '.join(f'{s} {got.count(s)}' for s in sorted(set(got)))})")
+        for name, part in (("tuning", paths[::every]), ("held-out", [p for i, p in enumerate(paths) if i % every])):
+            got = [decide_stain(io.imread(p)[..., :3], mpp)[0].stain for p in part]
+            _print_decisions(f"{name} {label} fields", want, got)
             doc[f"{label} {name}"] = {"expected": want, "decided": {s: got.count(s) for s in sorted(set(got))}}
     with open_slide(shared / "slides" / "CMU-1-Small-Region.svs") as slide:
         thumb, ds = slide.thumbnail(2.0)
         doc["H&E Aperio slide"] = decide_stain(thumb, 0.499 * ds)[0].stain
         print(f"--stain auto on the H&E Aperio slide: {doc['H&E Aperio slide']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rows in (("tuning", SYNTH_TUNING), ("held-out", SYNTH_HELD_OUT)):
+            for stain in ("romanowsky", "pap"):
+                got, reasons = [], []
+                for size, seed, mpp, ink, fraction, cells in rows:
+                    path = Path(tmp) / f"{stain}-{seed}.tiff"
+                    synthesize(path, SynthConfig(width=size, height=size, mpp=mpp, seed=seed, stain=stain, pen_ink=ink,
+                                                 fraction=fraction, cells=shared / "pbc" if cells == "pbc" else None))
+                    decision = _overview_decision(path)
+                    got.append(decision.stain)
+                    if decision.stain != stain:
+                        reasons.append(f"seed {seed} ({size} px at {mpp:g} um/px, {ink} ink): {decision.reason}")
+                    path.unlink()
+                _print_decisions(f"{name} synthetic {stain} smears (seeds {rows[0][1]}-{rows[-1][1]})", stain, got)
+                for r in reasons:
+                    print(f"    {r}")
+                doc[f"synthetic {stain} {name}"] = {"expected": stain, "decided": {s: got.count(s) for s in sorted(set(got))},
+                                                    "wrong": reasons}
     return doc
+
+
+def _print_decisions(what: str, want: str, got: list[str]) -> None:
+    print(f"--stain auto on {what}: {sum(g == want for g in got)}/{len(got)} {want} "
+          f"({', '.join(f'{s} {got.count(s)}' for s in sorted(set(got)))})")
+
+
+def _overview_decision(path: Path):
+    """decide_stain on the overview the tiler reads for ``path`` (tiler defaults)."""
+    with open_slide(path) as slide:
+        mpp = slide.require_mpp().x
+        thumb, ds = slide.thumbnail(mask_mpp_for(slide, TilerConfig(), mpp), workers=2)
+    return decide_stain(thumb, mpp * ds, 2)[0]
 
 
 INKS = ("green", "blue", "black", "red")
@@ -316,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(shared: Path, only: str | None, size: int, mpp: float) -> dict:
     """The chosen sections' figures, printed and returned."""
-    needed = {"blood": ["smear_fields"], "pap": ["pap_fields/mendeley_lbc_512", "smear_fields", "slides"]}
+    needed = {"blood": ["smear_fields"], "pap": ["pap_fields/mendeley_lbc_512", "smear_fields", "slides", "pbc"]}
     for section in ([only] if only else ["blood", "pap"]):
         for sub in needed.get(section, []):
             if not (shared / sub).is_dir():

@@ -214,9 +214,10 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
     """Choose the stain preset for an overview (:func:`wsi_pipeline.foreground.stain.classify_stain`) and
     return the decision with the foreground found with that preset.
 
-    The decision is made on the ``pap`` preset's foreground (the most inclusive stain test) and
-    on an evenly subsampled copy of the image (at most ~250k pixels), so it costs one extra
-    background fit; the foreground is recomputed only when another preset is chosen.
+    The decision is made on the ``pap`` preset's foreground (the most inclusive stain test), less
+    the ink-coloured regions the pen rule spared, on an evenly subsampled copy of the image (at
+    most ~250k pixels), so it costs one extra background fit; the foreground is recomputed only
+    when another preset is chosen.
     """
     first = detect_foreground(rgb, mpp, "pap", workers, pen_filter=pen_filter)
     rgb = _as_rgb(rgb)
@@ -231,7 +232,10 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
     if len(first.nuclei):
         cells[centre_pixels(first.nuclei, cells.shape, step)] = True
         cells = _dilate_local(cells, max(1, int(round(CELL_RADIUS_UM / (float(mpp) * step)))))
-    decision = classify_stain(od, first.mask[::step, ::step], sheet_share(first.mask, float(mpp)), cells)
+    # ink the pen rule spared (its region holds nuclei) is left out of the colour: a blue stroke
+    # across a Romanowsky smear otherwise reads as cyanophilic stain
+    decision = classify_stain(od, first.mask[::step, ::step], sheet_share(first.mask, float(mpp)), cells,
+                              ink=first.ink_spared[::step, ::step])
     if decision.stain == "pap":
         return decision, first
     return decision, detect_foreground(rgb, mpp, decision.stain, workers, pen_filter=pen_filter)
