@@ -48,8 +48,9 @@ TILINGS = ("grid", "cells")
 #: bumped when the foreground stage decides differently for the same settings (stores made
 #: before are rebuilt): 2 = ink judged by context, nuclei kept, stain auto; 3 = red cells seen
 #: through a stroke are not nuclei, tiles mostly on ink without a nucleus are dropped; 4 = opaque
-#: (black) ink counts like any ink for that rule
-FOREGROUND_VERSION = 4
+#: (black) ink counts like any ink for that rule; 5 = --stain auto re-tuned (synthetic Romanowsky
+#: smears were called Pap), "near a nucleus" is a disc, not a square, in the ink rules
+FOREGROUND_VERSION = 5
 #: warn when marker ink removes more than this share of the foreground
 INK_WARN_SHARE = 0.03
 
