@@ -51,7 +51,8 @@ RED_SHARE_PAP = 0.26
 #: +0.034 (blue share 0.28-0.33), Pap fields with a blue share above ``BLUE_SHARE_PAP`` +0.065
 #: (SCC_12) and more. The previous -0.02 was set when the renderer lit the glass neutral (its MGG
 #: smears then read red 0.26-0.29, blue 0.34-0.36); on the current renderer's smears (red - blue
-#: up to +0.064 with ink, +0.038 without) it called every synthetic Romanowsky smear Pap.
+#: up to +0.064 with ink, +0.038 without) it called most synthetic Romanowsky smears Pap (all 80
+#: of benchmarks/eval_triage.py).
 RED_MINUS_BLUE_PAP = 0.05
 #: ... or the blue share is at most this: NILM Pap fields (dense squamous sheets, little blue
 #: absorbed) have red - blue of only -0.01 to +0.05 but a blue share of 0.22-0.25; the synthetic
