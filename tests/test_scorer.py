@@ -243,3 +243,29 @@ def test_folded_normalization_gives_the_same_probabilities(work, tmp_path):
         plain = predict_probs(loaded.model, loaded.info, tiles)
         np.testing.assert_allclose(predict_probs(folded, loaded.info, tiles, pixel_input=True), plain, atol=2e-6)
         assert np.abs(plain - plain.mean(axis=0)).max() > 0.05  # the tiles are told apart: a real check
+
+
+def test_checking_the_weights_before_tiling_does_not_import_torch(tmp_path):
+    """``run`` checks the weights before it tiles: through numpy for a float checkpoint, so torch's
+    ~0.5 GB is not resident under the tiling's own peak; NaN weights are still refused there."""
+    import subprocess
+    import sys
+
+    from wsi_contracts.checkpoint import read_header
+    from wsi_pipeline.scoring import DEFAULT_CHECKPOINT, read_checkpoint_info
+
+    code = ("import sys; from wsi_pipeline.scoring import check_weights, read_checkpoint_info; "
+            "check_weights(read_checkpoint_info(sys.argv[1])); print('torch' in sys.modules)")
+    demo = subprocess.run([sys.executable, "-c", code, str(DEFAULT_CHECKPOINT)], capture_output=True, text=True,
+                          check=True)
+    assert demo.stdout.strip() == "False"
+    from safetensors.torch import load_file, save_file
+
+    info = read_checkpoint_info(DEFAULT_CHECKPOINT)  # fp16 and fp32 tensors
+    state = load_file(str(DEFAULT_CHECKPOINT))
+    state["head.weight"][1, 2] = float("inf")
+    bad = tmp_path / "inf.safetensors"
+    save_file(state, str(bad), metadata=read_header(DEFAULT_CHECKPOINT)["__metadata__"])
+    failed = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "tensor head.weight holds NaN or infinite values" in failed.stderr
+    assert info.sha256 != read_checkpoint_info(bad).sha256
