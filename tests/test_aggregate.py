@@ -399,3 +399,14 @@ def test_overlay_picture_from_zarr_bands_equals_the_whole_numpy_picture(shared_d
         with Image.open(io.BytesIO(png)) as got, Image.open(io.BytesIO(expected)) as want:
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert png == overlay_picture(thumb, mask, heat, grid, 2.0, 0.6, "slide")  # numpy arrays alike
+
+
+def test_heatmap_colours_in_bands_equal_the_whole_map():
+    from wsi_pipeline.aggregation.outputs import heatmap_rgba
+
+    heat = np.random.default_rng(2).random((300, 41)).astype(np.float32) * 1.2 - 0.1  # also outside 0..1
+    heat[::7, ::5] = np.nan
+    whole = heatmap_rgba(heat, band_rows=300)
+    assert (whole[..., 3] == 0).sum() == np.isnan(heat).sum() and len(np.unique(whole[..., 0])) > 50
+    for rows in (1, 13, 256):
+        np.testing.assert_array_equal(heatmap_rgba(heat, band_rows=rows), whole)

@@ -395,7 +395,7 @@ def _write_outputs(plan: _AggregatePlan, config: AggregateConfig, s: _SlideScore
     top = s.gallery
     tiles = tile_store.read_tiles(group, top) if len(top) else np.zeros((0, 1, 1, 3))  # checked, never fill
     write("gallery", gallery_png(tiles, s.suspicion[top], s.coords[top], [class_names[int(s.argmax[i])] for i in top]))
-    collection = s.by_object["geojson"] if s.by_object else geojson_collection(
+    collection = s.by_object["geojson"]() if s.by_object else geojson_collection(
         s.coords, plan.probs, s.suspicion, class_names, s.provenance, bounds=plan.meta.slide_dimensions)
     data = json.dumps(collection, separators=(",", ":")).encode()
     write("geojson", gzip.compress(data, mtime=0) if config.geojson_gzip else data)

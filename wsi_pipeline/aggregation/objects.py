@@ -9,6 +9,7 @@ cannot be counted twice. Pure functions of arrays; aggregate.py reads the store 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import uuid
@@ -145,7 +146,8 @@ def aggregate_objects(group, suspicion: np.ndarray, probs: np.ndarray, class_nam
                       provenance: dict[str, Any], slide_score) -> dict[str, Any] | None:
     """Everything aggregate_store needs for a ``cells`` store (None for a grid store): object
     suspicions, the raw slide score over objects, the summary block, the object heatmap on the
-    thumbnail grid (with its grid description), the GeoJSON collection and the gallery tiles."""
+    thumbnail grid (with its grid description), the GeoJSON collection (``geojson``: a function that
+    builds it) and the gallery tiles."""
     from ..tiling import read_objects
 
     found = read_objects(group)
@@ -180,7 +182,8 @@ def aggregate_objects(group, suspicion: np.ndarray, probs: np.ndarray, class_nam
                     # heatmap.npy of a cells store: cells of `stride` level-0 px (thumbnail px or a quarter tile)
                     "heatmap_grid": heat_meta},
         "heat": heat, "heat_grid_meta": heat_meta,
-        "geojson": object_geojson(objects.bbox, objects.centre, objects.area, objects.n_nuclei, obj_s, best_probs,
-                                  n_tiles, class_names, provenance),
+        # built when it is written, after overlay.png: a 60k-px smear's 24k objects are ~70 MB of dicts
+        "geojson": functools.partial(object_geojson, objects.bbox, objects.centre, objects.area, objects.n_nuclei,
+                                     obj_s, best_probs, n_tiles, class_names, provenance),
         "gallery_tiles": best[order],
     }

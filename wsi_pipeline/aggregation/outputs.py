@@ -31,10 +31,16 @@ def _colormap():
     return matplotlib.colormaps[COLORMAP]
 
 
-def heatmap_rgba(heat: np.ndarray) -> np.ndarray:
-    """(rows, cols, 4) uint8 on the fixed 0..1 scale; cells without a tile are transparent."""
-    rgba = (_colormap()(np.nan_to_num(np.clip(heat, 0, 1), nan=0.0)) * 255).round().astype(np.uint8)
-    rgba[..., 3] = np.where(np.isfinite(heat), 255, 0)
+def heatmap_rgba(heat: np.ndarray, band_rows: int = 256) -> np.ndarray:
+    """(rows, cols, 4) uint8 on the fixed 0..1 scale; cells without a tile are transparent.
+
+    Colour-mapped ``band_rows`` rows at a time (the colormap's float64 RGBA of a whole 60k-px smear's
+    object map is ~0.2 GB); every cell's colour is its own, whatever the band height."""
+    rgba = np.empty(tuple(heat.shape) + (4,), np.uint8)
+    for r0 in range(0, heat.shape[0], max(1, int(band_rows))):
+        part = heat[r0:r0 + max(1, int(band_rows))]
+        rgba[r0:r0 + len(part)] = (_colormap()(np.nan_to_num(np.clip(part, 0, 1), nan=0.0)) * 255).round().astype(np.uint8)
+        rgba[r0:r0 + len(part), ..., 3] = np.where(np.isfinite(part), 255, 0)
     return rgba
 
 
@@ -153,22 +159,20 @@ def _picture_with_colourbar(image: np.ndarray, title: str, label: str, note: str
 PICTURE_BAND_ROWS = 1024
 
 
-def _channel_images(source, channels: int | None, convert=None) -> list:
-    """Pillow "L" images of a (h, w[, c]) uint8 array or zarr array, one per channel (``channels=None``: the
+def _channel_image(source, channel: int | None, convert=None):
+    """A Pillow "L" image of one channel of a (h, w, c) uint8 array or zarr array (``channel=None``: the
     2-D array itself, through ``convert``), filled band by band: neither the whole array nor Pillow's
     4-byte-per-pixel RGB copy of it (0.4 GB together for a 60k-px slide's thumbnail) is ever held."""
     from PIL import Image
 
     h, w = (int(v) for v in source.shape[:2])
-    images = [Image.new("L", (w, h)) for _ in range(channels or 1)]
+    image = Image.new("L", (w, h))
     for r0 in range(0, h, PICTURE_BAND_ROWS):
         band = np.asarray(source[r0:r0 + PICTURE_BAND_ROWS])
-        planes = [band] if channels is None else [band[..., c] for c in range(channels)]
-        for image, plane in zip(images, planes):
-            plane = convert(plane) if convert is not None else plane
-            image.paste(Image.fromarray(np.ascontiguousarray(plane, dtype=np.uint8)), (0, r0))
-        del band, planes
-    return images
+        plane = band if channel is None else band[..., channel]
+        plane = convert(plane) if convert is not None else plane
+        image.paste(Image.fromarray(np.ascontiguousarray(plane, dtype=np.uint8)), (0, r0))
+    return image
 
 
 def overlay_picture(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, grid_meta: dict,
@@ -185,13 +189,14 @@ def overlay_picture(thumbnail: np.ndarray, mask: np.ndarray, heat: np.ndarray, g
     h, w = thumbnail.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     planes = []
-    for image in _channel_images(thumbnail, 3):
+    for c in range(3):  # one full-size channel at a time (each read from the store again)
+        image = _channel_image(thumbnail, c)
         planes.append(image.resize(size, Image.Resampling.LANCZOS))
-        image.close()  # each full-size channel goes as soon as it is resized
+        image.close()
     thumb = np.asarray(Image.merge("RGB", planes))
     # bilinear then threshold: a smooth outline, not the staircase of the coarse mask's pixels
     if tuple(mask.shape) == (h, w):
-        big = _channel_images(mask, None, lambda m: m.astype(np.uint8) * 255)[0]
+        big = _channel_image(mask, None, lambda m: m.astype(np.uint8) * 255)
         big_mask = np.asarray(big.resize(size, Image.Resampling.BILINEAR)) > 127
         big.close()
     else:
