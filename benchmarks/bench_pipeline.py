@@ -7,10 +7,12 @@ smear (wsi_pipeline.synth, made once under --work). Each (slide, model) pair run
 process with a fresh output folder, so tiling, scoring and aggregation are all timed and the
 peak RSS (VmHWM of that process) belongs to that run alone.
 
-``--placements``: instead, the whole `run` with the student under each tile placement (grid, cells)
-on a large generated smear (``--large-size``, default 60000 x 60000 px at 0.25 um/px, made once
-under --work and reused): seconds, tiles scored and peak RSS side by side. Target on the 2-core
-CPU for cells: under 5 minutes and 1.5 GB, fewer tiles than the grid.
+``--placements``: instead, the whole ``wsi-triage run`` command with the student under each tile
+placement (grid, cells) on a large generated smear (``--large-size``, default 60000 x 60000 px at
+0.25 um/px, made once under --work and reused), each in a fresh process as a user runs it (imports
+included): seconds, tiles scored and the peak RSS of the command with its worker processes
+(sampled every 0.1 s) side by side. Target on the 2-core CPU for cells: under 5 minutes and 1.5 GB,
+fewer tiles than the grid.
 
 ``--schedulers N``: instead, the dask scheduler of scoring, threads against processes, side by side
 (alternating, each in a fresh ``wsi-triage`` process): one ``batch`` over N small generated smears
@@ -248,13 +250,29 @@ def placements(args) -> None:
     if not tilings or any(t not in ("grid", "cells") for t in tilings):
         raise SystemExit(f"error: --tilings: expected grid and/or cells, got {args.tilings!r}")
     for tiling in tilings:
-        r = run_child(smear, student, work / f"out-{tiling}", args.scheduler, tiling)
+        r = run_command(smear, student, work / f"out-{tiling}", args.scheduler, tiling)
         results.append({"tiling": tiling, **r})
         print(f"{tiling:10} {r['n_tiles']:7d} {r.get('n_grid', 0):7d} {r['seconds']:7.1f} {r['tile_seconds']:7.1f} "
               f"{r['score_seconds']:8.1f} {r['aggregate_seconds']:6.1f} {r['peak_rss_mb']:11.0f} "
               f"{(r['score'] or 0):7.3f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def run_command(slide: Path, ckpt: Path, out: Path, scheduler: str, tiling: str) -> dict:
+    """One ``wsi-triage run`` as a user runs it, in a fresh process (imports included, which also sets
+    what lies under the tiling's peak): its figures from ``--json``, the peak RSS of the command with
+    its worker processes."""
+    shutil.rmtree(out, ignore_errors=True)
+    seconds, peak, stdout = measured([sys.executable, "-m", "wsi_pipeline", "run", str(slide), "--out", str(out),
+                                      "--checkpoint", str(ckpt), "--scheduler", scheduler, "--tiling", tiling,
+                                      "--quiet", "--json"])
+    run = json.loads(stdout[stdout.find("{"):])
+    steps = run["steps"]
+    return {"n_tiles": run["n_tiles"], "n_grid": steps["tile"].get("grid_tiles", 0), "score": run["score"],
+            "seconds": seconds, "tile_seconds": steps["tile"]["seconds"], "score_seconds": steps["score"]["seconds"],
+            "aggregate_seconds": steps["aggregate"]["seconds"], "precision": steps["score"]["precision"],
+            "device": steps["score"]["device"], "peak_rss_mb": peak}
 
 
 def measured(cmd: list[str]) -> tuple[float, float, str]:
