@@ -170,7 +170,6 @@ def main() -> None:
 
     from wsi_contracts.checkpoint import TTA_KEY, copy_with_metadata
     from wsi_pipeline.scoring import DEFAULT_CHECKPOINT, read_checkpoint_info
-    from wsi_pipeline.synth import SynthConfig, synthesize
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -190,11 +189,7 @@ def main() -> None:
     cmu = Path(args.shared) / "slides" / "CMU-1-Small-Region.svs"
     if cmu.exists():
         slides.append(("aperio CMU-1-Small-Region", cmu))
-    smear = work / f"smear-{args.smear_size}.tiff"
-    if not smear.exists():
-        t = time.perf_counter()
-        synthesize(smear, SynthConfig(width=args.smear_size, height=args.smear_size, mpp=0.25, seed=0, fraction=0.25))
-        print(f"generated {smear.name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    smear = made_once(work / f"smear-{args.smear_size}.tiff", args.smear_size, seed=0)
     slides.append((f"generated smear {args.smear_size}x{args.smear_size}", smear))
 
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, {os.cpu_count()} CPUs, torch threads "
@@ -227,20 +222,30 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
+def made_once(path: Path, size: int, seed: int) -> Path:
+    """The generated smear (``size`` px square at 0.25 um/px, a quarter of the planted cells
+    suspicious), made once and reused while this renderer would draw the same pixels
+    (``wsi_pipeline.synth.made_with``: a smear drawn by an older renderer is made anew)."""
+    from wsi_pipeline.synth import SynthConfig, made_with, synthesize, truth_paths
+
+    cfg = SynthConfig(width=size, height=size, mpp=0.25, seed=seed, fraction=0.25)
+    if path.exists() and made_with(truth_paths(path)[0], cfg):
+        return path
+    t = time.perf_counter()
+    synthesize(path, cfg)
+    print(f"generated {path.name} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s",
+          file=sys.stderr)
+    return path
+
+
 def placements(args) -> None:
     """Whole `run` with the student under each placement on one large smear, each in a fresh process."""
     from wsi_pipeline.scoring import DEFAULT_CHECKPOINT
-    from wsi_pipeline.synth import SynthConfig, synthesize
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     student = Path(args.student) if args.student else DEFAULT_CHECKPOINT
-    smear = work / f"smear-large-{args.large_size}.tiff"
-    if not smear.exists():  # generated once, reused by later runs
-        t = time.perf_counter()
-        synthesize(smear, SynthConfig(width=args.large_size, height=args.large_size, mpp=0.25, seed=7, fraction=0.25))
-        print(f"generated {smear.name} ({smear.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s",
-              file=sys.stderr)
+    smear = made_once(work / f"smear-large-{args.large_size}.tiff", args.large_size, seed=7)
     print(f"{os.cpu_count()} CPUs, scheduler {args.scheduler}; slide {smear.name} "
           f"({args.large_size} x {args.large_size} px at 0.25 um/px); student {student.name}")
     print(f"{'placement':10} {'tiles':>7} {'grid':>7} {'e2e s':>7} {'tile s':>7} {'score s':>8} {'agg s':>6} "
@@ -313,19 +318,13 @@ def measured(cmd: list[str]) -> tuple[float, float, str]:
 
 def schedulers(args) -> None:
     """Scoring on dask's threads vs processes scheduler: a batch of small slides and one larger slide."""
-    from wsi_pipeline.synth import SynthConfig, synthesize
 
     work = Path(args.work)
     small = work / f"small-{args.small_size}"
     small.mkdir(parents=True, exist_ok=True)
     for i in range(args.schedulers):
-        path = small / f"smear{i:02d}.tiff"
-        if not path.exists():
-            synthesize(path, SynthConfig(width=args.small_size, height=args.small_size, mpp=0.25, seed=100 + i,
-                                         fraction=0.25))
-    smear = work / f"smear-{args.smear_size}.tiff"
-    if not smear.exists():
-        synthesize(smear, SynthConfig(width=args.smear_size, height=args.smear_size, mpp=0.25, seed=0, fraction=0.25))
+        made_once(small / f"smear{i:02d}.tiff", args.small_size, seed=100 + i)
+    smear = made_once(work / f"smear-{args.smear_size}.tiff", args.smear_size, seed=0)
     student = ["--checkpoint", args.student] if args.student else []
     print(f"{os.cpu_count()} CPUs; scoring scheduler threads vs processes (fresh process each, alternating)")
     print(f"{'workload':42} {'scheduler':10} {'tiles':>6} {'seconds':>8} {'tiles/s':>8} {'peak RSS MB':>11}")
