@@ -169,7 +169,7 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     mark. Measured on the scoring of an 8k-px smear: -90 MB peak RSS at the same speed."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library by that name (Windows: CDLL(None) is refused)
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
@@ -184,7 +184,7 @@ def release_memory() -> None:
     gc.collect()
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return
     trim(0)
 
