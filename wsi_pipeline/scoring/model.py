@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from wsi_contracts.checkpoint import CheckpointInfo, load_weights, ood_stats, read_header, read_info, read_weights
+from wsi_contracts.checkpoint import CheckpointInfo, check_weights_finite, load_weights, ood_stats, read_info
 from wsi_contracts.errors import CheckpointError
 from wsi_contracts.ood import OodStats
 
@@ -83,41 +83,12 @@ def cached_model(checkpoint_path: str | Path, sha256: str, device: str) -> Loade
 
 
 _FINITE_OK: set[str] = set()
-#: safetensors dtypes numpy reads as they are (bf16 and the rest are checked through torch)
-_NUMPY_FLOATS = frozenset({"F16", "F32", "F64"})
 
 
 def check_weights(info: CheckpointInfo) -> None:
-    """Refuse weights with NaN/inf before any slide is tiled (once per checkpoint sha256 per process).
-
-    A checkpoint of fp16/fp32/fp64 tensors is checked with numpy, without importing torch: ``run``
-    checks before it tiles, and torch (~0.5 GB resident) would otherwise sit under the tiling's
-    own peak; others go through :func:`wsi_contracts.checkpoint.read_weights` (same errors)."""
+    """Refuse weights with NaN/inf before any slide is tiled (once per checkpoint sha256 per process;
+    :func:`wsi_contracts.checkpoint.check_weights_finite`: without importing torch for float tensors)."""
     if info.sha256 in _FINITE_OK:
         return
-    dtypes = {entry.get("dtype") for name, entry in read_header(info.path).items()
-              if name != "__metadata__" and isinstance(entry, dict)}
-    if dtypes and dtypes <= _NUMPY_FLOATS:
-        _check_finite_numpy(info)
-    else:
-        read_weights(info)
+    check_weights_finite(info)
     _FINITE_OK.add(info.sha256)
-
-
-def _check_finite_numpy(info: CheckpointInfo) -> None:
-    """:func:`read_weights`' finiteness check of a float checkpoint, tensor by tensor through numpy."""
-    import numpy as np
-    from safetensors import SafetensorError, safe_open
-
-    bad = None
-    try:
-        with safe_open(str(info.path), framework="numpy") as fh:
-            for name in fh.keys():
-                if not np.isfinite(fh.get_tensor(name)).all():
-                    bad = name
-                    break
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{info.path}: unreadable safetensors tensors ({str(exc).splitlines()[0]})") from None
-    if bad is not None:
-        raise CheckpointError(f"{info.path}: tensor {bad} holds NaN or infinite values (damaged checkpoint); "
-                              "export it again")
