@@ -167,11 +167,8 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     the blocks (torch's activations, numpy planes) come from per-thread arenas that keep them after
     use; scoring's two worker threads plus zarr's decoder threads then each hold their own high-water
     mark. Measured on the scoring of an 8k-px smear: -90 MB peak RSS at the same speed."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # no C library by that name (Windows: CDLL(None) is refused)
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def release_memory() -> None:
@@ -182,11 +179,18 @@ def release_memory() -> None:
     next one's peak (a 60k-px smear: ~0.4 GB after tiling under scoring). ``malloc_trim`` returns
     it; elsewhere (macOS, musl) this only collects garbage."""
     gc.collect()
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+def _libc_function(name: str):
+    """The process's C library function ``name``, or None where it has none (macOS, musl: no
+    ``malloc_trim``; Windows: ctypes refuses ``CDLL(None)``)."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):
-        return
-    trim(0)
+        return None
 
 
 def score_and_aggregate(store: Path, out_dir: Path, options: RunOptions, info: CheckpointInfo,
