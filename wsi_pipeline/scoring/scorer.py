@@ -27,7 +27,7 @@ import numpy as np
 
 from wsi_contracts import tilestore as tile_store
 from wsi_contracts.tilestore import ScoreMeta, StoreMeta, list_scores, read_ood, read_scores, scores_key
-from wsi_contracts.checkpoint import CheckpointInfo, TestTimeAugmentation
+from wsi_contracts.checkpoint import TTA_VIEWS, CheckpointInfo, TestTimeAugmentation
 from .model import LoadedCheckpoint, cached_model, read_checkpoint_info
 from ..errors import CheckpointError, OptionError, StoreError
 from ..progress import Counter, Progress
@@ -240,7 +240,7 @@ def _other_views(x, views: str) -> Iterator:
     :data:`~wsi_contracts.checkpoint.TTA_VIEWS`."""
     import torch
 
-    if views not in ("rot4", "flips", "d8"):
+    if views not in TTA_VIEWS or TTA_VIEWS[views] == 1:
         raise ValueError(f"unknown test-time augmentation views {views!r}")
     if views == "flips":
         yield from (x.flip(3), x.flip(2), x.flip((2, 3)))
