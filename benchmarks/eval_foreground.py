@@ -302,7 +302,10 @@ def _stroke_figures(path: Path, size: int, mpp: float):
     with_cell = tile_fractions(cells, ds, boxes) > 0
     stroke_tiles = on_stroke & ~with_cell
     kept = {(int(r), int(c)) for r, c in plan.grid}
-    n_kept = sum((int(r), int(c)) in kept for r, c in zip(rr.ravel()[stroke_tiles], cc.ravel()[stroke_tiles]))
+    kept_stroke = np.zeros(len(boxes), bool)  # the stroke tiles the tiler kept
+    kept_stroke[np.flatnonzero(stroke_tiles)] = [(int(r), int(c)) in kept for r, c in
+                                                 zip(rr.ravel()[stroke_tiles], cc.ravel()[stroke_tiles])]
+    n_kept = int(kept_stroke.sum())
     nuclei = np.array([c["nucleus"] for c in truth["cells"] if c["nucleus"] is not None], float)
     in_group = np.array([c["group"] is not None for c in truth["cells"] if c["nucleus"] is not None])
     ok = _in_kept_tiles(nuclei, plan.coords) if len(nuclei) else np.ones(0, bool)
@@ -320,9 +323,6 @@ def _stroke_figures(path: Path, size: int, mpp: float):
     near_truth = cKDTree(truth_rc).query(centres)[0] <= 5 if len(truth_rc) and len(centres) else np.zeros(len(centres), bool)
     off_cells = stroke[at] & ~cells[at]
     real = stroke[at] & cells[at] & near_truth
-    kept_stroke = np.zeros(len(boxes), bool)
-    kept_stroke[np.flatnonzero(stroke_tiles)] = [(int(r), int(c)) in kept for r, c in
-                                                 zip(rr.ravel()[stroke_tiles], cc.ravel()[stroke_tiles])]
     pts0 = (centres + 0.5) * ds  # level-0 (y, x), as the tiler counts them
     tile_of = (np.clip(pts0[:, 0] // stride, 0, rows - 1).astype(int) * cols
                + np.clip(pts0[:, 1] // stride, 0, cols - 1).astype(int))
