@@ -3,8 +3,10 @@ for the grid and the cells (object-centred) tile placements side by side on the 
 
 Builds N positive and N negative smears (``wsi_pipeline.synth``) from blood-cell images that no
 model was trained on — by default the PBC images of configs/pbc_heldout.txt in ../shared/data/pbc
-(held out from ALL training), else the held-out cells shipped with the package; ``--pool tuning``
-uses the training pool instead (for choosing settings and calibrating, never for reporting) —
+(held out from ALL training), else the held-out cells shipped with the package; ``--pool
+validation`` uses the checkpoint's own validation split of the training pool instead (cells it never
+learned from, so it is as sure of them as of new cells: for choosing settings and calibrating, never
+for reporting; ``--pool tuning``, the whole training pool, makes a model look surer than it is) —
 runs each through the pipeline (``run_slide``: tile, score with the threads scheduler, aggregate)
 once per placement (``--tiling grid|cells|both``) and reports for each:
 
@@ -32,7 +34,7 @@ smears and stores go to a temporary folder (removed) or to ``--out`` (kept; a re
 smears and stores, and a new ``--checkpoint`` re-scores the stored tiles without re-tiling).
 
     python benchmarks/eval_triage.py [--n 20] [--size 3072x3072] [--tiling both] [--out DIR] [--json FILE|-]
-    python benchmarks/eval_triage.py --pool tuning --seed 5000 --calibrate
+    python benchmarks/eval_triage.py --pool validation --seed 5000 --calibrate
     python benchmarks/eval_triage.py --fields
 """
 
@@ -340,6 +342,27 @@ def tuning_list(pool_root: Path) -> tuple[str, ...]:
                         if str(p.relative_to(pool_root)) not in held))
 
 
+def validation_list(pool_root: Path, info: CheckpointInfo) -> tuple[str, ...]:
+    """The PBC images of the checkpoint's own validation split (never trained on, unlike the rest of
+    the training pool): distill's split with the settings its provenance records, checked against
+    the validation count it records for that data root."""
+    from distill.data import split_paths
+
+    prov = info.metadata.get("provenance") or {}
+    split = prov.get("split") or {}
+    entries = [d for d in prov.get("data", []) if isinstance(d, dict) and Path(str(d.get("root", ""))).name == pool_root.name
+               and d.get("n_val") is not None]
+    if not split or not entries:
+        raise WsiTriageError(f"{info.path}: its provenance records no split of a '{pool_root.name}' data root; "
+                             "--pool validation needs one")
+    group_pattern = (prov.get("config") or {}).get("group_pattern")
+    _, val = split_paths(pool_root, float(split["val_frac"]), int(split["seed"]), HELDOUT_LIST, group_pattern)
+    if len(val) != int(entries[0]["n_val"]):
+        raise WsiTriageError(f"{info.path}: its validation split of {pool_root} held {entries[0]['n_val']} images, "
+                             f"the split made here {len(val)}; the data or the exclude list changed")
+    return tuple(val)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20, help="positive smears, and as many negative ones")
@@ -353,14 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", default=None, help="ImageFolder of cell images [default: ../shared/data/pbc]")
     ap.add_argument("--cell-list", default=None,
                     help="relpaths under --cells to use [default with ../shared/data/pbc: configs/pbc_heldout.txt]")
-    ap.add_argument("--pool", choices=["heldout", "tuning"], default="heldout",
-                    help="with ../shared/data/pbc: held-out cells (evaluation) or the training pool (tuning and "
-                         "calibration; use another --seed)")
+    ap.add_argument("--pool", choices=["heldout", "validation", "tuning"], default="heldout",
+                    help="with ../shared/data/pbc: held-out cells (evaluation), the checkpoint's validation split "
+                         "(cells it never learned from: for choosing settings and calibrating; use another --seed) "
+                         "or the whole training pool")
     ap.add_argument("--tiling", choices=["grid", "cells", "both"], default="both",
                     help="tile placement(s) to evaluate on the same smears, side by side")
     ap.add_argument("--calibrate", action="store_true",
                     help="fit the logistic calibration of each placement's raw slide score (Platt) on these smears "
-                         "and print it (for a checkpoint's `calibration` metadata; use --pool tuning)")
+                         "and print it (for a checkpoint's `calibration` metadata; use --pool validation)")
     ap.add_argument("--write-calibration", type=Path, default=None, metavar="OUT",
                     help="with --calibrate: write a copy of the checkpoint carrying the fitted calibration in its "
                          "metadata (`calibration`; tensors bit for bit) to OUT")
@@ -413,11 +437,15 @@ def evaluate_smears(args: argparse.Namespace) -> dict[str, Any]:
             raise WsiTriageError(f"{source.path}: the checkpoint changed while it was being copied; run again")
         cells, listed, cells_desc = cell_source(args.cells, args.cell_list)
         list_name = args.cell_list or (str(HELDOUT_LIST) if listed else None)
-        if args.pool == "tuning":
+        if args.pool != "heldout":
             if cells is None or args.cells:
-                raise WsiTriageError("--pool tuning needs ../shared/data/pbc (and no --cells)")
-            listed = tuning_list(cells)
-            list_name = "training pool (pbc minus configs/pbc_heldout.txt)"
+                raise WsiTriageError(f"--pool {args.pool} needs ../shared/data/pbc (and no --cells)")
+            if args.pool == "tuning":
+                listed = tuning_list(cells)
+                list_name = "training pool (pbc minus configs/pbc_heldout.txt)"
+            else:
+                listed = validation_list(cells, info)
+                list_name = "checkpoint's validation split of the training pool (never trained on)"
             cells_desc = f"{cells} restricted to the {list_name}"
         pool = list_cells(cells, listed)
         suspicious = tuple(c for c in info.suspicious_classes if c in pool.classes)

@@ -25,7 +25,7 @@ from .errors import DistillError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugConfig", "PatchSet", "augment", "balanced_epoch_indices",
            "group_keys", "load_imagefolder", "load_tilestore", "read_exclude", "scan_imagefolder",
-           "stratified_split", "to_input"]
+           "split_paths", "stratified_split", "to_input"]
 
 log = logging.getLogger("distill")
 
@@ -233,6 +233,17 @@ def stratified_split(labels: torch.Tensor, val_frac: float, seed: int,
         val.append(idx[:k])
         train.append(idx[k:])
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
+
+
+def split_paths(root: str | Path, val_frac: float, seed: int, exclude: str | Path | None = None,
+                group_pattern: str | None = None) -> tuple[list[str], list[str]]:
+    """(train, validation) relative paths of an ImageFolder under distill's split, without decoding
+    an image: the validation side is the set a model trained with these settings never learned from
+    (for choosing pipeline settings on cells the model did not see)."""
+    rels, labels, _ = scan_imagefolder(root, read_exclude(exclude))
+    train, val = stratified_split(torch.tensor(labels, dtype=torch.int64), val_frac, seed,
+                                  group_keys(rels, group_pattern))
+    return [rels[i] for i in train.tolist()], [rels[i] for i in val.tolist()]
 
 
 def _grouped_split(labels: torch.Tensor, val_frac: float, seed: int,

@@ -67,3 +67,36 @@ def test_write_calibrated_refuses_a_checkpoint_that_changed(tmp_path):
     with pytest.raises(WsiTriageError, match="changed during the evaluation"):
         mod.write_calibrated(source, "0" * 64, {}, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_validation_pool_is_the_split_the_demo_student_was_validated_on(shared_data):
+    """--pool validation: the demo student's own validation images of PBC (the count its provenance
+    records, none held out, none it trained on: the training side is the rest of the pool)."""
+    pbc = shared_data / "pbc"
+    if not pbc.is_dir():
+        pytest.skip(f"{pbc} not present")
+    mod = _module()
+    info = read_checkpoint_info(None)
+    val = mod.validation_list(pbc, info)
+    recorded = next(d for d in info.metadata["provenance"]["data"] if Path(d["root"]).name == "pbc")
+    assert len(val) == recorded["n_val"] == len(set(val))
+    held = set(mod.read_cell_list(str(mod.HELDOUT_LIST)))
+    pool = set(mod.tuning_list(pbc))
+    assert not set(val) & held and set(val) <= pool
+    assert len(pool) - len(val) == recorded["n_train"]
+    # every class is in it, in about its share of the pool (stratified)
+    for cls in {p.split("/")[0] for p in pool}:
+        share = sum(p.startswith(cls + "/") for p in val) / sum(p.startswith(cls + "/") for p in pool)
+        assert 0.13 < share < 0.17, cls
+
+
+def test_validation_pool_refuses_a_checkpoint_without_a_recorded_split(shared_data, tmp_path):
+    pbc = shared_data / "pbc"
+    if not pbc.is_dir():
+        pytest.skip(f"{pbc} not present")
+    mod = _module()
+    source = read_checkpoint_info(None)
+    out = tmp_path / "no-provenance.safetensors"
+    contract.copy_with_metadata(source, out, {"provenance": {"role": "test"}})
+    with pytest.raises(WsiTriageError, match="records no split"):
+        mod.validation_list(pbc, read_checkpoint_info(out))
