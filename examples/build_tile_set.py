@@ -48,16 +48,12 @@ BACKGROUND = "background"
 
 def cell_pool(cells: Path, pool: str, heldout: Path, val_frac: float = 0.15, split_seed: int = 0) -> tuple[str, ...]:
     """Relpaths of the cells a smear may use (see the module docstring)."""
-    from distill.data import read_exclude, scan_imagefolder, stratified_split  # torch: only when building
+    from distill.data import read_exclude, split_paths  # torch: only when building
 
-    held = read_exclude(heldout)
     if pool == "heldout":
-        return tuple(sorted(held))
-    import torch
-
-    rels, labels, _ = scan_imagefolder(cells, held)
-    train_idx, _ = stratified_split(torch.tensor(labels), val_frac, split_seed)
-    return tuple(sorted(rels[i] for i in train_idx.tolist()))
+        return tuple(sorted(read_exclude(heldout)))
+    train, _ = split_paths(cells, val_frac, split_seed, heldout)
+    return tuple(sorted(train))
 
 
 def label_tiles(boxes: np.ndarray, classes: list[str], x: np.ndarray, y: np.ndarray, size: float) -> list[str]:
