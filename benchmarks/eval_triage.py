@@ -253,6 +253,9 @@ def summarise(slides: list[SlideEval], threshold: float) -> dict[str, Any]:
         # the documented decision point: slide score 0.5
         "positives_at_or_above_0_5": _rate(int(np.sum(ps >= 0.5)), ps.size),
         "negatives_below_0_5": _rate(int(np.sum(ns < 0.5)), ns.size),
+        # how far the score is from the probability it claims to be (0 = right and sure; 0.25 = a
+        # constant 0.5): what calibrating on cells the model never saw should lower
+        "brier": float(np.mean(np.r_[(1.0 - ps) ** 2, ns ** 2])) if ps.size + ns.size else None,
         "raw_scores": {"positive": [s.raw_score for s in pos], "negative": [s.raw_score for s in neg]},
         "tiles_per_slide": float(np.mean([s.n_tiles for s in slides])) if slides else None,
         "pipeline_seconds": round(sum(s.run_seconds for s in slides), 1),
@@ -568,6 +571,7 @@ def print_summary(doc: dict[str, Any]) -> None:
                 f"{_fmt(d['fp_rate_negative_tiles'], True)} ({d['negative_tiles_flagged']}/{d['negative_tiles']})",
             "positives scoring >= 0.5": _fmt(d["positives_at_or_above_0_5"], True),
             "negatives scoring < 0.5": _fmt(d["negatives_below_0_5"], True),
+            "Brier score of the slide score": _fmt(d.get("brier")),
             "tiles per slide": f"{d['tiles_per_slide']:.1f}" if d["tiles_per_slide"] is not None else "-",
             "pipeline time, all slides": f"{d['pipeline_seconds']:.0f} s",
             "slides failed / without tissue": f"{d['errors']} / {d['empty']}",

@@ -100,3 +100,18 @@ def test_validation_pool_refuses_a_checkpoint_without_a_recorded_split(shared_da
     contract.copy_with_metadata(source, out, {"provenance": {"role": "test"}})
     with pytest.raises(WsiTriageError, match="records no split"):
         mod.validation_list(pbc, read_checkpoint_info(out))
+
+
+def _slide(mod, label: str, score: float):
+    return mod.SlideEval(slide=f"{label}-{score}", label=label, seed=0, status="ok", score=score, n_tiles=1,
+                         n_tiles_flagged=0, n_tiles_flagged_clean=0, n_tiles_clean=1, planted=0, detected=0,
+                         foreground_missed=0, synth_seconds=0.0, run_seconds=0.0, raw_score=score)
+
+
+def test_summary_brier_score_is_zero_when_right_and_sure_and_a_quarter_at_one_half():
+    mod = _module()
+    sure = mod.summarise([_slide(mod, "positive", 1.0), _slide(mod, "negative", 0.0)], 0.5)
+    half = mod.summarise([_slide(mod, "positive", 0.5), _slide(mod, "negative", 0.5)], 0.5)
+    wrong = mod.summarise([_slide(mod, "positive", 0.2), _slide(mod, "negative", 0.9)], 0.5)
+    assert sure["brier"] == 0.0 and half["brier"] == pytest.approx(0.25)
+    assert wrong["brier"] == pytest.approx((0.8 ** 2 + 0.9 ** 2) / 2)
