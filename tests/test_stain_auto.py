@@ -11,10 +11,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from skimage import io
 
-from wsi_pipeline.foreground import decide_stain
+from wsi_pipeline.foreground import decide_stain, detect_foreground
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.synth import SynthConfig, synthesize
 from wsi_pipeline.tiling import TilerConfig, mask_mpp_for
@@ -94,3 +95,60 @@ def test_real_pbc_cells_smear_is_romanowsky(shared_data, tmp_path):
     synthesize(path, SynthConfig(width=3072, height=3072, mpp=0.25, seed=43, cells=shared_data / "pbc"))
     decision = _overview_decision(path)
     assert decision.stain == "romanowsky", decision.as_dict()
+
+
+# --------------------------------------------------------------------------- one pixel pass for every preset
+
+def _assert_same_foreground(got, want):
+    for name in ("mask", "nuclei", "ink", "ink_spared", "ink_opaque"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert (got.nuclei_in_ink, got.stain) == (want.nuclei_in_ink, want.stain)
+
+
+@pytest.mark.parametrize("stain,key", [("romanowsky", "small"), ("romanowsky", "blue"), ("pap", "blue")])
+def test_decided_foreground_is_the_chosen_presets_own(smears, stain, key):
+    # speed (issue 11): decide_stain makes one per-pixel pass for every preset and reuses the Pap
+    # stage's nuclei and ink for the chosen preset; what it returns is exactly detect_foreground's
+    with open_slide(smears[stain, key]) as slide:
+        mpp = slide.require_mpp().x
+        thumb, ds = slide.thumbnail(mask_mpp_for(slide, TilerConfig(), mpp), workers=2)
+    decision, fg = decide_stain(thumb, mpp * ds, 2)
+    assert decision.stain == stain
+    _assert_same_foreground(fg, detect_foreground(thumb, mpp * ds, decision.stain, 2))
+
+
+def test_decided_foreground_on_real_fields_is_the_chosen_presets_own(shared_data):
+    # BCCD fields (0.07 um/px: block-averaged, edges redrawn at native resolution) and Pap fields
+    bccd = sorted((shared_data / "smear_fields").glob("*.jpg"))[3:200:49]
+    pap = sorted((shared_data / "pap_fields" / "mendeley_lbc_512").glob("*.jpg"))[5:80:25]
+    decided = []
+    for path, mpp in [(p, 0.07) for p in bccd] + [(p, 0.5) for p in pap]:
+        rgb = io.imread(path)[..., :3]
+        decision, fg = decide_stain(rgb, mpp)
+        decided.append(decision.stain)
+        _assert_same_foreground(fg, detect_foreground(rgb, mpp, decision.stain))
+    assert {"romanowsky", "pap"} <= set(decided), decided
+
+
+def test_a_preset_passing_other_nucleus_pixels_finds_its_own_nuclei(shared_data):
+    # the Pap stage's nuclei, ink and artefacts are reused only when the other preset's stain test
+    # passes the same nucleus pixels (every real field and smear here: nucleus pixels are dark);
+    # a preset too strict for the paler nuclei labels its own, as it would alone
+    from wsi_pipeline.foreground import StainPreset, get_preset
+    from wsi_pipeline.foreground import mask as fgmask
+
+    rgb = io.imread(sorted((shared_data / "pap_fields" / "mendeley_lbc_512").glob("*.jpg"))[3])[..., :3]
+    work = fgmask._working_image(rgb, 0.5, 1)
+    strict = StainPreset("strict", od_threshold=0.3, saturation_threshold=0.6, min_object_um=4.0, min_foreground=0.05)
+    presets = (get_preset("pap"), get_preset("romanowsky"), strict)
+    shared = fgmask._shared_pass(work.img, work.mpp, presets, work.bg)
+    pap = fgmask._stained_and_artefacts(work.img, work.mpp, presets[0], None, work.bg, shared=shared)
+    for preset, reused in ((presets[1], True), (strict, False)):
+        got = fgmask._stained_and_artefacts(work.img, work.mpp, preset, None, work.bg, shared=shared, previous=pap)
+        alone = fgmask._stained_and_artefacts(work.img, work.mpp, preset, None, work.bg)
+        assert (got.nuclei is pap.nuclei) is reused
+        for name in ("stained", "artefact", "ink", "ink_spared", "ink_opaque"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(alone, name), err_msg=name)
+        np.testing.assert_array_equal(got.nuclei.labels, alone.nuclei.labels)
+        np.testing.assert_array_equal(got.nuclei.centres, alone.nuclei.centres)
+    assert 0 < len(alone.nuclei) < len(pap.nuclei)  # the strict test did drop nucleus pixels

@@ -19,6 +19,7 @@ cut. See docs/foreground.md for the method and the figures measured on real data
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from scipy import ndimage as ndi
 
 from .nuclei import (CELL_RADIUS_UM, MIN_DENSITY, MIN_RELATIVE_CONTRAST, NUCLEUS_MAX_UM, Nuclei, centre_pixels,
     label_nuclei, nucleus_pixels, tophat_halo)
-from .stain import StainDecision, classify_stain, sheet_share
+from .stain import STAINS, StainDecision, classify_stain, sheet_share
 from .colour_codes import _DARK, _SEED, _code_index, _codes, _lookup
 from .glass import _fit_background, _subsample_step
 from .ink import _FAR_FROM_NUCLEI_UM, _ink_regions, _near_nuclei, _stroke_density
@@ -96,6 +97,12 @@ def _stain_test(band: np.ndarray, surface, preset: StainPreset, sigma: float) ->
     saturation 1 - Tmin/Tmax = 1 - 10^-(dmax - dmin) reaches ``saturation_threshold``
     (compared in the OD domain, so no power is taken per pixel).
     """
+    return _stain_tests(band, surface, (preset,), sigma) != 0
+
+
+def _stain_tests(band: np.ndarray, surface, presets: tuple[StainPreset, ...], sigma: float) -> np.ndarray:
+    """:func:`_stain_test` of several presets from one smoothing: uint8, bit ``i`` set where
+    ``presets[i]`` finds the pixel stained (at most 8 presets)."""
     od = np.zeros(band.shape[:2], dtype=np.float32)
     dmax = np.full(band.shape[:2], -np.inf, dtype=np.float32)
     dmin = np.full(band.shape[:2], np.inf, dtype=np.float32)
@@ -111,8 +118,11 @@ def _stain_test(band: np.ndarray, surface, preset: StainPreset, sigma: float) ->
     if sigma >= 0.5:
         od = ndi.gaussian_filter(od, sigma)
         spread = ndi.gaussian_filter(spread, sigma)
-    spread_thr = np.float32(-np.log10(max(1e-6, 1.0 - preset.saturation_threshold)))
-    return (od >= preset.od_threshold) | (spread >= spread_thr)
+    out = np.zeros(band.shape[:2], dtype=np.uint8)
+    for i, preset in enumerate(presets):
+        spread_thr = np.float32(-np.log10(max(1e-6, 1.0 - preset.saturation_threshold)))
+        out |= ((od >= preset.od_threshold) | (spread >= spread_thr)).view(np.uint8) << np.uint8(i)
+    return out
 
 
 def _smoothing_halo(sigma: float) -> int:
@@ -165,23 +175,50 @@ def detect_foreground(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "p
     most 4); bands carry enough context rows that the result equals the single-band one.
     """
     preset = get_preset(stain)
+    work = _working_image(rgb, mpp, workers)
+    if work.img is None:
+        empty = np.zeros(work.rgb.shape[:2], dtype=bool)
+        return ForegroundResult(empty, np.zeros((0, 2)), empty, empty, 0, preset.name, empty)
+    with _pool(work.workers) as pool:
+        st = _stained_and_artefacts(work.img, work.mpp, preset, pool, work.bg, pen_filter=pen_filter)
+        fg = _clean_banded(st.stained & ~st.artefact, work.mpp, preset, pool) & ~st.artefact
+    return _result(work, st, fg, preset)
+
+
+@dataclass(frozen=True)
+class _Working:
+    """An image prepared for the foreground stage: ``img`` at ``mpp`` (``rgb``, of pixel size
+    ``native_mpp``, block-averaged by ``f``; None when the image is empty), its glass ``bg`` and
+    the threads to use."""
+
+    rgb: np.ndarray
+    native_mpp: float
+    img: np.ndarray | None
+    f: int
+    mpp: float
+    workers: int
+    bg: "_Background | None"
+
+
+def _working_image(rgb: np.ndarray, mpp: float, workers: int | None) -> _Working:
     rgb = _as_rgb(rgb)
     if not (isinstance(mpp, (int, float, np.floating, np.integer)) and np.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp must be a positive number, got {mpp!r}")
     H, W = rgb.shape[:2]
     if H == 0 or W == 0:
-        empty = np.zeros((H, W), dtype=bool)
-        return ForegroundResult(empty, np.zeros((0, 2)), empty, empty, 0, preset.name, empty)
+        return _Working(rgb, float(mpp), None, 1, float(mpp), 1, None)
     f = max(1, int(_FINEST_MPP / mpp))
     img = rgb if f == 1 else np.clip(_block_mean(rgb, f) + 0.5, 0, 255).astype(np.uint8)
-    wmpp = float(mpp) * f
     workers = max(1, min(4, os.cpu_count() or 1) if workers is None else int(workers))
     if img.shape[0] * img.shape[1] < _PARALLEL_MIN_PX:
         workers = 1
-    bg = _fit_background(img)
-    with _pool(workers) as pool:
-        st = _stained_and_artefacts(img, wmpp, preset, pool, bg, pen_filter=pen_filter)
-        fg = _clean_banded(st.stained & ~st.artefact, wmpp, preset, pool) & ~st.artefact
+    return _Working(rgb, float(mpp), img, f, float(mpp) * f, workers, _fit_background(img))
+
+
+def _result(work: _Working, st: "_PixelStage", fg: np.ndarray, preset: StainPreset) -> ForegroundResult:
+    """The foreground result from the pixel stage ``st`` and its cleaned foreground ``fg`` (working grid)."""
+    rgb, f = work.rgb, work.f
+    H, W = rgb.shape[:2]
     nuc = st.nuclei
     if len(nuc):
         fg |= nuc.mask
@@ -189,13 +226,13 @@ def detect_foreground(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "p
     if len(nuc) and st.ink.any():
         touching = _dilate_local(st.ink, 1)
         # a centre is in ink when its pixel is (no labelling needed: only "labelled or not" is asked)
-        in_ink_px = st.ink | _near_nuclei(nuc, wmpp, within=touching) & touching
+        in_ink_px = st.ink | _near_nuclei(nuc, work.mpp, within=touching) & touching
         del touching
         in_ink = int(np.count_nonzero(in_ink_px[centre_pixels(nuc.centres, in_ink_px.shape)]))
         del in_ink_px
     ink, spared, opaque = st.ink, st.ink_spared, st.ink_opaque
     if f > 1:
-        fg = _refine_edges(rgb, fg, f, bg, preset, float(mpp))
+        fg = _refine_edges(rgb, fg, f, work.bg, preset, work.native_mpp)
         ink = _upsample(ink, f, H, W)
         spared = _upsample(spared, f, H, W)
         opaque = _upsample(opaque, f, H, W)
@@ -216,14 +253,39 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
 
     The decision is made on the ``pap`` preset's foreground (the most inclusive stain test), less
     the ink-coloured regions the pen rule spared, on an evenly subsampled copy of the image (at
-    most ~250k pixels), so it costs one extra background fit; the foreground is recomputed only
-    when another preset is chosen.
+    most ~250k pixels), so it costs one extra background fit. The per-pixel pass runs once for
+    every preset (:func:`_shared_pass`: what does not depend on the preset, and each preset's
+    stain test from one smoothing); when another preset is chosen, only what depends on its
+    stain test is done again, and the nuclei and ink are reused when the nucleus pixels it
+    passes are those the ``pap`` test passed (the usual case): the same result as
+    :func:`detect_foreground` with that preset.
     """
-    first = detect_foreground(rgb, mpp, "pap", workers, pen_filter=pen_filter)
-    rgb = _as_rgb(rgb)
-    H, W = rgb.shape[:2]
-    if H == 0 or W == 0:
+    work = _working_image(rgb, mpp, workers)
+    if work.img is None:
+        first = detect_foreground(work.rgb, mpp, "pap", workers, pen_filter=pen_filter)
         return classify_stain(np.zeros((0, 0, 3), np.float32), first.mask, 0.0), first
+    pap = get_preset("pap")
+    with _pool(work.workers) as pool:
+        shared = _shared_pass(work.img, work.mpp, tuple(get_preset(s) for s in STAINS), work.bg, pool)
+        stage = _stained_and_artefacts(work.img, work.mpp, pap, pool, work.bg, pen_filter=pen_filter,
+                                       shared=shared)
+        first = _result(work, stage, _clean_banded(stage.stained & ~stage.artefact, work.mpp, pap, pool)
+                        & ~stage.artefact, pap)
+        decision = _classify(work.rgb, float(mpp), first)
+        if decision.stain == "pap":
+            return decision, first
+        del first
+        preset = get_preset(decision.stain)
+        stage = _stained_and_artefacts(work.img, work.mpp, preset, pool, work.bg, pen_filter=pen_filter,
+                                       shared=shared, previous=stage)
+        del shared
+        fg = _clean_banded(stage.stained & ~stage.artefact, work.mpp, preset, pool) & ~stage.artefact
+    return decision, _result(work, stage, fg, preset)
+
+
+def _classify(rgb: np.ndarray, mpp: float, first: ForegroundResult) -> StainDecision:
+    """:func:`classify_stain` of ``rgb`` from its ``pap`` foreground ``first`` (see :func:`decide_stain`)."""
+    H, W = rgb.shape[:2]
     step = _subsample_step(H, W)
     sub = np.ascontiguousarray(rgb[::step, ::step])
     bg = _fit_background(sub)
@@ -231,14 +293,11 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
     cells = np.zeros(sub.shape[:2], dtype=bool)
     if len(first.nuclei):
         cells[centre_pixels(first.nuclei, cells.shape, step)] = True
-        cells = _dilate_local(cells, max(1, int(round(CELL_RADIUS_UM / (float(mpp) * step)))))
+        cells = _dilate_local(cells, max(1, int(round(CELL_RADIUS_UM / (mpp * step)))))
     # ink the pen rule spared (its region holds nuclei) is left out of the colour: a blue stroke
     # across a Romanowsky smear otherwise reads as cyanophilic stain
-    decision = classify_stain(od, first.mask[::step, ::step], sheet_share(first.mask, float(mpp)), cells,
-                              ink=first.ink_spared[::step, ::step])
-    if decision.stain == "pap":
-        return decision, first
-    return decision, detect_foreground(rgb, mpp, decision.stain, workers, pen_filter=pen_filter)
+    return classify_stain(od, first.mask[::step, ::step], sheet_share(first.mask, mpp), cells,
+                          ink=first.ink_spared[::step, ::step])
 
 
 # Smoothing (um) of the native-resolution test that places the mask's edges (see _refine_edges).
@@ -289,19 +348,55 @@ class _PixelStage:
     ink: np.ndarray  # bool: ink regions with their margin (part of artefact)
     ink_spared: np.ndarray  # bool: ink-coloured regions kept because they hold nuclei or texture
     ink_opaque: np.ndarray  # bool: ink too dense to see a nucleus through (see _opaque_ink)
+    # with a shared pass: the nucleus pixels the nuclei were labelled from, and the ink settings;
+    # another preset whose test passes the same pixels finds the same nuclei, ink and artefacts
+    nucleus_input: np.ndarray | None = None
+    ink_settings: tuple | None = None
+
+
+@dataclass(frozen=True)
+class _SharedPass:
+    """:func:`_pixel_pass` for several presets at once: ``passes`` holds bit ``i`` where
+    ``presets[i]``'s stain test passes; colour codes, nucleus pixels (before the stain test) and the
+    nuclear OD do not depend on the preset."""
+
+    presets: tuple[StainPreset, ...]
+    passes: np.ndarray  # uint8
+    codes: np.ndarray
+    pixels: np.ndarray
+    od: "_NuclearOD"
+
+    def stained(self, preset: StainPreset) -> np.ndarray:
+        return (self.passes & np.uint8(1 << self.presets.index(preset))) != 0
+
+
+def _shared_pass(img: np.ndarray, mpp: float, presets: tuple[StainPreset, ...], bg: "_Background",
+                 pool=None) -> _SharedPass:
+    passes, codes, pixels, od = _pixel_pass_presets(img, mpp, presets, bg, pool)
+    return _SharedPass(presets, passes, codes, pixels, od)
 
 
 def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, pool=None,
-                           bg: "_Background | None" = None, pen_filter: bool = True) -> _PixelStage:
+                           bg: "_Background | None" = None, pen_filter: bool = True, *,
+                           shared: _SharedPass | None = None, previous: _PixelStage | None = None) -> _PixelStage:
     """Band-wise per-pixel stage: stained pixels, artefacts, nuclei and ink of the working image.
 
     Stained as :func:`_stain_test` decides, after 0.5 um of smoothing; bands run on ``pool``.
     Ink is decided per region by :func:`_ink_regions` (colour, then shape and context).
+    ``shared``: the per-pixel pass already made (:func:`_shared_pass`, ``preset`` among its
+    presets); ``previous``: the stage of another preset on the same pass, whose nuclei, ink and
+    artefacts are returned when this preset's nucleus pixels are the same (they depend on
+    nothing else).
     """
     h, w = img.shape[:2]
-    bg = _fit_background(img) if bg is None else bg
-    stained, codes, pixels, od_rg = _pixel_pass(img, mpp, preset, bg, pool)
+    if shared is None:
+        bg = _fit_background(img) if bg is None else bg
+        stained, codes, pixels, od_rg = _pixel_pass(img, mpp, preset, bg, pool)
+    else:
+        stained, codes, od_rg = shared.stained(preset), shared.codes, shared.od
+        pixels = shared.pixels.copy()
     use_pen = preset.reject_pen and pen_filter
+    ink_settings = (use_pen, preset.pen_margin_um if use_pen else None)
     if not (use_pen and (codes & (_SEED[0] | _SEED[1] | _SEED[2])).any()):
         od_rg = None  # only the ink decision uses it
     dark = (codes & _DARK) != 0  # dark and colourless: glass edges, borders, dust
@@ -317,7 +412,11 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
     pixels &= stained
     pixels &= ~veto
     del veto, dark, edges  # whole-overview planes: freed before the labelling and the ink stage
+    if (previous is not None and previous.nucleus_input is not None and previous.ink_settings == ink_settings
+            and np.array_equal(previous.nucleus_input, pixels)):
+        return dataclasses.replace(previous, stained=stained)
     nuclei = label_nuclei(pixels, mpp)
+    nucleus_input = pixels if shared is not None else None
     del pixels
     if len(nuclei):  # a nucleus is foreground even where a dark speck's margin reaches it
         artefact &= ~nuclei.mask
@@ -338,7 +437,7 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         ink = spared = np.zeros((h, w), dtype=bool)
     if opaque is None:
         opaque = np.zeros((h, w), dtype=bool)
-    return _PixelStage(stained, artefact, nuclei, ink, spared, opaque)
+    return _PixelStage(stained, artefact, nuclei, ink, spared, opaque, nucleus_input, ink_settings)
 
 
 # Ink whose nuclear density (min of red and green OD; the median over a stroke) reaches this hides
@@ -371,10 +470,18 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
     each band on its own OD with the top-hat's context rows (exact, see :func:`tophat_halo`). The
     OD is returned as a :class:`_NuclearOD`, computed again where it is asked for: two float32
     planes of a 7,500 px overview would hold 450 MB through the ink stage."""
+    passes, codes, pixels, od = _pixel_pass_presets(img, mpp, (preset,), bg, pool)
+    return passes.view(bool), codes, pixels, od
+
+
+def _pixel_pass_presets(img: np.ndarray, mpp: float, presets: tuple[StainPreset, ...], bg: "_Background",
+                        pool=None):
+    """:func:`_pixel_pass` with the stain tests of several ``presets`` (:func:`_stain_tests`: uint8, bit
+    ``i`` for ``presets[i]``) in place of one stained plane."""
     h, w = img.shape[:2]
     sigma = 0.5 / mpp  # 0.5 um denoising; only worth it at fine pixel sizes
     od = _NuclearOD(img, bg, sigma)
-    stained = np.empty((h, w), dtype=bool)
+    passes = np.empty((h, w), dtype=np.uint8)
     codes = np.empty((h, w), dtype=np.uint8)
     pixels = np.empty((h, w), dtype=bool)
     index = _code_index(bg.log_global)  # colour rules relative to the glass
@@ -383,8 +490,8 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
 
     def band_work(b) -> None:
         lo, hi, plo, phi = b
-        test = _stain_test(img[plo:phi], lambda c: bg.rows(plo, phi, c), preset, sigma)
-        stained[lo:hi] = test[lo - plo:hi - plo]
+        test = _stain_tests(img[plo:phi], lambda c: bg.rows(plo, phi, c), presets, sigma)
+        passes[lo:hi] = test[lo - plo:hi - plo]
         del test
         codes[lo:hi] = _codes(img[lo:hi], index)
         c0, c1 = max(0, lo - halo), min(h, hi + halo)  # the top-hat's context
@@ -393,7 +500,7 @@ def _pixel_pass(img: np.ndarray, mpp: float, preset: StainPreset, bg: "_Backgrou
 
     for _ in (pool or _Serial()).map(band_work, list(_bands(h, _smoothing_halo(sigma)))):
         pass
-    return stained, codes, pixels, od
+    return passes, codes, pixels, od
 
 
 class _NuclearOD:
