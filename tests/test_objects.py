@@ -267,3 +267,52 @@ def test_tissue_is_tiled_on_the_grid_under_the_cells_placement(shared_data, tmp_
     assert read_objects(group) is None
     np.testing.assert_array_equal(group["coords"][:], tile_store.open_store(ref.path)["coords"][:])
     assert tile_slide(slide, tmp_path / "cells", cells, workers=1).reused
+
+
+def test_ink_shares_and_peak_shortcuts_equal_their_plain_forms(tmp_path):
+    """Speed (issue 11): the ink test made once on the overview and counted per window equals
+    ink_mask on each window; the split's shortcuts (peaks as the global maxima when every
+    neighbourhood holds the whole component, no labelling for a single peak) give the labels and
+    counts of the plain maximum filter, on every component of a synthetic smear with a black stroke."""
+    import math
+
+    from scipy import ndimage as ndi
+
+    from wsi_pipeline.synth import SynthConfig, synthesize
+    from wsi_pipeline.tiling import objects as obj
+
+    path = tmp_path / "black.tiff"
+    synthesize(path, SynthConfig(width=2048, height=2048, mpp=0.25, seed=11, fraction=0.2, pen_ink="black"))
+    with open_slide(path) as slide:
+        thumb, ds = slide.thumbnail(2.0)
+    mpp, cfg = 0.25 * ds, obj.ObjectConfig()
+    mask = foreground_mask(thumb, mpp, "romanowsky")
+    glass = obj._glass_rgb(thumb, mask)
+    ink = obj._ink_plane(thumb, glass, cfg)
+    np.testing.assert_array_equal(ink, obj.ink_mask(thumb, glass, cfg))
+    assert ink.any()
+    h, w = ink.shape
+    half = 9
+    rr, cc = np.meshgrid(np.arange(0, h, 7), np.arange(0, w, 7), indexing="ij")
+    rows, cols = rr.ravel(), cc.ravel()
+    want = [obj.ink_mask(thumb[max(r - half, 0):r + half + 1, max(c - half, 0):c + half + 1], glass, cfg).mean()
+            for r, c in zip(rows.tolist(), cols.tolist())]
+    got = obj._ink_shares(thumb, glass, rows, cols, half, cfg)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert (got > 0).sum() >= 10, got.max()
+
+    min_px = math.pi * (cfg.min_nucleus_um / 2.0) ** 2 / (mpp * mpp)
+    comp, _ = ndi.label(obj.nuclear_mask(thumb, mask, cfg, min_px), structure=np.ones((3, 3), bool))
+    split_px, covered, several = cfg.split_um / mpp, 0, 0
+    for index, sl in enumerate(ndi.find_objects(comp), start=1):
+        y0, y1, x0, x1 = max(sl[0].start - 3, 0), sl[0].stop + 3, max(sl[1].start - 3, 0), sl[1].stop + 3
+        nuc = comp[y0:y1, x0:x1] == index
+        extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
+        for md in (max(1, int(round(split_px))), max(1, int(round(split_px / 2.0)))):
+            fast, k_fast = obj._split(nuc, md, min_px, extent)
+            plain, k_plain = obj._split(nuc, md, min_px)
+            np.testing.assert_array_equal(fast, plain)
+            assert k_fast == k_plain
+            covered += extent <= md + 1
+            several += k_plain > 1
+    assert covered > 20 and several > 0

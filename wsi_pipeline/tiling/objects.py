@@ -142,12 +142,31 @@ def ink_mask(rgb: np.ndarray, glass_rgb: np.ndarray, config: ObjectConfig = Obje
 def _ink_shares(rgb: np.ndarray, glass_rgb: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int,
                 config: ObjectConfig) -> np.ndarray:
     """Share of :func:`ink_mask` pixels in the (2 * half + 1)^2 window around each (row, col), clipped to
-    the image; computed on each small window only (no whole-overview float image)."""
+    the image. The dark, colourless test is per pixel, so it is made once on the image (in row
+    bands, from per-channel tables: no float image of the whole overview) and the windows count it."""
     h, w = rgb.shape[:2]
+    ink = _ink_plane(rgb, glass_rgb, config)
     out = np.zeros(len(rows), np.float64)
     for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
-        window = rgb[max(r - half, 0):min(r + half + 1, h), max(c - half, 0):min(c + half + 1, w)]
-        out[i] = ink_mask(window, glass_rgb, config).mean() if window.size else 0.0
+        window = ink[max(r - half, 0):min(r + half + 1, h), max(c - half, 0):min(c + half + 1, w)]
+        out[i] = np.count_nonzero(window) / window.size if window.size else 0.0
+    return out
+
+
+def _ink_plane(rgb: np.ndarray, glass_rgb: np.ndarray, config: ObjectConfig) -> np.ndarray:
+    """:func:`ink_mask` of the whole image, the same values: each channel's OD is looked up (float64,
+    as ``ink_mask`` computes it) and combined in its order (the mean over R, G, B is (R + G) + B, / 3)."""
+    od_of = np.log10(np.maximum(glass_rgb, 1.0))[None, :] - _LOG[:, None].astype(np.float64)  # (256, 3)
+    out = np.zeros(rgb.shape[:2], dtype=bool)
+    step = 128
+    for y0 in range(0, rgb.shape[0], step):
+        band = rgb[y0:y0 + step]
+        r, g, b = od_of[band[..., 0], 0], od_of[band[..., 1], 1], od_of[band[..., 2], 2]
+        mean = r + g
+        mean += b
+        mean /= 3
+        spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+        out[y0:y0 + step] = (mean > config.ink_od) & (spread < config.ink_spread * mean)
     return out
 
 
@@ -173,20 +192,36 @@ def _disk(radius: float) -> np.ndarray:
     return (xx * xx + yy * yy) <= radius * radius + 1e-9
 
 
-def _split(component: np.ndarray, min_distance: int, min_px: float) -> tuple[np.ndarray, int]:
+def _split(component: np.ndarray, min_distance: int, min_px: float, extent: int | None = None) -> tuple[np.ndarray, int]:
     """Watershed of the distance transform seeded at its peaks: (labels 1..k on the component, k).
 
     Peaks are the maxima of their (2 * min_distance + 1)^2 neighbourhood (a plateau is one peak);
-    scipy filters, not skimage's peak_local_max, whose spacing bookkeeping costs ~2 ms a call."""
-    dist = ndi.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1]
-    size = 2 * max(1, min_distance) + 1
-    top = (dist == ndi.maximum_filter(dist, size=size, mode="constant")) & component
+    scipy filters, not skimage's peak_local_max, whose spacing bookkeeping costs ~2 ms a call.
+    ``extent``: the component's bounding box side (at most); when every neighbourhood of one of
+    its pixels holds the whole component, the peaks are its global maxima (no filter needed)."""
+    dist = _inner_distance(component)
+    half = max(1, min_distance)
+    if extent is not None and extent <= half + 1:
+        top = (dist == dist.max()) & component
+    else:
+        top = (dist == ndi.maximum_filter(dist, size=2 * half + 1, mode="constant")) & component
+    if np.count_nonzero(top) <= 1:  # one peak (or none): nothing to label or split
+        return component.astype(np.int32), 1
     markers, k = ndi.label(top, structure=np.ones((3, 3), bool))
     if k <= 1:
         return component.astype(np.int32), 1
     labels = watershed(-dist, markers, mask=component)
     sizes = np.bincount(labels.ravel(), minlength=k + 1)[1:]
     return labels, int(np.sum(sizes >= min_px)) or 1
+
+
+def _inner_distance(component: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each pixel of ``component`` to the nearest pixel outside it, the
+    window's border counting as outside (the distance transform of the zero-padded window)."""
+    h, w = component.shape
+    padded = np.zeros((h + 2, w + 2), dtype=bool)
+    padded[1:-1, 1:-1] = component
+    return ndi.distance_transform_edt(padded)[1:-1, 1:-1]
 
 
 def detect_objects(rgb: np.ndarray, mask: np.ndarray, mpp: float, downsample: float, *,
@@ -228,12 +263,13 @@ def detect_objects(rgb: np.ndarray, mask: np.ndarray, mpp: float, downsample: fl
         if extent <= split_px:  # too small to hold two cells' nuclei: one cell (the common case, no watershed)
             pieces, counts = [nuc], [1]
         elif extent + 2 * body_px <= tile_px:  # fits a tile: separate cells if their nuclei are far enough apart
-            parts, k = _split(nuc, max(1, int(round(split_px))), min_px)
-            pieces = [p for p in ((parts == j) for j in range(1, int(parts.max()) + 1)) if p.sum() >= min_px]
-            pieces = pieces if k > 1 and pieces else [nuc]
+            parts, k = _split(nuc, max(1, int(round(split_px))), min_px, extent)
+            pieces = [nuc]
+            if k > 1:
+                pieces = [p for p in ((parts == j) for j in range(1, int(parts.max()) + 1)) if p.sum() >= min_px] or pieces
             counts = [1] * len(pieces)
         else:  # a group: one object, its nuclei counted (peaks at least half a cell apart)
-            _, k = _split(nuc, max(1, int(round(split_px / 2.0))), min_px)
+            _, k = _split(nuc, max(1, int(round(split_px / 2.0))), min_px, extent)
             pieces, counts = [nuc], [k]
         fg = mask[y0:y1, x0:x1]
         for piece, count in zip(pieces, counts):
@@ -249,6 +285,7 @@ def detect_objects(rgb: np.ndarray, mask: np.ndarray, mpp: float, downsample: fl
             nuclei.append(count)
     table = ObjectTable(np.asarray(centres, np.float64).reshape(-1, 2), np.asarray(areas, np.float32),
                         np.asarray(boxes, np.int64).reshape(-1, 4), np.asarray(nuclei, np.int32))
+    del comp, nuclear, joined  # whole-overview planes, before the ink test's own
     if len(table) and tile_um and config.max_ink_share < 1:
         rows = (table.centre[:, 1] / downsample).astype(np.int64)
         cols = (table.centre[:, 0] / downsample).astype(np.int64)
