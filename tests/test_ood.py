@@ -93,6 +93,30 @@ def test_distance_matches_the_exporters_formula():
     assert s["n_flagged"] >= 2 and s["fraction"] == pytest.approx(s["n_flagged"] / 7)
 
 
+def test_distance_on_real_features_equals_the_numpy_form(demo):
+    """The distance is computed with torch (numpy's OpenBLAS threads spun beside the scoring threads,
+    issue 11 speed); on the demo student's features of real cells it gives the float32 distances of
+    the numpy form it replaced, printed as the max abs difference."""
+    from PIL import Image
+
+    from wsi_pipeline.scoring import features_and_logits
+
+    files = sorted(SHIPPED_CELLS.glob("*/*.jpg"))[1::2]
+    tiles = np.stack([np.asarray(Image.open(f).convert("RGB").resize((128, 128), Image.BILINEAR)) for f in files])
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(demo.info.mean).view(1, 3, 1, 1)) / torch.tensor(demo.info.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        feats = features_and_logits(demo.model, x)[0].numpy()
+    f, p, mu = feats.astype(np.float64), demo.ood.precision.astype(np.float64), demo.ood.class_means.astype(np.float64)
+    fp = f @ p
+    d2 = np.einsum("nd,nd->n", fp, f)[:, None] - 2.0 * fp @ mu.T + np.einsum("cd,cd->c", mu @ p, mu)[None, :]
+    want = np.sqrt(np.maximum(d2.min(axis=1), 0.0)).astype(np.float32)
+    got = ood_distance(feats, demo.ood)
+    diff = float(np.max(np.abs(got - want)))
+    print(f"OOD distance, torch vs numpy form, {len(got)} real cells: max abs difference {diff:.3g}")
+    assert got.dtype == np.float32 and len(got) >= 100 and diff < 1e-5
+
+
 def _with_ood(src: Path, dst: Path, means_shape, prec_shape, meta_extra=None, drop_meta=False) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file

@@ -27,19 +27,27 @@ SLIDE_FRACTION = 0.5
 
 
 def ood_distance(features: np.ndarray, stats: OodStats) -> np.ndarray:
-    """Smallest Mahalanobis distance of each feature row (n, D) to a class mean, (n,) float32."""
+    """Smallest Mahalanobis distance of each feature row (n, D) to a class mean, (n,) float32.
+
+    Computed with torch in float64, not numpy: numpy's OpenBLAS runs the (n, D) x (D, D) product
+    on threads of its own beside the scoring threads, which spin after each call; on 2 cores that
+    cost ~10 % of the whole scoring (``benchmarks/bench_speed.py``, stage ``score``). torch's BLAS
+    runs on the calling worker's threads. Same formula; the same float32 distances on real tiles."""
+    import torch
+
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[1] != stats.dim:
         raise ValueError(f"features of shape {f.shape} for OOD statistics of dimension {stats.dim}")
     if len(f) == 0:
         return np.zeros(0, dtype=np.float32)
-    p = stats.precision.astype(np.float64)
-    mu = stats.class_means.astype(np.float64)
+    ft = torch.from_numpy(f)
+    p = torch.from_numpy(stats.precision.astype(np.float64))
+    mu = torch.from_numpy(stats.class_means.astype(np.float64))
     # (f - mu)^T P (f - mu) = f P f - 2 f P mu + mu P mu, for every class at once
-    fp = f @ p
-    d2 = (np.einsum("nd,nd->n", fp, f)[:, None] - 2.0 * fp @ mu.T
-          + np.einsum("cd,cd->c", mu @ p, mu)[None, :])
-    return np.sqrt(np.maximum(d2.min(axis=1), 0.0)).astype(np.float32)
+    fp = ft @ p
+    d2 = (torch.einsum("nd,nd->n", fp, ft)[:, None] - 2.0 * fp @ mu.T
+          + torch.einsum("cd,cd->c", mu @ p, mu)[None, :])
+    return torch.sqrt(torch.clamp(d2.min(dim=1).values, min=0.0)).numpy().astype(np.float32)
 
 
 def features_and_logits(model, x):
