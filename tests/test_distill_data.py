@@ -172,3 +172,23 @@ def test_real_jpeg_tile_store_reads_without_importing_wsi_pipeline(tmp_path):
     values = [int(v.strip("[],")) for v in out[:2]]
     assert abs(values[0] - 120) <= 2 and abs(values[1] - 40) <= 2
     assert out[2] == "False"
+
+
+def test_split_paths_is_the_split_training_makes(tmp_path):
+    """split_paths (no decoding) names the same validation images as training's own split of the
+    decoded folder (load_imagefolder + stratified_split), with an exclude list and with groups."""
+    from pathlib import Path
+
+    from distill.data import group_keys, split_paths
+
+    cells = Path(__file__).resolve().parents[1] / "wsi_pipeline" / "data" / "cells"  # shipped real cells
+    first = sorted(p for p in cells.glob("*/*") if p.suffix.lower() in {".jpg", ".png"})[:5]
+    ex = tmp_path / "ex.txt"
+    ex.write_text("".join(f"{p.parent.name}/{p.name}\n" for p in first))
+    for pattern in (None, r"^[a-z]+/[A-Z]+_\d"):
+        train, val = split_paths(cells, 0.2, 3, ex, pattern)
+        ps = load_imagefolder(cells, 8, exclude=ex)
+        tr, va = stratified_split(ps.labels, 0.2, 3, group_keys(ps.paths, pattern))
+        assert val == [ps.paths[i] for i in va.tolist()] and train == [ps.paths[i] for i in tr.tolist()]
+        assert not set(val) & set(train) and len(val) + len(train) == len(ps.paths)
+        assert not {f"{p.parent.name}/{p.name}" for p in first} & (set(val) | set(train))
