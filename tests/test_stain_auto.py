@@ -130,25 +130,34 @@ def test_decided_foreground_on_real_fields_is_the_chosen_presets_own(shared_data
     assert {"romanowsky", "pap"} <= set(decided), decided
 
 
-def test_a_preset_passing_other_nucleus_pixels_finds_its_own_nuclei(shared_data):
-    # the Pap stage's nuclei, ink and artefacts are reused only when the other preset's stain test
-    # passes the same nucleus pixels (every real field and smear here: nucleus pixels are dark);
-    # a preset too strict for the paler nuclei labels its own, as it would alone
+def test_only_presets_passing_the_same_nucleus_pixels_share_the_pap_stage(shared_data):
+    # the Pap stage's nuclei, ink and artefacts serve another preset only when its stain test passes
+    # the same nucleus pixels (every real field and smear here: nucleus pixels are dark); then its
+    # stage with its own stain test is the one it makes alone. A preset too strict for the paler
+    # nuclei is not offered (decide_stain makes its stage anew).
     from wsi_pipeline.foreground import StainPreset, get_preset
     from wsi_pipeline.foreground import mask as fgmask
 
     rgb = io.imread(sorted((shared_data / "pap_fields" / "mendeley_lbc_512").glob("*.jpg"))[3])[..., :3]
     work = fgmask._working_image(rgb, 0.5, 1)
     strict = StainPreset("strict", od_threshold=0.3, saturation_threshold=0.6, min_object_um=4.0, min_foreground=0.05)
-    presets = (get_preset("pap"), get_preset("romanowsky"), strict)
-    shared = fgmask._shared_pass(work.img, work.mpp, presets, work.bg)
-    pap = fgmask._stained_and_artefacts(work.img, work.mpp, presets[0], None, work.bg, shared=shared)
-    for preset, reused in ((presets[1], True), (strict, False)):
-        got = fgmask._stained_and_artefacts(work.img, work.mpp, preset, None, work.bg, shared=shared, previous=pap)
-        alone = fgmask._stained_and_artefacts(work.img, work.mpp, preset, None, work.bg)
-        assert (got.nuclei is pap.nuclei) is reused
-        for name in ("stained", "artefact", "ink", "ink_spared", "ink_opaque"):
-            np.testing.assert_array_equal(getattr(got, name), getattr(alone, name), err_msg=name)
-        np.testing.assert_array_equal(got.nuclei.labels, alone.nuclei.labels)
-        np.testing.assert_array_equal(got.nuclei.centres, alone.nuclei.centres)
-    assert 0 < len(alone.nuclei) < len(pap.nuclei)  # the strict test did drop nucleus pixels
+    pap, others = get_preset("pap"), (get_preset("romanowsky"), get_preset("he"), strict)
+    passes = [fgmask._pixel_pass_presets(work.img, work.mpp, (pap, *others), work.bg)]
+    stage, same = fgmask._stained_and_artefacts(work.img, work.mpp, pap, None, work.bg, passes=passes, others=others)
+    assert passes == [] and set(same) == set(others[:2])
+    alone = fgmask._stained_and_artefacts(work.img, work.mpp, pap, None, work.bg)
+    for preset in others:
+        own = fgmask._stained_and_artefacts(work.img, work.mpp, preset, None, work.bg)
+        if preset in same:
+            stained = np.unpackbits(same[preset], count=own.stained.size).view(bool).reshape(own.stained.shape)
+            np.testing.assert_array_equal(stained, own.stained)
+            ref = stage
+        else:
+            assert 0 < len(own.nuclei) < len(stage.nuclei)  # the strict test did drop nucleus pixels
+            continue
+        for name in ("artefact", "ink", "ink_spared", "ink_opaque"):
+            np.testing.assert_array_equal(getattr(ref, name), getattr(own, name), err_msg=name)
+        np.testing.assert_array_equal(ref.nuclei.labels, own.nuclei.labels)
+        np.testing.assert_array_equal(ref.nuclei.centres, own.nuclei.centres)
+    for name in ("stained", "artefact", "ink", "ink_spared", "ink_opaque"):  # the Pap stage is the plain one
+        np.testing.assert_array_equal(getattr(stage, name), getattr(alone, name), err_msg=name)

@@ -253,22 +253,22 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
 
     The decision is made on the ``pap`` preset's foreground (the most inclusive stain test), less
     the ink-coloured regions the pen rule spared, on an evenly subsampled copy of the image (at
-    most ~250k pixels), so it costs one extra background fit. The per-pixel pass runs once for
-    every preset (:func:`_shared_pass`: what does not depend on the preset, and each preset's
-    stain test from one smoothing); when another preset is chosen, only what depends on its
-    stain test is done again, and the nuclei and ink are reused when the nucleus pixels it
-    passes are those the ``pap`` test passed (the usual case): the same result as
-    :func:`detect_foreground` with that preset.
+    most ~250k pixels), so it costs one extra background fit. The per-pixel pass tests every
+    preset at once (one smoothing, :func:`_pixel_pass_presets`); when another preset is chosen
+    and its stain test passes the same nucleus pixels as the ``pap`` test (every real field and
+    smear measured: nucleus pixels are dark), the ``pap`` stage's nuclei, ink and artefacts are
+    its own and only the cleaning is done again; otherwise its stage is made anew. Either way
+    the result is :func:`detect_foreground`'s with that preset.
     """
     work = _working_image(rgb, mpp, workers)
     if work.img is None:
         first = detect_foreground(work.rgb, mpp, "pap", workers, pen_filter=pen_filter)
         return classify_stain(np.zeros((0, 0, 3), np.float32), first.mask, 0.0), first
-    pap = get_preset("pap")
+    pap, others = get_preset("pap"), tuple(get_preset(s) for s in STAINS if s != "pap")
     with _pool(work.workers) as pool:
-        shared = _shared_pass(work.img, work.mpp, tuple(get_preset(s) for s in STAINS), work.bg, pool)
-        stage = _stained_and_artefacts(work.img, work.mpp, pap, pool, work.bg, pen_filter=pen_filter,
-                                       shared=shared)
+        passes = [_pixel_pass_presets(work.img, work.mpp, (pap, *others), work.bg, pool)]
+        stage, same_nuclei = _stained_and_artefacts(work.img, work.mpp, pap, pool, work.bg, pen_filter=pen_filter,
+                                                    passes=passes, others=others)
         first = _result(work, stage, _clean_banded(stage.stained & ~stage.artefact, work.mpp, pap, pool)
                         & ~stage.artefact, pap)
         decision = _classify(work.rgb, float(mpp), first)
@@ -276,9 +276,14 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
             return decision, first
         del first
         preset = get_preset(decision.stain)
-        stage = _stained_and_artefacts(work.img, work.mpp, preset, pool, work.bg, pen_filter=pen_filter,
-                                       shared=shared, previous=stage)
-        del shared
+        stained = same_nuclei.pop(preset, None)
+        if stained is not None:  # the same nuclei, ink and artefacts: only the stain test differs
+            stage = dataclasses.replace(stage, stained=np.unpackbits(stained, count=stage.stained.size)
+                                        .view(bool).reshape(stage.stained.shape))
+        else:  # this preset's stain test passes other nucleus pixels: its own stage, as alone
+            del stage
+            stage = _stained_and_artefacts(work.img, work.mpp, preset, pool, work.bg, pen_filter=pen_filter)
+        del same_nuclei
         fg = _clean_banded(stage.stained & ~stage.artefact, work.mpp, preset, pool) & ~stage.artefact
     return decision, _result(work, stage, fg, preset)
 
@@ -348,55 +353,34 @@ class _PixelStage:
     ink: np.ndarray  # bool: ink regions with their margin (part of artefact)
     ink_spared: np.ndarray  # bool: ink-coloured regions kept because they hold nuclei or texture
     ink_opaque: np.ndarray  # bool: ink too dense to see a nucleus through (see _opaque_ink)
-    # with a shared pass: the nucleus pixels the nuclei were labelled from, and the ink settings;
-    # another preset whose test passes the same pixels finds the same nuclei, ink and artefacts
-    nucleus_input: np.ndarray | None = None
-    ink_settings: tuple | None = None
-
-
-@dataclass(frozen=True)
-class _SharedPass:
-    """:func:`_pixel_pass` for several presets at once: ``passes`` holds bit ``i`` where
-    ``presets[i]``'s stain test passes; colour codes, nucleus pixels (before the stain test) and the
-    nuclear OD do not depend on the preset."""
-
-    presets: tuple[StainPreset, ...]
-    passes: np.ndarray  # uint8
-    codes: np.ndarray
-    pixels: np.ndarray
-    od: "_NuclearOD"
-
-    def stained(self, preset: StainPreset) -> np.ndarray:
-        return (self.passes & np.uint8(1 << self.presets.index(preset))) != 0
-
-
-def _shared_pass(img: np.ndarray, mpp: float, presets: tuple[StainPreset, ...], bg: "_Background",
-                 pool=None) -> _SharedPass:
-    passes, codes, pixels, od = _pixel_pass_presets(img, mpp, presets, bg, pool)
-    return _SharedPass(presets, passes, codes, pixels, od)
 
 
 def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, pool=None,
                            bg: "_Background | None" = None, pen_filter: bool = True, *,
-                           shared: _SharedPass | None = None, previous: _PixelStage | None = None) -> _PixelStage:
+                           passes: list | None = None, others: tuple[StainPreset, ...] = ()):
     """Band-wise per-pixel stage: stained pixels, artefacts, nuclei and ink of the working image.
 
     Stained as :func:`_stain_test` decides, after 0.5 um of smoothing; bands run on ``pool``.
     Ink is decided per region by :func:`_ink_regions` (colour, then shape and context).
-    ``shared``: the per-pixel pass already made (:func:`_shared_pass`, ``preset`` among its
-    presets); ``previous``: the stage of another preset on the same pass, whose nuclei, ink and
-    artefacts are returned when this preset's nucleus pixels are the same (they depend on
-    nothing else).
+
+    ``passes``: a one-item list holding :func:`_pixel_pass_presets` of ``(preset, *others)``,
+    emptied here (its planes are freed as they are used, as the plain pass's are; the other
+    presets' stain tests are kept bit-packed, 1/8 of a plane). Returns then ``(stage, same)``:
+    ``same`` maps each preset of ``others`` whose stain test passes the same nucleus pixels as
+    ``preset``'s (so its nuclei, ink and artefacts are this stage's: they depend on nothing else)
+    to its stained plane, bit-packed (:func:`numpy.packbits`).
     """
     h, w = img.shape[:2]
-    if shared is None:
+    same: dict = {}
+    if passes is None:
         bg = _fit_background(img) if bg is None else bg
         stained, codes, pixels, od_rg = _pixel_pass(img, mpp, preset, bg, pool)
     else:
-        stained, codes, od_rg = shared.stained(preset), shared.codes, shared.od
-        pixels = shared.pixels.copy()
+        tests, codes, pixels, od_rg = passes.pop()
+        stained = (tests & np.uint8(1)) != 0
+        other_bits = {p: np.packbits((tests & np.uint8(1 << i)) != 0) for i, p in enumerate(others, 1)}
+        del tests
     use_pen = preset.reject_pen and pen_filter
-    ink_settings = (use_pen, preset.pen_margin_um if use_pen else None)
     if not (use_pen and (codes & (_SEED[0] | _SEED[1] | _SEED[2])).any()):
         od_rg = None  # only the ink decision uses it
     dark = (codes & _DARK) != 0  # dark and colourless: glass edges, borders, dust
@@ -409,14 +393,21 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         # next to a dark speck (JPEG noise in a very dark nucleus) a nucleus may be
         edges = _remove_small(dark, np.pi / 4.0 * (NUCLEUS_MAX_UM / mpp) ** 2)
         veto = _dilate_local(edges, r_dark) | dark if edges.any() else dark
-    pixels &= stained
     pixels &= ~veto
+    if passes is not None:
+        # the same nucleus pixels when no candidate lies where the two stain tests disagree; the
+        # ink settings must match too (they decide the ink and its margin)
+        for p, bits in other_bits.items():
+            differ = np.unpackbits(bits, count=stained.size).view(bool).reshape(stained.shape)
+            differ ^= stained
+            differ &= pixels
+            if not differ.any() and (p.reject_pen, p.pen_margin_um) == (preset.reject_pen, preset.pen_margin_um):
+                same[p] = bits
+            del differ
+        del other_bits
+    pixels &= stained
     del veto, dark, edges  # whole-overview planes: freed before the labelling and the ink stage
-    if (previous is not None and previous.nucleus_input is not None and previous.ink_settings == ink_settings
-            and np.array_equal(previous.nucleus_input, pixels)):
-        return dataclasses.replace(previous, stained=stained)
     nuclei = label_nuclei(pixels, mpp)
-    nucleus_input = pixels if shared is not None else None
     del pixels
     if len(nuclei):  # a nucleus is foreground even where a dark speck's margin reaches it
         artefact &= ~nuclei.mask
@@ -437,7 +428,8 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         ink = spared = np.zeros((h, w), dtype=bool)
     if opaque is None:
         opaque = np.zeros((h, w), dtype=bool)
-    return _PixelStage(stained, artefact, nuclei, ink, spared, opaque, nucleus_input, ink_settings)
+    stage = _PixelStage(stained, artefact, nuclei, ink, spared, opaque)
+    return stage if passes is None else (stage, same)
 
 
 # Ink whose nuclear density (min of red and green OD; the median over a stroke) reaches this hides
