@@ -46,6 +46,7 @@ BAD_INPUTS = {
     "benchmarks/eval_foreground.py": (["--shared", "{tmp}/missing"], "{tmp}/missing"),
     "benchmarks/bench_models.py": (["--presets", "huge"], "huge"),
     "benchmarks/bench_scorer_feed.py": (["--batch", "0", "--work", "{tmp}/work"], "--batch"),
+    "benchmarks/bench_speed.py": (["--shards", "0", "--work", "{tmp}/work"], "--shards"),
     "benchmarks/bench_viewer.py": (["--work", "{tmp}", "--size", "100"], "--size"),
     "examples/build_tile_set.py": (["--out", "{tmp}/a-file", "--pool", "heldout"], "{tmp}/a-file"),
     "examples/pack_pbc.py": (["--src", "{tmp}/missing", "--out", "{tmp}/pack"], "{tmp}/missing"),
