@@ -280,14 +280,15 @@ def run_command(slide: Path, ckpt: Path, out: Path, scheduler: str, tiling: str)
             "device": steps["score"]["device"], "peak_rss_mb": peak}
 
 
-def measured(cmd: list[str]) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MB of the process and all its descendants together, stdout) of a command."""
+def measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MB of the process and all its descendants together, stdout) of a command
+    (``env``/``cwd``: its environment and folder, default this process's)."""
     import threading
 
     import psutil
 
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     peak = [0]
     done = threading.Event()
 
@@ -312,7 +313,7 @@ def measured(cmd: list[str]) -> tuple[float, float, str]:
     done.set()
     sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
+        raise SystemExit(f"{' '.join(cmd[:5])} failed:\n{err[-3000:]}")
     return time.perf_counter() - t, peak[0] / 2**20, out
 
 

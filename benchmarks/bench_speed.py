@@ -35,9 +35,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import measured  # noqa: E402  (the one "time and peak RSS of a command")
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the last commit before the speed work of issue 11 item 5 (the stain pass shared, objects,
@@ -141,40 +143,6 @@ def env_for(tree: Path | None) -> dict:
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     return env
-
-
-def measured(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MB of the process and its descendants together, stdout)."""
-    import psutil
-
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    peak = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            total = 0
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                break
-            peak[0] = max(peak[0], total)
-            done.wait(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    done.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:5])} failed:\n{err[-3000:]}")
-    return time.perf_counter() - t, peak[0] / 2**20, out
 
 
 def prepare(work: Path, smear: Path, checkpoint: str) -> None:
@@ -321,7 +289,6 @@ def main() -> None:
             print(f"error: {smear}: no such slide (--smear)", file=sys.stderr)
             sys.exit(2)
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_pipeline import made_once
 
         smear = made_once(work / f"smear-large-{args.large_size}.tiff", args.large_size, seed=7)
