@@ -129,44 +129,21 @@ def nuclear_mask(rgb: np.ndarray, mask: np.ndarray, config: ObjectConfig = Objec
 
 
 def ink_mask(rgb: np.ndarray, glass_rgb: np.ndarray, config: ObjectConfig = ObjectConfig()) -> np.ndarray:
-    """Dark, colourless pixels (black/grey marker ink, dark artefacts); stained cells are coloured."""
-    glass = np.log10(np.maximum(glass_rgb, 1.0))
-    out = np.zeros(rgb.shape[:2], dtype=bool)
-    for y0 in range(0, rgb.shape[0], _BAND):
-        od = glass[None, None, :] - _LOG[rgb[y0:y0 + _BAND]]
-        mean = od.mean(axis=-1)
-        out[y0:y0 + _BAND] = (mean > config.ink_od) & (od.max(axis=-1) - od.min(axis=-1) < config.ink_spread * mean)
-    return out
+    """Dark, colourless pixels (black/grey marker ink, dark artefacts); stained cells are coloured.
 
-
-def _ink_shares(rgb: np.ndarray, glass_rgb: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int,
-                config: ObjectConfig) -> np.ndarray:
-    """Share of :func:`ink_mask` pixels in the (2 * half + 1)^2 window around each (row, col), clipped to
-    the image. The dark, colourless test is per pixel, so it is made once on the image (in row
-    bands, from per-channel tables: no float image of the whole overview) and the windows count it."""
-    h, w = rgb.shape[:2]
-    ink = _ink_plane(rgb, glass_rgb, config)
-    out = np.zeros(len(rows), np.float64)
-    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
-        window = ink[max(r - half, 0):min(r + half + 1, h), max(c - half, 0):min(c + half + 1, w)]
-        out[i] = np.count_nonzero(window) / window.size if window.size else 0.0
-    return out
-
-
-def _ink_plane(rgb: np.ndarray, glass_rgb: np.ndarray, config: ObjectConfig) -> np.ndarray:
-    """:func:`ink_mask` of the whole image, the same values: each channel's OD is looked up (float64,
-    as ``ink_mask`` computes it) and combined in its order (the mean over R, G, B is (R + G) + B, / 3)."""
+    Each channel's OD is looked up in a per-channel table (float64) and the three are combined in
+    the order a mean over the channel axis adds them ((R + G) + B, / 3), row band by row band: no
+    float image of the whole overview."""
     od_of = np.log10(np.maximum(glass_rgb, 1.0))[None, :] - _LOG[:, None].astype(np.float64)  # (256, 3)
     out = np.zeros(rgb.shape[:2], dtype=bool)
-    step = 128
-    for y0 in range(0, rgb.shape[0], step):
-        band = rgb[y0:y0 + step]
+    for y0 in range(0, rgb.shape[0], _INK_BAND):
+        band = rgb[y0:y0 + _INK_BAND]
         r, g, b = od_of[band[..., 0], 0], od_of[band[..., 1], 1], od_of[band[..., 2], 2]
         mean = r + g
         mean += b
         mean /= 3
         spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
-        out[y0:y0 + step] = (mean > config.ink_od) & (spread < config.ink_spread * mean)
+        out[y0:y0 + _INK_BAND] = (mean > config.ink_od) & (spread < config.ink_spread * mean)
     return out
 
 
@@ -174,6 +151,23 @@ def _ink_plane(rgb: np.ndarray, glass_rgb: np.ndarray, config: ObjectConfig) -> 
 #: is a pen stroke, not a chain of nuclei
 STROKE_MIN_UM = 60.0
 STROKE_ELONGATION = 4.0
+
+# rows per band of ink_mask: five float64 planes of the band (a 7,500 px overview: ~40 MB at 128 rows)
+_INK_BAND = 128
+
+
+def _ink_shares(rgb: np.ndarray, glass_rgb: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int,
+                config: ObjectConfig) -> np.ndarray:
+    """Share of :func:`ink_mask` pixels in the (2 * half + 1)^2 window around each (row, col), clipped to
+    the image. The dark, colourless test is per pixel, so it is made once on the image and the
+    windows count it."""
+    h, w = rgb.shape[:2]
+    ink = ink_mask(rgb, glass_rgb, config)
+    out = np.zeros(len(rows), np.float64)
+    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+        window = ink[max(r - half, 0):min(r + half + 1, h), max(c - half, 0):min(c + half + 1, w)]
+        out[i] = np.count_nonzero(window) / window.size if window.size else 0.0
+    return out
 
 
 def _stroke(region: np.ndarray, mpp: float) -> bool:
