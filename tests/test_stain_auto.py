@@ -145,9 +145,10 @@ def test_only_presets_passing_the_same_nucleus_pixels_share_the_pap_stage(shared
     passes = [fgmask._pixel_pass_presets(work.img, work.mpp, (pap, *others), work.bg)]
     stage, same = fgmask._stained_and_artefacts(work.img, work.mpp, pap, None, work.bg, passes=passes, others=others)
     assert passes == [] and set(same) == set(others[:2])
-    alone = fgmask._stained_and_artefacts(work.img, work.mpp, pap, None, work.bg)
+    alone, alone_same = fgmask._stained_and_artefacts(work.img, work.mpp, pap, None, work.bg)
+    assert alone_same == {}
     for preset in others:
-        own = fgmask._stained_and_artefacts(work.img, work.mpp, preset, None, work.bg)
+        own, _ = fgmask._stained_and_artefacts(work.img, work.mpp, preset, None, work.bg)
         if preset in same:
             stained = np.unpackbits(same[preset], count=own.stained.size).view(bool).reshape(own.stained.shape)
             np.testing.assert_array_equal(stained, own.stained)

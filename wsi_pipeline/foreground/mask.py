@@ -180,7 +180,7 @@ def detect_foreground(rgb: np.ndarray, mpp: float, stain: str | StainPreset = "p
         empty = np.zeros(work.rgb.shape[:2], dtype=bool)
         return ForegroundResult(empty, np.zeros((0, 2)), empty, empty, 0, preset.name, empty)
     with _pool(work.workers) as pool:
-        st = _stained_and_artefacts(work.img, work.mpp, preset, pool, work.bg, pen_filter=pen_filter)
+        st, _ = _stained_and_artefacts(work.img, work.mpp, preset, pool, work.bg, pen_filter=pen_filter)
         fg = _clean_banded(st.stained & ~st.artefact, work.mpp, preset, pool) & ~st.artefact
     return _result(work, st, fg, preset)
 
@@ -282,7 +282,7 @@ def decide_stain(rgb: np.ndarray, mpp: float, workers: int | None = None, *,
                                         .view(bool).reshape(stage.stained.shape))
         else:  # this preset's stain test passes other nucleus pixels: its own stage, as alone
             del stage
-            stage = _stained_and_artefacts(work.img, work.mpp, preset, pool, work.bg, pen_filter=pen_filter)
+            stage, _ = _stained_and_artefacts(work.img, work.mpp, preset, pool, work.bg, pen_filter=pen_filter)
         del same_nuclei
         fg = _clean_banded(stage.stained & ~stage.artefact, work.mpp, preset, pool) & ~stage.artefact
     return decision, _result(work, stage, fg, preset)
@@ -357,21 +357,23 @@ class _PixelStage:
 
 def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, pool=None,
                            bg: "_Background | None" = None, pen_filter: bool = True, *,
-                           passes: list | None = None, others: tuple[StainPreset, ...] = ()):
-    """Band-wise per-pixel stage: stained pixels, artefacts, nuclei and ink of the working image.
+                           passes: list | None = None, others: tuple[StainPreset, ...] = ()
+                           ) -> tuple[_PixelStage, dict[StainPreset, np.ndarray]]:
+    """Band-wise per-pixel stage: stained pixels, artefacts, nuclei and ink of the working image,
+    and the presets that share them (empty without ``passes``, below).
 
     Stained as :func:`_stain_test` decides, after 0.5 um of smoothing; bands run on ``pool``.
     Ink is decided per region by :func:`_ink_regions` (colour, then shape and context).
 
     ``passes``: a one-item list holding :func:`_pixel_pass_presets` of ``(preset, *others)``,
     emptied here (its planes are freed as they are used, as the plain pass's are; the other
-    presets' stain tests are kept bit-packed, 1/8 of a plane). Returns then ``(stage, same)``:
-    ``same`` maps each preset of ``others`` whose stain test passes the same nucleus pixels as
-    ``preset``'s (so its nuclei, ink and artefacts are this stage's: they depend on nothing else)
-    to its stained plane, bit-packed (:func:`numpy.packbits`).
+    presets' stain tests are kept bit-packed, 1/8 of a plane). The second item returned, ``same``,
+    maps each preset of ``others`` whose stain test passes the same nucleus pixels as ``preset``'s
+    (so its nuclei, ink and artefacts are this stage's: they depend on nothing else) to its
+    stained plane, bit-packed (:func:`numpy.packbits`).
     """
     h, w = img.shape[:2]
-    same: dict = {}
+    same: dict[StainPreset, np.ndarray] = {}
     if passes is None:
         bg = _fit_background(img) if bg is None else bg
         stained, codes, pixels, od_rg = _pixel_pass(img, mpp, preset, bg, pool)
@@ -428,8 +430,7 @@ def _stained_and_artefacts(img: np.ndarray, mpp: float, preset: StainPreset, poo
         ink = spared = np.zeros((h, w), dtype=bool)
     if opaque is None:
         opaque = np.zeros((h, w), dtype=bool)
-    stage = _PixelStage(stained, artefact, nuclei, ink, spared, opaque)
-    return stage if passes is None else (stage, same)
+    return _PixelStage(stained, artefact, nuclei, ink, spared, opaque), same
 
 
 # Ink whose nuclear density (min of red and green OD; the median over a stroke) reaches this hides
