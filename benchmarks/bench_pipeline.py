@@ -264,14 +264,15 @@ def placements(args) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
-def run_command(slide: Path, ckpt: Path, out: Path, scheduler: str, tiling: str) -> dict:
+def run_command(slide: Path, ckpt: Path, out: Path, scheduler: str, tiling: str, env: dict | None = None,
+                cwd: Path | None = None) -> dict:
     """One ``wsi-triage run`` as a user runs it, in a fresh process (imports included, which also sets
     what lies under the tiling's peak): its figures from ``--json``, the peak RSS of the command with
-    its worker processes."""
+    its worker processes (``env``/``cwd``: see :func:`measured`)."""
     shutil.rmtree(out, ignore_errors=True)
     seconds, peak, stdout = measured([sys.executable, "-m", "wsi_pipeline", "run", str(slide), "--out", str(out),
                                       "--checkpoint", str(ckpt), "--scheduler", scheduler, "--tiling", tiling,
-                                      "--quiet", "--json"])
+                                      "--quiet", "--json"], env, cwd)
     run = json.loads(stdout[stdout.find("{"):])
     steps = run["steps"]
     return {"n_tiles": run["n_tiles"], "n_grid": steps["tile"].get("grid_tiles", 0), "score": run["score"],

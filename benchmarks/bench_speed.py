@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import measured  # noqa: E402  (the one "time and peak RSS of a command")
+from bench_pipeline import made_once, measured, run_command  # noqa: E402  (one place for these)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the last commit before the speed work of issue 11 item 5 (the stain pass shared, objects,
@@ -226,19 +226,14 @@ def whole_run(args, work: Path, smear: Path, tree: Path) -> dict:
     for _ in range(args.repeat):
         for name, t in (("baseline", tree), ("current", None)):
             out = work / f"run-{name}"
-            shutil.rmtree(out, ignore_errors=True)
-            secs, peak, stdout = measured([sys.executable, "-m", "wsi_pipeline", "run", str(smear), "--out", str(out),
-                                           "--checkpoint", args.checkpoint, "--tiling", "cells", "--quiet", "--json"],
-                                          env_for(t), cwd=work)
-            run = json.loads(stdout[stdout.find("{"):])
-            steps = run["steps"]
-            r = {"n_tiles": run["n_tiles"], "seconds": secs, "tile": steps["tile"]["seconds"],
-                 "score": steps["score"]["seconds"], "aggregate": steps["aggregate"]["seconds"], "peak_rss_mb": peak,
-                 "slide_score": run["score"], "precision": steps["score"].get("precision")}
+            res = run_command(smear, Path(args.checkpoint), out, "threads", "cells", env_for(t), work)
+            r = {"n_tiles": res["n_tiles"], "seconds": res["seconds"], "tile": res["tile_seconds"],
+                 "score": res["score_seconds"], "aggregate": res["aggregate_seconds"], "peak_rss_mb": res["peak_rss_mb"],
+                 "slide_score": res["score"], "precision": res["precision"]}
             doc[name].append(r)
             stores[name] = next(out.glob("*.zarr"))
-            print(f"{name:9} {r['n_tiles']:6d} {secs:7.1f} {r['tile']:7.1f} {r['score']:8.1f} {r['aggregate']:6.1f} "
-                  f"{peak:11.0f} {r['slide_score']:8.4f}", flush=True)
+            print(f"{name:9} {r['n_tiles']:6d} {r['seconds']:7.1f} {r['tile']:7.1f} {r['score']:8.1f} {r['aggregate']:6.1f} "
+                  f"{r['peak_rss_mb']:11.0f} {r['slide_score']:8.4f}", flush=True)
     b = min(doc["baseline"], key=lambda r: r["seconds"])
     c = min(doc["current"], key=lambda r: r["seconds"])
     print(f"current / baseline (best of each): e2e {c['seconds'] / b['seconds']:.2f}, tile {c['tile'] / b['tile']:.2f}, "
@@ -289,8 +284,6 @@ def main() -> None:
             print(f"error: {smear}: no such slide (--smear)", file=sys.stderr)
             sys.exit(2)
     else:
-        from bench_pipeline import made_once
-
         smear = made_once(work / f"smear-large-{args.large_size}.tiff", args.large_size, seed=7)
     if args.checkpoint is None:
         args.checkpoint = str(ROOT / "wsi_pipeline" / "data" / "demo_student.safetensors")
