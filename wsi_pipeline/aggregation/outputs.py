@@ -37,8 +37,9 @@ def heatmap_rgba(heat: np.ndarray, band_rows: int = 256) -> np.ndarray:
     Colour-mapped ``band_rows`` rows at a time (the colormap's float64 RGBA of a whole 60k-px smear's
     object map is ~0.2 GB); every cell's colour is its own, whatever the band height."""
     rgba = np.empty(tuple(heat.shape) + (4,), np.uint8)
-    for r0 in range(0, heat.shape[0], max(1, int(band_rows))):
-        part = heat[r0:r0 + max(1, int(band_rows))]
+    step = max(1, int(band_rows))
+    for r0 in range(0, heat.shape[0], step):
+        part = heat[r0:r0 + step]
         rgba[r0:r0 + len(part)] = (_colormap()(np.nan_to_num(np.clip(part, 0, 1), nan=0.0)) * 255).round().astype(np.uint8)
         rgba[r0:r0 + len(part), ..., 3] = np.where(np.isfinite(part), 255, 0)
     return rgba
