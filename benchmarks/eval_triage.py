@@ -207,6 +207,16 @@ def _rate(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def best_split(pos: np.ndarray, neg: np.ndarray) -> dict[str, float] | None:
+    """The raw-score threshold with the largest smaller share of the two classes on their side of it
+    (positives >= t, negatives < t): what any monotone calibration could reach at its 0.5."""
+    if pos.size == 0 or neg.size == 0:
+        return None
+    best = max(((float(np.mean(pos >= t)), float(np.mean(neg < t)), float(t)) for t in np.unique(np.r_[pos, neg])),
+               key=lambda r: (min(r[0], r[1]), r[0] + r[1]))
+    return {"threshold": best[2], "positives_at_or_above": best[0], "negatives_below": best[1]}
+
+
 def summarise(slides: list[SlideEval], threshold: float) -> dict[str, Any]:
     pos = [s for s in slides if s.label == "positive" and s.score is not None]
     neg = [s for s in slides if s.label == "negative" and s.score is not None]
@@ -257,6 +267,7 @@ def summarise(slides: list[SlideEval], threshold: float) -> dict[str, Any]:
         # constant 0.5): what calibrating on cells the model never saw should lower
         "brier": float(np.mean(np.r_[(1.0 - ps) ** 2, ns ** 2])) if ps.size + ns.size else None,
         "raw_scores": {"positive": [s.raw_score for s in pos], "negative": [s.raw_score for s in neg]},
+        "best_split": best_split(np.array([s.raw_score for s in pos]), np.array([s.raw_score for s in neg])),
         "tiles_per_slide": float(np.mean([s.n_tiles for s in slides])) if slides else None,
         "pipeline_seconds": round(sum(s.run_seconds for s in slides), 1),
     }
@@ -572,6 +583,9 @@ def print_summary(doc: dict[str, Any]) -> None:
             "positives scoring >= 0.5": _fmt(d["positives_at_or_above_0_5"], True),
             "negatives scoring < 0.5": _fmt(d["negatives_below_0_5"], True),
             "Brier score of the slide score": _fmt(d.get("brier")),
+            "best any calibration can do: positives / negatives on their side":
+                "-" if not d.get("best_split") else
+                f"{_fmt(d['best_split']['positives_at_or_above'], True)} / {_fmt(d['best_split']['negatives_below'], True)}",
             "tiles per slide": f"{d['tiles_per_slide']:.1f}" if d["tiles_per_slide"] is not None else "-",
             "pipeline time, all slides": f"{d['pipeline_seconds']:.0f} s",
             "slides failed / without tissue": f"{d['errors']} / {d['empty']}",

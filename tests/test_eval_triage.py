@@ -115,3 +115,13 @@ def test_summary_brier_score_is_zero_when_right_and_sure_and_a_quarter_at_one_ha
     wrong = mod.summarise([_slide(mod, "positive", 0.2), _slide(mod, "negative", 0.9)], 0.5)
     assert sure["brier"] == 0.0 and half["brier"] == pytest.approx(0.25)
     assert wrong["brier"] == pytest.approx((0.8 ** 2 + 0.9 ** 2) / 2)
+
+
+def test_best_split_is_the_threshold_any_calibration_could_reach():
+    mod = _module()
+    pos, neg = np.array([0.9, 0.8, 0.6, 0.3]), np.array([0.1, 0.2, 0.5, 0.7])
+    best = mod.best_split(pos, neg)
+    # at 0.6: positives 3/4 >= t, negatives 3/4 < t; no threshold puts more of both on their side
+    assert best == {"threshold": 0.6, "positives_at_or_above": 0.75, "negatives_below": 0.75}
+    assert mod.best_split(np.array([0.9, 0.8]), np.array([0.1, 0.2]))["positives_at_or_above"] == 1.0
+    assert mod.best_split(np.array([]), neg) is None
